@@ -1,0 +1,308 @@
+"""Apply an ACT map to a model: forward hooks with a live strength, or maps folded into weights.
+
+This is the one place where lambda meets activations. With ``scale = 1 + lam * (omega - 1)`` and
+``shift = lam * beta`` the transported output is ``x * scale + shift`` where the support mask is on and
+``x`` elsewhere, i.e. ``x + lam * m(x) * ((omega - 1) * x + beta)``; it is computed in float32 and cast
+back to the activation's dtype. Folding writes the same affine map into the producing layer as weight
+and bias diffs that are linear in lam, which is exactly a LoRA-style "diff" patch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ACTInputError, ACTModelMismatchError
+from .maps import APPLY_SPATIAL_MEAN, ACTMap, ModuleMap, part_of
+from .recording import channel_axis, first_tensor, replace_first_tensor, widths_of
+
+FOLDABLE_TYPES: tuple[type[nn.Module], ...] = (
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.Linear,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+)
+_HANDLE_ATTR = "_act_handle"
+_FOLD_ATTR = "_act_fold"
+
+Strength = float | Mapping[str, float]
+
+
+def check_strength(value: Any, what: str = "strength") -> float:
+    """A finite float, or an ``ACTInputError`` that says what was wrong."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ACTInputError(f"{what} must be a number, got {value!r}.") from None
+    if not math.isfinite(number):
+        raise ACTInputError(f"{what} must be finite, got {number}. Use 0 for off, 1 for full transport.")
+    return number
+
+
+@dataclass
+class PartControl:
+    """Live settings shared by all hooks of one model part; hosts change them between forwards.
+
+    ``rows`` restricts transport to some samples of the batch (e.g. the cond half of a CFG batch).
+    """
+
+    strength: float = 1.0
+    enabled: bool = True
+    rows: slice | torch.Tensor | None = None
+
+
+class _DeviceParams:
+    """scale/shift/low/high as float32 tensors on the activation's device, rebuilt only on change."""
+
+    def __init__(self, module_map: ModuleMap):
+        self.module_map = module_map
+        self._key: tuple | None = None
+        self._tensors: tuple[torch.Tensor, ...] = ()
+
+    def get(self, strength: float, device: torch.device) -> tuple[torch.Tensor, ...]:
+        key = (strength, device)
+        if key != self._key:
+            m = self.module_map
+            scale = 1.0 + strength * (m.omega - 1.0)
+            shift = strength * m.beta
+            self._tensors = tuple(t.to(device) for t in (scale, shift, m.low, m.high))
+            self._key = key
+        return self._tensors
+
+
+def transport(
+    x: torch.Tensor, module_map: ModuleMap, strength: float, params: _DeviceParams | None = None
+) -> torch.Tensor:
+    """Transport one activation tensor with strength ``strength`` (see the module docstring)."""
+    axis = channel_axis(x.ndim)
+    if x.shape[axis] != module_map.width:
+        raise ACTModelMismatchError(
+            f"Activation has {x.shape[axis]} units on axis {axis} but the ACT map has {module_map.width}: "
+            "the map was fitted on another model."
+        )
+    scale, shift, low, high = (params or _DeviceParams(module_map)).get(strength, x.device)
+    view = [1] * x.ndim
+    view[axis] = -1
+    scale, shift, low, high = (t.view(view) for t in (scale, shift, low, high))
+    bounded = not module_map.unbounded
+    xf = x.float()
+    if module_map.apply_mode == APPLY_SPATIAL_MEAN and x.ndim >= 4:
+        mean = xf.mean(dim=tuple(range(2, x.ndim)), keepdim=True)
+        delta = mean * (scale - 1.0) + shift
+        if bounded:
+            delta = delta * ((low < mean) & (mean < high))
+        out = xf + delta
+    else:
+        out = torch.addcmul(shift, xf, scale)
+        if bounded:
+            out = torch.where((low < xf) & (xf < high), out, xf)
+    return out.to(x.dtype)
+
+
+class TransportHook:
+    """A forward hook that transports one module's output; reads strength from its part's control."""
+
+    def __init__(self, name: str, module_map: ModuleMap, control: PartControl):
+        self.name = name
+        self.module_map = module_map
+        self.control = control
+        self._params = _DeviceParams(module_map)
+
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> Any:
+        control = self.control
+        if not control.enabled or control.strength == 0.0:
+            return None  # exactly the model's own output
+        x = first_tensor(output)
+        if x is None:
+            return None
+        if control.rows is None:
+            y = transport(x, self.module_map, control.strength, self._params)
+        else:
+            y = x.clone()
+            y[control.rows] = transport(x[control.rows], self.module_map, control.strength, self._params)
+        return replace_first_tensor(output, y)
+
+
+class ACTHandle:
+    """Hooks that apply one map to a model. Change strength live; ``remove()`` restores the model."""
+
+    def __init__(self, act_map: ACTMap, modules: Mapping[str, nn.Module], strength: Strength = 1.0):
+        self.act_map = act_map
+        self.controls = {part: PartControl() for part in act_map.parts()}
+        self.set_strength(strength)
+        self._modules = {name: modules[name] for name in act_map.modules}
+        self._handles = []
+        for name, module in self._modules.items():
+            hook = TransportHook(name, act_map.modules[name], self.controls[part_of(name)])
+            self._handles.append(module.register_forward_hook(hook))
+            setattr(module, _HANDLE_ATTR, self)
+
+    @property
+    def active(self) -> bool:
+        return bool(self._handles)
+
+    def _parts(self, parts: Iterable[str] | None) -> list[str]:
+        parts = list(self.controls) if parts is None else list(parts)
+        unknown = [part for part in parts if part not in self.controls]
+        if unknown:
+            raise ACTInputError(f"This map has no part(s) {unknown}; its parts are {list(self.controls)}.")
+        return parts
+
+    def set_strength(self, strength: Strength) -> None:
+        """Set lambda for all parts (a number) or per part (a dict such as ``{"unet": 1, "text_encoder": .5}``)."""
+        if isinstance(strength, Mapping):
+            for part in self._parts(strength):
+                self.controls[part].strength = check_strength(strength[part], f"strength for {part}")
+        else:
+            value = check_strength(strength)
+            for control in self.controls.values():
+                control.strength = value
+
+    def set_enabled(self, enabled: bool, parts: Iterable[str] | None = None) -> None:
+        """Switch transport on or off without forgetting the strength (e.g. outside a step window)."""
+        for part in self._parts(parts):
+            self.controls[part].enabled = bool(enabled)
+
+    def set_rows(self, rows: slice | torch.Tensor | None, parts: Iterable[str] | None = None) -> None:
+        """Transport only these batch rows (None: all rows) in the given parts."""
+        for part in self._parts(parts):
+            self.controls[part].rows = rows
+
+    def remove(self) -> None:
+        """Remove every hook of this handle; the model is exactly as before."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for module in self._modules.values():
+            if getattr(module, _HANDLE_ATTR, None) is self:
+                delattr(module, _HANDLE_ATTR)
+
+
+def active_handle(modules: Mapping[str, nn.Module]) -> ACTHandle | None:
+    """The ACT handle currently hooked into any of these modules, if one is."""
+    for module in modules.values():
+        handle = getattr(module, _HANDLE_ATTR, None)
+        if handle is not None:
+            return handle
+    return None
+
+
+def remove_act(modules: Mapping[str, nn.Module]) -> bool:
+    """Remove any ACT hooks from these modules (whichever handle added them). True if some were removed."""
+    removed = False
+    while (handle := active_handle(modules)) is not None:
+        handle.remove()
+        removed = True
+    return removed
+
+
+def apply_act(modules: Mapping[str, nn.Module], act_map: ACTMap, strength: Strength = 1.0) -> ACTHandle:
+    """Hook ``act_map`` into the named modules. Applying again replaces the old map (no stacking).
+
+    ``modules`` maps canonical names to the model's modules (pass all candidates, e.g. every norm
+    layer: the map picks its own); a map for another model raises ``ACTModelMismatchError``.
+    """
+    act_map.check_compatible(widths_of(modules))
+    if any(getattr(modules[name], _FOLD_ATTR, None) is not None for name in act_map.modules):
+        raise ACTInputError("An ACT map is folded into these weights; unfold it before hooking a map.")
+    remove_act(modules)
+    return ACTHandle(act_map, modules, strength)
+
+
+# ---------------------------------------------------------------------------------------- folding
+def _foldable_module(name: str, module: nn.Module, module_map: ModuleMap) -> None:
+    if not module_map.foldable:
+        raise ACTInputError(
+            f"Module {name!r} has a map with bounded support or spatial-mean mode, which is not affine on "
+            "every element, so it cannot be folded into weights. Fit with support='unbounded' and "
+            "apply_mode='per_element' (the foldable preset), or use hooks."
+        )
+    if not isinstance(module, FOLDABLE_TYPES) or getattr(module, "weight", None) is None:
+        raise ACTInputError(
+            f"Cannot fold into {name!r} ({type(module).__name__}): only LayerNorm/GroupNorm with affine "
+            "weights, Linear and Conv layers can absorb a map. Use hooks for this module."
+        )
+    if module.bias is None and bool((module_map.beta != 0).any()):
+        raise ACTInputError(f"Cannot fold into {name!r}: it has no bias to absorb the shift. Use hooks.")
+
+
+def folded_diffs(
+    modules: Mapping[str, nn.Module], act_map: ACTMap, strength: float = 1.0
+) -> dict[str, torch.Tensor]:
+    """Per-parameter diffs ``{"<module>.weight": dW, "<module>.bias": db}`` (float32, CPU) at ``strength``.
+
+    ``W + dW`` and ``b + db`` make the layer output ``x * (1 + lam (omega - 1)) + lam beta``: the hook's
+    map with unbounded support. Diffs are linear in lam, so hosts scale diffs computed at lam = 1.
+    """
+    strength = check_strength(strength)
+    act_map.check_compatible(widths_of(modules))
+    diffs: dict[str, torch.Tensor] = {}
+    for name, module_map in act_map.modules.items():
+        module = modules[name]
+        _foldable_module(name, module, module_map)
+        gain = strength * (module_map.omega - 1.0)
+        weight = module.weight.detach().float().cpu()
+        view = [-1] + [1] * (weight.ndim - 1)
+        diffs[f"{name}.weight"] = weight * gain.view(view)
+        if module.bias is not None:
+            diffs[f"{name}.bias"] = module.bias.detach().float().cpu() * gain + strength * module_map.beta
+    return diffs
+
+
+class FoldHandle:
+    """Weights with a map folded in; ``unfold()`` puts the saved originals back bit for bit."""
+
+    def __init__(self, modules: Mapping[str, nn.Module], act_map: ACTMap, strength: float):
+        self.act_map = act_map
+        self.strength = strength
+        self._originals: dict[str, tuple[nn.Module, str, torch.Tensor]] = {}
+        diffs = folded_diffs(modules, act_map, strength)
+        with torch.no_grad():
+            for key, diff in diffs.items():
+                module_name, param_name = key.rsplit(".", 1)
+                module = modules[module_name]
+                param = getattr(module, param_name)
+                self._originals[key] = (module, param_name, param.detach().clone())
+                param.copy_((param.float() + diff.to(param.device)).to(param.dtype))
+                setattr(module, _FOLD_ATTR, self)
+
+    @property
+    def folded(self) -> bool:
+        return bool(self._originals)
+
+    def unfold(self) -> None:
+        """Restore the original weights exactly."""
+        with torch.no_grad():
+            for module, param_name, original in self._originals.values():
+                getattr(module, param_name).copy_(original)
+                if getattr(module, _FOLD_ATTR, None) is self:
+                    delattr(module, _FOLD_ATTR)
+        self._originals.clear()
+
+
+def fold_act(modules: Mapping[str, nn.Module], act_map: ACTMap, strength: float = 1.0) -> FoldHandle:
+    """Fold ``act_map`` into the weights at ``strength``; folding again first unfolds the previous map."""
+    if active_handle({name: modules[name] for name in act_map.modules if name in modules}) is not None:
+        raise ACTInputError(
+            "ACT hooks are active on these modules; remove them before folding (or it would apply twice)."
+        )
+    unfold_act(modules)
+    return FoldHandle(modules, act_map, check_strength(strength))
+
+
+def unfold_act(modules: Mapping[str, nn.Module]) -> bool:
+    """Undo any folded map on these modules. True if something was unfolded."""
+    unfolded = False
+    for module in modules.values():
+        handle = getattr(module, _FOLD_ATTR, None)
+        if handle is not None:
+            handle.unfold()
+            unfolded = True
+    return unfolded

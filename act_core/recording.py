@@ -1,0 +1,181 @@
+"""Record pooled activations of named modules, in the order the modules actually run.
+
+Only pooled vectors are kept (one per sample per call, float32, on CPU), so recording hundreds of
+prompts on hundreds of modules stays small. Pooling follows the spec: mean over real tokens for
+(B, T, D) outputs (the host marks real tokens with ``token_mask``), mean over spatial axes for
+(B, C, H, W) outputs, identity for (B, D).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import fnmatch
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ACTInputError
+
+_TOKEN_MASK: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar(
+    "act_token_mask", default=None
+)
+
+
+@contextlib.contextmanager
+def token_mask(mask: torch.Tensor | None) -> Iterator[None]:
+    """Mark the real (non-padding) tokens of the batch the host is about to run.
+
+    While active, (B, T, D) outputs whose (B, T) matches the mask's shape are pooled over the masked
+    tokens only. Context-local, so concurrent fitting threads each keep their own mask.
+    """
+    reset = _TOKEN_MASK.set(mask)
+    try:
+        yield
+    finally:
+        _TOKEN_MASK.reset(reset)
+
+
+def channel_axis(ndim: int) -> int:
+    """Axis holding the units: dim 1 for conv feature maps (B, C, H, W, ...), the last dim otherwise."""
+    return 1 if ndim >= 4 else ndim - 1
+
+
+def first_tensor(output: Any) -> torch.Tensor | None:
+    """The activation tensor of a module output (a tensor, or the first element of a tuple/list)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    return None
+
+
+def replace_first_tensor(output: Any, tensor: torch.Tensor) -> Any:
+    """Return ``output`` with its activation tensor replaced, keeping tuple structure intact."""
+    if isinstance(output, torch.Tensor):
+        return tensor
+    return type(output)([tensor, *output[1:]]) if isinstance(output, list) else (tensor, *output[1:])
+
+
+def pool(activation: torch.Tensor) -> torch.Tensor:
+    """One vector per sample: (B, D) float32 on CPU (see the module docstring for the rule)."""
+    x = activation.detach().float()
+    if x.ndim == 2:
+        pooled = x
+    elif x.ndim == 3:
+        mask = _TOKEN_MASK.get()
+        if mask is not None and tuple(mask.shape) == tuple(x.shape[:2]):
+            weights = mask.to(device=x.device, dtype=x.dtype).unsqueeze(-1)
+            pooled = (x * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
+        else:
+            pooled = x.mean(dim=1)
+    elif x.ndim >= 4:
+        pooled = x.flatten(2).mean(dim=2)
+    else:
+        raise ACTInputError(
+            f"Cannot pool a {x.ndim}-D activation of shape {tuple(x.shape)}; expected 2-D or more."
+        )
+    return pooled.cpu()
+
+
+def module_width(module: nn.Module) -> int | None:
+    """Number of output units of common layers (None when it is only known after a forward)."""
+    if isinstance(module, nn.LayerNorm):
+        return int(module.normalized_shape[-1])
+    if isinstance(module, nn.GroupNorm):
+        return int(module.num_channels)
+    if isinstance(module, nn.Linear):
+        return int(module.out_features)
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return int(module.out_channels)
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.ndim == 1:  # RMSNorm and other custom norms
+        return int(weight.shape[0])
+    return None
+
+
+def select_modules(
+    root: nn.Module,
+    patterns: Iterable[str] = ("*",),
+    types: tuple[type, ...] | None = None,
+    prefix: str = "",
+    exclude: Iterable[str] = (),
+) -> dict[str, nn.Module]:
+    """Modules of ``root`` whose name matches a glob in ``patterns`` (and is an instance of ``types``).
+
+    Names are ``prefix + name`` (e.g. ``"unet." + "down_blocks.0..."``) so several model parts can share
+    one map; patterns and excludes match the name without the prefix. Registration order is kept; the
+    execution order is learned while recording.
+    """
+    patterns, exclude = list(patterns), list(exclude)
+    selected = {}
+    for name, module in root.named_modules():
+        if not name or (types is not None and not isinstance(module, types)):
+            continue
+        if any(fnmatch.fnmatchcase(name, p) for p in patterns) and not any(
+            fnmatch.fnmatchcase(name, p) for p in exclude
+        ):
+            selected[prefix + name] = module
+    return selected
+
+
+def widths_of(modules: Mapping[str, nn.Module]) -> dict[str, int | None]:
+    """Module name -> output width, for compatibility checks and fingerprints."""
+    return {name: module_width(module) for name, module in modules.items()}
+
+
+class ActivationRecorder:
+    """Context manager that records pooled outputs of named modules and their execution order.
+
+    >>> with ActivationRecorder(select_modules(model, ["*norm*"])) as recorder:
+    ...     model(batch)
+    >>> recorder.samples("encoder.layers.0.layer_norm1").shape   # (num_samples, width)
+    """
+
+    def __init__(self, modules: Mapping[str, nn.Module]):
+        if not modules:
+            raise ACTInputError(
+                "No modules to record: the module selection matched nothing. Check the patterns."
+            )
+        self.modules = dict(modules)
+        self.execution_order: list[str] = []
+        self._samples: dict[str, list[torch.Tensor]] = {name: [] for name in self.modules}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def __enter__(self) -> ActivationRecorder:
+        for name, module in self.modules.items():
+            self._handles.append(module.register_forward_hook(self._make_hook(name)))
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _make_hook(self, name: str):
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            activation = first_tensor(output)
+            if activation is None:
+                raise ACTInputError(
+                    f"Module {name!r} returned {type(output).__name__}, not a tensor; it cannot be recorded."
+                )
+            if not self._samples[name]:
+                self.execution_order.append(name)
+            self._samples[name].append(pool(activation))
+
+        return hook
+
+    def samples(self, name: str) -> torch.Tensor:
+        """All pooled samples recorded at ``name``: (num_samples, width)."""
+        if not self._samples.get(name):
+            raise ACTInputError(
+                f"Module {name!r} never ran while recording. Check that the host actually runs it "
+                "(e.g. a text encoder layer whose output the pipeline never uses)."
+            )
+        return torch.cat(self._samples[name], dim=0)
+
+    def recorded(self) -> list[str]:
+        """Names of modules that produced samples, in execution order."""
+        return [name for name in self.execution_order if self._samples[name]]
