@@ -107,13 +107,16 @@ class _Lockstep:
                     self.cond.notify_all()
                     raise _Aborted from None
                 self.completed.add(name)
+                # Waiters at this module are released now, even before they wake up and run again.
+                self.waiting = {
+                    slot: waiting_at for slot, waiting_at in self.waiting.items() if waiting_at != name
+                }
                 self.cond.notify_all()
                 return
             self.waiting[index] = name
             self._check_stuck()
             while name not in self.completed and self.error is None:
                 self.cond.wait(timeout=0.5)
-            self.waiting.pop(index, None)
             if self.error is not None:
                 raise _Aborted
 
