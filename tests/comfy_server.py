@@ -1,0 +1,389 @@
+"""Start a real ComfyUI server in a subprocess for end-to-end tests of the node pack.
+
+The server runs from the ComfyUI source tree in ``COMFYUI_PATH`` with the Python of the current process
+(override with ``COMFYUI_PYTHON``), on the CPU, on a free loopback port, with every writable folder in a
+temporary directory (``--base-directory``; input/output/temp/user/models and the sqlite DB live there,
+so the ComfyUI tree is not written to). An ``extra_model_paths.yaml`` in that directory adds a
+``custom_nodes`` folder holding a symlink to this repo, so the server loads our node pack through the
+repo-root ``__init__.py`` exactly as it would from ``ComfyUI/custom_nodes/``.
+
+Only the standard library is used for HTTP. Typical use::
+
+    from comfy_server import ComfyServer
+
+    with ComfyServer() as srv:                     # waits for HTTP 200
+        res = srv.run({"1": {...}, "2": {...}})    # API-format prompt -> RunResult
+        assert res.ok, res.error
+
+or the ``comfy_server`` session fixture defined below.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from comfy_support import REPO_ROOT, SKIP_REASON, comfy_path  # noqa: E402
+
+PACK_LINK_NAME = "ComfyUI-ACT"  # the folder name ComfyUI sees for this repo (as if cloned into custom_nodes/)
+MODEL_FOLDERS = ("checkpoints", "loras", "vae", "text_encoders", "diffusion_models", "embeddings", "act_maps")
+
+
+class ComfyServerError(RuntimeError):
+    pass
+
+
+class PromptRejected(ComfyServerError):
+    """POST /prompt answered 400 (validation failed). ``body`` holds ``{"error", "node_errors"}``."""
+
+    def __init__(self, body: dict):
+        self.body = body
+        err = body.get("error", {})
+        super().__init__(f"prompt rejected: {err.get('message', err)}; node_errors={body.get('node_errors')}")
+
+
+@dataclass
+class RunResult:
+    prompt_id: str
+    status: str  # "success" or "error" (from /history status.status_str)
+    outputs: dict = field(
+        default_factory=dict
+    )  # node id -> UI output, e.g. {"images": [{filename, subfolder, type}]}
+    messages: list = field(
+        default_factory=list
+    )  # [[event, data], ...] e.g. execution_start/cached/success/error
+    history: dict = field(default_factory=dict)  # the whole /history/<id> entry
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "success"
+
+    @property
+    def error(self) -> dict | None:
+        """The ``execution_error`` data (node_id, node_type, exception_type, exception_message, traceback)."""
+        for event, data in self.messages:
+            if event in ("execution_error", "execution_interrupted"):
+                return data
+        return None
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+_STUB_INIT = (
+    '"""torchvision stub for ComfyUI on CPU torch (tests only)."""\nfrom . import transforms  # noqa: F401\n'
+)
+
+
+class ComfyServer:
+    """A ComfyUI server subprocess. ``start()`` / ``stop()`` or use as a context manager.
+
+    node_packs: folders to expose in the extra custom_nodes folder, as ``{link_name: path}``;
+        default ``{"ComfyUI-ACT": <this repo>}``. Pass ``{}`` for none.
+    extra_args: more command-line arguments for ``main.py``.
+    """
+
+    def __init__(
+        self,
+        comfyui_path: str | None = None,
+        python: str | None = None,
+        node_packs: dict[str, str | os.PathLike] | None = None,
+        extra_args: list[str] | tuple[str, ...] = (),
+        port: int | None = None,
+        keep_dir: bool = False,
+    ):
+        self.comfyui_path = comfyui_path or comfy_path()
+        if not self.comfyui_path:
+            raise ComfyServerError(SKIP_REASON)
+        self.python = python or os.environ.get("COMFYUI_PYTHON") or sys.executable
+        self.node_packs = {PACK_LINK_NAME: REPO_ROOT} if node_packs is None else dict(node_packs)
+        self.extra_args = list(extra_args)
+        self.port = port
+        self.keep_dir = keep_dir
+        self.proc: subprocess.Popen | None = None
+        self.dir: Path | None = None
+        self.startup_seconds: float | None = None
+        self.client_id = uuid.uuid4().hex
+        self._log_file = None
+
+    # ---------------------------------------------------------------- lifecycle
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def output_dir(self) -> Path:
+        return self.dir / "base" / "output"
+
+    @property
+    def input_dir(self) -> Path:
+        return self.dir / "base" / "input"
+
+    def models_dir(self, folder: str) -> Path:
+        """A model folder the server searches (``checkpoints``, ``loras``, ``act_maps`` ...)."""
+        return self.dir / "base" / "models" / folder
+
+    @property
+    def custom_nodes_dir(self) -> Path:
+        """The extra custom_nodes folder (from extra_model_paths.yaml) holding the node-pack symlinks."""
+        return self.dir / "custom_nodes"
+
+    @property
+    def log_path(self) -> Path:
+        return self.dir / "server.log"
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def custom_node_status(self) -> dict[str, bool]:
+        """{node pack path: imported OK} from the server's "Import times for custom nodes" log block
+        (ComfyUI logs a failing pack as ``(IMPORT FAILED)`` with its traceback above and keeps running)."""
+        out = {}
+        for line in self.log().splitlines():
+            m = re.match(r"^\s*\d+\.\d+ seconds( \(IMPORT FAILED\))?: (.+)$", line)
+            if m:
+                out[m.group(2).strip()] = m.group(1) is None
+        return out
+
+    def _prepare_dir(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="comfyui-act-test-"))
+        base = self.dir / "base"
+        for sub in ("input", "output", "temp", "user", "custom_nodes"):
+            (base / sub).mkdir(parents=True)
+        for f in MODEL_FOLDERS:
+            self.models_dir(f).mkdir(parents=True)
+        self.custom_nodes_dir.mkdir()
+        for name, target in self.node_packs.items():
+            os.symlink(os.path.abspath(target), self.custom_nodes_dir / name, target_is_directory=True)
+        # extra_model_paths.yaml: the custom_nodes folder plus an act_maps model folder (a new folder name;
+        # ComfyUI registers it with an empty extension filter, i.e. every file is listed).
+        yaml_text = (
+            "comfyui_act_tests:\n"
+            f"    custom_nodes: {json.dumps(str(self.custom_nodes_dir))}\n"
+            f"    act_maps: {json.dumps(str(self.models_dir('act_maps')))}\n"
+        )
+        (self.dir / "extra_model_paths.yaml").write_text(yaml_text)
+
+    def _env(self) -> dict:
+        env = dict(os.environ)
+        env["PYTHONUNBUFFERED"] = "1"
+        env.setdefault("HF_HUB_OFFLINE", "1")
+        env.setdefault("TRANSFORMERS_OFFLINE", "1")
+        # ComfyUI imports `from torchvision import transforms` at start-up; PyPI's torchvision does not load
+        # beside CPU torch. If the server's Python has none, put a two-file stub on PYTHONPATH.
+        probe = subprocess.run(
+            [
+                self.python,
+                "-c",
+                "import importlib.util,sys; sys.exit(importlib.util.find_spec('torchvision') is None)",
+            ],
+            capture_output=True,
+            env=env,
+        )
+        if probe.returncode != 0:
+            stub = self.dir / "stubs" / "torchvision"
+            stub.mkdir(parents=True)
+            (stub / "__init__.py").write_text(_STUB_INIT)
+            (stub / "transforms.py").write_text("")
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (str(stub.parent), env.get("PYTHONPATH", "")) if p)
+        return env
+
+    def start(self, timeout: float = 180.0) -> ComfyServer:
+        if self.proc is not None:
+            return self
+        self._prepare_dir()
+        self.port = self.port or free_port()
+        base = self.dir / "base"
+        cmd = [
+            self.python,
+            "main.py",
+            "--cpu",
+            "--listen",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--disable-api-nodes",
+            "--disable-auto-launch",
+            "--base-directory",
+            str(base),
+            "--extra-model-paths-config",
+            str(self.dir / "extra_model_paths.yaml"),
+            "--database-url",
+            f"sqlite:///{base / 'user' / 'comfyui.db'}",
+            "--log-stdout",
+            *self.extra_args,
+        ]
+        env = self._env()
+        self._log_file = open(self.log_path, "wb")  # noqa: SIM115  (closed in stop())
+        t0 = time.monotonic()
+        self.proc = subprocess.Popen(
+            cmd,
+            cwd=self.comfyui_path,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group, so stop() can end it and its children
+        )
+        try:
+            self._wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        self.startup_seconds = time.monotonic() - t0
+        return self
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise ComfyServerError(
+                    f"ComfyUI exited with code {self.proc.returncode} during start-up; log:\n{self.log()[-6000:]}"
+                )
+            try:
+                with urllib.request.urlopen(self.base_url + "/system_stats", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+                pass
+            time.sleep(0.25)
+        raise ComfyServerError(f"ComfyUI did not answer within {timeout:.0f} s; log:\n{self.log()[-6000:]}")
+
+    def stop(self, timeout: float = 15.0) -> None:
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGINT)  # ComfyUI's main loop exits on KeyboardInterrupt
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=timeout)
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+        if self.dir is not None and not self.keep_dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir = None
+
+    def __enter__(self) -> ComfyServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # ---------------------------------------------------------------- HTTP
+    def request(self, method: str, path: str, body=None, timeout: float = 30.0):
+        """JSON request; returns (status, decoded JSON or raw bytes)."""
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.base_url + path, data=data, method=method)
+        if data is not None:
+            req.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                status, raw, ctype = r.status, r.read(), r.headers.get("Content-Type", "")
+        except urllib.error.HTTPError as e:
+            status, raw, ctype = e.code, e.read(), e.headers.get("Content-Type", "")
+        if "json" in ctype:
+            return status, json.loads(raw or b"null")
+        return status, raw
+
+    def get_json(self, path: str):
+        status, body = self.request("GET", path)
+        if status != 200:
+            raise ComfyServerError(f"GET {path} -> HTTP {status}: {body!r}"[:2000])
+        return body
+
+    def object_info(self, node_class: str | None = None) -> dict:
+        return self.get_json("/object_info" + (f"/{urllib.parse.quote(node_class)}" if node_class else ""))
+
+    def queue_prompt(self, prompt: dict, extra_data: dict | None = None) -> str:
+        """POST an API-format prompt; returns prompt_id. Raises PromptRejected on validation errors."""
+        body = {"prompt": prompt, "client_id": self.client_id}
+        if extra_data:
+            body["extra_data"] = extra_data
+        status, resp = self.request("POST", "/prompt", body)
+        if status == 400 and isinstance(resp, dict):
+            raise PromptRejected(resp)
+        if status != 200:
+            raise ComfyServerError(f"POST /prompt -> HTTP {status}: {resp!r}"[:2000])
+        return resp["prompt_id"]
+
+    def wait(self, prompt_id: str, timeout: float = 300.0, poll: float = 0.2) -> RunResult:
+        """Poll /history/<id> until the prompt finished (success or error)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            hist = self.get_json(f"/history/{prompt_id}")
+            entry = hist.get(prompt_id)
+            if entry and entry.get("status", {}).get("completed") is not None:
+                st = entry["status"]
+                return RunResult(
+                    prompt_id=prompt_id,
+                    status=st.get("status_str", "error"),
+                    outputs=entry.get("outputs", {}),
+                    messages=[list(m) for m in st.get("messages", [])],
+                    history=entry,
+                )
+            if self.proc is None or self.proc.poll() is not None:
+                raise ComfyServerError(f"ComfyUI died while running {prompt_id}; log:\n{self.log()[-6000:]}")
+            time.sleep(poll)
+        self.request("POST", "/interrupt", {})
+        raise ComfyServerError(f"prompt {prompt_id} did not finish within {timeout:.0f} s")
+
+    def run(self, prompt: dict, timeout: float = 300.0) -> RunResult:
+        """Queue an API-format prompt and wait for it. Validation errors raise PromptRejected;
+        execution errors come back as ``RunResult(status="error")`` with ``.error`` set."""
+        return self.wait(self.queue_prompt(prompt), timeout=timeout)
+
+    def view(self, image: dict) -> bytes:
+        """Bytes of an output file given one entry of ``outputs[node]["images"]``."""
+        q = urllib.parse.urlencode({k: image.get(k, "") for k in ("filename", "subfolder", "type")})
+        status, body = self.request("GET", f"/view?{q}")
+        if status != 200:
+            raise ComfyServerError(f"/view?{q} -> HTTP {status}")
+        return body
+
+    def output_path(self, image: dict) -> Path:
+        """Path on disk of an ``output``-type image entry."""
+        return self.output_dir / image.get("subfolder", "") / image["filename"]
+
+
+@pytest.fixture(scope="session")
+def comfy_server():
+    """A running server shared by the session (start-up costs several seconds). Skips without COMFYUI_PATH."""
+    if comfy_path() is None:
+        pytest.skip(SKIP_REASON)
+    srv = ComfyServer()
+    try:
+        srv.start()
+    except ComfyServerError as e:
+        pytest.fail(str(e))
+    try:
+        yield srv
+    finally:
+        srv.stop()
