@@ -233,33 +233,41 @@ def _foldable_module(name: str, module: nn.Module, module_map: ModuleMap) -> Non
         raise ACTInputError(f"Cannot fold into {name!r}: it has no bias to absorb the shift. Use hooks.")
 
 
+def strength_of(strength: Strength, part: str) -> float:
+    """The strength for one part: the number itself, or the part's entry (0 when absent)."""
+    if isinstance(strength, Mapping):
+        return check_strength(strength.get(part, 0.0), f"strength for {part}")
+    return check_strength(strength)
+
+
 def folded_diffs(
-    modules: Mapping[str, nn.Module], act_map: ACTMap, strength: float = 1.0
+    modules: Mapping[str, nn.Module], act_map: ACTMap, strength: Strength = 1.0
 ) -> dict[str, torch.Tensor]:
     """Per-parameter diffs ``{"<module>.weight": dW, "<module>.bias": db}`` (float32, CPU) at ``strength``.
 
     ``W + dW`` and ``b + db`` make the layer output ``x * (1 + lam (omega - 1)) + lam beta``: the hook's
     map with unbounded support. Diffs are linear in lam, so hosts scale diffs computed at lam = 1.
+    ``strength`` is a number or per part, as for hooks.
     """
-    strength = check_strength(strength)
     act_map.check_compatible(widths_of(modules))
     diffs: dict[str, torch.Tensor] = {}
     for name, module_map in act_map.modules.items():
         module = modules[name]
         _foldable_module(name, module, module_map)
-        gain = strength * (module_map.omega - 1.0)
+        lam = strength_of(strength, part_of(name))
+        gain = lam * (module_map.omega - 1.0)
         weight = module.weight.detach().float().cpu()
         view = [-1] + [1] * (weight.ndim - 1)
         diffs[f"{name}.weight"] = weight * gain.view(view)
         if module.bias is not None:
-            diffs[f"{name}.bias"] = module.bias.detach().float().cpu() * gain + strength * module_map.beta
+            diffs[f"{name}.bias"] = module.bias.detach().float().cpu() * gain + lam * module_map.beta
     return diffs
 
 
 class FoldHandle:
     """Weights with a map folded in; ``unfold()`` puts the saved originals back bit for bit."""
 
-    def __init__(self, modules: Mapping[str, nn.Module], act_map: ACTMap, strength: float):
+    def __init__(self, modules: Mapping[str, nn.Module], act_map: ACTMap, strength: Strength):
         self.act_map = act_map
         self.strength = strength
         self._originals: dict[str, tuple[nn.Module, str, torch.Tensor]] = {}
@@ -287,22 +295,29 @@ class FoldHandle:
         self._originals.clear()
 
 
-def fold_act(modules: Mapping[str, nn.Module], act_map: ACTMap, strength: float = 1.0) -> FoldHandle:
+def fold_act(modules: Mapping[str, nn.Module], act_map: ACTMap, strength: Strength = 1.0) -> FoldHandle:
     """Fold ``act_map`` into the weights at ``strength``; folding again first unfolds the previous map."""
     if active_handle({name: modules[name] for name in act_map.modules if name in modules}) is not None:
         raise ACTInputError(
             "ACT hooks are active on these modules; remove them before folding (or it would apply twice)."
         )
     unfold_act(modules)
-    return FoldHandle(modules, act_map, check_strength(strength))
+    return FoldHandle(modules, act_map, strength)
+
+
+def active_fold(modules: Mapping[str, nn.Module]) -> FoldHandle | None:
+    """The fold handle whose map is folded into any of these modules, if one is."""
+    for module in modules.values():
+        handle = getattr(module, _FOLD_ATTR, None)
+        if handle is not None:
+            return handle
+    return None
 
 
 def unfold_act(modules: Mapping[str, nn.Module]) -> bool:
     """Undo any folded map on these modules. True if something was unfolded."""
     unfolded = False
-    for module in modules.values():
-        handle = getattr(module, _FOLD_ATTR, None)
-        if handle is not None:
-            handle.unfold()
-            unfolded = True
+    while (handle := active_fold(modules)) is not None:
+        handle.unfold()
+        unfolded = True
     return unfolded

@@ -1,0 +1,172 @@
+"""diffusers integration on a tiny SDXL pipeline built offline (random weights, generated tokenizer)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from tiny_sdxl import build_tiny_sdxl
+
+from act_core import ACTMap
+from act_core.errors import ACTInputError, ACTModelMismatchError
+from act_core.pipeline import act_pipeline
+
+SOURCE = [f"a red circle number {i}" for i in range(8)]
+TARGET = [f"a blue square, striped, number {i}" for i in range(8)]
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory):
+    base = build_tiny_sdxl(tmp_path_factory.mktemp("tiny_sdxl"))
+    base.set_progress_bar_config(disable=True)
+    return act_pipeline(base)
+
+
+@pytest.fixture(scope="module")
+def unet_map(pipe):
+    return pipe.fit_act(SOURCE, TARGET, batch_size=4, progress=False)
+
+
+@pytest.fixture(scope="module")
+def foldable_map(pipe):
+    return pipe.fit_act(SOURCE, TARGET, preset="unet_norms_foldable", batch_size=4, progress=False)
+
+
+def generate(pipe, prompt="a red circle", guidance_scale=5.0, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return pipe(
+        prompt,
+        num_inference_steps=2,
+        guidance_scale=guidance_scale,
+        generator=generator,
+        height=32,
+        width=32,
+        output_type="np",
+    ).images
+
+
+def test_act_pipeline_shares_modules_and_keeps_dtype(pipe):
+    assert type(pipe).__name__ == "ACTStableDiffusionXLPipeline"
+    assert pipe.dtype == torch.float32
+    assert act_pipeline(pipe) is pipe
+
+
+def test_fit_from_two_by_eight_prompts(unet_map):
+    assert unet_map.parts() == ["unet"]
+    names = list(unet_map.modules)
+    assert all("norm" in name for name in names)
+    # Execution order: the mid block runs before the up blocks (it is registered after them).
+    assert names.index("unet.mid_block.resnets.0.norm1") < names.index("unet.up_blocks.0.resnets.0.norm1")
+    meta = unet_map.metadata
+    assert meta["num_source"] == meta["num_target"] == 8 and meta["preset"] == "unet_norms"
+    assert meta["causal_strategy"] == "lockstep" and meta["method"] == "linear" and meta["support"] == "range"
+
+
+def test_lam_zero_is_bit_identical_lam_one_changes_disable_restores(pipe, unet_map):
+    base = generate(pipe)
+    pipe.enable_act(unet_map, strength=0.0)
+    assert np.array_equal(generate(pipe), base)
+    pipe.set_act_strength(1.0)
+    steered = generate(pipe)
+    assert np.abs(steered - base).max() > 1e-3
+    pipe.disable_act()
+    assert np.array_equal(generate(pipe), base)
+
+
+def test_fuse_matches_hooks_and_unfuse_restores_weights(pipe, foldable_map):
+    weights = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    pipe.enable_act(foldable_map, strength=0.8)
+    hooked = generate(pipe, guidance_scale=1.0)
+    pipe.fuse_act()
+    assert pipe.act_map is foldable_map
+    fused = generate(pipe, guidance_scale=1.0)
+    np.testing.assert_allclose(fused, hooked, atol=1e-4)
+    pipe.unfuse_act()
+    for key, value in pipe.unet.state_dict().items():
+        assert torch.equal(value, weights[key]), key
+    assert np.array_equal(generate(pipe, guidance_scale=1.0), hooked)  # hooks came back
+    pipe.disable_act()
+
+
+def test_fuse_refuses_bounded_maps(pipe, unet_map):
+    with pytest.raises(ACTInputError, match="unet_norms_foldable|support='unbounded'"):
+        pipe.fuse_act(unet_map)
+
+
+def test_text_encoder_preset_runs_no_unet(pipe):
+    calls = []
+    handle = pipe.unet.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        act_map = pipe.fit_act(SOURCE, TARGET, preset="text_encoder_norms", batch_size=4, progress=False)
+    finally:
+        handle.remove()
+    assert calls == []
+    assert act_map.parts() == ["text_encoder", "text_encoder_2"]
+    # Encoder 1's last layer and final LayerNorm cannot reach the UNet (SDXL reads hidden_states[-2]).
+    last = pipe.text_encoder.config.num_hidden_layers - 1
+    assert not any(f"text_encoder.text_model.encoder.layers.{last}." in n for n in act_map.modules)
+    assert "text_encoder.text_model.final_layer_norm" not in act_map.modules
+    assert all(
+        n.startswith(("text_encoder.text_model.", "text_encoder_2.text_model.")) for n in act_map.modules
+    )
+    base = generate(pipe)
+    pipe.enable_act(act_map, strength=1.0)
+    assert np.abs(generate(pipe) - base).max() > 1e-3
+    pipe.disable_act()
+
+
+def test_fit_encoding_matches_the_pipeline(pipe):
+    tokens = pipe._act_tokenize(SOURCE[:3])
+    embeds, added = pipe._act_encode(tokens, 32, 32)
+    ref, _, pooled, _ = pipe.encode_prompt(SOURCE[:3], device="cpu", do_classifier_free_guidance=False)
+    torch.testing.assert_close(embeds, ref)
+    torch.testing.assert_close(added["text_embeds"], pooled)
+
+
+def test_per_part_strength_window_and_cfg_rows(pipe, unet_map):
+    base = generate(pipe)
+    pipe.enable_act(unet_map, strength={"unet": 1.0})
+    full = generate(pipe)
+    pipe.enable_act(unet_map, strength=1.0, start=0.4, end=1.0)  # 2 trailing steps: t=999, 499
+    late = generate(pipe)
+    assert not np.array_equal(late, base) and not np.array_equal(late, full)
+    pipe.enable_act(unet_map, strength=1.0, cfg_rows="all")
+    assert not np.array_equal(generate(pipe), full)
+    pipe.disable_act()
+    with pytest.raises(ACTInputError, match="start <= end"):
+        pipe.enable_act(unet_map, start=0.8, end=0.2)
+    with pytest.raises(ACTInputError, match="strength must be finite"):
+        pipe.enable_act(unet_map, strength=float("nan"))
+    assert pipe.act_map is None
+
+
+def test_from_pipe_shares_act_state(pipe, unet_map):
+    other = act_pipeline(type(pipe).__mro__[2].from_pipe(pipe, dtype=pipe.dtype))
+    assert other.unet is pipe.unet
+    pipe.enable_act(unet_map)
+    assert other.act_map is unet_map
+    other.disable_act()
+    assert pipe.act_map is None
+
+
+def test_enable_from_file_and_wrong_model(pipe, unet_map, tmp_path):
+    path = unet_map.save(tmp_path / "map.safetensors")
+    pipe.enable_act(str(path), strength=0.0)
+    assert pipe.act_map.equal(ACTMap.load(path))
+    pipe.disable_act()
+    narrow = {n: m for n, m in unet_map.modules.items()}
+    first = next(iter(narrow))
+    from act_core.maps import ModuleMap
+
+    narrow[first] = ModuleMap(torch.ones(3), torch.zeros(3), -torch.ones(3), torch.ones(3))
+    with pytest.raises(ACTModelMismatchError, match="has 32 units but the map has 3"):
+        pipe.enable_act(ACTMap(narrow, {"model": "another"}))
+
+
+def test_prompt_validation(pipe):
+    with pytest.raises(ACTInputError, match="at least 2"):
+        pipe.fit_act(["a cat"], TARGET, progress=False)
+    with pytest.raises(ACTInputError, match="list of prompts"):
+        pipe.fit_act("a cat", TARGET, progress=False)
+    with pytest.raises(ACTInputError, match="Unknown ACT preset"):
+        pipe.fit_act(SOURCE, TARGET, preset="everything", progress=False)
