@@ -111,16 +111,12 @@ def from_comfy(comfy_name: str, unet_ldm_to_diffusers: Mapping[str, str] | None 
     )
 
 
-def lora_key(param_name: str, unet_diffusers_to_ldm: Mapping[str, str] | None = None) -> str:
-    """LoRA-file key stem for a canonical parameter name (``<module>.weight`` / ``<module>.bias``).
+def lora_key(module_name: str) -> str:
+    """LoRA-file key stem for a canonical module name; the exporter appends ``.diff`` / ``.diff_b``.
 
-    Returns the module key without suffix; the exporter appends ``.diff`` (weight) or ``.diff_b`` (bias).
-    UNet keys use ComfyUI's LDM names when a table is given, else diffusers names with ``unet.``.
+    ComfyUI's stock LoraLoader reads UNet keys in diffusers form (``unet.<path>``, i.e. the canonical
+    name) and text encoder norms only as ``text_encoders.clip_l.transformer.<path>`` (clip_g for
+    encoder 2): the diffusers/kohya text encoder names cover attention and MLP linears only.
     """
-    module_name, _, _ = param_name.rpartition(".")
     part, path = split_part(module_name)
-    if part == UNET:
-        if unet_diffusers_to_ldm is None:
-            return module_name
-        return to_comfy(module_name, unet_diffusers_to_ldm)
-    return LORA_PREFIXES[part] + path
+    return module_name if part == UNET else LORA_PREFIXES[part] + path
