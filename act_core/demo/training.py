@@ -28,7 +28,7 @@ class TrainConfig:
     """Steps, batch sizes and rates of every stage; the defaults train the shipped model."""
 
     seed: int = 0
-    vae_steps: int = 800
+    vae_steps: int = 1200
     vae_batch: int = 32
     vae_lr: float = 2e-3
     vae_kl_weight: float = 1e-4
