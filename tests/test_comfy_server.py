@@ -3,7 +3,7 @@
 Also pins down, on the ComfyUI version under test, the node-pack facts the ACT pack relies on
 (docs/dev/comfyui_dev_notes.md): V1 and V3 packs load from a folder's __init__.py (relative imports
 work), example_workflows/*.json are listed by GET /workflow_templates and served under
-/api/workflow_templates/<folder name>/.
+/api/workflow_templates/<folder name>/ (a second folder such as workflows/ is listed but not served).
 """
 
 import json
@@ -163,6 +163,9 @@ def _write_probe_packs(root):
     (v1 / "example_workflows" / "probe_template.json").write_text(
         json.dumps({"nodes": [], "links": [], "version": 0.4})
     )
+    # a second template folder name: listed too, but only the first existing folder is served
+    (v1 / "workflows").mkdir()
+    (v1 / "workflows" / "listed_not_served.json").write_text("{}")
     v3 = root / "act_probe_v3"
     v3.mkdir()
     (v3 / "__init__.py").write_text(PROBE_V3_INIT)
@@ -192,7 +195,11 @@ def test_probe_packs_v1_v3_and_templates(tmp_path):
         assert res.outputs["3"]["text"] == ["05.0 CBA 0.25"]
 
         # Templates: listed per custom_nodes folder name, served as static files under /api/.
-        assert srv.get_json("/workflow_templates") == {"act_probe_v1": ["probe_template"]}
+        listing = srv.get_json("/workflow_templates")
+        assert (
+            sorted(listing["act_probe_v1"]) == ["listed_not_served", "probe_template"] and len(listing) == 1
+        )
+        assert srv.request("GET", "/api/workflow_templates/act_probe_v1/listed_not_served.json")[0] == 404
         status_code, body = srv.request("GET", "/api/workflow_templates/act_probe_v1/probe_template.json")
         body = json.loads(body) if isinstance(body, bytes) else body
         assert status_code == 200 and body["version"] == 0.4
