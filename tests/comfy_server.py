@@ -360,6 +360,12 @@ class ComfyServer:
         execution errors come back as ``RunResult(status="error")`` with ``.error`` set."""
         return self.wait(self.queue_prompt(prompt), timeout=timeout)
 
+    def ui_to_api(self, workflow: dict) -> dict:
+        """Convert a UI-format workflow (e.g. example_workflows/*.json) with this server's /object_info."""
+        if getattr(self, "_object_info", None) is None:
+            self._object_info = self.object_info()
+        return ui_to_api(workflow, self._object_info)
+
     def view(self, image: dict) -> bytes:
         """Bytes of an output file given one entry of ``outputs[node]["images"]``."""
         q = urllib.parse.urlencode({k: image.get(k, "") for k in ("filename", "subfolder", "type")})
@@ -371,6 +377,151 @@ class ComfyServer:
     def output_path(self, image: dict) -> Path:
         """Path on disk of an ``output``-type image entry."""
         return self.output_dir / image.get("subfolder", "") / image["filename"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Workflow (UI) format -> API (prompt) format
+# --------------------------------------------------------------------------------------------------
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+VIRTUAL_NODES = {
+    "Note",
+    "MarkdownNote",
+    "Reroute",
+    "PrimitiveNode",
+}  # front-end only, never sent to the server
+MODE_MUTED, MODE_BYPASS = 2, 4
+
+
+def _widget_inputs(node_info: dict) -> list[tuple[str, object, dict, int]]:
+    """(name, type, options, number of widgets_values it takes) per widget input, in the front end's order."""
+    out = []
+    for section in ("required", "optional"):
+        specs = node_info["input"].get(section, {})
+        for name in node_info.get("input_order", {}).get(section, list(specs)):
+            spec = specs[name]
+            typ, opts = spec[0], (spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {})
+            if not (isinstance(typ, list) or typ in WIDGET_TYPES) or opts.get("forceInput"):
+                continue
+            extra = 0
+            # seed-like INT (and COMBO) inputs get a second "control_after_generate" widget, serialized in
+            # widgets_values but not sent to the server; upload inputs get an extra upload widget value.
+            if opts.get("control_after_generate") or (typ == "INT" and name in ("seed", "noise_seed")):
+                extra += 1
+            if any(
+                opts.get(k) for k in ("image_upload", "video_upload", "audio_upload", "animated_image_upload")
+            ):
+                extra += 1
+            out.append((name, typ, opts, 1 + extra))
+    return out
+
+
+def _default_value(typ, opts):
+    if "default" in opts:
+        return opts["default"]
+    if isinstance(typ, list):
+        return typ[0] if typ else None
+    if typ == "COMBO":
+        return (opts.get("options") or [None])[0]
+    return {"INT": 0, "FLOAT": 0.0, "STRING": "", "BOOLEAN": False}.get(typ)
+
+
+def ui_to_api(workflow: dict, object_info: dict) -> dict:
+    """Convert a saved workflow (UI format, "version": 0.4: nodes/links/widgets_values) into the API
+    prompt format that POST /prompt takes, the way the front end's graphToPrompt does (ComfyUI has no
+    Python converter). ``object_info`` is GET /object_info of the server that will run it (it says which
+    inputs are widgets and their order).
+
+    Handles: widget values in order (skipping the extra control_after_generate / upload values), missing
+    widgets_values (defaults), links, muted (mode 2) and bypassed (mode 4) nodes, Note/MarkdownNote,
+    Reroute and PrimitiveNode. Not handled (raises): subgraphs, group nodes, unknown node types,
+    widgets_values given as a dict, widgets added by front-end extensions."""
+    if (workflow.get("definitions") or {}).get("subgraphs"):
+        raise NotImplementedError("subgraphs are not supported by this converter")
+    nodes = {n["id"]: n for n in workflow["nodes"]}
+    links = {}
+    for ln in workflow.get("links", []):
+        if isinstance(ln, dict):  # version 1 schema
+            links[ln["id"]] = (
+                ln["origin_id"],
+                ln["origin_slot"],
+                ln["target_id"],
+                ln["target_slot"],
+                ln.get("type"),
+            )
+        else:  # [id, origin_id, origin_slot, target_id, target_slot, type]
+            links[ln[0]] = tuple(ln[1:6])
+
+    def resolve(link_id, seen=()):
+        """-> ("link", origin_id, slot) | ("value", v) | None, following Reroutes, Primitives and bypasses."""
+        if link_id is None or link_id not in links or link_id in seen:
+            return None
+        origin_id, slot, _t_id, _t_slot, ltype = links[link_id]
+        origin = nodes.get(origin_id)
+        if origin is None:
+            return None
+        seen = (*seen, link_id)
+        if origin["type"] == "Reroute":
+            ins = origin.get("inputs") or []
+            return resolve(ins[0].get("link"), seen) if ins else None
+        if origin["type"] == "PrimitiveNode":
+            wv = origin.get("widgets_values") or [None]
+            return ("value", wv[0])
+        mode = origin.get("mode", 0)
+        if mode == MODE_MUTED:
+            return None
+        if mode == MODE_BYPASS:  # a bypassed node passes an input of the same type through
+            outs = origin.get("outputs") or []
+            out_type = outs[slot].get("type", ltype) if slot < len(outs) else ltype
+            ins = origin.get("inputs") or []
+            cands = [i for i in ins if i.get("type") == out_type and i.get("link") is not None]
+            if slot < len(ins) and ins[slot] in cands:  # prefer the input in the same slot
+                cands.insert(0, ins[slot])
+            for cand in cands:
+                r = resolve(cand.get("link"), seen)
+                if r is not None:
+                    return r
+            return None
+        return ("link", origin_id, slot)
+
+    prompt = {}
+    for nid, node in nodes.items():
+        ctype = node["type"]
+        if ctype in VIRTUAL_NODES or node.get("mode", 0) in (MODE_MUTED, MODE_BYPASS):
+            continue
+        if ctype not in object_info:
+            raise KeyError(
+                f"node {nid}: type {ctype!r} is not known to the server (group node or missing pack?)"
+            )
+        info = object_info[ctype]
+        widgets = _widget_inputs(info)
+        wv = node.get("widgets_values")
+        if isinstance(wv, dict):
+            raise NotImplementedError(f"node {nid} ({ctype}): widgets_values as a dict")
+        wv = list(wv or [])
+        inputs = {}
+        pos = 0
+        for name, typ, opts, width in widgets:
+            value = wv[pos] if pos < len(wv) else _default_value(typ, opts)
+            pos += width
+            inputs[name] = {"__value__": value} if isinstance(value, list) else value
+        for inp in node.get("inputs") or []:
+            r = resolve(inp.get("link"))
+            if r is None:
+                continue
+            if r[0] == "value":
+                inputs[inp["name"]] = {"__value__": r[1]} if isinstance(r[1], list) else r[1]
+            else:
+                inputs[inp["name"]] = [str(r[1]), int(r[2])]
+        prompt[str(nid)] = {
+            "class_type": ctype,
+            "inputs": inputs,
+            "_meta": {"title": node.get("title", ctype)},
+        }
+    for entry in prompt.values():  # drop links to nodes that were left out
+        for k, v in list(entry["inputs"].items()):
+            if isinstance(v, list) and len(v) == 2 and v[0] not in prompt:
+                del entry["inputs"][k]
+    return prompt
 
 
 @pytest.fixture(scope="session")

@@ -203,3 +203,115 @@ def test_probe_packs_v1_v3_and_templates(tmp_path):
         status_code, body = srv.request("GET", "/api/workflow_templates/act_probe_v1/probe_template.json")
         body = json.loads(body) if isinstance(body, bytes) else body
         assert status_code == 200 and body["version"] == 0.4
+
+
+def _ui_workflow():
+    """A small UI-format (version 0.4) workflow: EmptyImage -> (bypassed ImageInvert) -> Reroute -> SaveImage,
+    with a Note, a muted PreviewImage, and an unconnected RandomNoise whose seed has a control_after_generate value."""
+    nodes = [
+        {
+            "id": 1,
+            "type": "EmptyImage",
+            "mode": 0,
+            "inputs": [],
+            "outputs": [{"name": "IMAGE", "type": "IMAGE", "links": [1]}],
+            "widgets_values": [32, 16, 1, 255],
+        },
+        {
+            "id": 2,
+            "type": "ImageInvert",
+            "mode": 4,
+            "inputs": [{"name": "image", "type": "IMAGE", "link": 1}],
+            "outputs": [{"name": "IMAGE", "type": "IMAGE", "links": [2, 4]}],
+        },
+        {
+            "id": 3,
+            "type": "Reroute",
+            "mode": 0,
+            "inputs": [{"name": "", "type": "*", "link": 2}],
+            "outputs": [{"name": "", "type": "IMAGE", "links": [3]}],
+        },
+        {
+            "id": 4,
+            "type": "SaveImage",
+            "mode": 0,
+            "inputs": [{"name": "images", "type": "IMAGE", "link": 3}],
+            "outputs": [],
+            "widgets_values": ["act_ui_converted"],
+        },
+        {
+            "id": 5,
+            "type": "PreviewImage",
+            "mode": 2,
+            "inputs": [{"name": "images", "type": "IMAGE", "link": 4}],
+            "outputs": [],
+        },
+        {"id": 6, "type": "Note", "mode": 0, "inputs": [], "outputs": [], "widgets_values": ["a note"]},
+        {
+            "id": 7,
+            "type": "RandomNoise",
+            "mode": 0,
+            "inputs": [],
+            "outputs": [{"name": "NOISE", "type": "NOISE", "links": []}],
+            "widgets_values": [1234, "fixed"],
+        },
+    ]
+    links = [
+        [1, 1, 0, 2, 0, "IMAGE"],
+        [2, 2, 0, 3, 0, "*"],
+        [3, 3, 0, 4, 0, "IMAGE"],
+        [4, 2, 0, 5, 0, "IMAGE"],
+    ]
+    return {
+        "last_node_id": 7,
+        "last_link_id": 4,
+        "nodes": nodes,
+        "links": links,
+        "groups": [],
+        "config": {},
+        "extra": {},
+        "version": 0.4,
+    }
+
+
+def test_ui_workflow_converts_and_runs(comfy_server):  # noqa: F811
+    api = comfy_server.ui_to_api(_ui_workflow())
+    assert set(api) == {"1", "4", "7"}
+    assert api["1"]["inputs"] == {"width": 32, "height": 16, "batch_size": 1, "color": 255}
+    assert api["4"]["inputs"] == {"filename_prefix": "act_ui_converted", "images": ["1", 0]}
+    assert api["7"]["inputs"] == {"noise_seed": 1234}  # the control_after_generate value is not an input
+    res = comfy_server.run(api, timeout=120)
+    assert res.ok, res.error
+    assert res.outputs["4"]["images"][0]["filename"].startswith("act_ui_converted")
+
+
+def test_stock_default_template_converts(comfy_server):  # noqa: F811
+    """ComfyUI's own default workflow (UI format, from comfyui-workflow-templates) converts into a prompt the
+    server accepts except for the missing checkpoint file."""
+    templates = pytest.importorskip("comfyui_workflow_templates")
+    path = os.path.join(os.path.dirname(templates.__file__), "templates", "default.json")
+    if not os.path.isfile(path):
+        pytest.skip("default.json not shipped by this comfyui_workflow_templates")
+    with open(path) as f:
+        wf = json.load(f)
+    api = comfy_server.ui_to_api(wf)
+    ks = next(v for v in api.values() if v["class_type"] == "KSampler")
+    assert set(ks["inputs"]) == {
+        "seed",
+        "steps",
+        "cfg",
+        "sampler_name",
+        "scheduler",
+        "denoise",
+        "model",
+        "positive",
+        "negative",
+        "latent_image",
+    }
+    save = next(v for v in api.values() if v["class_type"] == "SaveImage")
+    assert save["inputs"]["filename_prefix"] == "ComfyUI"  # no widgets_values: the widget default
+    with pytest.raises(PromptRejected) as ei:
+        comfy_server.queue_prompt(api)
+    bad = {nid: e for nid, e in ei.value.body["node_errors"].items()}
+    assert {api[nid]["class_type"] for nid in bad} == {"CheckpointLoaderSimple"}
+    assert all(err["type"] == "value_not_in_list" for e in bad.values() for err in e["errors"])
