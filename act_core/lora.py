@@ -1,0 +1,150 @@
+"""Export a foldable ACT map as a LoRA-style "diff" file that ComfyUI's stock LoraLoader applies.
+
+A foldable map (unbounded support, affine on every element) is the same as adding
+``lam * (omega - 1) * W`` to a norm layer's weight and ``lam * ((omega - 1) * b + beta)`` to its bias.
+Those are full-weight diffs, linear in lambda, which ComfyUI stores as ``<key>.diff`` / ``<key>.diff_b``
+and scales by the LoraLoader strength. So the file needs no custom node and no hooks at inference:
+the loader's strength slider *is* lambda (times the strength the file was exported at).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from . import __version__
+from .applying import Strength, check_strength, folded_diffs
+from .errors import ACTInputError
+from .maps import APPLY_PER_ELEMENT, APPLY_SPATIAL_MEAN, ACTMap, atomic_write
+from .names import lora_key
+
+LORA_FORMAT = "act_lora"
+FOLDABLE_PRESET = "unet_norms_foldable"
+DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
+# Modules whose outputs carry units on the last axis (B, T, C): "spatial_mean" never applies to them,
+# so a spatial-mean map on them is already per element (e.g. the text_encoder_norms preset).
+_PER_TOKEN_TYPES: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.Linear)
+_LOADER_NOTE = (
+    "Full-weight diffs of an ACT map (Activation Transport). ComfyUI's stock LoraLoader applies them as "
+    "weight += strength * diff, so the loader strength is lambda (0 = model, 1 = full transport) times "
+    "the export strength stored here. Load with strength_model for unet.* keys and strength_clip for "
+    "text_encoders.* keys."
+)
+
+
+def _modules_of(modules: Mapping[str, nn.Module] | Any, act_map: ACTMap) -> Mapping[str, nn.Module]:
+    """Accept either a name -> module mapping or an ACT pipeline (its ``act_modules``)."""
+    if hasattr(modules, "act_modules"):
+        return modules.act_modules(act_map.parts())
+    return modules
+
+
+def as_foldable(act_map: ACTMap, modules: Mapping[str, nn.Module]) -> ACTMap:
+    """The map with spatial-mean maps on per-token modules (LayerNorm, Linear) marked per element.
+
+    Those modules produce (B, T, C) outputs, where the hooks transport every element whatever the
+    apply mode says, so relabelling changes nothing the model computes and makes them foldable.
+    Raises an error naming the foldable preset when some module still cannot be folded.
+    """
+    relabelled = {}
+    for name, module_map in act_map.modules.items():
+        if module_map.apply_mode == APPLY_SPATIAL_MEAN and isinstance(modules.get(name), _PER_TOKEN_TYPES):
+            module_map = replace(module_map, apply_mode=APPLY_PER_ELEMENT)
+        relabelled[name] = module_map
+    bounded = [name for name, m in relabelled.items() if not m.unbounded]
+    spatial = [name for name, m in relabelled.items() if m.unbounded and not m.foldable]
+    if bounded or spatial:
+        first = (bounded or spatial)[0]
+        reason = (
+            f"{len(bounded)} of its {len(act_map)} modules have a bounded support "
+            f"(support={act_map.metadata.get('support', '?')!r})"
+            if bounded
+            else f"{len(spatial)} of its {len(act_map)} modules transport feature maps by their spatial mean"
+        )
+        raise ACTInputError(
+            f"This ACT map cannot be exported as a LoRA: {reason} (first: {first!r}), so it is not affine on "
+            f"every element and cannot be written into weights. Fit it with preset {FOLDABLE_PRESET!r} "
+            "(CLI: act fit --preset unet_norms_foldable), or with support='unbounded' for text encoder "
+            "presets; or apply this map with hooks (enable_act / the ACT node)."
+        )
+    return ACTMap(relabelled, act_map.metadata)
+
+
+def lora_state_dict(
+    act_map: ACTMap,
+    modules: Mapping[str, nn.Module] | Any,
+    strength: Strength = 1.0,
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, torch.Tensor]:
+    """``{lora_key(module) + ".diff": dW, lora_key(module) + ".diff_b": db}`` at ``strength``.
+
+    ``modules`` is the model's canonical name -> module mapping (``pipe.act_modules()``) or an ACT
+    pipeline; the diffs need the current weights, since the weight diff is ``lam * (omega - 1) * W``.
+    """
+    modules = _modules_of(modules, act_map)
+    foldable = as_foldable(act_map, modules)
+    diffs = folded_diffs(modules, foldable, strength)
+    state: dict[str, torch.Tensor] = {}
+    for key, diff in diffs.items():
+        module_name, param = key.rsplit(".", 1)
+        suffix = ".diff" if param == "weight" else ".diff_b"
+        value = diff.to(dtype).contiguous()
+        if not torch.isfinite(value).all():
+            raise ACTInputError(
+                f"The diff for {key!r} overflows {dtype} (largest |value| {diff.abs().max().item():.3g}); "
+                "export with dtype fp32 (CLI: --dtype fp32)."
+            )
+        state[lora_key(module_name) + suffix] = value
+    return state
+
+
+def export_lora(
+    act_map: ACTMap,
+    modules: Mapping[str, nn.Module] | Any,
+    path: str | os.PathLike,
+    strength: float = 1.0,
+    dtype: str | torch.dtype = "fp16",
+) -> Path:
+    """Write the map's folded diffs as a safetensors LoRA file (atomically) and return its path.
+
+    ``strength`` is baked into the diffs; ComfyUI's LoraLoader strength multiplies it, so export at 1
+    and use the loader's slider as lambda. ``dtype`` is "fp16" (half the size, the usual for LoRAs)
+    or "fp32" (exact).
+    """
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ACTInputError(f"LoRA files are saved as .safetensors; got {path.name!r}.")
+    strength = check_strength(strength)
+    torch_dtype = _dtype(dtype)
+    state = lora_state_dict(act_map, modules, strength, torch_dtype)
+    dtype_name = next(name for name, value in DTYPES.items() if value == torch_dtype)
+    header = {
+        "format": LORA_FORMAT,
+        "act_version": __version__,
+        "strength": repr(strength),
+        "dtype": dtype_name,
+        "modules": str(len(act_map)),
+        "parts": ",".join(act_map.parts()),
+        "note": _LOADER_NOTE,
+        "act_map_metadata": json.dumps(act_map.metadata),
+    }
+    return atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=header))
+
+
+def _dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise ACTInputError(f"LoRA dtype must be float16 or float32, got {dtype}.")
+        return dtype
+    try:
+        return DTYPES[dtype]
+    except KeyError:
+        raise ACTInputError(f"LoRA dtype must be one of {', '.join(DTYPES)}, got {dtype!r}.") from None
