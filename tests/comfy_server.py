@@ -380,6 +380,56 @@ class ComfyServer:
 
 
 # --------------------------------------------------------------------------------------------------
+# A test-only node pack that serves the tiny SDXL of comfy_support inside the server
+# --------------------------------------------------------------------------------------------------
+TINY_PACK_NAME = "act_test_tiny_models"
+_TINY_PACK_INIT = """\
+# Test-only ComfyUI node pack written by tests/comfy_server.py: the tiny random SDXL of
+# tests/comfy_support.py as (MODEL, CLIP), so server tests need no checkpoint file.
+import sys
+
+sys.path.insert(0, {tests_dir!r})
+import comfy_support  # noqa: E402
+
+
+class ACTTestTinySDXL:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {{"required": {{"seed": ("INT", {{"default": 0, "min": 0, "max": 2**31 - 1}})}}}}
+
+    RETURN_TYPES = ("MODEL", "CLIP")
+    FUNCTION = "build"
+    CATEGORY = "ACT/tests"
+
+    def build(self, seed):
+        return comfy_support.build_tiny_sdxl(seed=seed)
+
+
+NODE_CLASS_MAPPINGS = {{"ACTTestTinySDXL": ACTTestTinySDXL}}
+"""
+
+
+def write_tiny_model_pack(parent: str | os.PathLike) -> Path:
+    """Write the test-only pack (node ``ACTTestTinySDXL``: seed -> MODEL, CLIP) under ``parent``; returns its
+    folder, to pass in ``ComfyServer(node_packs={..., TINY_PACK_NAME: path})``. The tiny MODEL is
+    float32 and 4-channel, so EmptyLatentImage -> KSampler -> SaveLatent runs (latent side = pixels / 8;
+    keep it a multiple of 4). There is no VAE: decode nothing."""
+    d = Path(parent) / TINY_PACK_NAME
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "__init__.py").write_text(
+        _TINY_PACK_INIT.format(tests_dir=os.path.dirname(os.path.abspath(__file__)))
+    )
+    return d
+
+
+def load_latent_file(path: str | os.PathLike):
+    """The tensor of a ``.latent`` file written by SaveLatent (safetensors, key ``latent_tensor``)."""
+    from safetensors.torch import load_file
+
+    return load_file(str(path))["latent_tensor"]
+
+
+# --------------------------------------------------------------------------------------------------
 # Workflow (UI) format -> API (prompt) format
 # --------------------------------------------------------------------------------------------------
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
@@ -526,10 +576,12 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
 
 @pytest.fixture(scope="session")
 def comfy_server():
-    """A running server shared by the session (start-up costs several seconds). Skips without COMFYUI_PATH."""
+    """A running server shared by the session (start-up costs ~10 s), with this repo mounted as the
+    ``ComfyUI-ACT`` pack and the test-only ``ACTTestTinySDXL`` node. Skips without COMFYUI_PATH."""
     if comfy_path() is None:
         pytest.skip(SKIP_REASON)
-    srv = ComfyServer()
+    packdir = tempfile.mkdtemp(prefix="comfyui-act-packs-")
+    srv = ComfyServer(node_packs={PACK_LINK_NAME: REPO_ROOT, TINY_PACK_NAME: write_tiny_model_pack(packdir)})
     try:
         srv.start()
     except ComfyServerError as e:
@@ -538,3 +590,4 @@ def comfy_server():
         yield srv
     finally:
         srv.stop()
+        shutil.rmtree(packdir, ignore_errors=True)

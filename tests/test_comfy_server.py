@@ -18,6 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import comfy_support as cs  # noqa: E402
 from comfy_server import PACK_LINK_NAME, ComfyServer, PromptRejected, comfy_server  # noqa: E402,F401
+from comfy_support import comfyui  # noqa: E402,F401  (session fixture)
 
 pytestmark = cs.requires_comfyui
 
@@ -315,3 +316,42 @@ def test_stock_default_template_converts(comfy_server):  # noqa: F811
     bad = {nid: e for nid, e in ei.value.body["node_errors"].items()}
     assert {api[nid]["class_type"] for nid in bad} == {"CheckpointLoaderSimple"}
     assert all(err["type"] == "value_not_in_list" for e in bad.values() for err in e["errors"])
+
+
+def test_tiny_sdxl_samples_in_the_server(comfy_server, comfyui):  # noqa: F811
+    """The test-only ACTTestTinySDXL node gives MODEL/CLIP without a checkpoint; KSampler in the server
+    reproduces the in-process comfy_support.sample_tiny latent."""
+    from comfy_server import load_latent_file
+
+    prompt = {
+        "1": {"class_type": "ACTTestTinySDXL", "inputs": {"seed": 0}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a photo of a cat"}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": ""}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 128, "height": 128, "batch_size": 1}},
+        "5": {
+            "class_type": "KSampler",
+            "inputs": {
+                "model": ["1", 0],
+                "positive": ["2", 0],
+                "negative": ["3", 0],
+                "latent_image": ["4", 0],
+                "seed": 7,
+                "steps": 2,
+                "cfg": 5.0,
+                "sampler_name": "euler",
+                "scheduler": "normal",
+                "denoise": 1.0,
+            },
+        },
+        "6": {
+            "class_type": "SaveLatent",
+            "inputs": {"samples": ["5", 0], "filename_prefix": "latents/act_tiny"},
+        },
+    }
+    res = comfy_server.run(prompt, timeout=300)
+    assert res.ok, res.error
+    server_latent = load_latent_file(comfy_server.output_path(res.outputs["6"]["latents"][0]))
+    model, clip = cs.build_tiny_sdxl(seed=0)
+    local = cs.sample_tiny(model, clip, "a photo of a cat", seed=7, steps=2, cfg=5.0, size=(16, 16))
+    assert server_latent.shape == local.shape == (1, 4, 16, 16)
+    assert server_latent.equal(local), (server_latent - local).abs().max()
