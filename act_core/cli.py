@@ -1,0 +1,456 @@
+"""The ``act`` command line: fit a map, sweep its strength into a PNG grid, inspect it, export a LoRA.
+
+    act fit --model ./sdxl --source cats.txt --target watercolor_cats.txt --output watercolor.safetensors
+    act sweep --model ./sdxl --map watercolor.safetensors --prompt "a cat" --output grid.png
+    act info watercolor.safetensors
+    act export-lora --model ./sdxl --map watercolor.safetensors --output watercolor_lora.safetensors
+
+User mistakes (missing files, bad prompt files, a model that is not here, a map for another model)
+print one line to stderr and exit with status 2; only bugs show a traceback. Everything that can be
+checked before loading a multi-GB model is checked first, so mistakes fail in a second, not a minute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import ACTError, ACTInputError
+from .maps import ACTMap
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+DTYPES = ("fp32", "fp16", "bf16")
+
+
+class CLIError(ACTInputError):
+    """A bad command-line argument or input file."""
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+def read_prompt_file(path: str | Path) -> list[str]:
+    """Prompts of a text file: one per line; blank lines and lines starting with ``#`` are ignored."""
+    path = Path(path)
+    if not path.is_file():
+        what = "is a folder" if path.is_dir() else "does not exist"
+        raise CLIError(f"Prompt file {str(path)!r} {what}. Pass a text file with one prompt per line.")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise CLIError(
+            f"Prompt file {str(path)!r} is not UTF-8 text. Save it as UTF-8, one prompt per line."
+        ) from None
+    except OSError as error:
+        raise CLIError(f"Cannot read prompt file {str(path)!r}: {error.strerror or error}.") from None
+    prompts = [line.strip() for line in text.splitlines()]
+    prompts = [line for line in prompts if line and not line.startswith("#")]
+    if not prompts:
+        raise CLIError(
+            f"Prompt file {str(path)!r} has no prompts (blank lines and # comments are ignored). "
+            "Write one prompt per line."
+        )
+    return prompts
+
+
+def gather_prompts(files: Sequence[str] | None, prompts: Sequence[str] | None, side: str) -> list[str]:
+    """Prompts from ``--<side>`` files and ``--<side>-prompt`` options, files first."""
+    gathered: list[str] = []
+    for file in files or []:
+        gathered.extend(read_prompt_file(file))
+    gathered.extend(p.strip() for p in prompts or [] if p.strip())
+    if not gathered:
+        raise CLIError(
+            f"No {side} prompts: pass --{side} FILE (one prompt per line) or --{side}-prompt TEXT."
+        )
+    return gathered
+
+
+def parse_lambdas(text: str) -> list[float]:
+    """``"0,0.25,1"`` -> ``[0.0, 0.25, 1.0]``."""
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise CLIError(f"--lambdas must be comma-separated numbers such as 0,0.5,1; got {text!r}.") from None
+    if not values:
+        raise CLIError("--lambdas is empty; pass e.g. 0,0.25,0.5,0.75,1.")
+    return values
+
+
+def check_output(path: str, suffix: str, flag: str = "--output") -> Path:
+    """An output path whose folder exists and whose name ends in ``suffix``."""
+    output = Path(path).expanduser()
+    if output.suffix.lower() != suffix:
+        raise CLIError(f"{flag} must end in {suffix}; got {output.name!r}.")
+    if not output.parent.is_dir():
+        raise CLIError(f"{flag}: folder {str(output.parent)!r} does not exist. Create it first.")
+    if output.is_dir():
+        raise CLIError(f"{flag} {str(output)!r} is a folder; give a file name ending in {suffix}.")
+    return output
+
+
+def check_size(args: argparse.Namespace) -> None:
+    for flag in ("height", "width"):
+        value = getattr(args, flag, None)
+        if value is not None and (value <= 0 or value % 8):
+            raise CLIError(
+                f"--{flag} must be a positive multiple of 8 (the VAE downsamples by 8); got {value}."
+            )
+    if getattr(args, "steps", 1) < 1:
+        raise CLIError(f"--steps must be at least 1; got {args.steps}.")
+
+
+def load_map(path: str) -> ACTMap:
+    return ACTMap.load(Path(path).expanduser())
+
+
+def load_model(args: argparse.Namespace) -> Any:
+    """The ACT pipeline for ``--model`` (local only; see ``act_core.loading``)."""
+    import torch
+
+    from .loading import load_pipeline
+
+    _QUIET.quiet(args.quiet)
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    _status(args, f"Loading {args.model} ({args.dtype}, {device})")
+    pipe = load_pipeline(args.model, dtype, config=args.config, allow_pickle=args.allow_pickle, device=device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+class _QuietLibraries:
+    """Hide diffusers/transformers warnings (noise for a CLI user; errors stay), restored on exit.
+
+    Restoring matters when ``main`` runs in-process (tests, notebooks): logging state is global.
+    """
+
+    def __init__(self) -> None:
+        self.saved: list[tuple[Any, int, bool]] = []
+
+    def quiet(self, no_progress: bool) -> None:
+        from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
+
+        for library in (diffusers_logging, transformers_logging):
+            self.saved.append((library, library.get_verbosity(), library.is_progress_bar_enabled()))
+            library.set_verbosity_error()
+            if no_progress:
+                library.disable_progress_bar()
+
+    def restore(self) -> None:
+        for library, verbosity, progress in reversed(self.saved):
+            library.set_verbosity(verbosity)
+            (library.enable_progress_bar if progress else library.disable_progress_bar)()
+        self.saved.clear()
+
+
+_QUIET = _QuietLibraries()
+
+
+def _status(args: argparse.Namespace, message: str) -> None:
+    if not args.quiet:
+        print(message, file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------------- commands
+def cmd_fit(args: argparse.Namespace) -> int:
+    from .presets import get_preset
+
+    get_preset(args.preset)  # unknown preset: fail before loading the model
+    check_size(args)
+    output = check_output(args.output, ".safetensors")
+    source = gather_prompts(args.source, args.source_prompt, "source")
+    target = gather_prompts(args.target, args.target_prompt, "target")
+    pipe = load_model(args)
+    _status(args, f"Fitting preset {args.preset} on {len(source)} source and {len(target)} target prompts")
+    act_map = pipe.fit_act(
+        source,
+        target,
+        preset=args.preset,
+        method=args.method,
+        support=args.support,
+        mode=args.mode,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        height=args.height,
+        width=args.width,
+        num_inference_steps=args.steps,
+        progress=not args.quiet,
+    )
+    act_map = ACTMap(act_map.modules, {**act_map.metadata, "model_source": str(args.model)})
+    act_map.save(output)
+    print(act_map.summary())
+    print(f"Saved {output}")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .sweep import lambda_label, save_grid, sweep_images
+
+    check_size(args)
+    output = check_output(args.output, ".png")
+    prompts = gather_prompts(args.prompts, args.prompt, "prompt") if (args.prompts or args.prompt) else []
+    if not prompts:
+        raise CLIError("No prompts to sweep: pass --prompt TEXT (repeatable) or --prompts FILE.")
+    lambdas = parse_lambdas(args.lambdas)
+    act_map = load_map(args.map)
+    pipe = load_model(args)
+    generate: dict[str, Any] = {"num_inference_steps": args.steps}
+    for key, value in (("guidance_scale", args.guidance), ("height", args.height), ("width", args.width)):
+        if value is not None:
+            generate[key] = value
+    if args.negative_prompt:
+        generate["negative_prompt"] = args.negative_prompt
+    bar = _progress_bar(args, len(prompts) * len(lambdas), "Sweeping")
+    try:
+        images = sweep_images(
+            pipe,
+            act_map,
+            prompts,
+            lambdas,
+            args.seed,
+            progress=bar and (lambda d, t: bar.update(1)),
+            **generate,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    from .sweep import grid_image
+
+    grid = grid_image(images, prompts, [lambda_label(lam) for lam in lambdas])
+    info = {
+        "prompts": prompts,
+        "lambdas": lambdas,
+        "seed": args.seed,
+        "model": str(args.model),
+        "map": str(args.map),
+        "generate": generate,
+        "act_version": __version__,
+    }
+    save_grid(grid, output, info)
+    print(f"Saved {output}: {len(prompts)} prompts x {len(lambdas)} lambdas, {grid.width}x{grid.height} px")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    path = Path(args.map).expanduser()
+    lora_header = _lora_header(path)
+    if lora_header is not None:
+        if args.json:
+            print(json.dumps({"file": str(path), "kind": "lora", **lora_header}, indent=2))
+        else:
+            print(
+                f"ACT LoRA export: {lora_header.get('modules')} modules ({lora_header.get('parts')}), "
+                f"{lora_header.get('dtype')}, exported at strength {lora_header.get('strength')}"
+            )
+            print(lora_header.get("note", ""))
+        return 0
+    act_map = load_map(args.map)
+    if args.json:
+        report = {
+            "file": str(path),
+            "kind": "act_map",
+            "modules": len(act_map),
+            "units": sum(act_map.widths.values()),
+            "parts": act_map.parts(),
+            "foldable": act_map.foldable,
+            "metadata": act_map.metadata,
+        }
+        if args.modules:
+            report["module_widths"] = act_map.widths
+        print(json.dumps(report, indent=2))
+    else:
+        print(act_map.summary())
+        if args.modules:
+            for name, width in act_map.widths.items():
+                print(f"  {name}: {width}")
+    return 0
+
+
+def cmd_export_lora(args: argparse.Namespace) -> int:
+    from .lora import FOLDABLE_PRESET, export_lora
+
+    output = check_output(args.output, ".safetensors")
+    act_map = load_map(args.map)
+    bounded = [name for name, m in act_map.modules.items() if not m.unbounded]
+    if bounded:  # refuse before spending a minute on loading the model
+        raise CLIError(
+            f"{Path(args.map).name} cannot be exported as a LoRA: {len(bounded)} of its {len(act_map)} modules "
+            f"have a bounded support (support={act_map.metadata.get('support', '?')!r}). Re-fit with "
+            f"--preset {FOLDABLE_PRESET} (or --support unbounded), or apply the map with hooks."
+        )
+    pipe = load_model(args)
+    path = export_lora(act_map, pipe, output, strength=args.strength, dtype=args.lora_dtype)
+    print(
+        f"Saved {path}: {len(act_map)} modules ({', '.join(act_map.parts())}), {args.lora_dtype}, strength "
+        f"{args.strength:g} baked in. In ComfyUI, load it with the stock LoraLoader: its strength multiplies "
+        f"this one, so with --strength 1 the loader strength is lambda (strength_model for unet maps, "
+        f"strength_clip for text encoder maps)."
+    )
+    return 0
+
+
+def _lora_header(path: Path) -> dict[str, str] | None:
+    """The header of an ACT LoRA export, or None for anything else (left to ACTMap.load to judge)."""
+    if not path.is_file():
+        return None
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            header = handle.metadata() or {}
+    except Exception:  # not safetensors: ACTMap.load gives the clear error
+        return None
+    return header if header.get("format") == "act_lora" else None
+
+
+def _progress_bar(args: argparse.Namespace, total: int, description: str) -> Any:
+    if args.quiet:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=description)
+
+
+# ---------------------------------------------------------------------------------------------- parser
+def _add_model_options(parser: argparse.ArgumentParser, dtype_flag: str = "--dtype") -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument(
+        "--model",
+        required=True,
+        help="local diffusers folder (with model_index.json), a .safetensors checkpoint, or a hub id "
+        "already in the Hugging Face cache (nothing is downloaded)",
+    )
+    group.add_argument(
+        dtype_flag,
+        dest="dtype",
+        choices=DTYPES,
+        default="fp32",
+        help="model dtype (default fp32; CPUs want fp32)",
+    )
+    group.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    group.add_argument(
+        "--config",
+        default=None,
+        help="for single-file checkpoints: a local diffusers folder with the component configs",
+    )
+    group.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="allow .ckpt/.pt checkpoints (pickles can run code when loaded: only for files you trust)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .presets import DEFAULT_PRESET, PRESETS
+
+    parser = argparse.ArgumentParser(
+        prog="act",
+        description="Activation Transport (ACT) for Stable Diffusion: fit, sweep, inspect and export maps.",
+    )
+    parser.add_argument("--version", action="version", version=f"comfyui-act {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-q", "--quiet", action="store_true", help="no progress bars or status lines")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    fit = commands.add_parser("fit", parents=[common], help="fit a map from source and target prompts")
+    _add_model_options(fit)
+    fit.add_argument("--source", action="append", metavar="FILE", help="source prompt file (one per line)")
+    fit.add_argument("--source-prompt", action="append", metavar="TEXT", help="a source prompt (repeatable)")
+    fit.add_argument("--target", action="append", metavar="FILE", help="target prompt file (one per line)")
+    fit.add_argument("--target-prompt", action="append", metavar="TEXT", help="a target prompt (repeatable)")
+    fit.add_argument(
+        "--preset",
+        default=DEFAULT_PRESET,
+        choices=list(PRESETS),
+        help=f"which modules and how (default {DEFAULT_PRESET}: the paper's protocol)",
+    )
+    fit.add_argument(
+        "--method", choices=("linear", "mean", "gaussian"), default=None, help="default: the preset's"
+    )
+    fit.add_argument(
+        "--support", default=None, help="range | unbounded | qLO-HI such as q0.5-99.5 (default: the preset's)"
+    )
+    fit.add_argument("--mode", choices=("causal", "at_once"), default="causal", help="default causal (paper)")
+    fit.add_argument("--batch-size", type=int, default=8)
+    fit.add_argument("--seed", type=int, default=0, help="prompt i gets the noise of seed + i")
+    fit.add_argument("--height", type=int, default=None, help="default: the model's native size")
+    fit.add_argument("--width", type=int, default=None)
+    fit.add_argument("--steps", type=int, default=30, help="schedule length; statistics use its first step")
+    fit.add_argument("--output", required=True, metavar="MAP.safetensors")
+    fit.set_defaults(handler=cmd_fit)
+
+    sweep = commands.add_parser(
+        "sweep", parents=[common], help="render prompts x lambdas as a labelled PNG grid"
+    )
+    _add_model_options(sweep)
+    sweep.add_argument("--map", required=True, metavar="MAP.safetensors")
+    sweep.add_argument(
+        "--prompt", action="append", metavar="TEXT", help="a prompt (repeatable): one grid row"
+    )
+    sweep.add_argument("--prompts", action="append", metavar="FILE", help="prompt file (one per line)")
+    sweep.add_argument(
+        "--lambdas", default="0,0.25,0.5,0.75,1", help="comma-separated (default 0,0.25,0.5,0.75,1)"
+    )
+    sweep.add_argument("--seed", type=int, default=0, help="the same seed for every cell")
+    sweep.add_argument("--steps", type=int, default=30)
+    sweep.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the pipeline's)")
+    sweep.add_argument("--negative-prompt", default=None)
+    sweep.add_argument("--height", type=int, default=None)
+    sweep.add_argument("--width", type=int, default=None)
+    sweep.add_argument("--output", required=True, metavar="GRID.png")
+    sweep.set_defaults(handler=cmd_sweep)
+
+    info = commands.add_parser("info", parents=[common], help="describe a map file (or an exported LoRA)")
+    info.add_argument("map", metavar="MAP.safetensors")
+    info.add_argument("--json", action="store_true", help="machine-readable output with all metadata")
+    info.add_argument("--modules", action="store_true", help="also list every module and its width")
+    info.set_defaults(handler=cmd_info)
+
+    export = commands.add_parser(
+        "export-lora", parents=[common], help="write a foldable map as a LoRA for ComfyUI's LoraLoader"
+    )
+    _add_model_options(export, dtype_flag="--model-dtype")
+    export.add_argument("--map", required=True, metavar="MAP.safetensors")
+    export.add_argument("--output", required=True, metavar="LORA.safetensors")
+    export.add_argument(
+        "--strength",
+        type=float,
+        default=1.0,
+        help="lambda baked into the diffs (default 1); the LoraLoader strength then multiplies it",
+    )
+    export.add_argument(
+        "--dtype", dest="lora_dtype", choices=("fp16", "fp32"), default="fp16", help="LoRA dtype"
+    )
+    export.set_defaults(handler=cmd_export_lora)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``act`` / ``python -m act_core``; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except ACTError as error:
+        print(f"act {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print(f"act {args.command}: interrupted; no output file was written.", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # e.g. `act info map.safetensors --json | head`: not an error
+        # Point stdout at devnull so the interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    finally:
+        _QUIET.restore()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""The ``act`` command line end to end on a tiny local SDXL folder: fit -> sweep -> info -> export-lora."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from safetensors.torch import load_file
+from tiny_sdxl import build_tiny_sdxl
+
+from act_core.cli import main, read_prompt_file
+from act_core.maps import ACTMap
+from act_core.sweep import grid_layout
+
+FAST = ["--steps", "2", "--height", "32", "--width", "32"]
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny_sdxl_cli")
+    build_tiny_sdxl(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def prompt_files(tmp_path_factory) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("prompts")
+    source, target = folder / "source.txt", folder / "target.txt"
+    source.write_text("# source prompts\na red circle\n\na small red circle\na red circle on grey\n")
+    target.write_text(
+        "a blue square, striped\na small blue square, striped\n# comment\na blue square on grey\n"
+    )
+    return source, target
+
+
+@pytest.fixture(scope="module")
+def fitted(model_dir, prompt_files, tmp_path_factory) -> dict[str, Path]:
+    """Maps fitted through the CLI once per module: the paper preset and the foldable one."""
+    out = tmp_path_factory.mktemp("maps")
+    source, target = prompt_files
+    paths = {}
+    for preset in ("unet_norms", "unet_norms_foldable"):
+        paths[preset] = out / f"{preset}.safetensors"
+        argv = ["fit", "-q", "--model", str(model_dir), "--source", str(source), "--target", str(target)]
+        argv += ["--preset", preset, "--batch-size", "3", "--output", str(paths[preset]), *FAST]
+        assert main(argv) == 0
+    return paths
+
+
+def test_read_prompt_file_skips_blanks_and_comments(prompt_files):
+    assert read_prompt_file(prompt_files[0]) == ["a red circle", "a small red circle", "a red circle on grey"]
+
+
+def test_fit_writes_a_map(model_dir, fitted):
+    act_map = ACTMap.load(fitted["unet_norms"])
+    assert act_map.parts() == ["unet"] and act_map.metadata["preset"] == "unet_norms"
+    assert act_map.metadata["num_source"] == act_map.metadata["num_target"] == 3
+    assert act_map.metadata["model_source"] == str(model_dir)
+    assert ACTMap.load(fitted["unet_norms_foldable"]).foldable
+
+
+def test_sweep_writes_a_grid_of_the_expected_size(model_dir, fitted, tmp_path, capsys):
+    grid = tmp_path / "grid.png"
+    argv = [
+        "sweep",
+        "-q",
+        "--model",
+        str(model_dir),
+        "--map",
+        str(fitted["unet_norms"]),
+        "--prompt",
+        "a red circle",
+    ]
+    argv += [
+        "--prompt",
+        "a small red circle",
+        "--lambdas",
+        "0,0.5,1",
+        "--guidance",
+        "1",
+        "--output",
+        str(grid),
+    ]
+    assert main([*argv, *FAST]) == 0
+    image = Image.open(grid)
+    assert image.format == "PNG"
+    assert image.size == grid_layout(rows=2, columns=3, image_size=(32, 32)).size
+    # More columns make the grid wider by whole cells, not taller.
+    assert grid_layout(2, 4, (32, 32)).size[0] > image.size[0] == grid_layout(2, 3, (32, 32)).size[0]
+    info = json.loads(image.text["act_sweep"])
+    assert info["lambdas"] == [0.0, 0.5, 1.0] and info["prompts"] == ["a red circle", "a small red circle"]
+    assert "Saved" in capsys.readouterr().out
+
+
+def test_info_text_and_json(fitted, capsys):
+    act_map = ACTMap.load(fitted["unet_norms"])
+    assert main(["info", str(fitted["unet_norms"])]) == 0
+    assert f"{len(act_map)} modules" in capsys.readouterr().out
+    assert main(["info", "--json", str(fitted["unet_norms"])]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["modules"] == len(act_map) and report["metadata"]["preset"] == "unet_norms"
+    assert report["foldable"] is False
+
+
+def test_info_entry_point_subprocess(fitted):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run(
+        [sys.executable, "-m", "act_core", "info", str(fitted["unet_norms"])],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"{len(ACTMap.load(fitted['unet_norms']))} modules" in result.stdout
+
+
+def test_export_lora(model_dir, fitted, tmp_path, capsys):
+    lora = tmp_path / "lora.safetensors"
+    argv = ["export-lora", "-q", "--model", str(model_dir), "--map", str(fitted["unet_norms_foldable"])]
+    assert main([*argv, "--output", str(lora), "--dtype", "fp32"]) == 0
+    assert "LoraLoader" in capsys.readouterr().out
+    keys = load_file(str(lora))
+    assert keys and all(k.startswith("unet.") and k.endswith((".diff", ".diff_b")) for k in keys)
+    assert main(["info", str(lora)]) == 0
+    assert "LoRA" in capsys.readouterr().out
+
+
+def run_error(argv, capsys) -> str:
+    """Run the CLI expecting a user error: exit status 2, one line on stderr, no traceback."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    return err
+
+
+def test_hub_id_without_local_copy(prompt_files, tmp_path, capsys):
+    source, target = prompt_files
+    argv = ["fit", "-q", "--model", "nobody-act-tests/no-such-model", "--source", str(source)]
+    err = run_error([*argv, "--target", str(target), "--output", str(tmp_path / "m.safetensors")], capsys)
+    assert "No local copy of 'nobody-act-tests/no-such-model'" in err and "huggingface-cli download" in err
+
+
+def test_missing_and_empty_prompt_files(model_dir, prompt_files, tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# only a comment\n\n")
+    base = ["fit", "-q", "--model", str(model_dir), "--output", str(tmp_path / "m.safetensors")]
+    err = run_error(
+        [*base, "--source", str(tmp_path / "missing.txt"), "--target", str(prompt_files[1])], capsys
+    )
+    assert "missing.txt" in err and "does not exist" in err
+    err = run_error([*base, "--source", str(empty), "--target", str(prompt_files[1])], capsys)
+    assert "empty.txt" in err and "has no prompts" in err
+
+
+def test_bad_outputs_and_maps(model_dir, fitted, prompt_files, tmp_path, capsys):
+    source, target = prompt_files
+    fit = ["fit", "-q", "--model", str(model_dir), "--source", str(source), "--target", str(target)]
+    assert "must end in .safetensors" in run_error([*fit, "--output", str(tmp_path / "map.pt")], capsys)
+    err = run_error([*fit, "--output", str(tmp_path / "no" / "map.safetensors")], capsys)
+    assert "does not exist" in err
+    sweep = ["sweep", "-q", "--model", str(model_dir), "--map", str(fitted["unet_norms"]), "--prompt", "x"]
+    assert "must end in .png" in run_error([*sweep, "--output", str(tmp_path / "grid.jpg")], capsys)
+    assert "not found" in run_error(["info", str(tmp_path / "nope.safetensors")], capsys)
+    export = ["export-lora", "-q", "--model", str(model_dir), "--map", str(fitted["unet_norms"])]
+    err = run_error([*export, "--output", str(tmp_path / "lora.safetensors")], capsys)
+    assert "unet_norms_foldable" in err and not (tmp_path / "lora.safetensors").exists()
