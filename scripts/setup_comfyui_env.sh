@@ -17,9 +17,12 @@
 #      command (otherwise spandrel/kornia drag in another torch), plus requests and pytest;
 #   3. pip install -e "<repo>[diffusers,test]";
 #   4. PyPI's torchvision (pulled in by spandrel) does not load beside CPU torch ("operator torchvision::nms
-#      does not exist") and then breaks imports: it is uninstalled, and a two-file stub package (all that
-#      ComfyUI's SDXL path needs: `from torchvision import transforms`) is put on the venv's path with a .pth.
-# Re-running it is safe. At the end it prints the variables to export.
+#      does not exist") and then breaks imports: it is uninstalled. ComfyUI only needs
+#      `from torchvision import transforms` to succeed: tests/comfy_support.py provides an in-memory
+#      stand-in for the tests, and <venv>/comfyui-act-stubs/sitecustomize.py does it for by-hand runs.
+#      The stand-in is NOT put on the venv's path for good: transformers treats any importable
+#      `torchvision` as the real one and then fails to import its models.
+# Re-running it is safe. At the end it prints what to export / run.
 set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -59,43 +62,47 @@ echo "== 3/4 this repo (editable, [diffusers,test])"
 
 echo "== 4/4 torchvision"
 SITE="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
-STUB_ROOT="$VENV_DIR/comfyui-act-stubs"
-rm -f "$SITE/comfyui_act_torchvision_stub.pth"   # judge the real package on its own
+STUB_DIR="$VENV_DIR/comfyui-act-stubs"
+rm -f "$SITE/comfyui_act_torchvision_stub.pth"   # left by an older version of this script
 if "${PIP[@]}" show -q torchvision >/dev/null 2>&1; then
   if "$PY" -c 'import torchvision' >/dev/null 2>&1; then
-    echo "   a working torchvision is installed; no stub"
+    echo "   a working torchvision is installed; no stand-in needed"
   else
     echo "   installed torchvision does not import beside this torch: uninstalling it"
     "${PIP[@]}" uninstall -y -q torchvision
   fi
 fi
+STUB_ENV=""
 if ! "${PIP[@]}" show -q torchvision >/dev/null 2>&1; then
-  mkdir -p "$STUB_ROOT/torchvision"
-  printf '"""torchvision stub for ComfyUI on CPU torch (no real torchvision installed)."""\nfrom . import transforms  # noqa: F401\n\n__version__ = "0.0.0+stub"\n' \
-    > "$STUB_ROOT/torchvision/__init__.py"
-  printf '"""Empty: ComfyUI only needs `from torchvision import transforms` to succeed at import time."""\n' \
-    > "$STUB_ROOT/torchvision/transforms.py"
-  echo "$STUB_ROOT" > "$SITE/comfyui_act_torchvision_stub.pth"
-  echo "   stub package in $STUB_ROOT (on the venv's path via comfyui_act_torchvision_stub.pth)"
+  "$PY" - "$REPO_ROOT/tests" "$STUB_DIR" <<'PYEOF'
+import sys
+
+sys.path.insert(0, sys.argv[1])
+import comfy_support
+
+print("   stand-in for by-hand runs:", comfy_support.write_torchvision_stub(sys.argv[2]) / "sitecustomize.py")
+PYEOF
+  STUB_ENV="PYTHONPATH=\"$STUB_DIR\" "
 fi
 
 echo "== check"
-"$PY" - "$COMFY_DIR" <<'EOF'
+COMFYUI_PATH="$COMFY_DIR" "$PY" - "$REPO_ROOT/tests" <<'PYEOF'
 import sys
 
 import torch
 
-comfy_dir = sys.argv[1]
+sys.path.insert(0, sys.argv[1])
+import comfy_support
+
 print(f"   torch {torch.__version__} (CUDA build: {torch.version.cuda or 'no'})")
-sys.path.insert(0, comfy_dir)
-from comfy.cli_args import args
-
-args.cpu = True
+path = comfy_support.setup_comfy()
 import comfy.model_management as mm
-import comfy.sd  # noqa: F401
 
-print(f"   comfy imports; device: {mm.get_torch_device()}")
-EOF
+print(f"   ComfyUI at {path} imports; device: {mm.get_torch_device()}")
+from transformers import CLIPTextModel  # noqa: F401,E402
+
+print("   transformers models import beside it")
+PYEOF
 "${PIP[@]}" list 2>/dev/null | grep -iE '^(torch|torchvision|torchaudio|nvidia)' | sed 's/^/   /'
 
 cat <<EOF
@@ -104,6 +111,6 @@ Done. To run the ComfyUI integration tests:
   export COMFYUI_PATH="$COMFY_DIR"
   cd "$REPO_ROOT" && "$PY" -m pytest tests/test_comfy_fixture.py tests/test_comfy_server.py -q
 To start ComfyUI by hand with this repo as a custom node pack:
-  ln -s "$REPO_ROOT" "$COMFY_DIR/custom_nodes/ComfyUI-ACT"   # or use an extra_model_paths.yaml 'custom_nodes:' entry
-  cd "$COMFY_DIR" && "$PY" main.py --cpu --listen 127.0.0.1 --port 8188 --disable-api-nodes
+  ln -s "$REPO_ROOT" "$COMFY_DIR/custom_nodes/ComfyUI-ACT"   # or an extra_model_paths.yaml 'custom_nodes:' entry
+  cd "$COMFY_DIR" && ${STUB_ENV}"$PY" main.py --cpu --listen 127.0.0.1 --port 8188 --disable-api-nodes
 EOF

@@ -41,7 +41,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from comfy_support import REPO_ROOT, SKIP_REASON, comfy_path  # noqa: E402
+from comfy_support import REPO_ROOT, SKIP_REASON, comfy_path, write_torchvision_stub  # noqa: E402
 
 PACK_LINK_NAME = "ComfyUI-ACT"  # the folder name ComfyUI sees for this repo (as if cloned into custom_nodes/)
 MODEL_FOLDERS = ("checkpoints", "loras", "vae", "text_encoders", "diffusion_models", "embeddings", "act_maps")
@@ -89,11 +89,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-_STUB_INIT = (
-    '"""torchvision stub for ComfyUI on CPU torch (tests only)."""\nfrom . import transforms  # noqa: F401\n'
-)
 
 
 class ComfyServer:
@@ -194,7 +189,7 @@ class ComfyServer:
         env.setdefault("HF_HUB_OFFLINE", "1")
         env.setdefault("TRANSFORMERS_OFFLINE", "1")
         # ComfyUI imports `from torchvision import transforms` at start-up; PyPI's torchvision does not load
-        # beside CPU torch. If the server's Python has none, put a two-file stub on PYTHONPATH.
+        # beside CPU torch. If the server's Python has none, a sitecustomize.py puts a stand-in in place.
         probe = subprocess.run(
             [
                 self.python,
@@ -205,11 +200,8 @@ class ComfyServer:
             env=env,
         )
         if probe.returncode != 0:
-            stub = self.dir / "stubs" / "torchvision"
-            stub.mkdir(parents=True)
-            (stub / "__init__.py").write_text(_STUB_INIT)
-            (stub / "transforms.py").write_text("")
-            env["PYTHONPATH"] = os.pathsep.join(p for p in (str(stub.parent), env.get("PYTHONPATH", "")) if p)
+            stub_dir = write_torchvision_stub(self.dir / "stubs")
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (str(stub_dir), env.get("PYTHONPATH", "")) if p)
         return env
 
     def start(self, timeout: float = 180.0) -> ComfyServer:

@@ -22,12 +22,11 @@ root. Load this repo's node pack the way ComfyUI does (``load_node_pack``), neve
 
 from __future__ import annotations
 
+import contextlib
 import importlib
-import importlib.machinery
 import importlib.util
 import os
 import sys
-import types
 import zlib
 from pathlib import Path
 
@@ -97,32 +96,68 @@ def _put_comfy_first_on_path(path: str) -> None:
         )
 
 
-def _torchvision_importable() -> bool:
-    if "torchvision" in sys.modules:
-        return True
-    if importlib.util.find_spec("torchvision") is None:
+# ComfyUI's model code does `from torchvision import transforms` at import time (comfy/ldm/cosmos, cascade, ace);
+# PyPI's torchvision wheels do not load beside the CPU torch build. An empty stand-in is enough for SDXL, but
+# transformers (5.x) decides "torchvision is available" from importlib.util.find_spec() alone and then fails
+# importing torchvision.transforms.InterpolationMode. So: ask transformers first (it caches the answer), then
+# put the stand-in in sys.modules. The same code runs in the server subprocess as a sitecustomize.py.
+def install_torchvision_stub() -> bool:
+    """Put an empty in-memory ``torchvision`` package in sys.modules if none is installed; True if it did.
+
+    transformers is asked first whether torchvision is available (it caches that answer: no)."""
+    import importlib.machinery
+    import importlib.util
+    import sys
+    import types
+
+    if "torchvision" in sys.modules or importlib.util.find_spec("torchvision") is not None:
         return False
     try:
-        importlib.import_module("torchvision")
-        return True
+        from transformers.utils import import_utils
+
+        import_utils.is_torchvision_available()
     except Exception:
-        return False
-
-
-def install_torchvision_stub() -> None:
-    """ComfyUI's model code does ``from torchvision import transforms`` at import time (cosmos, cascade);
-    PyPI's torchvision wheels do not load beside CPU torch. An empty in-memory stub is enough for SDXL."""
-    if _torchvision_importable():
-        return
+        pass
     tv = types.ModuleType("torchvision")
     tv.__version__ = "0.0.0+stub"
-    tv.__path__ = []  # a package, so `import torchvision.transforms` works
-    tv.__spec__ = importlib.machinery.ModuleSpec("torchvision", None, is_package=True)  # find_spec() needs it
+    tv.__path__ = []
+    tv.__spec__ = importlib.machinery.ModuleSpec("torchvision", None, is_package=True)
     tr = types.ModuleType("torchvision.transforms")
     tr.__spec__ = importlib.machinery.ModuleSpec("torchvision.transforms", None)
     tv.transforms = tr
     sys.modules["torchvision"] = tv
     sys.modules["torchvision.transforms"] = tr
+    return True
+
+
+def write_torchvision_stub(directory: str | os.PathLike) -> Path:
+    """Write a ``sitecustomize.py`` running install_torchvision_stub() into ``directory``; put that
+    directory on the PYTHONPATH of a process that runs ComfyUI without torchvision (``main.py`` by hand,
+    the test server)."""
+    import inspect
+
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    src = (
+        '"""Test-only torchvision stand-in so ComfyUI starts on CPU torch (written by tests/comfy_support.py)."""\n\n'
+        + inspect.getsource(install_torchvision_stub)
+        + "\n\ninstall_torchvision_stub()\n"
+    )
+    (d / "sitecustomize.py").write_text(src)
+    return d
+
+
+@contextlib.contextmanager
+def torchvision_stub():
+    """The stand-in only while the block runs (for importing ComfyUI modules in-process); afterwards
+    ``find_spec("torchvision")`` is None again, so transformers and diffusers see no torchvision."""
+    installed = install_torchvision_stub()
+    try:
+        yield
+    finally:
+        if installed:
+            for name in ("torchvision.transforms", "torchvision"):
+                sys.modules.pop(name, None)
 
 
 def comfy_importable() -> tuple[bool, str]:
@@ -160,20 +195,27 @@ def setup_comfy() -> str:
         raise RuntimeError(SKIP_REASON)
     _put_comfy_first_on_path(path)
     if not _SETUP_DONE:
-        install_torchvision_stub()
         from comfy.cli_args import args
 
         if "comfy.model_management" not in sys.modules:
             args.cpu = True  # must happen before comfy.model_management is imported
-        import comfy.model_management as mm
+        # Every ComfyUI module that imports torchvision is imported by these (checked on 0.3.64); later
+        # imports of other ComfyUI modules that need it can use `with torchvision_stub():`.
+        with torchvision_stub():
+            import comfy.model_management as mm
 
-        if mm.get_torch_device().type != "cpu":
-            raise RuntimeError("comfy.model_management was imported before CPU was selected")
-        import comfy.model_patcher  # noqa: F401
-        import comfy.sample  # noqa: F401
-        import comfy.samplers  # noqa: F401
-        import comfy.sd  # noqa: F401
-        import comfy.supported_models  # noqa: F401
+            if mm.get_torch_device().type != "cpu":
+                raise RuntimeError("comfy.model_management was imported before CPU was selected")
+            import comfy.controlnet  # noqa: F401
+            import comfy.lora  # noqa: F401
+            import comfy.model_base  # noqa: F401
+            import comfy.model_patcher  # noqa: F401
+            import comfy.sample  # noqa: F401
+            import comfy.samplers  # noqa: F401
+            import comfy.sd  # noqa: F401
+            import comfy.supported_models  # noqa: F401
+
+            import nodes  # noqa: F401  (ComfyUI's nodes.py; also claims the name before this repo's nodes/)
 
         _SETUP_DONE = True
     return path

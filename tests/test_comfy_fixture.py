@@ -3,6 +3,8 @@
 import os
 import sys
 
+import pytest
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import comfy_support as cs  # noqa: E402
@@ -25,6 +27,21 @@ def test_build_tiny_sdxl(comfyui):  # noqa: F811
     c, extra = cond[0]
     assert c.shape == (1, 77, cs.TINY_UNET["context_dim"])
     assert extra["pooled_output"].shape == (1, cs.TINY_CLIP_G["hidden_size"])
+
+
+def test_transformers_and_diffusers_still_import_beside_comfy(comfyui):  # noqa: F811
+    """The torchvision stand-in is only present while ComfyUI's modules are imported."""
+    import importlib.util
+
+    pytest.importorskip("transformers")
+    if importlib.util.find_spec("torchvision") is None:
+        assert "torchvision" not in sys.modules
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    m = CLIPTextModel(
+        CLIPTextConfig(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=1)
+    )
+    assert m.config.hidden_size == 32
 
 
 def test_build_is_deterministic(comfyui):  # noqa: F811

@@ -114,6 +114,8 @@ PROBE_V1_INIT = textwrap.dedent(
         CATEGORY = "ACT/tests"
 
         def run(self, text, strength):
+            from transformers import CLIPTextModel  # noqa: F401  (the torchvision stand-in must not break it)
+
             return (shout(text) + f" {strength:.2f}",)
 
 
