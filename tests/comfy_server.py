@@ -41,7 +41,14 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from comfy_support import REPO_ROOT, SKIP_REASON, comfy_path, write_torchvision_stub  # noqa: E402
+from comfy_support import (  # noqa: E402
+    COMFY_REQUIREMENTS,
+    REPO_ROOT,
+    SKIP_REASON,
+    comfy_path,
+    missing_requirements,
+    write_torchvision_stub,
+)
 
 PACK_LINK_NAME = "ComfyUI-ACT"  # the folder name ComfyUI sees for this repo (as if cloned into custom_nodes/)
 MODEL_FOLDERS = ("checkpoints", "loras", "vae", "text_encoders", "diffusion_models", "embeddings", "act_maps")
@@ -572,6 +579,10 @@ def comfy_server():
     ``ComfyUI-ACT`` pack and the test-only ``ACTTestTinySDXL`` node. Skips without COMFYUI_PATH."""
     if comfy_path() is None:
         pytest.skip(SKIP_REASON)
+    if not os.environ.get("COMFYUI_PYTHON"):
+        missing = missing_requirements((*COMFY_REQUIREMENTS, "comfyui_frontend_package"))
+        if missing:
+            pytest.skip(f"this Python lacks ComfyUI's requirements ({', '.join(missing)}); {SKIP_REASON}")
     packdir = tempfile.mkdtemp(prefix="comfyui-act-packs-")
     srv = ComfyServer(node_packs={PACK_LINK_NAME: REPO_ROOT, TINY_PACK_NAME: write_tiny_model_pack(packdir)})
     try:

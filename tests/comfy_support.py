@@ -160,6 +160,34 @@ def torchvision_stub():
                 sys.modules.pop(name, None)
 
 
+# Import names of ComfyUI's essential requirements (requirements.txt of 0.3.64, less the optional ones).
+COMFY_REQUIREMENTS = (
+    "torch",
+    "torchsde",
+    "numpy",
+    "einops",
+    "transformers",
+    "tokenizers",
+    "sentencepiece",
+    "safetensors",
+    "aiohttp",
+    "yarl",
+    "yaml",
+    "PIL",
+    "scipy",
+    "tqdm",
+    "psutil",
+    "alembic",
+    "sqlalchemy",
+    "av",
+)
+
+
+def missing_requirements(names=COMFY_REQUIREMENTS) -> list[str]:
+    """Which of ``names`` this Python cannot find (cheap: find_spec only, nothing is imported)."""
+    return [n for n in names if importlib.util.find_spec(n) is None]
+
+
 def comfy_importable() -> tuple[bool, str]:
     """Cheap check for collection time: COMFYUI_PATH is set, looks like ComfyUI, and `import comfy` works."""
     path = comfy_path()
@@ -169,6 +197,12 @@ def comfy_importable() -> tuple[bool, str]:
         return (
             False,
             f"COMFYUI_PATH={path} is not a ComfyUI source tree (no comfy/model_management.py); {SKIP_REASON}",
+        )
+    missing = missing_requirements()
+    if missing:
+        return False, (
+            f"this Python lacks ComfyUI's requirements ({', '.join(missing)}); use the venv made by "
+            f"scripts/setup_comfyui_env.sh. {SKIP_REASON}"
         )
     try:
         _put_comfy_first_on_path(path)
