@@ -203,3 +203,16 @@ def test_lora_loader_reads_diff_keys_for_unet_and_clip_norms(comfyui):  # noqa: 
     }
     assert set(c2.patcher.patches) == {CLIP_L_NORM + ".weight", CLIP_G_NORM + ".bias"}
     assert m2.patches[UNET_NORM + ".weight"][0][1][0] == "diff"
+
+
+def test_load_node_pack_in_process(comfyui, tmp_path):  # noqa: F811
+    pack = tmp_path / "probe_pack"
+    pack.mkdir()
+    (pack / "impl.py").write_text("VALUE = 42\n")
+    (pack / "__init__.py").write_text(
+        "import nodes as comfy_nodes\nfrom .impl import VALUE\n\nNODE_CLASS_MAPPINGS = {}\nCOMFY_NODES_FILE = comfy_nodes.__file__\n"
+    )
+    mod = cs.load_node_pack(pack, module_name="act_probe_pack_inprocess")
+    assert mod.VALUE == 42 and mod.NODE_CLASS_MAPPINGS == {}
+    # inside a pack, `import nodes` is ComfyUI's nodes.py, not this repo's nodes/ package
+    assert os.path.dirname(mod.COMFY_NODES_FILE) == comfyui
