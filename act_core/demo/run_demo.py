@@ -51,10 +51,6 @@ class Experiment:
     runs: dict[str, dict] = field(default_factory=dict)
 
 
-def _with_style(shape: str, colour: str, style: str) -> str:
-    return caption(shape, colour, style, explicit_style=False)
-
-
 def experiments(repeats: int) -> list[Experiment]:
     """The three experiments, with every shape and several colours so content has to be kept."""
     colours = ("red", "blue", "yellow", "orange")
@@ -64,11 +60,11 @@ def experiments(repeats: int) -> list[Experiment]:
         "style: solid -> striped",
         "style",
         "striped",
-        [_with_style(s, c, "solid") for s, c in plain],
-        [_with_style(s, c, "striped") for s, c in plain],
-        [_with_style(s, c, "solid") for s, c in plain] * repeats,
+        [caption(s, c, "solid") for s, c in plain],
+        [caption(s, c, "striped") for s, c in plain],
+        [caption(s, c, "solid") for s, c in plain] * repeats,
         [s for s, _ in plain] * repeats,
-        [_with_style(s, c, "striped") for s, c in plain] * repeats,
+        [caption(s, c, "striped") for s, c in plain] * repeats,
     )
     styles = [st for st in STYLES if st != "striped"]
     per_style = [(s, st) for s in SHAPES for st in styles]
@@ -77,22 +73,22 @@ def experiments(repeats: int) -> list[Experiment]:
         "colour: green -> purple",
         "colour",
         "purple",
-        [_with_style(s, "green", st) for s, st in per_style],
-        [_with_style(s, "purple", st) for s, st in per_style],
-        [_with_style(s, "green", st) for s, st in per_style] * repeats,
+        [caption(s, "green", st) for s, st in per_style],
+        [caption(s, "purple", st) for s, st in per_style],
+        [caption(s, "green", st) for s, st in per_style] * repeats,
         [s for s, _ in per_style] * repeats,
-        [_with_style(s, "purple", st) for s, st in per_style] * repeats,
+        [caption(s, "purple", st) for s, st in per_style] * repeats,
     )
     negation = Experiment(
         "negation",
         "negation: remove 'striped' the prompt asks for",
         "style",
         "striped",
-        [_with_style(s, c, "striped") for s, c in plain],
-        [_with_style(s, c, "solid") for s, c in plain],
-        [_with_style(s, c, "striped") for s, c in plain] * repeats,
+        [caption(s, c, "striped") for s, c in plain],
+        [caption(s, c, "solid") for s, c in plain],
+        [caption(s, c, "striped") for s, c in plain] * repeats,
         [s for s, _ in plain] * repeats,
-        [_with_style(s, c, "solid") for s, c in plain] * repeats,
+        [caption(s, c, "solid") for s, c in plain] * repeats,
         lower_is_better=True,
     )
     return [style_change, colour_change, negation]
@@ -101,7 +97,7 @@ def experiments(repeats: int) -> list[Experiment]:
 # (label, fit_act options); the paper's Linear-AcT preset first.
 METHODS: dict[str, dict] = {
     "Linear-AcT (unet_norms)": {"preset": "unet_norms"},
-    "Mean-AcT (unet_norms)": {"preset": "unet_norms", "method": "mean", "support": "unbounded"},
+    "Mean-AcT (unet_norms)": {"preset": "unet_norms", "method": "mean"},
     "Linear-AcT (text_encoder_norms)": {"preset": "text_encoder_norms"},
     "Linear-AcT (unet_norms_foldable)": {"preset": "unet_norms_foldable"},
 }
@@ -205,15 +201,22 @@ def plot_curves(experiments_done: list[Experiment], path: Path) -> None:
 
 def write_sweeps(pipe, experiment: Experiment, lambdas, out: Path, gen: dict, rows: int = 4) -> Path:
     """A grid for the paper's preset: a few evaluation prompts (rows) at every lambda (columns)."""
-    from ..sweep import sweep_images, write_grid
+    from ..sweep import save_grid, sweep_grid
 
-    act_map = experiment.runs["Linear-AcT (unet_norms)"]["map"]
+    act_map = experiment.runs[next(iter(METHODS))]["map"]
     step = max(1, len(experiment.fit_source) // rows)
     prompts = experiment.eval_prompts[: len(experiment.fit_source) : step][:rows]
-    images = sweep_images(pipe, act_map, prompts, lambdas, seed=EVAL_SEED, **gen)
-    path = out / f"sweep_{experiment.name}.png"
-    write_grid(images, prompts, lambdas, path, title=experiment.title)
-    return path
+    grid = sweep_grid(
+        pipe,
+        act_map,
+        prompts,
+        lambdas,
+        seed=EVAL_SEED,
+        num_inference_steps=gen["steps"],
+        guidance_scale=gen["guidance"],
+    )
+    info = {"experiment": experiment.title, "lambdas": list(lambdas), "seed": EVAL_SEED, **gen}
+    return save_grid(grid, out / f"sweep_{experiment.name}.png", info)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
