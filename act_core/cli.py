@@ -160,9 +160,14 @@ def _status(args: argparse.Namespace, message: str) -> None:
 
 # ---------------------------------------------------------------------------------------------- commands
 def cmd_fit(args: argparse.Namespace) -> int:
+    from .estimators import validate_support
     from .presets import get_preset
 
-    get_preset(args.preset)  # unknown preset: fail before loading the model
+    get_preset(args.preset)  # fail before loading the model, not a minute later
+    if args.support is not None:
+        validate_support(args.support)
+    if args.batch_size < 1:
+        raise CLIError(f"--batch-size must be at least 1; got {args.batch_size}.")
     check_size(args)
     output = check_output(args.output, ".safetensors")
     source = gather_prompts(args.source, args.source_prompt, "source")

@@ -1,0 +1,414 @@
+"""Full-size SDXL benchmark: per-step cost of ACT hooks and fused maps, and where fit_act's time goes.
+
+Run (about 10 minutes and 15 GB of RAM on a 2-core CPU; nothing is downloaded):
+
+    python benchmarks/bench_sdxl.py            # full-size SDXL UNet + CLIP-L / bigG, random weights, fp32
+    python benchmarks/bench_sdxl.py --quick    # a small UNet, seconds: a smoke run of the same code
+
+The SDXL UNet is built from diffusers' SDXL-base configuration written out below (no config download),
+with random weights, so the timings are those of the real architecture (210 transformer LayerNorms,
+46 GroupNorms) but the images would be noise. Step times are UNet forwards at 256x256 (32x32 latents),
+batch 1, no CFG; the variants are interleaved round by round (order rotated), so machine noise from
+other processes hits them alike, and ratios are medians of one run. The maps timed are the ones
+fitted in the fit benchmark: the paper's preset (Linear-AcT, source [min, max] support, spatial mean
+on feature maps) and the foldable preset (unbounded, per element), which is also fused into weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import string
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from act_core.pipeline import act_pipeline
+
+# diffusers' SDXL base 1.0 UNet configuration (the values of its unet/config.json).
+SDXL_UNET = dict(
+    act_fn="silu",
+    addition_embed_type="text_time",
+    addition_embed_type_num_heads=64,
+    addition_time_embed_dim=256,
+    attention_head_dim=(5, 10, 20),
+    block_out_channels=(320, 640, 1280),
+    center_input_sample=False,
+    cross_attention_dim=2048,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    downsample_padding=1,
+    flip_sin_to_cos=True,
+    freq_shift=0,
+    in_channels=4,
+    layers_per_block=2,
+    mid_block_scale_factor=1,
+    mid_block_type="UNetMidBlock2DCrossAttn",
+    norm_eps=1e-5,
+    norm_num_groups=32,
+    out_channels=4,
+    projection_class_embeddings_input_dim=2816,  # 6 * 256 time ids + 1280 pooled text embedding
+    sample_size=128,
+    transformer_layers_per_block=(1, 2, 10),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    upcast_attention=False,
+    use_linear_projection=True,
+)
+# A small UNet of the same structure for --quick (cross-attention width = 768 + 1280 stays).
+QUICK_UNET = dict(
+    SDXL_UNET,
+    attention_head_dim=(2, 4, 8),
+    block_out_channels=(32, 64, 128),
+    transformer_layers_per_block=(1, 1, 2),
+    norm_num_groups=8,
+    addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=6 * 8 + 1280,
+)
+# CLIP ViT-L/14 text model (SDXL's text_encoder) and OpenCLIP bigG (text_encoder_2).
+CLIP_L = dict(
+    vocab_size=49408,
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    projection_dim=768,
+)
+CLIP_G = dict(
+    vocab_size=49408,
+    hidden_size=1280,
+    intermediate_size=5120,
+    num_hidden_layers=32,
+    num_attention_heads=20,
+    max_position_embeddings=77,
+    hidden_act="gelu",
+    projection_dim=1280,
+)
+SOURCE = ["a photo of a cat", "a dog on a sofa", "a red car in the street", "a bowl of fruit on a table"]
+TARGET = [f"{prompt}, watercolor painting, soft washes" for prompt in SOURCE]
+GIB = 1024**3
+
+
+# ----------------------------------------------------------------------------------------- machine state
+def available_gib() -> float:
+    with open("/proc/meminfo") as handle:
+        fields = dict(line.split(":", 1) for line in handle)
+    return int(fields["MemAvailable"].split()[0]) * 1024 / GIB
+
+
+def rss_gib() -> float:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024 / GIB
+    return float("nan")
+
+
+def load() -> str:
+    return "load average " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+def table(title: str, header: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows, strict=True)]
+    print(f"\n{title}")
+    print("  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True)))
+    for row in rows:
+        print("  ".join(str(c).rjust(w) for c, w in zip(row, widths, strict=True)))
+    sys.stdout.flush()
+
+
+# ----------------------------------------------------------------------------------------- model
+def write_tokenizer(folder: Path, max_length: int) -> Any:
+    """A character-level CLIP tokenizer (no download); token ids only index embeddings here."""
+    from transformers import CLIPTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for symbol in string.ascii_lowercase + string.digits + ",.!-'":
+        vocab[symbol] = len(vocab)
+        vocab[symbol + "</w>"] = len(vocab)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length)
+
+
+def build_pipeline(quick: bool, full_text_encoders: bool) -> Any:
+    """An ACT-enabled SDXL pipeline with random weights (a tiny VAE: nothing here decodes images)."""
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(0)
+    start = time.perf_counter()
+    unet = UNet2DConditionModel(**(QUICK_UNET if quick else SDXL_UNET)).eval()
+    log(
+        f"UNet built in {time.perf_counter() - start:.0f} s, {sum(p.numel() for p in unet.parameters()) / 1e9:.2f} B params"
+    )
+    shrink = {} if full_text_encoders else {"num_hidden_layers": 2, "intermediate_size": 256}
+    text_encoder = CLIPTextModel(CLIPTextConfig(**{**CLIP_L, **shrink})).eval()
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**{**CLIP_G, **shrink})).eval()
+    vae = AutoencoderKL(
+        block_out_channels=[8, 8, 8, 8],  # 4 levels: vae_scale_factor 8, as SDXL's VAE
+        down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4,
+        latent_channels=4,
+        norm_num_groups=4,
+    )
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        timestep_spacing="leading",
+        steps_offset=1,
+    )
+    folder = Path(tempfile.mkdtemp(prefix="act_bench_tok_"))
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=write_tokenizer(folder / "t1", 77),
+        tokenizer_2=write_tokenizer(folder / "t2", 77),
+        unet=unet,
+        scheduler=scheduler,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return act_pipeline(pipe)
+
+
+# ----------------------------------------------------------------------------------------- fit split
+class PhaseClock:
+    """Wall-clock spans of text encoder forwards, UNet forwards and map estimation during a fit.
+
+    Lockstep fitting runs batches in concurrent threads, so summing per-call times would count
+    overlapping time twice. Instead the fit's wall time is partitioned: an instant counts as
+    estimation if a module is being estimated, else as text encoders if one runs, else as UNet if
+    one runs, else as other (tokenizing, scheduler, thread start).
+    """
+
+    def __init__(self, pipe: Any):
+        self.pipe = pipe
+        self.lock = threading.Lock()
+        self.spans: dict[str, list[tuple[float, float]]] = {"estimation": [], "text": [], "unet": []}
+        self.calls: dict[str, int] = {"text": 0, "unet": 0}
+        self.handles: list[Any] = []
+        self.local = threading.local()
+        self._fit_module = None
+
+    def __enter__(self) -> PhaseClock:
+        from act_core import fitting
+
+        parts = (("text", [self.pipe.text_encoder, self.pipe.text_encoder_2]), ("unet", [self.pipe.unet]))
+        for part, modules in parts:
+            for module in modules:
+                self.handles.append(module.register_forward_pre_hook(lambda *a, p=part: self._start(p)))
+                self.handles.append(module.register_forward_hook(lambda *a, p=part: self._stop(p)))
+        # Time estimation by wrapping the session method that estimates one module (benchmark only).
+        self._fit_module = original = fitting._FitSession.fit_module
+        clock = self
+
+        def fit_module(session: Any, name: str) -> None:
+            start = time.perf_counter()
+            try:
+                original(session, name)
+            finally:
+                with clock.lock:
+                    clock.spans["estimation"].append((start, time.perf_counter()))
+
+        fitting._FitSession.fit_module = fit_module
+        return self
+
+    def _start(self, part: str) -> None:
+        self.local.__dict__[part] = time.perf_counter()
+
+    def _stop(self, part: str) -> None:
+        with self.lock:
+            self.spans[part].append((self.local.__dict__.pop(part), time.perf_counter()))
+            self.calls[part] += 1
+
+    def __exit__(self, *exc: object) -> None:
+        from act_core import fitting
+
+        for handle in self.handles:
+            handle.remove()
+        fitting._FitSession.fit_module = self._fit_module
+
+    def partition(self, start: float, end: float) -> dict[str, float]:
+        """Seconds of [start, end] in each phase, by priority estimation > text > unet > other.
+
+        A UNet pass cut short by an exception (group-wise truncation) has no end and is not counted.
+        """
+        events = sorted({start, end, *(t for spans in self.spans.values() for span in spans for t in span)})
+        totals = dict.fromkeys(("estimation", "text", "unet", "other"), 0.0)
+        for left, right in zip(events, events[1:], strict=False):
+            if right <= start or left >= end:
+                continue
+            middle = (left + right) / 2
+            phase = next(
+                (p for p in ("estimation", "text", "unet") if any(a <= middle < b for a, b in self.spans[p])),
+                "other",
+            )
+            totals[phase] += right - left
+        return totals
+
+
+def timed_fit(pipe: Any, size: int, **options: Any) -> tuple[Any, dict[str, float]]:
+    """fit_act with its wall time split into text encoders, UNet passes, estimation and the rest."""
+    with PhaseClock(pipe) as clock:
+        start = time.perf_counter()
+        act_map = pipe.fit_act(SOURCE, TARGET, height=size, width=size, progress=False, **options)
+        end = time.perf_counter()
+    split = clock.partition(start, end)
+    return act_map, {
+        "total": end - start,
+        "text encoders": split["text"],
+        "UNet passes": split["unet"],
+        "estimation": split["estimation"],
+        "other": split["other"],
+        "unet calls": clock.calls["unet"],
+    }
+
+
+def bench_fit(pipe: Any, size: int) -> tuple[Any, Any]:
+    rows, maps = [], {}
+    runs = [
+        ("unet_norms", "causal", "paper preset, causal (lockstep)"),
+        ("unet_norms_foldable", "at_once", "foldable preset, at once"),
+        ("text_encoder_norms", "causal", "text encoder norms, causal"),
+    ]
+    for preset, mode, label in runs:
+        log(f"fitting {label} ... ({load()}, RSS {rss_gib():.1f} GiB)")
+        act_map, split = timed_fit(pipe, size, preset=preset, mode=mode, batch_size=4, num_inference_steps=30)
+        maps[preset] = act_map
+        rows.append(
+            [
+                label,
+                str(len(act_map)),
+                f"{split['total']:.1f}",
+                f"{split['text encoders']:.1f}",
+                f"{split['UNet passes']:.1f}",
+                f"{split['estimation']:.2f}",
+                f"{split['other']:.1f}",
+                str(split["unet calls"]),
+            ]
+        )
+    table(
+        f"fit_act time split (s, wall clock; {len(SOURCE)}+{len(TARGET)} prompts, batch 4, {size}x{size}, "
+        "first of 30 steps)",
+        ["fit", "modules", "total", "text enc", "UNet", "estimation", "other", "UNet calls"],
+        rows,
+    )
+    return maps["unet_norms"], maps["unet_norms_foldable"]
+
+
+# ----------------------------------------------------------------------------------------- step times
+def bench_steps(pipe: Any, paper_map: Any, foldable_map: Any, size: int, rounds: int) -> None:
+    latent = size // 8
+    generator = torch.Generator().manual_seed(0)
+    sample = torch.randn(1, 4, latent, latent, generator=generator)
+    hidden = torch.randn(1, 77, 2048, generator=generator)
+    added = {
+        "text_embeds": torch.randn(1, 1280, generator=generator),
+        "time_ids": torch.tensor([[size, size, 0, 0, size, size]], dtype=torch.float32),
+    }
+    timestep = torch.tensor(999)
+
+    def step() -> float:
+        start = time.perf_counter()
+        with torch.no_grad():
+            pipe.unet(
+                sample, timestep, encoder_hidden_states=hidden, added_cond_kwargs=added, return_dict=False
+            )
+        return time.perf_counter() - start
+
+    variants: list[tuple[str, Callable[[], None], Callable[[], None]]] = [
+        ("base (no ACT)", lambda: None, lambda: None),
+        ("hook: paper map", lambda: pipe.enable_act(paper_map, 1.0), pipe.disable_act),
+        ("hook: foldable map", lambda: pipe.enable_act(foldable_map, 1.0), pipe.disable_act),
+        ("fused: foldable map", lambda: pipe.fuse_act(foldable_map, 1.0), pipe.unfuse_act),
+    ]
+    times: dict[str, list[float]] = {name: [] for name, _, _ in variants}
+    log(f"timing UNet steps: {len(variants)} variants x {rounds} rounds, interleaved ({load()})")
+    for _name, setup, teardown in variants:  # warm-up, also checks every variant runs
+        setup()
+        step()
+        teardown()
+    for round_index in range(rounds):
+        shift = round_index % len(variants)
+        for name, setup, teardown in variants[shift:] + variants[:shift]:
+            setup()
+            times[name].append(step())
+            teardown()
+    base = statistics.median(times[variants[0][0]])
+    rows = []
+    for name, _, _ in variants:
+        median = statistics.median(times[name])
+        paired = statistics.median(t / b for t, b in zip(times[name], times[variants[0][0]], strict=True))
+        goal = {"hook: paper map": "<= 1.03", "fused: foldable map": "<= 1.01"}.get(name, "")
+        rows.append(
+            [name, f"{median:.3f}", f"{min(times[name]):.3f}", f"{median / base:.3f}", f"{paired:.3f}", goal]
+        )
+    table(
+        f"UNet step time ({size}x{size}, batch 1, fp32, {torch.get_num_threads()} threads; median of {rounds} "
+        "interleaved rounds)",
+        ["variant", "median s", "min s", "ratio", "paired ratio", "goal"],
+        rows,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small UNet and text encoders, few rounds")
+    parser.add_argument(
+        "--rounds", type=int, default=None, help="interleaved timing rounds (default 9, quick 3)"
+    )
+    parser.add_argument("--size", type=int, default=256, help="image size (latents are size/8)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads (default: torch's). Use 1 when another process keeps a core busy: "
+        "OpenMP threads that wait for a busy core make every step slower and noisier",
+    )
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()
+    rounds = args.rounds or (3 if args.quick else 9)
+    free = available_gib()
+    full_text = not args.quick and free >= 19.0
+    log(
+        f"{platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
+    log(f"available memory {free:.1f} GiB; {load()}")
+    log(
+        "text encoders: "
+        + ("full-size CLIP-L + bigG" if full_text else "2-layer CLIP-L/bigG widths (memory or --quick)")
+    )
+    pipe = build_pipeline(args.quick, full_text)
+    log(f"RSS after building: {rss_gib():.1f} GiB; {load()}")
+    paper_map, foldable_map = bench_fit(pipe, args.size)
+    bench_steps(pipe, paper_map, foldable_map, args.size, rounds)
+    log(f"\nRSS {rss_gib():.1f} GiB; {load()} (other processes share these cores: see load averages)")
+
+
+if __name__ == "__main__":
+    main()
