@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from .classifier import AttributeClassifier, predict_proba
+from .paths import DEFAULT_GUIDANCE, DEFAULT_STEPS
 from .shapes import ATTRIBUTES, COLOUR_NAMES, SHAPES, STYLES, caption
 
 
@@ -16,8 +17,8 @@ def generate(
     pipe,
     prompts: list[str],
     seed: int = 0,
-    steps: int = 20,
-    guidance: float = 5.0,
+    steps: int = DEFAULT_STEPS,
+    guidance: float = DEFAULT_GUIDANCE,
     batch_size: int = 64,
     **kwargs,
 ) -> np.ndarray:
@@ -101,7 +102,7 @@ def sample_grid(
             ax.set_yticks([])
             if c == 0:
                 ax.set_ylabel(prompt, rotation=0, ha="right", va="center", fontsize=9)
-    steps, guidance = gen_kwargs.get("steps", 20), gen_kwargs.get("guidance", 5.0)
+    steps, guidance = gen_kwargs.get("steps", DEFAULT_STEPS), gen_kwargs.get("guidance", DEFAULT_GUIDANCE)
     fig.suptitle(
         f"shapes-sdxl samples ({steps} Euler steps, guidance {guidance}, seeds {seed}..)", fontsize=10
     )

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .model import build_scheduler
+from .tokenizer import save_tokenizer
 
 
 def to_fp16_files(folder: Path) -> None:
@@ -56,6 +57,8 @@ def save_pipeline_dir(out: str | Path, vae, unet, te1, te2, tokenizer, fp16: boo
         add_watermarker=False,
     )
     pipe.save_pretrained(tmp, safe_serialization=True)
+    for sub in ("tokenizer", "tokenizer_2"):  # also vocab.json + merges.txt, which older transformers read
+        save_tokenizer(tmp / sub, tokenizer.model_max_length)
     if fp16:
         to_fp16_files(tmp)
     return tmp

@@ -12,12 +12,10 @@ CLASSIFIER_PATH = REPO_ROOT / "models" / "shapes-classifier"
 
 # Pipeline call settings that give clean samples from the shipped model (measured, see docs/demo_model.md).
 DEFAULT_STEPS = 20
-DEFAULT_GUIDANCE = 5.0
+DEFAULT_GUIDANCE = 3.0
 DEFAULT_SIZE = 32
 
-_MISSING = (
-    "{what} not found at {path}; run `python scripts/train_demo_model.py` to train it (about 30 CPU minutes)."
-)
+_MISSING = "{what} not found at {path}; run `python scripts/train_demo_model.py` to train it (about 45 CPU minutes on one core)."
 
 
 def load_demo_pipeline(dtype: torch.dtype = torch.float32, path: str | Path = DEMO_MODEL_PATH):
