@@ -1,0 +1,238 @@
+"""Apply an ACT map to ComfyUI's MODEL / CLIP clones: weight "diff" patches or removable hooks.
+
+* A part whose maps are affine on every element (unbounded support, per-element; e.g. the
+  ``unet_norms_foldable`` preset) becomes ``add_patches`` diffs on the norm weights and biases, linear in
+  lambda: zero cost per step, restored by ComfyUI on unpatch, and stackable with LoRAs.
+* Other maps (the paper's bounded support, spatial-mean feature maps) are forward hooks installed by a
+  ``PatcherInjection`` (added in ``patch_model``, removed in ``unpatch_model``), so they exist only while
+  this clone is the loaded one. On the UNet a ``DIFFUSION_MODEL`` wrapper restricts them to the cond rows
+  of a CFG batch (``transformer_options["cond_or_uncond"]``) and to the start/end window (sigmas).
+
+The input MODEL and CLIP are never modified: everything goes onto clones. Strength 0 adds nothing at all.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from act_core.applying import ACTHandle, check_strength, folded_diffs
+from act_core.comfy_names import comfy_clip_modules, comfy_unet_modules
+from act_core.errors import ACTInputError, ACTModelMismatchError
+from act_core.lora import as_foldable
+from act_core.maps import ACTMap
+from act_core.names import UNET
+
+from .comfy_models import (
+    check_fits,
+    clip_modules,
+    state_key,
+    unet_modules,
+    unet_table,
+    weight_shells,
+    weights_of,
+)
+from .common import check_window
+
+log = logging.getLogger("ComfyUI-ACT")
+PATCHES, HOOKS = "weight patches", "hooks"
+
+
+def fold_patches(
+    patcher: Any,
+    part_map: ACTMap,
+    modules: Mapping[str, nn.Module],
+    key_of: Callable[[str], str],
+    with_patches: bool = True,
+) -> dict[str, torch.Tensor] | None:
+    """``{state-dict key: diff at lambda 1}`` for a foldable map, or None when it cannot be folded.
+
+    The diffs are taken against the weights this patcher would load (the checkpoint's, plus its own
+    patches on the same keys when ``with_patches``), never against whatever another clone patched in.
+    """
+    try:
+        foldable = as_foldable(part_map, modules)
+    except ACTInputError:
+        return None
+    keys = {name: key_of(name) for name in foldable.modules}
+    wanted = [
+        f"{keys[name]}.{param}"
+        for name in foldable.modules
+        for param in ("weight", "bias")
+        if modules[name]._parameters.get(param) is not None
+    ]
+    weights = weights_of(patcher, wanted, with_patches=with_patches)
+    shells = weight_shells({name: modules[name] for name in foldable.modules}, weights, keys)
+    try:
+        diffs = folded_diffs(shells, foldable, 1.0)
+    except ACTInputError:
+        return None
+    out = {}
+    for key, diff in diffs.items():
+        name, param = key.rsplit(".", 1)
+        out[f"{keys[name]}.{param}"] = diff
+    return out
+
+
+def _add_diff_patches(patcher: Any, patches: Mapping[str, torch.Tensor], strength: float, what: str) -> None:
+    added = set(patcher.add_patches({key: (diff,) for key, diff in patches.items()}, strength))
+    missing = sorted(set(patches) - added)
+    if missing:
+        raise ACTModelMismatchError(
+            f"{len(missing)} of {len(patches)} ACT weight patches did not match {what} (first: {missing[0]!r}); "
+            "the map was fitted on another model architecture."
+        )
+
+
+class _Hooks:
+    """Inject/eject state of one map on one patcher: the ACT hooks exist only while the clone is patched in."""
+
+    def __init__(self, act_map: ACTMap, strength: float, resolve: Callable[[Any], Mapping[str, nn.Module]]):
+        self.act_map = act_map
+        self.strength = strength
+        self.resolve = resolve
+        self.handle: ACTHandle | None = None
+
+    def inject(self, patcher: Any) -> None:
+        self.eject(patcher)
+        modules = self.resolve(patcher)
+        self.handle = ACTHandle(
+            self.act_map, {name: modules[name] for name in self.act_map.modules}, self.strength
+        )
+
+    def eject(self, patcher: Any) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+
+    def injection(self) -> Any:
+        from comfy.patcher_extension import PatcherInjection
+
+        return PatcherInjection(inject=self.inject, eject=self.eject)
+
+
+def cond_rows(cond_or_uncond: Any, batch: int) -> tuple[bool, slice | torch.Tensor | None]:
+    """(any cond rows?, the rows of the cond chunks) of a batch ComfyUI split into equal chunks."""
+    if not cond_or_uncond or all(c == 0 for c in cond_or_uncond):
+        return True, None
+    chunks = len(cond_or_uncond)
+    if batch % chunks:
+        return True, None
+    size = batch // chunks
+    index = [k for k, c in enumerate(cond_or_uncond) if c == 0]
+    if not index:
+        return False, None
+    if index == list(range(index[0], index[-1] + 1)):
+        return True, slice(index[0] * size, (index[-1] + 1) * size)
+    return True, torch.cat([torch.arange(k * size, (k + 1) * size) for k in index])
+
+
+def unet_wrapper(hooks: _Hooks, sigma_start: float | None, sigma_end: float | None) -> Callable:
+    """DIFFUSION_MODEL wrapper: cond rows only, and off outside [sigma_end, sigma_start] (if a window is set)."""
+
+    def wrapper(executor, *args, **kwargs):
+        handle = hooks.handle
+        if handle is not None and args:
+            options = args[5] if len(args) > 5 else kwargs.get("transformer_options", {})
+            options = options if isinstance(options, dict) else {}
+            enabled, rows = cond_rows(options.get("cond_or_uncond"), args[0].shape[0])
+            sigmas = options.get("sigmas")
+            if enabled and sigma_start is not None and sigmas is not None:
+                sigma = float(torch.as_tensor(sigmas).max())
+                enabled = sigma_end <= sigma <= sigma_start
+            handle.set_enabled(enabled, [UNET])
+            handle.set_rows(rows, [UNET])
+        return executor(*args, **kwargs)
+
+    return wrapper
+
+
+def apply_map(
+    model: Any,
+    clip: Any,
+    act_map: ACTMap,
+    strength: float,
+    text_encoder_strength: float | None = None,
+    start_percent: float = 0.0,
+    end_percent: float = 1.0,
+    force_hooks: bool = False,
+) -> tuple[Any, Any, dict[str, str]]:
+    """Patched clones (MODEL, CLIP) and how each part was applied ({"unet": "weight patches", ...})."""
+    if not isinstance(act_map, ACTMap):
+        raise ACTInputError("act_map must be an ACT map (from 'Fit ACT map' or 'Load ACT map').")
+    strength = check_strength(strength)
+    te_strength = (
+        strength
+        if text_encoder_strength is None
+        else check_strength(text_encoder_strength, "text encoder strength")
+    )
+    start, end = check_window(start_percent, end_percent)
+    model_out = model.clone() if model is not None else None
+    clip_out = clip.clone() if clip is not None else None
+    how: dict[str, str] = {}
+    parts = act_map.parts()
+    tag = f"comfyui_act_{uuid.uuid4().hex[:12]}"
+
+    if UNET in parts and strength != 0.0:
+        if model is None:
+            raise ACTInputError("This ACT map steers the UNet: connect a MODEL.")
+        table = unet_table(model)
+        modules = unet_modules(model, table)
+        part_map = act_map.restrict(parts=[UNET])
+        check_fits(part_map, modules, "this MODEL's UNet")
+        window = start > 0.0 or end < 1.0
+        patches = (
+            None
+            if (window or force_hooks)
+            else fold_patches(model, part_map, modules, lambda n: state_key(n, table))
+        )
+        if patches is not None:
+            _add_diff_patches(model_out, patches, strength, "this MODEL")
+            how[UNET] = PATCHES
+        else:
+            from comfy.patcher_extension import WrappersMP
+
+            hooks = _Hooks(
+                part_map, strength, lambda patcher: comfy_unet_modules(patcher.model.diffusion_model, table)
+            )
+            sigma_start = sigma_end = None
+            if window:
+                sampling = model.get_model_object("model_sampling")
+                sigma_start, sigma_end = (
+                    float(sampling.percent_to_sigma(start)),
+                    float(sampling.percent_to_sigma(end)),
+                )
+            model_out.set_injections(tag, [hooks.injection()])
+            model_out.add_wrapper_with_key(
+                WrappersMP.DIFFUSION_MODEL, tag, unet_wrapper(hooks, sigma_start, sigma_end)
+            )
+            how[UNET] = HOOKS
+
+    te_parts = [part for part in parts if part != UNET]
+    if te_parts and te_strength != 0.0:
+        if clip is None:
+            raise ACTInputError("This ACT map steers the text encoders: connect a CLIP.")
+        modules = clip_modules(clip)
+        part_map = act_map.restrict(parts=te_parts)
+        check_fits(part_map, modules, "this CLIP")
+        patches = (
+            None
+            if force_hooks
+            else fold_patches(clip.patcher, part_map, modules, lambda n: state_key(n, None))
+        )
+        if patches is not None:
+            _add_diff_patches(clip_out.patcher, patches, te_strength, "this CLIP")
+            label = PATCHES
+        else:
+            hooks = _Hooks(part_map, te_strength, lambda patcher: comfy_clip_modules(patcher.model))
+            clip_out.patcher.set_injections(tag, [hooks.injection()])
+            label = HOOKS
+        how.update({part: label for part in te_parts})
+    if how:
+        log.info("ACT applied (strength %g, text encoders %g): %s", strength, te_strength, how)
+    return model_out, clip_out, how
