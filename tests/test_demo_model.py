@@ -104,7 +104,7 @@ def test_classifier_scores_pil_and_tensor_inputs(classifier):
 
 
 def test_model_samples_follow_the_prompt(pipe, classifier):
-    """A loose quality floor: colour and shape of 12 samples read back right most of the time."""
+    """A quality floor: colour and shape of 12 samples read back right (all 12 did when shipped)."""
     from act_core.demo.classifier import predict_proba
     from act_core.demo.evaluation import GRID_PROMPTS, generate
 
@@ -121,4 +121,4 @@ def test_model_samples_follow_the_prompt(pipe, classifier):
     shape_acc = np.mean(
         [classifier.labels["shape"][i] == s for i, s in zip(probs["shape"].argmax(-1), shapes_, strict=True)]
     )
-    assert colour_acc >= 0.75 and shape_acc >= 0.6, (colour_acc, shape_acc)
+    assert colour_acc >= 0.8 and shape_acc >= 0.8, (colour_acc, shape_acc)  # 12/12 when shipped
