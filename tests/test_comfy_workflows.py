@@ -1,0 +1,277 @@
+"""The template workflows run in a real ComfyUI server (``main.py --cpu``), skipped without COMFYUI_PATH.
+
+Each UI-format workflow in workflows/ is converted to an API prompt with the server's /object_info (as the
+front end does), validated by the server as it is (only the SDXL checkpoint file is missing), then run with
+the test-only tiny SDXL node standing in for the checkpoint loader: VAE decoding is replaced by SaveLatent
+(the tiny model has no VAE) and sizes/steps are shrunk.
+"""
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import comfy_support as cs  # noqa: E402
+from comfy_server import PACK_LINK_NAME, comfy_server, load_latent_file  # noqa: E402,F401
+from comfy_support import comfyui  # noqa: E402,F401  (session fixture)
+
+pytestmark = cs.requires_comfyui
+
+WORKFLOW_DIR = Path(__file__).resolve().parent.parent / "workflows"
+WORKFLOWS = sorted(p.stem for p in WORKFLOW_DIR.glob("*.json"))
+OUR_NODES = {"ACTFitMap", "ACTApply", "ACTSaveMap", "ACTLoadMap", "ACTExportLoRA", "ACTSweep"}
+
+
+def _workflow(name):
+    return json.loads((WORKFLOW_DIR / f"{name}.json").read_text())
+
+
+def _links_to(api, node_ids, slot=None):
+    """Ids of nodes with an input linked to one of ``node_ids`` (at output ``slot`` if given)."""
+    return [
+        nid
+        for nid, node in api.items()
+        if any(
+            isinstance(v, list) and len(v) == 2 and v[0] in node_ids and (slot is None or v[1] == slot)
+            for v in node["inputs"].values()
+        )
+    ]
+
+
+def tiny_prompt(api):
+    """The API prompt with the tiny SDXL in place of the checkpoint, latents saved instead of images."""
+    api = json.loads(json.dumps(api))
+    checkpoints = [nid for nid, node in api.items() if node["class_type"] == "CheckpointLoaderSimple"]
+    assert checkpoints, "every template starts from an SDXL checkpoint"
+    for nid in checkpoints:
+        api[nid] = {"class_type": "ACTTestTinySDXL", "inputs": {"seed": 0}}
+    decoders = _links_to(api, checkpoints, slot=2)
+    for nid in decoders:
+        assert api[nid]["class_type"] == "VAEDecode"
+        api[nid] = {
+            "class_type": "SaveLatent",
+            "inputs": {"samples": api[nid]["inputs"]["samples"], "filename_prefix": f"latents/wf_{nid}"},
+        }
+    for nid in _links_to(api, decoders):
+        del api[nid]  # SaveImage / PreviewImage of decoded images
+    for node in api.values():
+        inputs = node["inputs"]
+        if node["class_type"] == "ACTFitMap":
+            inputs.update(width=128, height=128, steps=2, batch_size=4)
+        elif node["class_type"] == "EmptyLatentImage":
+            inputs.update(width=128, height=128)
+        elif node["class_type"] in ("KSampler", "ACTSweep"):
+            inputs["steps"] = 2
+    return api
+
+
+def _latents(srv, result):
+    out = {}
+    for nid, ui in result.outputs.items():
+        for entry in ui.get("latents", []):
+            out[nid] = load_latent_file(srv.output_dir / entry["subfolder"] / entry["filename"])
+    return out
+
+
+def _texts(result):
+    return {nid: "".join(ui["text"]) for nid, ui in result.outputs.items() if "text" in ui}
+
+
+@pytest.fixture(scope="module")
+def saved_map(comfy_server, comfyui):  # noqa: F811
+    """watercolor_style.safetensors in the server's act_maps folder, fitted in-process on the same tiny SDXL."""
+    import torch
+
+    pack = cs.load_node_pack()
+    model, clip = cs.build_tiny_sdxl(seed=0)
+    workflow = _workflow("act_fit_apply_style_slider")
+    fit = next(n for n in workflow["nodes"] if n["type"] == "ACTFitMap")
+    with torch.inference_mode():
+        act_map, _ = pack.NODE_CLASS_MAPPINGS["ACTFitMap"]().fit(
+            model, clip, *fit["widgets_values"][:7], 0, 128, 128, 2, 4
+        )
+    path = comfy_server.models_dir("act_maps") / "watercolor_style.safetensors"
+    act_map.save(path)
+    return path
+
+
+def test_pack_loads_in_the_server_with_templates(comfy_server):  # noqa: F811
+    srv = comfy_server
+    status = srv.custom_node_status()
+    assert status[str(srv.custom_nodes_dir / PACK_LINK_NAME)] is True, srv.log()[-6000:]
+    info = srv.object_info()
+    assert set(info) >= OUR_NODES
+    for name in OUR_NODES:
+        assert (
+            info[name]["category"] == "ACT"
+            and info[name]["python_module"] == f"custom_nodes.{PACK_LINK_NAME}"
+        )
+        assert info[name]["description"]
+    assert info["ACTApply"]["display_name"] == "Apply ACT"
+    assert info["ACTApply"]["input"]["required"]["strength"][1]["display"] == "slider"
+    listing = srv.get_json("/workflow_templates")
+    assert sorted(listing[PACK_LINK_NAME]) == WORKFLOWS
+    for name in WORKFLOWS:
+        status_code, body = srv.request("GET", f"/api/workflow_templates/{PACK_LINK_NAME}/{name}.json")
+        body = json.loads(body) if isinstance(body, bytes) else body
+        assert status_code == 200 and body == _workflow(name)
+        status_code, _ = srv.request("GET", f"/api/workflow_templates/{PACK_LINK_NAME}/{name}.jpg")
+        assert status_code == 200
+
+
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_template_validates_except_for_the_missing_checkpoint(comfy_server, saved_map, name):  # noqa: F811
+    api = comfy_server.ui_to_api(_workflow(name))
+    assert {node["class_type"] for node in api.values()} & OUR_NODES
+    # ComfyUI answers 400 when no output node validates, else queues the valid outputs and lists node_errors
+    status, body = comfy_server.request(
+        "POST", "/prompt", {"prompt": api, "client_id": comfy_server.client_id}
+    )
+    assert status in (200, 400), body
+    errors = body["node_errors"]
+    assert {api[nid]["class_type"] for nid in errors} == {"CheckpointLoaderSimple"}, errors
+    assert all(e["type"] == "value_not_in_list" for entry in errors.values() for e in entry["errors"])
+    if status == 200:  # e.g. the map summary preview alone: let it finish
+        assert comfy_server.wait(body["prompt_id"], timeout=300).ok
+
+
+def test_style_slider_workflow_runs(comfy_server):  # noqa: F811
+    from act_core.maps import ACTMap
+
+    srv = comfy_server
+    target = srv.models_dir("act_maps") / "watercolor_style.safetensors"
+    api = tiny_prompt(srv.ui_to_api(_workflow("act_fit_apply_style_slider")))
+    result = srv.run(api, timeout=600)
+    assert result.ok, result.error
+    (latent,) = _latents(srv, result).values()
+    assert latent.shape == (1, 4, 16, 16) and bool(latent.isfinite().all())
+    assert any(text.startswith("ACT map: 51 modules") for text in _texts(result).values())
+    act_map = ACTMap.load(target)
+    assert act_map.metadata["preset"] == "unet_norms" and act_map.metadata["num_source_prompts"] == 16
+
+
+def test_lambda_sweep_workflow_runs_and_lambda_zero_is_the_plain_model(comfy_server, saved_map):  # noqa: F811
+    srv = comfy_server
+    workflow = _workflow("act_load_map_lambda_sweep")
+    sweep = next(n for n in workflow["nodes"] if n["type"] == "ACTSweep")
+    positive, negative, lambdas, seed = sweep["widgets_values"][:4]
+    result = srv.run(tiny_prompt(srv.ui_to_api(workflow)), timeout=600)
+    assert result.ok, result.error
+    (latent,) = _latents(srv, result).values()
+    assert lambdas == "0, 0.25, 0.5, 0.75, 1" and latent.shape == (5, 4, 16, 16)
+    assert "0, 0.25, 0.5, 0.75, 1" in _texts(result).values()
+    model, clip = cs.build_tiny_sdxl(seed=0)
+    plain = cs.sample_tiny(model, clip, positive, seed=seed, steps=2, cfg=7.0, negative=negative)
+    assert latent[0:1].equal(plain), (latent[0:1] - plain).abs().max()
+    assert all(not latent[i].equal(latent[0]) for i in range(1, 5))
+
+
+def test_concept_negation_workflow_runs(comfy_server):  # noqa: F811
+    srv = comfy_server
+    result = srv.run(tiny_prompt(srv.ui_to_api(_workflow("act_concept_negation"))), timeout=600)
+    assert result.ok, result.error
+    (latent,) = _latents(srv, result).values()
+    assert latent.shape == (3, 4, 16, 16)
+    assert any(text.startswith("ACT map:") for text in _texts(result).values())
+
+
+def test_foldable_export_workflow_writes_a_lora(comfy_server):  # noqa: F811
+    from safetensors import safe_open
+
+    srv = comfy_server
+    result = srv.run(tiny_prompt(srv.ui_to_api(_workflow("act_foldable_export_lora"))), timeout=600)
+    assert result.ok, result.error
+    assert "act_watercolor.safetensors" in _texts(result).values()
+    with safe_open(str(srv.models_dir("loras") / "act_watercolor.safetensors"), "pt") as f:
+        keys = list(f.keys())
+        assert f.metadata()["format"] == "act_lora"
+    assert len(keys) == 2 * 51 and all(
+        k.startswith("unet.") and k.endswith((".diff", ".diff_b")) for k in keys
+    )
+    assert (
+        "act_watercolor.safetensors"
+        in srv.object_info("LoraLoader")["LoraLoader"]["input"]["required"]["lora_name"][0]
+    )
+
+
+def test_interrupting_a_fit_in_the_server(comfy_server):  # noqa: F811
+    """POST /interrupt while Fit runs: the run ends as interrupted, nothing is saved, and the (cached) tiny
+    model afterwards samples exactly like an untouched one (no hooks left behind)."""
+    srv = comfy_server
+    many = 120
+    prompt = {
+        "1": {"class_type": "ACTTestTinySDXL", "inputs": {"seed": 0}},
+        "2": {
+            "class_type": "ACTFitMap",
+            "inputs": {
+                "model": ["1", 0],
+                "clip": ["1", 1],
+                "source_prompts": "\n".join(f"a photo of object {i}" for i in range(many)),
+                "target_prompts": "\n".join(f"a watercolor of object {i}" for i in range(many)),
+                "preset": "unet_norms",
+                "parts": "",
+                "method": "linear",
+                "support": "auto",
+                "mode": "causal",
+                "fit_seed": 0,
+                "width": 256,
+                "height": 256,
+                "steps": 2,
+                "batch_size": 2,
+            },
+        },
+        "3": {
+            "class_type": "ACTSaveMap",
+            "inputs": {"act_map": ["2", 0], "filename": "interrupted", "overwrite": True},
+        },
+    }
+    prompt_id = srv.queue_prompt(prompt)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        running = srv.get_json("/queue")["queue_running"]
+        if running and running[0][1] == prompt_id:
+            break
+        time.sleep(0.05)
+    time.sleep(2.0)  # well inside the fit (encoding + one UNet call per batch of 2 takes longer than this)
+    srv.request("POST", "/interrupt", {})
+    result = srv.wait(prompt_id, timeout=300)
+    interrupted = [data for event, data in result.messages if event == "execution_interrupted"]
+    assert interrupted and interrupted[0]["node_type"] == "ACTFitMap", result.messages
+    assert not (srv.models_dir("act_maps") / "interrupted.safetensors").exists()
+    assert not any(p.name.startswith(".interrupted") for p in srv.models_dir("act_maps").iterdir())
+
+    after = {
+        "1": {"class_type": "ACTTestTinySDXL", "inputs": {"seed": 0}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a cat"}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": ""}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 128, "height": 128, "batch_size": 1}},
+        "5": {
+            "class_type": "KSampler",
+            "inputs": {
+                "model": ["1", 0],
+                "positive": ["2", 0],
+                "negative": ["3", 0],
+                "latent_image": ["4", 0],
+                "seed": 3,
+                "steps": 2,
+                "cfg": 5.0,
+                "sampler_name": "euler",
+                "scheduler": "normal",
+                "denoise": 1.0,
+            },
+        },
+        "6": {
+            "class_type": "SaveLatent",
+            "inputs": {"samples": ["5", 0], "filename_prefix": "latents/after_interrupt"},
+        },
+    }
+    result = srv.run(after, timeout=300)
+    assert result.ok, result.error
+    (latent,) = _latents(srv, result).values()
+    model, clip = cs.build_tiny_sdxl(seed=0)
+    assert latent.equal(cs.sample_tiny(model, clip, "a cat", seed=3, steps=2, cfg=5.0))
