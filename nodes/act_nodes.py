@@ -63,10 +63,12 @@ def _sampler_choices() -> tuple[list[str], list[str]]:
         return list(FALLBACK_SAMPLERS), list(FALLBACK_SCHEDULERS)
 
 
-def _progress_bar():
+def _progress_bar(node_id=None):
     import comfy.utils
 
-    return comfy.utils.ProgressBar(1)
+    # node_id given explicitly: fitting reports progress from worker threads, which do not see ComfyUI's
+    # executing-node context variable
+    return comfy.utils.ProgressBar(1, node_id=node_id)
 
 
 class ACTFitMap:
@@ -212,6 +214,7 @@ class ACTFitMap:
                     },
                 ),
             },
+            "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
     def fit(
@@ -231,10 +234,11 @@ class ACTFitMap:
         steps,
         batch_size,
         causal_strategy="auto",
+        unique_id=None,
     ):
         from .fitting import fit_map
 
-        bar = _progress_bar()
+        bar = _progress_bar(unique_id)
         act_map, _ = fit_map(
             model,
             clip,

@@ -142,8 +142,14 @@ def capture_unet_inputs(
         )
     except _Captured as captured:
         kwargs = dict(captured.kwargs)
-        if isinstance(kwargs.get("transformer_options"), dict):
-            kwargs["transformer_options"] = dict(kwargs["transformer_options"])
+        options = kwargs.get("transformer_options")
+        if isinstance(options, dict):
+            if any(c != 0 for c in options.get("cond_or_uncond") or [0]):
+                raise ACTError(
+                    "This MODEL runs the negative (uncond) branch even at cfg 1 (disable_cfg1_optimization is set "
+                    "by a node before Fit ACT map); fit on the model without that option."
+                ) from None
+            kwargs["transformer_options"] = dict(options)
         return captured.args, kwargs
     finally:
         handle.remove()
