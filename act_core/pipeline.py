@@ -501,4 +501,7 @@ def act_pipeline(pipe: Any) -> Any:
     if isinstance(pipe, ACTPipelineMixin):
         return pipe
     act_cls = type(f"ACT{cls.__name__}", (ACTPipelineMixin, cls), {"__module__": __name__})
-    return act_cls.from_pipe(pipe, dtype=pipe.dtype)
+    wrapped = act_cls.from_pipe(pipe, dtype=pipe.dtype)
+    if hasattr(pipe, "_progress_bar_config"):  # from_pipe does not carry it over
+        wrapped.set_progress_bar_config(**pipe._progress_bar_config)
+    return wrapped
