@@ -248,7 +248,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     lora_header = _lora_header(path)
     if lora_header is not None:
         if args.json:
-            print(json.dumps({"file": str(path), "kind": "lora", **lora_header}, indent=2))
+            report: dict[str, Any] = {"file": str(path), "kind": "lora", **lora_header}
+            report["modules"] = int(lora_header.get("modules", 0))
+            report["act_map_metadata"] = json.loads(lora_header.get("act_map_metadata", "{}"))
+            print(json.dumps(report, indent=2))
         else:
             print(
                 f"ACT LoRA export: {lora_header.get('modules')} modules ({lora_header.get('parts')}), "
