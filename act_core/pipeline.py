@@ -133,7 +133,7 @@ class ACTPipelineMixin:
         parts: Sequence[str] | None = None,
         method: str | None = None,
         support: str | None = None,
-        mode: str = "causal",
+        mode: str | None = None,
         batch_size: int = 8,
         seed: int = 0,
         height: int | None = None,
@@ -160,6 +160,7 @@ class ACTPipelineMixin:
                 "batch_size and statistics_steps must be >= 1, and num_inference_steps >= statistics_steps."
             )
         spec = get_preset(preset)
+        mode = mode or spec.mode
         modules = self.act_preset_modules(preset, parts)
         use_unet = any(split_part(name)[0] == UNET for name in modules)
         height = height or self.unet.config.sample_size * self.vae_scale_factor

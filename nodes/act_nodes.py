@@ -152,8 +152,8 @@ class ACTFitMap:
                 "mode": (
                     MODES,
                     {
-                        "default": "causal",
-                        "tooltip": "causal (paper default): each layer is fitted with the earlier layers' maps applied; at_once: all layers from one plain pass.",
+                        "default": "preset",
+                        "tooltip": "preset: the preset's own mode (causal, except text_encoder_and_unet_norms: at_once); causal (paper default): each layer is fitted with the earlier layers' maps applied; at_once: all layers from one plain pass.",
                     },
                 ),
                 "fit_seed": (

@@ -280,7 +280,7 @@ def fit_map(
     parts: str = "",
     method: str = "linear",
     support: str = "auto",
-    mode: str = "causal",
+    mode: str = "preset",
     seed: int = 0,
     width: int = 1024,
     height: int = 1024,
@@ -299,6 +299,7 @@ def fit_map(
     if batch_size < 1 or steps < 1:
         raise ACTInputError("batch_size and steps must be at least 1.")
     spec = get_preset(preset)
+    mode = spec.mode if mode == "preset" else mode
     modules, used_parts = select_modules(model, clip, preset, parts)
     uses_unet = any(part_of(name) == UNET for name in modules)
     inference = torch.is_inference_mode_enabled()

@@ -118,9 +118,11 @@ def test_specific_inputs(pack):
     fit = nodes["ACTFitMap"].INPUT_TYPES()["required"]
     assert fit["source_prompts"][0] == "STRING" and fit["source_prompts"][1]["multiline"] is True
     assert fit["target_prompts"][1]["multiline"] is True
-    assert fit["preset"][0] == ["unet_norms", "text_encoder_norms", "unet_norms_foldable"]
+    from act_core.presets import PRESETS
+
+    assert fit["preset"][0] == list(PRESETS)
     assert fit["method"][0] == ["linear", "mean", "gaussian"]
-    assert fit["mode"][0] == ["causal", "at_once"]
+    assert fit["mode"][0] == ["preset", "causal", "at_once"]
     assert fit["support"][0][:3] == ["auto", "range", "unbounded"]
     assert fit["width"][1]["step"] == 8 and fit["height"][1]["default"] == 1024
     assert "seed" not in fit, (
