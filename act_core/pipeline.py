@@ -150,6 +150,7 @@ class ACTPipelineMixin:
         of a ``num_inference_steps`` schedule (first step only by default, as in the paper); prompt i of
         either side gets the noise of seed ``seed + i``. Text-encoder-only presets run no UNet at all.
         ``progress`` shows a tqdm bar (True), nothing (False), or calls your ``progress(done, total, what)``.
+        ``mode`` ("causal" or "at_once") defaults to the preset's own (causal, except ``text_encoder_and_unet_norms``).
         """
         source_prompts, target_prompts = (
             _check_prompts(source_prompts, "source"),
