@@ -386,7 +386,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--support", default=None, help="range | unbounded | qLO-HI such as q0.5-99.5 (default: the preset's)"
     )
     fit.add_argument(
-        "--mode", choices=("causal", "at_once"), default=None, help="default: the preset's (causal, the paper's)"
+        "--mode",
+        choices=("causal", "at_once"),
+        default=None,
+        help="default: the preset's (causal, the paper's)",
     )
     fit.add_argument("--batch-size", type=int, default=8)
     fit.add_argument("--seed", type=int, default=0, help="prompt i gets the noise of seed + i")

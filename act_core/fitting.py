@@ -35,7 +35,7 @@ from .applying import transport
 from .errors import ACTError, ACTInputError
 from .estimators import default_support, get_estimator, support_bounds, validate_support
 from .maps import APPLY_MODES, APPLY_SPATIAL_MEAN, ACTMap, ModuleMap, model_fingerprint
-from .recording import first_tensor, pool, replace_first_tensor, widths_of
+from .recording import ForwardHooks, first_tensor, pool, replace_first_tensor, widths_of
 
 ProgressCallback = Callable[[int, int, str], None]
 SOURCE, TARGET = "source", "target"
@@ -137,7 +137,7 @@ class _Lockstep:
             self.cond.notify_all()
 
 
-class _FitSession:
+class _FitSession(ForwardHooks):
     """Hooks, samples and fitted maps of one ``fit`` call."""
 
     def __init__(
@@ -160,17 +160,6 @@ class _FitSession:
         self.stats = FitStats()
         self._local = threading.local()
         self._order_lock = threading.Lock()
-        self._handles: list = []
-
-    def __enter__(self) -> _FitSession:
-        for name, module in self.modules.items():
-            self._handles.append(module.register_forward_hook(self._make_hook(name)))
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
 
     def _make_hook(self, name: str):
         def hook(module: nn.Module, args: Any, output: Any) -> Any:

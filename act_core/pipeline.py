@@ -24,7 +24,6 @@ import contextvars
 import copy
 import fnmatch
 import os
-import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -37,7 +36,7 @@ from .fitting import fit_with_stats
 from .maps import ACTMap, prompt_digest
 from .names import PARTS, TEXT_ENCODER, TEXT_ENCODER_2, UNET, component_modules, split_part
 from .presets import DEFAULT_PRESET, dead_text_encoder_paths, get_preset
-from .recording import token_mask
+from .recording import pop_token_mask, push_token_mask
 
 _ACTIVE_PIPELINE: contextvars.ContextVar[Any] = contextvars.ContextVar("act_active_pipeline", default=None)
 _GATE_ATTR = "_act_step_gate"
@@ -460,21 +459,13 @@ class _text_encoder_token_masks:  # noqa: N801 - used as a context manager, like
             if getattr(pipe, part, None) is not None
         ]
         self.handles: list = []
-        self.local = threading.local()
 
     def _before(self, eos: int, args: tuple, kwargs: dict) -> None:
         ids = args[0] if args else kwargs.get("input_ids")
         if not isinstance(ids, torch.Tensor):
             return
         is_eos = (ids == eos).int()
-        context = token_mask((is_eos.cumsum(dim=1) - is_eos) == 0)  # up to and including the first EOS
-        context.__enter__()
-        self.local.__dict__.setdefault("stack", []).append(context)
-
-    def _after(self) -> None:
-        stack = self.local.__dict__.get("stack")
-        if stack:
-            stack.pop().__exit__(None, None, None)
+        push_token_mask((is_eos.cumsum(dim=1) - is_eos) == 0)  # up to and including the first EOS
 
     def __enter__(self) -> _text_encoder_token_masks:
         for encoder, eos in self.pairs:
@@ -485,7 +476,7 @@ class _text_encoder_token_masks:  # noqa: N801 - used as a context manager, like
                     lambda module, args, kwargs, eos=eos: self._before(eos, args, kwargs), with_kwargs=True
                 )
             )
-            self.handles.append(encoder.register_forward_hook(lambda module, args, output: self._after()))
+            self.handles.append(encoder.register_forward_hook(lambda module, args, output: pop_token_mask()))
         return self
 
     def __exit__(self, *exc_info: object) -> None:

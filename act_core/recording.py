@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import fnmatch
+import threading
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -36,6 +37,47 @@ def token_mask(mask: torch.Tensor | None) -> Iterator[None]:
         yield
     finally:
         _TOKEN_MASK.reset(reset)
+
+
+_MASK_STACK = threading.local()
+
+
+def push_token_mask(mask: torch.Tensor | None) -> None:
+    """Enter ``token_mask(mask)`` from a forward pre-hook; ``pop_token_mask`` in the forward hook ends it.
+
+    For hosts that learn the real tokens only when a text encoder is called (from its input ids). The
+    stack is per thread, because lockstep fitting runs several batches' forwards at once.
+    """
+    context = token_mask(mask)
+    context.__enter__()
+    _MASK_STACK.__dict__.setdefault("stack", []).append(context)
+
+
+def pop_token_mask() -> None:
+    """End the mask the matching ``push_token_mask`` entered in this thread (no-op if none)."""
+    stack = _MASK_STACK.__dict__.get("stack")
+    if stack:
+        stack.pop().__exit__(None, None, None)
+
+
+class ForwardHooks:
+    """Context manager that registers ``self._make_hook(name)`` on every module and removes them on exit."""
+
+    modules: dict[str, nn.Module]
+
+    def _make_hook(self, name: str) -> Any:
+        raise NotImplementedError
+
+    def __enter__(self):
+        self._handles = [
+            module.register_forward_hook(self._make_hook(name)) for name, module in self.modules.items()
+        ]
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
 
 
 def channel_axis(ndim: int) -> int:
@@ -126,7 +168,7 @@ def widths_of(modules: Mapping[str, nn.Module]) -> dict[str, int | None]:
     return {name: module_width(module) for name, module in modules.items()}
 
 
-class ActivationRecorder:
+class ActivationRecorder(ForwardHooks):
     """Context manager that records pooled outputs of named modules and their execution order.
 
     >>> with ActivationRecorder(select_modules(model, ["*norm*"])) as recorder:
@@ -142,17 +184,6 @@ class ActivationRecorder:
         self.modules = dict(modules)
         self.execution_order: list[str] = []
         self._samples: dict[str, list[torch.Tensor]] = {name: [] for name in self.modules}
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
-
-    def __enter__(self) -> ActivationRecorder:
-        for name, module in self.modules.items():
-            self._handles.append(module.register_forward_hook(self._make_hook(name)))
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
 
     def _make_hook(self, name: str):
         def hook(module: nn.Module, args: Any, output: Any) -> None:

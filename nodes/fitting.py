@@ -26,7 +26,6 @@ from __future__ import annotations
 import fnmatch
 import logging
 import math
-import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -38,7 +37,7 @@ from act_core.fitting import fit_with_stats
 from act_core.maps import ACTMap, part_of, prompt_digest
 from act_core.names import TEXT_ENCODER, UNET
 from act_core.presets import dead_text_encoder_paths, get_preset
-from act_core.recording import token_mask
+from act_core.recording import pop_token_mask, push_token_mask
 
 from .comfy_models import clip_modules, has_text_encoder_2, unet_modules
 from .common import check_balance, check_size, parse_parts, parse_prompts, resolve_support
@@ -228,7 +227,6 @@ class _TokenMasks:
             for name in ("clip_l", "clip_g")
             if getattr(clip.cond_stage_model, name, None) is not None
         ]
-        self.local = threading.local()
         self.handles: list = []
 
     def _before(self, encoder: Any, args: tuple) -> None:
@@ -246,21 +244,14 @@ class _TokenMasks:
                 rows.append([i < stop for i in range(len(row))])
             if len({len(r) for r in rows}) == 1:
                 mask = torch.tensor(rows, dtype=torch.bool)
-        context = token_mask(mask)
-        context.__enter__()
-        self.local.__dict__.setdefault("stack", []).append(context)
-
-    def _after(self) -> None:
-        stack = self.local.__dict__.get("stack")
-        if stack:
-            stack.pop().__exit__(None, None, None)
+        push_token_mask(mask)
 
     def __enter__(self) -> _TokenMasks:
         for encoder in self.encoders:
             self.handles.append(
                 encoder.register_forward_pre_hook(lambda module, args, enc=encoder: self._before(enc, args))
             )
-            self.handles.append(encoder.register_forward_hook(lambda module, args, output: self._after()))
+            self.handles.append(encoder.register_forward_hook(lambda module, args, output: pop_token_mask()))
         return self
 
     def __exit__(self, *exc_info: object) -> None:
