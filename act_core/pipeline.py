@@ -36,7 +36,7 @@ from .fitting import fit_with_stats
 from .maps import ACTMap, prompt_digest
 from .names import PARTS, TEXT_ENCODER, TEXT_ENCODER_2, UNET, component_modules, split_part
 from .presets import DEFAULT_PRESET, dead_text_encoder_paths, get_preset
-from .recording import pop_token_mask, push_token_mask
+from .recording import token_mask_hooks
 
 _ACTIVE_PIPELINE: contextvars.ContextVar[Any] = contextvars.ContextVar("act_active_pipeline", default=None)
 _GATE_ATTR = "_act_step_gate"
@@ -460,23 +460,20 @@ class _text_encoder_token_masks:  # noqa: N801 - used as a context manager, like
         ]
         self.handles: list = []
 
-    def _before(self, eos: int, args: tuple, kwargs: dict) -> None:
+    @staticmethod
+    def _mask(eos: int, args: tuple, kwargs: dict) -> torch.Tensor | None:
         ids = args[0] if args else kwargs.get("input_ids")
         if not isinstance(ids, torch.Tensor):
-            return
+            return None
         is_eos = (ids == eos).int()
-        push_token_mask((is_eos.cumsum(dim=1) - is_eos) == 0)  # up to and including the first EOS
+        return (is_eos.cumsum(dim=1) - is_eos) == 0  # up to and including the first EOS
 
     def __enter__(self) -> _text_encoder_token_masks:
         for encoder, eos in self.pairs:
-            if eos is None:
-                continue
-            self.handles.append(
-                encoder.register_forward_pre_hook(
-                    lambda module, args, kwargs, eos=eos: self._before(eos, args, kwargs), with_kwargs=True
+            if eos is not None:
+                self.handles += token_mask_hooks(
+                    encoder, lambda args, kwargs, eos=eos: self._mask(eos, args, kwargs)
                 )
-            )
-            self.handles.append(encoder.register_forward_hook(lambda module, args, output: pop_token_mask()))
         return self
 
     def __exit__(self, *exc_info: object) -> None:

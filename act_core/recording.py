@@ -12,7 +12,7 @@ import contextlib
 import contextvars
 import fnmatch
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -42,22 +42,33 @@ def token_mask(mask: torch.Tensor | None) -> Iterator[None]:
 _MASK_STACK = threading.local()
 
 
-def push_token_mask(mask: torch.Tensor | None) -> None:
-    """Enter ``token_mask(mask)`` from a forward pre-hook; ``pop_token_mask`` in the forward hook ends it.
-
-    For hosts that learn the real tokens only when a text encoder is called (from its input ids). The
-    stack is per thread, because lockstep fitting runs several batches' forwards at once.
-    """
+def _push_token_mask(mask: torch.Tensor | None) -> None:
     context = token_mask(mask)
     context.__enter__()
     _MASK_STACK.__dict__.setdefault("stack", []).append(context)
 
 
-def pop_token_mask() -> None:
-    """End the mask the matching ``push_token_mask`` entered in this thread (no-op if none)."""
+def _pop_token_mask() -> None:
     stack = _MASK_STACK.__dict__.get("stack")
     if stack:
         stack.pop().__exit__(None, None, None)
+
+
+def token_mask_hooks(
+    module: nn.Module, mask_of: Callable[[tuple, dict], torch.Tensor | None]
+) -> list[torch.utils.hooks.RemovableHandle]:
+    """Hooks that hold ``token_mask(mask_of(args, kwargs))`` for the duration of each ``module`` forward.
+
+    For hosts that learn the real tokens only when a text encoder is called (from its input ids).
+    The closing hook runs even when the forward raises, so no stale mask outlives a failed call; the
+    masks stack per thread, because lockstep fitting runs several batches' forwards at once.
+    """
+    return [
+        module.register_forward_pre_hook(
+            lambda _module, args, kwargs: _push_token_mask(mask_of(args, kwargs)), with_kwargs=True
+        ),
+        module.register_forward_hook(lambda _module, args, output: _pop_token_mask(), always_call=True),
+    ]
 
 
 class ForwardHooks:

@@ -37,7 +37,7 @@ from act_core.fitting import fit_with_stats
 from act_core.maps import ACTMap, part_of, prompt_digest
 from act_core.names import TEXT_ENCODER, UNET
 from act_core.presets import dead_text_encoder_paths, get_preset
-from act_core.recording import pop_token_mask, push_token_mask
+from act_core.recording import token_mask_hooks
 
 from .comfy_models import clip_modules, has_text_encoder_2, unet_modules
 from .common import check_balance, check_size, parse_parts, parse_prompts, resolve_support
@@ -229,29 +229,27 @@ class _TokenMasks:
         ]
         self.handles: list = []
 
-    def _before(self, encoder: Any, args: tuple) -> None:
+    @staticmethod
+    def _mask(encoder: Any, args: tuple) -> torch.Tensor | None:
         tokens = args[0] if args else None
         end = getattr(encoder, "special_tokens", {}).get("end")
-        mask = None
-        if (
+        if not (
             isinstance(tokens, list)
             and end is not None
             and all(isinstance(row, list) and all(isinstance(t, int) for t in row) for row in tokens)
         ):
-            rows = []
-            for row in tokens:
-                stop = row.index(end) + 1 if end in row else len(row)
-                rows.append([i < stop for i in range(len(row))])
-            if len({len(r) for r in rows}) == 1:
-                mask = torch.tensor(rows, dtype=torch.bool)
-        push_token_mask(mask)
+            return None
+        rows = []
+        for row in tokens:
+            stop = row.index(end) + 1 if end in row else len(row)
+            rows.append([i < stop for i in range(len(row))])
+        if len({len(r) for r in rows}) != 1:
+            return None
+        return torch.tensor(rows, dtype=torch.bool)
 
     def __enter__(self) -> _TokenMasks:
         for encoder in self.encoders:
-            self.handles.append(
-                encoder.register_forward_pre_hook(lambda module, args, enc=encoder: self._before(enc, args))
-            )
-            self.handles.append(encoder.register_forward_hook(lambda module, args, output: pop_token_mask()))
+            self.handles += token_mask_hooks(encoder, lambda args, kwargs, enc=encoder: self._mask(enc, args))
         return self
 
     def __exit__(self, *exc_info: object) -> None:

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from act_core.errors import ACTInputError
-from act_core.recording import ActivationRecorder, pool, select_modules, token_mask
+from act_core.recording import ActivationRecorder, pool, select_modules, token_mask, token_mask_hooks
 
 
 class OutOfOrder(nn.Module):
@@ -49,6 +49,42 @@ def test_mask_of_another_shape_is_ignored():
     with token_mask(torch.ones(2, 5)):
         x = torch.randn(2, 3, 4)
         torch.testing.assert_close(pool(x), x.mean(1))
+
+
+class MaskedEncoder(nn.Module):
+    """A stand-in text encoder: a LayerNorm over embedded ids; id 0 is padding. Raises on negative ids."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+        self.norm = nn.LayerNorm(4)
+
+    def forward(self, ids):
+        if (ids < 0).any():
+            raise ValueError("negative id")
+        return self.norm(self.embed(ids))
+
+
+def test_token_mask_hooks_pool_real_tokens_and_leave_no_stale_mask_after_a_failed_forward():
+    encoder = MaskedEncoder()
+    handles = token_mask_hooks(encoder, lambda args, kwargs: args[0] != 0)
+    ids = torch.tensor([[3, 4, 0], [5, 0, 0]])
+    with torch.no_grad(), ActivationRecorder({"norm": encoder.norm}) as recorder:
+        out = encoder(ids)
+    torch.testing.assert_close(
+        recorder.samples("norm"), torch.stack([out[0, :2].mean(0), out[1, :1].mean(0)])
+    )
+
+    with pytest.raises(ValueError, match="negative id"):
+        encoder(torch.tensor([[-1, 1, 0], [1, 0, 0]]))
+    x = torch.randn(2, 3, 4)  # same (B, T) as the failed call's mask: a stale mask would change the pooling
+    torch.testing.assert_close(pool(x), x.mean(1))
+
+    for handle in handles:
+        handle.remove()
+    with torch.no_grad(), ActivationRecorder({"norm": encoder.norm}) as recorder:
+        out = encoder(ids)
+    torch.testing.assert_close(recorder.samples("norm"), out.mean(1))  # hooks removed: all tokens
 
 
 def test_select_modules_by_pattern_type_prefix_and_exclude():
