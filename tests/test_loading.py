@@ -1,16 +1,23 @@
-"""Local-only pipeline loading: folders load, everything else fails with an error that names the fix."""
+"""Local-only pipeline loading: folders and single files load, the rest fails with an error naming the fix."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
+from diffusers import StableDiffusionXLPipeline
+from ldm_checkpoint import write_ldm_checkpoint
+from safetensors import safe_open
 from safetensors.torch import save_file
-from tiny_sdxl import build_tiny_sdxl
+from tiny_sdxl import build_tiny_sdxl, text_config
+from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
+from act_core.cli import main
 from act_core.errors import ACTError
 from act_core.loading import ACTModelLoadError, load_pipeline
+from act_core.maps import ACTMap
 from act_core.pipeline import ACTPipelineMixin
 
 
@@ -80,3 +87,93 @@ def test_safetensors_that_is_not_a_checkpoint(tmp_path):
     save_file({"unet.conv_norm_out.diff": torch.zeros(4)}, str(lora))
     with pytest.raises(ACTModelLoadError, match="not a full Stable Diffusion checkpoint"):
         load_pipeline(lora)
+
+
+# ------------------------------------------------------------------------------ single-file happy path
+COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+
+
+def build_single_file_sdxl(folder: Path) -> StableDiffusionXLPipeline:
+    """``build_tiny_sdxl`` with text encoders 24 and 40 wide (64 together, as the UNet expects).
+
+    diffusers tells the two CLIP encoders of a single file apart only by their width (768 and 1280 in
+    SDXL): with the tiny model's two 32-wide encoders it silently loads CLIP-L's weights into
+    ``text_encoder_2`` and leaves its projection on the meta device.
+    """
+    pipe = build_tiny_sdxl(folder)
+    encoders = {}
+    for name, cls, width in (
+        ("text_encoder", CLIPTextModel, 24),
+        ("text_encoder_2", CLIPTextModelWithProjection, 40),
+    ):
+        config = text_config(len(getattr(pipe, name.replace("text_encoder", "tokenizer"))))
+        config.hidden_size = width
+        encoders[name] = cls(config)
+    pipe = StableDiffusionXLPipeline(**{**pipe.components, **encoders})
+    pipe.save_pretrained(str(folder))
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def single_file(tmp_path_factory) -> tuple[StableDiffusionXLPipeline, Path, Path]:
+    """The folder pipeline, its diffusers folder (the config) and the same weights as one LDM file."""
+    folder = tmp_path_factory.mktemp("tiny_sdxl_single_file")
+    pipe = build_single_file_sdxl(folder / "diffusers")
+    checkpoint = folder / "tiny_sdxl.safetensors"
+    write_ldm_checkpoint(pipe, checkpoint)
+    return pipe, folder / "diffusers", checkpoint
+
+
+def test_written_checkpoint_has_the_original_sdxl_layout(single_file):
+    _, _, checkpoint = single_file
+    with safe_open(str(checkpoint), framework="pt") as handle:
+        keys = set(handle.keys())
+        in_proj = handle.get_slice(
+            "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight"
+        )
+        assert in_proj.get_shape() == [3 * 40, 40]
+        assert handle.get_slice("first_stage_model.encoder.mid.attn_1.q.weight").get_shape() == [32, 32, 1, 1]
+    prefixes = {"model.diffusion_model.", "first_stage_model.", "conditioner.embedders.0.transformer."}
+    prefixes.add("conditioner.embedders.1.model.")
+    assert all(any(key.startswith(p) for p in prefixes) for key in keys)
+    for key in (
+        "model.diffusion_model.input_blocks.2.0.op.weight",  # down_blocks.0.downsamplers.0
+        "model.diffusion_model.middle_block.1.transformer_blocks.1.attn2.to_k.weight",
+        "model.diffusion_model.output_blocks.1.2.conv.weight",  # up_blocks.0.upsamplers.0
+        "model.diffusion_model.label_emb.0.2.bias",
+        "first_stage_model.decoder.up.0.block.1.conv2.weight",  # decoder.up_blocks.1 (reversed)
+        "first_stage_model.encoder.down.1.block.0.nin_shortcut.weight",
+        "conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight",
+        "conditioner.embedders.1.model.text_projection",
+        "conditioner.embedders.1.model.positional_embedding",
+    ):
+        assert key in keys, key
+
+
+def test_single_file_with_config_loads_the_same_weights(single_file):
+    pipe, config, checkpoint = single_file
+    loaded = load_pipeline(checkpoint, config=config)
+    assert isinstance(loaded, ACTPipelineMixin)
+    assert type(loaded).__name__ == "ACTStableDiffusionXLPipeline" and hasattr(loaded, "fit_act")
+    for name in COMPONENTS:
+        expected, got = getattr(pipe, name).state_dict(), getattr(loaded, name).state_dict()
+        assert set(got) == set(expected), name
+        for key, value in expected.items():
+            assert got[key].device.type == "cpu" and torch.equal(got[key], value), f"{name}.{key}"
+    assert type(loaded.scheduler) is type(pipe.scheduler)
+    assert loaded.tokenizer_2.get_vocab() == pipe.tokenizer_2.get_vocab()
+
+
+def test_cli_fit_from_single_file_matches_the_folder(single_file, tmp_path):
+    _, config, checkpoint = single_file
+    maps = {}
+    for what, model in (("folder", config), ("file", checkpoint)):
+        maps[what] = tmp_path / f"{what}.safetensors"
+        argv = ["fit", "-q", "--model", str(model), "--source-prompt", "a red circle", "--source-prompt"]
+        argv += ["a red dot", "--target-prompt", "a blue square", "--target-prompt", "a small blue square"]
+        argv += ["--steps", "2", "--height", "32", "--width", "32", "--output", str(maps[what])]
+        assert main([*argv, "--config", str(config)] if what == "file" else argv) == 0
+    from_file, from_folder = ACTMap.load(maps["file"]), ACTMap.load(maps["folder"])
+    assert from_file.metadata["model_source"] == str(checkpoint)
+    assert list(from_file.modules) == list(from_folder.modules) and len(from_file) > 0
+    assert all(from_file.modules[name].equal(m) for name, m in from_folder.modules.items())
