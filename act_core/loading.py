@@ -199,13 +199,34 @@ def _from_single_file(
         config_folder = _cached_config(default_config, cache_dir, path)
     cls = _pipeline_class(class_name, path.name)
     try:
-        return cls.from_single_file(str(path), config=str(config_folder), dtype=dtype, local_files_only=True)
+        pipe = cls.from_single_file(str(path), config=str(config_folder), dtype=dtype, local_files_only=True)
     except Exception as error:  # diffusers raises many types here (SingleFileComponentError, KeyError, ...)
         raise ACTModelLoadError(
             f"Cannot load single-file checkpoint {path.name} with the configs in {config_folder} "
             f"({type(error).__name__}: {_first_line(error)}). Convert it to a diffusers folder, or pass a "
             "config folder of the same architecture."
         ) from None
+    _check_all_weights_loaded(pipe, path, config_folder)
+    return pipe
+
+
+def _check_all_weights_loaded(pipe: Any, path: Path, config_folder: Path) -> None:
+    """Refuse a pipeline in which diffusers left weights unloaded (on the meta device).
+
+    diffusers' single-file loader can do that without an error when the checkpoint and the configs
+    disagree, e.g. two text encoders of equal width that it cannot tell apart.
+    """
+    for part, component in pipe.components.items():
+        if not isinstance(component, torch.nn.Module):
+            continue
+        missing = [name for name, tensor in component.state_dict().items() if tensor.is_meta]
+        if missing:
+            raise ACTModelLoadError(
+                f"Single-file checkpoint {path.name} did not fill {len(missing)} weights of {part} (e.g. "
+                f"{missing[0]}) with the configs in {config_folder}: the checkpoint and the configs disagree. "
+                "Pass a config folder of the same architecture (--config), or convert the checkpoint to a "
+                "diffusers folder."
+            )
 
 
 def _cached_config(repo_id: str, cache_dir: str | os.PathLike | None, checkpoint: Path) -> Path:

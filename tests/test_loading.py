@@ -164,6 +164,18 @@ def test_single_file_with_config_loads_the_same_weights(single_file):
     assert loaded.tokenizer_2.get_vocab() == pipe.tokenizer_2.get_vocab()
 
 
+def test_single_file_with_unloaded_weights_is_refused(tmp_path):
+    # The plain tiny model's two text encoders are both 32 wide, so diffusers cannot tell them apart in a
+    # single file and leaves text_encoder_2's projection on the meta device without an error.
+    pipe = build_tiny_sdxl(tmp_path / "diffusers")
+    checkpoint = tmp_path / "equal_widths.safetensors"
+    write_ldm_checkpoint(pipe, checkpoint)
+    with pytest.raises(ACTModelLoadError) as info:
+        load_pipeline(checkpoint, config=tmp_path / "diffusers")
+    message = str(info.value)
+    assert "did not fill" in message and "text_encoder_2" in message and "--config" in message
+
+
 def test_cli_fit_from_single_file_matches_the_folder(single_file, tmp_path):
     _, config, checkpoint = single_file
     maps = {}
