@@ -421,6 +421,36 @@ def write_tiny_model_pack(parent: str | os.PathLike) -> Path:
     return d
 
 
+def tiny_sample_prompt(text: str, seed: int, filename_prefix: str) -> dict:
+    """An API prompt: the tiny model (``ACTTestTinySDXL``, seed 0) samples ``text`` at 128 px, 2 Euler steps,
+    cfg 5, and SaveLatent writes the latent under ``filename_prefix`` (node "6")."""
+    return {
+        "1": {"class_type": "ACTTestTinySDXL", "inputs": {"seed": 0}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": text}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": ""}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 128, "height": 128, "batch_size": 1}},
+        "5": {
+            "class_type": "KSampler",
+            "inputs": {
+                "model": ["1", 0],
+                "positive": ["2", 0],
+                "negative": ["3", 0],
+                "latent_image": ["4", 0],
+                "seed": seed,
+                "steps": 2,
+                "cfg": 5.0,
+                "sampler_name": "euler",
+                "scheduler": "normal",
+                "denoise": 1.0,
+            },
+        },
+        "6": {
+            "class_type": "SaveLatent",
+            "inputs": {"samples": ["5", 0], "filename_prefix": filename_prefix},
+        },
+    }
+
+
 def load_latent_file(path: str | os.PathLike):
     """The tensor of a ``.latent`` file written by SaveLatent (safetensors, key ``latent_tensor``)."""
     from safetensors.torch import load_file

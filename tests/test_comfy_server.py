@@ -323,33 +323,9 @@ def test_stock_default_template_converts(comfy_server):  # noqa: F811
 def test_tiny_sdxl_samples_in_the_server(comfy_server, comfyui):  # noqa: F811
     """The test-only ACTTestTinySDXL node gives MODEL/CLIP without a checkpoint; KSampler in the server
     reproduces the in-process comfy_support.sample_tiny latent."""
-    from comfy_server import load_latent_file
+    from comfy_server import load_latent_file, tiny_sample_prompt
 
-    prompt = {
-        "1": {"class_type": "ACTTestTinySDXL", "inputs": {"seed": 0}},
-        "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a photo of a cat"}},
-        "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": ""}},
-        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 128, "height": 128, "batch_size": 1}},
-        "5": {
-            "class_type": "KSampler",
-            "inputs": {
-                "model": ["1", 0],
-                "positive": ["2", 0],
-                "negative": ["3", 0],
-                "latent_image": ["4", 0],
-                "seed": 7,
-                "steps": 2,
-                "cfg": 5.0,
-                "sampler_name": "euler",
-                "scheduler": "normal",
-                "denoise": 1.0,
-            },
-        },
-        "6": {
-            "class_type": "SaveLatent",
-            "inputs": {"samples": ["5", 0], "filename_prefix": "latents/act_tiny"},
-        },
-    }
+    prompt = tiny_sample_prompt("a photo of a cat", seed=7, filename_prefix="latents/act_tiny")
     res = comfy_server.run(prompt, timeout=300)
     assert res.ok, res.error
     server_latent = load_latent_file(comfy_server.output_path(res.outputs["6"]["latents"][0]))

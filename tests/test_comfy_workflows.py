@@ -17,7 +17,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import comfy_support as cs  # noqa: E402
-from comfy_server import PACK_LINK_NAME, comfy_server, load_latent_file  # noqa: E402,F401
+from comfy_server import PACK_LINK_NAME, comfy_server, load_latent_file, tiny_sample_prompt  # noqa: E402,F401
 from comfy_support import comfyui  # noqa: E402,F401  (session fixture)
 
 pytestmark = cs.requires_comfyui
@@ -245,31 +245,7 @@ def test_interrupting_a_fit_in_the_server(comfy_server):  # noqa: F811
     assert not (srv.models_dir("act_maps") / "interrupted.safetensors").exists()
     assert not any(p.name.startswith(".interrupted") for p in srv.models_dir("act_maps").iterdir())
 
-    after = {
-        "1": {"class_type": "ACTTestTinySDXL", "inputs": {"seed": 0}},
-        "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a cat"}},
-        "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": ""}},
-        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 128, "height": 128, "batch_size": 1}},
-        "5": {
-            "class_type": "KSampler",
-            "inputs": {
-                "model": ["1", 0],
-                "positive": ["2", 0],
-                "negative": ["3", 0],
-                "latent_image": ["4", 0],
-                "seed": 3,
-                "steps": 2,
-                "cfg": 5.0,
-                "sampler_name": "euler",
-                "scheduler": "normal",
-                "denoise": 1.0,
-            },
-        },
-        "6": {
-            "class_type": "SaveLatent",
-            "inputs": {"samples": ["5", 0], "filename_prefix": "latents/after_interrupt"},
-        },
-    }
+    after = tiny_sample_prompt("a cat", seed=3, filename_prefix="latents/after_interrupt")
     result = srv.run(after, timeout=300)
     assert result.ok, result.error
     (latent,) = _latents(srv, result).values()
