@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextvars
 import copy
-import fnmatch
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -110,14 +109,7 @@ class ACTPipelineMixin:
             excluded: tuple[str, ...] = ()
             if part == TEXT_ENCODER and getattr(self, TEXT_ENCODER_2, None) is not None:
                 excluded = dead_text_encoder_paths(part, self.text_encoder.config.num_hidden_layers)
-            for name, module in self.act_modules([part]).items():
-                path = split_part(name)[1]
-                if (
-                    isinstance(module, spec.types)
-                    and any(fnmatch.fnmatchcase(path, p) for p in spec.patterns[part])
-                    and not any(fnmatch.fnmatchcase(path, p) for p in excluded)
-                ):
-                    selected[name] = module
+            selected.update(spec.select(part, self.act_modules([part]), excluded))
         if not selected:
             raise ACTInputError(f"Preset {preset!r} matched no module of this pipeline's {parts}.")
         return selected

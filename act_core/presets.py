@@ -20,6 +20,7 @@ Each preset is named after what it hooks:
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -52,6 +53,22 @@ class Preset:
     @property
     def needs_unet(self) -> bool:
         return UNET in self.patterns
+
+    def select(
+        self, part: str, candidates: Mapping[str, nn.Module], excluded: tuple[str, ...] = ()
+    ) -> dict[str, nn.Module]:
+        """The ``candidates`` of ``part`` (canonical names) this preset hooks: a norm type, a path that
+        matches the part's patterns and none of ``excluded``. Shared by the diffusers and ComfyUI hosts."""
+
+        def hooked(name: str, module: nn.Module) -> bool:
+            path = name.split(".", 1)[1]
+            return (
+                isinstance(module, self.types)
+                and any(fnmatch.fnmatchcase(path, p) for p in self.patterns[part])
+                and not any(fnmatch.fnmatchcase(path, p) for p in excluded)
+            )
+
+        return {name: module for name, module in candidates.items() if hooked(name, module)}
 
 
 PRESETS: dict[str, Preset] = {

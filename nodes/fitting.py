@@ -23,7 +23,6 @@ same ``run_model`` sequentially. Both are exact between modules fitted in differ
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -76,14 +75,7 @@ def select_modules(model: Any, clip: Any, preset_name: str, parts_text: str) -> 
         excluded: tuple[str, ...] = ()
         if part == TEXT_ENCODER and has_text_encoder_2(clip):
             excluded = dead_text_encoder_paths(part, int(clip.cond_stage_model.clip_l.num_layers))
-        for name, module in candidates.items():
-            path = name.split(".", 1)[1]
-            if (
-                isinstance(module, spec.types)
-                and any(fnmatch.fnmatchcase(path, p) for p in spec.patterns[part])
-                and not any(fnmatch.fnmatchcase(path, p) for p in excluded)
-            ):
-                selected[name] = module
+        selected.update(spec.select(part, candidates, excluded))
     if not selected:
         raise ACTInputError(f"Preset {preset_name!r} matched no module of this model's {', '.join(parts)}.")
     return selected, parts
