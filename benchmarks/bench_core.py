@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from tables import table
 from torch import nn
 
 from act_core import apply_act, fit_with_stats, fold_act, linear_act, select_modules
@@ -27,14 +28,6 @@ def median_seconds(function: Callable[[], object], repeats: int) -> float:
         function()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
-
-
-def table(title: str, header: list[str], rows: list[list[str]]) -> None:
-    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows, strict=True)]
-    print(f"\n{title}")
-    print("  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True)))
-    for row in rows:
-        print("  ".join(str(c).rjust(w) for c, w in zip(row, widths, strict=True)))
 
 
 def bench_estimation(quick: bool) -> None:

@@ -22,7 +22,6 @@ import os
 import platform
 import statistics
 import string
-import sys
 import tempfile
 import threading
 import time
@@ -31,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tables import table
 
 from act_core.pipeline import act_pipeline
 
@@ -119,15 +119,6 @@ def load() -> str:
 
 def log(message: str) -> None:
     print(message, flush=True)
-
-
-def table(title: str, header: list[str], rows: list[list[str]]) -> None:
-    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows, strict=True)]
-    print(f"\n{title}")
-    print("  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True)))
-    for row in rows:
-        print("  ".join(str(c).rjust(w) for c, w in zip(row, widths, strict=True)))
-    sys.stdout.flush()
 
 
 # ----------------------------------------------------------------------------------------- model
