@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextvars
 import copy
+import logging
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -483,7 +484,15 @@ def act_pipeline(pipe: Any) -> Any:
     if isinstance(pipe, ACTPipelineMixin):
         return pipe
     act_cls = type(f"ACT{cls.__name__}", (ACTPipelineMixin, cls), {"__module__": __name__})
-    wrapped = act_cls.from_pipe(pipe, dtype=pipe.dtype)
+    # from_pipe casts every model to ``dtype``, here a no-op; diffusers' modeling_utils then warns about
+    # fp32 modules on every such cast, even when there are none ("...kept in float32: []"), so mute it.
+    modeling_logger = logging.getLogger("diffusers.models.modeling_utils")
+    level = modeling_logger.level
+    modeling_logger.setLevel(logging.ERROR)
+    try:
+        wrapped = act_cls.from_pipe(pipe, dtype=pipe.dtype)
+    finally:
+        modeling_logger.setLevel(level)
     if hasattr(pipe, "_progress_bar_config"):  # from_pipe does not carry it over
         wrapped.set_progress_bar_config(**pipe._progress_bar_config)
     return wrapped

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from ..pipeline import act_pipeline
 from .classifier import predict_proba
@@ -131,15 +132,20 @@ def run_experiment(
     """Fit each method, sweep lambda on the evaluation prompts, fill ``experiment.runs``."""
     reference = evaluate(pipe, classifier, experiment, experiment.reference_prompts, EVAL_SEED, **gen)
     experiment.runs["reference"] = reference
+    # A minute per experiment: one bar step per fit and per lambda, so the job never looks stuck.
+    bar = tqdm(total=len(methods) * (1 + len(lambdas)), desc=experiment.name, unit="step", leave=False)
     for label, options in methods.items():
+        bar.set_postfix_str(f"fit {label}")
         start = time.perf_counter()
         act_map = pipe.fit_act(
             experiment.fit_source, experiment.fit_target, seed=FIT_SEED, progress=False, **options
         )
         fit_seconds = time.perf_counter() - start
+        bar.update()
         curve = []
         pipe.enable_act(act_map, strength=0.0)
         for lam in lambdas:
+            bar.set_postfix_str(f"{label} lambda={lam:g}")
             pipe.set_act_strength(lam)
             curve.append(
                 {
@@ -147,6 +153,7 @@ def run_experiment(
                     **evaluate(pipe, classifier, experiment, experiment.eval_prompts, EVAL_SEED, **gen),
                 }
             )
+            bar.update()
         pipe.disable_act()
         experiment.runs[label] = {
             "fit_seconds": fit_seconds,
@@ -154,6 +161,7 @@ def run_experiment(
             "curve": curve,
             "map": act_map,
         }
+    bar.close()
 
 
 def print_table(experiment: Experiment, lambdas) -> str:
