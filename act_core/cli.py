@@ -103,6 +103,11 @@ def check_size(args: argparse.Namespace) -> None:
             )
     if getattr(args, "steps", 1) < 1:
         raise CLIError(f"--steps must be at least 1; got {args.steps}.")
+    statistics_steps = getattr(args, "statistics_steps", 1)
+    if not 1 <= statistics_steps <= getattr(args, "steps", statistics_steps):
+        raise CLIError(
+            f"--statistics-steps must be between 1 and --steps ({args.steps}); got {statistics_steps}."
+        )
 
 
 def load_map(path: str) -> ACTMap:
@@ -186,6 +191,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         height=args.height,
         width=args.width,
         num_inference_steps=args.steps,
+        statistics_steps=args.statistics_steps,
         progress=not args.quiet,
     )
     act_map = ACTMap(act_map.modules, {**act_map.metadata, "model_source": str(args.model)})
@@ -395,7 +401,14 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--seed", type=int, default=0, help="prompt i gets the noise of seed + i")
     fit.add_argument("--height", type=int, default=None, help="default: the model's native size")
     fit.add_argument("--width", type=int, default=None)
-    fit.add_argument("--steps", type=int, default=30, help="schedule length; statistics use its first step")
+    fit.add_argument("--steps", type=int, default=30, help="schedule length (num_inference_steps)")
+    fit.add_argument(
+        "--statistics-steps",
+        type=int,
+        default=1,
+        help="pool statistics over the first N steps (default 1, the paper's; with many-step samplers "
+        "N = --steps steers much more, see docs/demo_results.md)",
+    )
     fit.add_argument("--output", required=True, metavar="MAP.safetensors")
     fit.set_defaults(handler=cmd_fit)
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 from safetensors.torch import load_file
 from tiny_sdxl import build_tiny_sdxl
@@ -145,6 +146,22 @@ def test_hub_id_without_local_copy(prompt_files, tmp_path, capsys):
     argv = ["fit", "-q", "--model", "nobody-act-tests/no-such-model", "--source", str(source)]
     err = run_error([*argv, "--target", str(target), "--output", str(tmp_path / "m.safetensors")], capsys)
     assert "No local copy of 'nobody-act-tests/no-such-model'" in err and "huggingface-cli download" in err
+
+
+def test_fit_with_statistics_over_several_steps(model_dir, fitted, prompt_files, tmp_path, capsys):
+    source, target = prompt_files
+    base = ["fit", "-q", "--model", str(model_dir), "--source", str(source), "--target", str(target)]
+    base += ["--batch-size", "3", *FAST]
+    steps = int(FAST[FAST.index("--steps") + 1])
+    output = tmp_path / "all_steps.safetensors"
+    assert main([*base, "--statistics-steps", str(steps), "--output", str(output)]) == 0
+    act_map, first_step = ACTMap.load(output), ACTMap.load(fitted["unet_norms"])
+    assert act_map.metadata["statistics"]["statistics_steps"] == steps > 1
+    assert first_step.metadata["statistics"]["statistics_steps"] == 1
+    name = next(iter(act_map.modules))
+    assert not torch.equal(act_map.modules[name].omega, first_step.modules[name].omega)
+    err = run_error([*base, "--statistics-steps", str(steps + 1), "--output", str(output)], capsys)
+    assert "--statistics-steps must be between 1 and --steps" in err
 
 
 def test_missing_and_empty_prompt_files(model_dir, prompt_files, tmp_path, capsys):
