@@ -43,15 +43,13 @@ _MASK_STACK = threading.local()
 
 
 def _push_token_mask(mask: torch.Tensor | None) -> None:
-    context = token_mask(mask)
-    context.__enter__()
-    _MASK_STACK.__dict__.setdefault("stack", []).append(context)
+    _MASK_STACK.__dict__.setdefault("tokens", []).append(_TOKEN_MASK.set(mask))
 
 
 def _pop_token_mask() -> None:
-    stack = _MASK_STACK.__dict__.get("stack")
-    if stack:
-        stack.pop().__exit__(None, None, None)
+    tokens = _MASK_STACK.__dict__.get("tokens")
+    if tokens:
+        _TOKEN_MASK.reset(tokens.pop())
 
 
 def token_mask_hooks(

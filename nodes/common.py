@@ -15,11 +15,8 @@ ACT_MAP = "ACT_MAP"
 PRESET_NAMES = list(PRESETS)
 METHODS = ["linear", "mean", "gaussian"]
 SUPPORTS = ["auto", "range", "unbounded", "q0.5-99.5", "q1-99", "q5-95", "q10-90", "q25-75", "q40-60"]
-MODES = [
-    "preset",
-    "causal",
-    "at_once",
-]  # "preset": the preset's own mode (causal except text_encoder_and_unet_norms)
+# "preset": the preset's own mode (causal except text_encoder_and_unet_norms).
+MODES = ["preset", "causal", "at_once"]
 CAUSAL_STRATEGIES = ["auto", "lockstep", "groupwise"]
 LORA_DTYPES = ["fp16", "fp32"]
 # Fallbacks for the sampler/scheduler combos when ComfyUI is not importable (schema tests in CI).

@@ -31,15 +31,8 @@ from .evaluation import generate
 from .paths import DEFAULT_GUIDANCE, REPO_ROOT, load_demo_classifier, load_demo_pipeline
 from .shapes import SHAPES, STYLES, caption
 
-LAMBDAS = (
-    0.0,
-    0.25,
-    0.5,
-    0.75,
-    1.0,
-    1.5,
-    2.0,
-)  # 0..1 interpolates; above 1 extrapolates (the ComfyUI slider goes to 2)
+# 0..1 interpolates; above 1 extrapolates (the ComfyUI slider goes to 2).
+LAMBDAS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
 FIT_SEED, EVAL_SEED = 0, 10_000
 DEMO_STEPS = 10
 
