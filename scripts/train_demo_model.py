@@ -1,8 +1,14 @@
 #!/usr/bin/env python
 """Train the shipped demo model (tiny SDXL on procedural shapes) and its attribute classifier from scratch.
 
-    python scripts/train_demo_model.py                 # full run, ~30 CPU minutes on one core
+    python scripts/train_demo_model.py                 # full run, ~45 CPU minutes on one core
+    python scripts/train_demo_model.py --variant b     # the second model (models/shapes-sdxl-b)
     python scripts/train_demo_model.py --smoke         # seconds; writes to outputs/demo_train_smoke/
+
+The second model (``--variant b``) exists to check that ACT's defaults are not tuned to the first: another
+seed, other pixels for the same captions (palette, background, diagonal stripes, denser dots, more
+jitter; ``shapes.DRAW_STYLES["b"]``), another UNet/text-encoder shape, more caption dropout, and it is
+meant to be sampled with other settings (25 Euler steps, guidance 4). It gets its own classifier.
 
 Stages: VAE -> encode a latent pool -> UNet + text encoders -> classifier -> export -> evaluate.
 Checkpoints go to --work-dir; rerunning the same command resumes where it stopped. The final diffusers
@@ -17,7 +23,7 @@ import platform
 import shutil
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,7 +36,7 @@ from act_core.demo.evaluation import sample_accuracy, sample_grid  # noqa: E402
 from act_core.demo.export import folder_size, replace_dir, save_pipeline_dir  # noqa: E402
 from act_core.demo.model import DemoModelConfig, count_parameters  # noqa: E402
 from act_core.demo.paths import load_demo_pipeline  # noqa: E402
-from act_core.demo.shapes import make_dataset  # noqa: E402
+from act_core.demo.shapes import get_draw_style, make_dataset  # noqa: E402
 from act_core.demo.tokenizer import save_tokenizer  # noqa: E402
 from act_core.demo.training import Checkpointer, TrainConfig, encode_pool, train_unet, train_vae  # noqa: E402
 
@@ -41,13 +47,47 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+@dataclass(frozen=True)
+class Variant:
+    """One trained model: its seed, data, sizes, training knobs, outputs and how it is sampled."""
+
+    seed: int
+    model: DemoModelConfig
+    train: dict
+    suffix: str
+    eval_steps: int
+    guidances: tuple[float, ...]
+
+
+VARIANTS = {
+    "shipped": Variant(0, DemoModelConfig(), {}, "", 20, (1.0, 3.0, 5.0, 7.5)),
+    "b": Variant(
+        1,
+        DemoModelConfig(
+            te1_hidden=48,
+            te2_hidden=64,
+            te_layers=4,
+            unet_channels=(32, 48, 96),
+            unet_heads=(1, 2, 4),
+            unet_transformer_layers=(1, 2, 2),
+            unet_groups=16,
+        ),
+        {"draw_style": "b", "cond_dropout": 0.15, "empty_text_share": 0.5, "explicit_style_prob": 0.5},
+        "-b",
+        25,
+        (2.0, 4.0, 6.0),
+    ),
+}
+
+
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=REPO / "models" / "shapes-sdxl")
-    p.add_argument("--classifier-out", type=Path, default=REPO / "models" / "shapes-classifier")
-    p.add_argument("--samples-png", type=Path, default=REPO / "docs" / "images" / "demo_samples.png")
-    p.add_argument("--work-dir", type=Path, default=REPO / "outputs" / "demo_train")
+    p.add_argument("--variant", choices=sorted(VARIANTS), default="shipped")
+    p.add_argument("--seed", type=int, default=None, help="override the variant's seed")
+    p.add_argument("--out", type=Path, default=None, help="default: models/shapes-sdxl<suffix>")
+    p.add_argument("--classifier-out", type=Path, default=None)
+    p.add_argument("--samples-png", type=Path, default=None)
+    p.add_argument("--work-dir", type=Path, default=None)
     p.add_argument("--unet-steps", type=int, default=None, help="override TrainConfig.unet_steps")
     p.add_argument("--vae-steps", type=int, default=None, help="override TrainConfig.vae_steps")
     p.add_argument(
@@ -60,11 +100,19 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(1)
-    cfg = DemoModelConfig()
-    tc = TrainConfig(seed=args.seed)
-    eval_steps, guidances, repeats = 20, (1.0, 3.0, 5.0, 7.5), 2
+    variant = VARIANTS[args.variant]
+    suffix = variant.suffix
+    args.seed = variant.seed if args.seed is None else args.seed
+    args.out = args.out or REPO / "models" / f"shapes-sdxl{suffix}"
+    args.classifier_out = args.classifier_out or REPO / "models" / f"shapes-classifier{suffix}"
+    args.samples_png = args.samples_png or REPO / "docs" / "images" / f"demo_samples{suffix.replace('-', '_')}.png"
+    args.work_dir = args.work_dir or REPO / "outputs" / f"demo_train{suffix}"
+    cfg = variant.model
+    tc = TrainConfig(seed=args.seed, **variant.train)
+    eval_steps, guidances, repeats = variant.eval_steps, variant.guidances, 2
     if args.smoke:
         tc = TrainConfig(
+            **variant.train,
             seed=args.seed,
             vae_steps=3,
             latent_pool=128,
@@ -114,7 +162,13 @@ def main() -> None:
     t = time.time()
     clf_state = ckpt.load("classifier")
     if clf_state is None:
-        clf = train_classifier(tc.seed + 7, steps=tc.classifier_steps, pool_size=tc.classifier_pool, log=log)
+        clf = train_classifier(
+            tc.seed + 7,
+            steps=tc.classifier_steps,
+            pool_size=tc.classifier_pool,
+            log=log,
+            draw=get_draw_style(tc.draw_style),
+        )
         ckpt.save("classifier", {"state": clf.state_dict(), "config": clf.config()})
     else:
         cfg_c = clf_state["config"]
@@ -122,7 +176,9 @@ def main() -> None:
         clf.load_state_dict(clf_state["state"])
         clf.eval()
     times["classifier_s"] = time.time() - t
-    test_images, _, test_labels = make_dataset(1000 if not args.smoke else 64, seed=CLASSIFIER_TEST_SEED)
+    test_images, _, test_labels = make_dataset(
+        1000 if not args.smoke else 64, seed=CLASSIFIER_TEST_SEED, draw=get_draw_style(tc.draw_style)
+    )
     clf_acc = accuracy(clf, test_images, test_labels)
     log(f"classifier accuracy on 1000 held-out generator images (seed {CLASSIFIER_TEST_SEED}): {clf_acc}")
     times["train_total_s"] = time.time() - t_all
@@ -145,6 +201,7 @@ def main() -> None:
     times["eval_s"] = time.time() - t
     info = {
         "command": " ".join(["python", *sys.argv]),
+        "variant": args.variant,
         "model_config": asdict(cfg),
         "train_config": asdict(tc),
         "parameters": {

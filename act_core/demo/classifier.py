@@ -18,7 +18,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .shapes import ATTRIBUTES, IMAGE_SIZE, make_dataset
+from .shapes import ATTRIBUTES, DRAW_STYLES, IMAGE_SIZE, DrawStyle, make_dataset
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -133,11 +133,12 @@ def train_classifier(
     lr: float = 2e-3,
     pool_size: int = 20000,
     log: Callable[[str], None] = print,
+    draw: DrawStyle = DRAW_STYLES["default"],
 ) -> AttributeClassifier:
     """Fit on a fixed pool of generator images (seeded), with light noise/blur so blurrier samples still read."""
     torch.manual_seed(seed)
     model = AttributeClassifier(ATTRIBUTES)
-    images, _, labels = make_dataset(pool_size, seed=seed)
+    images, _, labels = make_dataset(pool_size, seed=seed, draw=draw)
     x_all = to_tensor(images)
     y_all = {k: torch.from_numpy(v) for k, v in labels.items()}
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)

@@ -12,6 +12,7 @@ when ``explicit_style`` is true (training names it some of the time, so both for
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
@@ -33,7 +34,59 @@ ATTRIBUTES: dict[str, tuple[str, ...]] = {"shape": SHAPES, "colour": COLOUR_NAME
 
 IMAGE_SIZE = 32
 _SS = 4  # supersampling factor for anti-aliased shape masks
-_BACKGROUND = (238, 236, 230)
+
+
+@dataclass(frozen=True)
+class DrawStyle:
+    """How the data is drawn: the same attributes and captions, other pixels.
+
+    The second demo model is trained on another ``DrawStyle`` (another palette, background, pattern
+    geometry and jitter), so a protocol tuned on one model is checked on data it never saw.
+    """
+
+    background: tuple[int, int, int] = (238, 236, 230)
+    palette: dict[str, tuple[int, int, int]] = field(default_factory=lambda: dict(COLOURS))
+    radius: tuple[float, float] = (8.5, 12.0)
+    offset: float = 3.0
+    rotation: float = 10.0
+    stripe_period: float = 4.0
+    stripe_angle: float = 0.0  # degrees; 0 = horizontal stripes
+    dot_period: float = 6.0
+    dot_radius: float = 1.5
+    outline_px: float = 2.2
+
+
+DRAW_STYLES: dict[str, DrawStyle] = {
+    "default": DrawStyle(),
+    # The second model's data: bluish background, shifted palette, diagonal finer stripes, denser dots.
+    "b": DrawStyle(
+        background=(222, 228, 236),
+        palette={
+            "red": (196, 30, 58),
+            "green": (60, 150, 40),
+            "blue": (40, 100, 200),
+            "yellow": (230, 205, 40),
+            "purple": (120, 60, 170),
+            "orange": (235, 110, 40),
+        },
+        radius=(7.5, 12.5),
+        offset=4.0,
+        rotation=20.0,
+        stripe_period=5.0,
+        stripe_angle=45.0,
+        dot_period=5.0,
+        dot_radius=1.3,
+        outline_px=2.6,
+    ),
+}
+
+
+def get_draw_style(name: str) -> DrawStyle:
+    """A named ``DrawStyle`` ("default": the shipped model's data, "b": the second model's)."""
+    try:
+        return DRAW_STYLES[name]
+    except KeyError:
+        raise ValueError(f"unknown draw style {name!r}; choose one of {sorted(DRAW_STYLES)}") from None
 
 
 class Sample(NamedTuple):
@@ -107,20 +160,23 @@ def _mask(points: np.ndarray, size: int, outline_px: float | None) -> np.ndarray
     return np.asarray(small, dtype=np.float32) / 255.0
 
 
-def _pattern(style: str, size: int, rng: np.random.Generator) -> np.ndarray:
+def _pattern(style: str, size: int, rng: np.random.Generator, draw: DrawStyle) -> np.ndarray:
     """Where the colour shows inside the shape (1) and where a pale fill shows instead (0)."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     if style == "striped":
-        period = 4.0
+        period = draw.stripe_period
         phase = rng.uniform(0, period)
+        if draw.stripe_angle:
+            a = math.radians(draw.stripe_angle)
+            yy = yy * math.cos(a) + xx * math.sin(a)
         return (np.mod(yy + phase, period) < period / 2).astype(np.float32)
     if style == "dotted":
-        period = 6.0
+        period = draw.dot_period
         px, py = rng.uniform(0, period, size=2)
         dx = np.mod(xx - px + period / 2, period) - period / 2
         dy = np.mod(yy - py + period / 2, period) - period / 2
         d = np.sqrt(dx * dx + dy * dy)
-        return 1.0 - np.clip(1.5 + 0.5 - d, 0.0, 1.0)  # pale dots of radius ~1.5 px on the colour
+        return 1.0 - np.clip(draw.dot_radius + 0.5 - d, 0.0, 1.0)  # pale dots on the colour
     return np.ones((size, size), np.float32)
 
 
@@ -130,25 +186,26 @@ def render(
     style: str,
     rng: np.random.Generator,
     size: int = IMAGE_SIZE,
+    draw: DrawStyle = DRAW_STYLES["default"],
 ) -> np.ndarray:
     """Draw one shape with random but bounded jitter; returns uint8 (size, size, 3)."""
     s = size / 32.0
-    radius = rng.uniform(8.5, 12.0) * s
-    centre = size / 2 + rng.uniform(-3.0, 3.0, size=2) * s
-    angle = math.radians(rng.uniform(-10.0, 10.0))
+    radius = rng.uniform(*draw.radius) * s
+    centre = size / 2 + rng.uniform(-draw.offset, draw.offset, size=2) * s
+    angle = math.radians(rng.uniform(-draw.rotation, draw.rotation))
     rot = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
     points = (_polygon(shape) @ rot.T) * radius + centre
 
-    bg = np.array(_BACKGROUND, np.float32) + rng.uniform(-6, 6)
-    col = np.clip(np.array(COLOURS[colour], np.float32) + rng.uniform(-12, 12, size=3), 0, 255)
+    bg = np.array(draw.background, np.float32) + rng.uniform(-6, 6)
+    col = np.clip(np.array(draw.palette[colour], np.float32) + rng.uniform(-12, 12, size=3), 0, 255)
     pale = 0.3 * col + 0.7 * bg
 
     if style == "outlined":
-        alpha = _mask(points, size, outline_px=2.2 * s)
+        alpha = _mask(points, size, outline_px=draw.outline_px * s)
         fill = np.broadcast_to(col, (size, size, 3))
     else:
         alpha = _mask(points, size, outline_px=None)
-        pat = _pattern(style, size, rng)[..., None]
+        pat = _pattern(style, size, rng, draw)[..., None]
         fill = pat * col + (1.0 - pat) * pale
     img = alpha[..., None] * fill + (1.0 - alpha[..., None]) * bg
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
@@ -158,6 +215,7 @@ def sample(
     rng: np.random.Generator,
     size: int = IMAGE_SIZE,
     explicit_style_prob: float = 0.3,
+    draw: DrawStyle = DRAW_STYLES["default"],
     **fixed: str,
 ) -> Sample:
     """Draw random attributes (any may be fixed by keyword: shape=, colour=, style=) and render them."""
@@ -168,12 +226,16 @@ def sample(
     if unknown:
         raise ValueError(f"unknown attribute(s) {sorted(unknown)}; use {sorted(ATTRIBUTES)}")
     explicit = bool(rng.random() < explicit_style_prob)
-    image = render(attrs["shape"], attrs["colour"], attrs["style"], rng, size=size)
+    image = render(attrs["shape"], attrs["colour"], attrs["style"], rng, size=size, draw=draw)
     return Sample(image, caption(attrs["shape"], attrs["colour"], attrs["style"], explicit), attrs)
 
 
 def make_dataset(
-    n: int, seed: int, size: int = IMAGE_SIZE, explicit_style_prob: float = 0.3
+    n: int,
+    seed: int,
+    size: int = IMAGE_SIZE,
+    explicit_style_prob: float = 0.3,
+    draw: DrawStyle = DRAW_STYLES["default"],
 ) -> tuple[np.ndarray, list[str], dict[str, np.ndarray]]:
     """`n` samples from one seed: images (n, size, size, 3) uint8, captions, and label indices per attribute."""
     rng = np.random.default_rng(seed)
@@ -181,7 +243,7 @@ def make_dataset(
     captions: list[str] = []
     labels = {key: np.empty(n, np.int64) for key in ATTRIBUTES}
     for i in range(n):
-        s = sample(rng, size=size, explicit_style_prob=explicit_style_prob)
+        s = sample(rng, size=size, explicit_style_prob=explicit_style_prob, draw=draw)
         images[i] = s.image
         captions.append(s.caption)
         for key, values in ATTRIBUTES.items():

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .model import DemoModelConfig, build_scheduler, build_text_encoders, build_unet, build_vae, time_ids
-from .shapes import make_dataset
+from .shapes import get_draw_style, make_dataset
 
 Log = Callable[[str], None]
 
@@ -42,6 +42,7 @@ class TrainConfig:
     empty_text_share: float = 0.3  # of those: encode "" (negative_prompt="") instead of SDXL's zeros
     ema_decay: float = 0.999
     explicit_style_prob: float = 0.3
+    draw_style: str = "default"  # shapes.DRAW_STYLES: how the training images are drawn
     classifier_steps: int = 500
     classifier_pool: int = 20000
     checkpoint_every: int = 200
@@ -103,7 +104,9 @@ def train_vae(cfg: DemoModelConfig, tc: TrainConfig, ckpt: Checkpointer, log: Lo
     t0 = time.time()
     for step in range(start, tc.vae_steps):
         _set_lr(opt, _lr(step, tc.vae_steps, tc.vae_lr, 50))
-        images, _, _ = make_dataset(tc.vae_batch, seed=_key(tc.seed, 1, step), size=cfg.image_size)
+        images, _, _ = make_dataset(
+            tc.vae_batch, seed=_key(tc.seed, 1, step), size=cfg.image_size, draw=get_draw_style(tc.draw_style)
+        )
         x = _images_to_tensor(images)
         post = vae.encode(x).latent_dist
         gen = torch.Generator().manual_seed(_key(tc.seed, 2, step))
@@ -133,7 +136,9 @@ def _key(seed: int, stage: int, step: int) -> int:
 @torch.no_grad()
 def encode_pool(vae, cfg: DemoModelConfig, tc: TrainConfig, log: Log = print) -> dict[str, torch.Tensor]:
     """Encode a fixed pool of generator images once; the UNet samples from their posteriors."""
-    images, _, labels = make_dataset(tc.latent_pool, seed=_key(tc.seed, 3, 0), size=cfg.image_size)
+    images, _, labels = make_dataset(
+        tc.latent_pool, seed=_key(tc.seed, 3, 0), size=cfg.image_size, draw=get_draw_style(tc.draw_style)
+    )
     means, stds = [], []
     t0 = time.time()
     for i in range(0, len(images), 256):
