@@ -5,7 +5,7 @@ hooks or folded weights, and save them as safetensors. Host-specific code (diffu
 at the edges; importing this package imports neither.
 """
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 from .applying import (  # noqa: E402
     ACTHandle,

@@ -5,6 +5,11 @@ This is the one place where lambda meets activations. With ``scale = 1 + lam * (
 ``x`` elsewhere, i.e. ``x + lam * m(x) * ((omega - 1) * x + beta)``; it is computed in float32 and cast
 back to the activation's dtype. Folding writes the same affine map into the producing layer as weight
 and bias diffs that are linear in lam, which is exactly a LoRA-style "diff" patch.
+
+Time-aware maps (``ACTMap.buckets``) hold one (omega, beta, support) per noise level; the host tells the
+handle the noise level of each model call (``ACTHandle.set_noise_level``) and the hooks interpolate
+omega and beta linearly between the two buckets around it (the support of the nearer one is used).
+Outside the fitted range the nearest bucket applies.
 """
 
 from __future__ import annotations
@@ -33,29 +38,56 @@ _HANDLE_ATTR = "_act_handle"
 _FOLD_ATTR = "_act_fold"
 
 Strength = float | Mapping[str, float]
+# Largest |lambda| accepted: the slider goes to 2; beyond 10 a map only renders noise (or NaN).
+MAX_STRENGTH = 10.0
+# (lower bucket, upper bucket, weight of the upper one): where a noise level falls between buckets.
+BucketPosition = tuple[int, int, float]
 
 
 def check_strength(value: Any, what: str = "strength") -> float:
-    """A finite float, or an ``ACTInputError`` that says what was wrong."""
+    """A finite float with ``|value| <= MAX_STRENGTH``, or an ``ACTInputError`` that says what was wrong."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) and not hasattr(value, "__float__"):
+        raise ACTInputError(f"{what} must be a number, got {value!r}.")
     try:
         number = float(value)
     except (TypeError, ValueError):
         raise ACTInputError(f"{what} must be a number, got {value!r}.") from None
     if not math.isfinite(number):
         raise ACTInputError(f"{what} must be finite, got {number}. Use 0 for off, 1 for full transport.")
+    if abs(number) > MAX_STRENGTH:
+        raise ACTInputError(
+            f"{what} {number:g} is outside [-{MAX_STRENGTH:g}, {MAX_STRENGTH:g}]: 0 is off, 1 full transport, "
+            "values up to about 2 extrapolate."
+        )
     return number
+
+
+def bucket_position(buckets: tuple[float, ...], level: float) -> BucketPosition:
+    """Where noise level ``level`` falls among ``buckets``: interpolation indices and weight."""
+    order = sorted(range(len(buckets)), key=lambda k: buckets[k])
+    levels = [buckets[k] for k in order]
+    if level <= levels[0]:
+        return order[0], order[0], 0.0
+    if level >= levels[-1]:
+        return order[-1], order[-1], 0.0
+    upper = next(k for k, value in enumerate(levels) if value >= level)
+    lower = upper - 1
+    weight = (level - levels[lower]) / (levels[upper] - levels[lower])
+    return order[lower], order[upper], float(weight)
 
 
 @dataclass
 class PartControl:
     """Live settings shared by all hooks of one model part; hosts change them between forwards.
 
-    ``rows`` restricts transport to some samples of the batch (e.g. the cond half of a CFG batch).
+    ``rows`` restricts transport to some samples of the batch (e.g. the cond half of a CFG batch);
+    ``position`` is the noise-level bucket position of the current call (time-aware maps only).
     """
 
     strength: float = 1.0
     enabled: bool = True
     rows: slice | torch.Tensor | None = None
+    position: BucketPosition = (0, 0, 0.0)
 
 
 class _DeviceParams:
@@ -65,29 +97,50 @@ class _DeviceParams:
         self.module_map = module_map
         self._key: tuple | None = None
         self._tensors: tuple[torch.Tensor, ...] = ()
+        self._device_map: tuple[torch.device, tuple[torch.Tensor, ...]] | None = None
 
-    def get(self, strength: float, device: torch.device) -> tuple[torch.Tensor, ...]:
-        key = (strength, device)
-        if key != self._key:
+    def _on(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        if self._device_map is None or self._device_map[0] != device:
             m = self.module_map
-            scale = 1.0 + strength * (m.omega - 1.0)
-            shift = strength * m.beta
-            self._tensors = tuple(t.to(device) for t in (scale, shift, m.low, m.high))
+            self._device_map = (device, tuple(t.to(device) for t in (m.omega, m.beta, m.low, m.high)))
+        return self._device_map[1]
+
+    def get(
+        self, strength: float, device: torch.device, position: BucketPosition = (0, 0, 0.0)
+    ) -> tuple[torch.Tensor, ...]:
+        bucketed = self.module_map.bucketed
+        key = (strength, device, position if bucketed else None)
+        if key != self._key:
+            omega, beta, low, high = self._on(device)
+            if bucketed:
+                lower, upper, weight = position
+                omega = torch.lerp(omega[lower], omega[upper], weight)
+                beta = torch.lerp(beta[lower], beta[upper], weight)
+                nearer = upper if weight >= 0.5 else lower
+                low, high = low[nearer], high[nearer]
+            self._tensors = (1.0 + strength * (omega - 1.0), strength * beta, low, high)
             self._key = key
         return self._tensors
 
 
 def transport(
-    x: torch.Tensor, module_map: ModuleMap, strength: float, params: _DeviceParams | None = None
+    x: torch.Tensor,
+    module_map: ModuleMap,
+    strength: float,
+    params: _DeviceParams | None = None,
+    position: BucketPosition = (0, 0, 0.0),
 ) -> torch.Tensor:
-    """Transport one activation tensor with strength ``strength`` (see the module docstring)."""
+    """Transport one activation tensor with strength ``strength`` (see the module docstring).
+
+    ``position`` picks the noise-level bucket(s) of a time-aware map (ignored by one-bucket maps).
+    """
     axis = channel_axis(x.ndim)
     if x.shape[axis] != module_map.width:
         raise ACTModelMismatchError(
             f"Activation has {x.shape[axis]} units on axis {axis} but the ACT map has {module_map.width}: "
             "the map was fitted on another model."
         )
-    scale, shift, low, high = (params or _DeviceParams(module_map)).get(strength, x.device)
+    scale, shift, low, high = (params or _DeviceParams(module_map)).get(strength, x.device, position)
     view = [1] * x.ndim
     view[axis] = -1
     scale, shift, low, high = (t.view(view) for t in (scale, shift, low, high))
@@ -123,10 +176,12 @@ class TransportHook:
         if x is None:
             return None
         if control.rows is None:
-            y = transport(x, self.module_map, control.strength, self._params)
+            y = transport(x, self.module_map, control.strength, self._params, control.position)
         else:
             y = x.clone()
-            y[control.rows] = transport(x[control.rows], self.module_map, control.strength, self._params)
+            y[control.rows] = transport(
+                x[control.rows], self.module_map, control.strength, self._params, control.position
+            )
         return replace_first_tensor(output, y)
 
 
@@ -175,6 +230,14 @@ class ACTHandle:
         for part in self._parts(parts):
             self.controls[part].rows = rows
 
+    def set_noise_level(self, level: float, parts: Iterable[str] | None = None) -> None:
+        """The noise level of the coming model call (time-aware maps pick their buckets from it)."""
+        if self.act_map.buckets is None:
+            return
+        position = bucket_position(self.act_map.buckets, float(level))
+        for part in self._parts(parts):
+            self.controls[part].position = position
+
     def remove(self) -> None:
         """Remove every hook of this handle; the model is exactly as before."""
         for handle in self._handles:
@@ -218,6 +281,12 @@ def apply_act(modules: Mapping[str, nn.Module], act_map: ACTMap, strength: Stren
 
 # ---------------------------------------------------------------------------------------- folding
 def _foldable_module(name: str, module: nn.Module, module_map: ModuleMap) -> None:
+    if module_map.bucketed:
+        raise ACTInputError(
+            f"Module {name!r} has a time-aware map (one per noise level), and weights cannot change between "
+            "denoising steps, so it cannot be folded. Use hooks (enable_act / Apply ACT), or fit a one-bucket "
+            "map with the foldable preset."
+        )
     if not module_map.foldable:
         raise ACTInputError(
             f"Module {name!r} has a map with bounded support or spatial-mean mode, which is not affine on "

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import __version__
+from ._version import __version__
 from .applying import transport
 from .errors import ACTError, ACTInputError
 from .estimators import default_support, get_estimator, support_bounds, validate_support

@@ -20,10 +20,11 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from . import __version__
+from ._version import __version__
 from .applying import Strength, check_strength, folded_diffs
 from .errors import ACTInputError
-from .maps import APPLY_PER_ELEMENT, APPLY_SPATIAL_MEAN, ACTMap, atomic_write
+from .files import atomic_write
+from .maps import APPLY_PER_ELEMENT, APPLY_SPATIAL_MEAN, ACTMap
 from .names import lora_key
 
 LORA_FORMAT = "act_lora"

@@ -3,6 +3,16 @@
 A map is a dict of ``ModuleMap`` (one per hooked module, in execution order) and a JSON-able metadata
 dict. It saves to a single safetensors file (a format that cannot run code) with the metadata in the
 header, and is written atomically so an interrupted save never leaves a half-written file.
+
+Time-aware maps hold one (omega, beta, support) per *noise-level bucket*: ``ACTMap.buckets`` lists the
+noise levels (``u`` in [0, 1]: timestep / number of training timesteps for discrete-time models such as
+SDXL, sigma for flow models such as FLUX; 1 = pure noise) and every module's tensors are ``(K, D)``.
+At generation the hooks interpolate between the two buckets around the current noise level, so a map
+fitted with 25 steps applies at 12 or 40 steps and with another scheduler. Maps without buckets hold
+``(D,)`` tensors and act the same at every step (the paper's protocol).
+
+File format (safetensors header ``format: act_map``): version 1 has one-bucket maps only; version 2
+adds the ``buckets`` header entry (a JSON list, or null) and ``(K, D)`` tensors. Both load.
 """
 
 from __future__ import annotations
@@ -12,7 +22,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -22,25 +31,33 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from . import __version__
+from ._version import __version__
 from .errors import ACTInputError, ACTMapFileError, ACTModelMismatchError
+from .files import atomic_write
 
 FILE_FORMAT = "act_map"
-FILE_FORMAT_VERSION = "1"
+FILE_FORMAT_VERSION = "2"
+READABLE_VERSIONS = ("1", "2")
 APPLY_PER_ELEMENT = "per_element"
 APPLY_SPATIAL_MEAN = "spatial_mean"
 APPLY_MODES = (APPLY_PER_ELEMENT, APPLY_SPATIAL_MEAN)
 _TENSOR_FIELDS = ("omega", "beta", "low", "high")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Largest |omega| and |beta| a map may hold. Fitted maps are bounded far below this (see
+# estimators.MAX_OMEGA); larger values only come from broken files and would render NaN.
+MAX_OMEGA_MAGNITUDE = 1e4
+MAX_BETA_MAGNITUDE = 1e6
 
 
 @dataclass
 class ModuleMap:
     """The affine map ``T(x) = omega * x + beta`` of one module, applied where ``low < x < high``.
 
-    ``apply_mode`` says how 4-D (B, C, H, W) outputs are transported: ``per_element`` maps every
-    element; ``spatial_mean`` (the reference's choice for UNet feature maps) maps only the per-channel
-    spatial mean and adds the resulting shift to every position. 2-D and 3-D outputs are always mapped
-    per element along their last axis.
+    Tensors are ``(D,)`` (one map for every denoising step) or ``(K, D)`` (one row per noise-level
+    bucket of the owning ``ACTMap``). ``apply_mode`` says how 4-D (B, C, H, W) outputs are transported:
+    ``per_element`` maps every element; ``spatial_mean`` (the reference's choice for UNet feature maps)
+    maps only the per-channel spatial mean and adds the resulting shift to every position. 2-D and 3-D
+    outputs are always mapped per element along their last axis.
     """
 
     omega: torch.Tensor
@@ -50,23 +67,60 @@ class ModuleMap:
     apply_mode: str = APPLY_PER_ELEMENT
 
     def __post_init__(self) -> None:
+        shapes = set()
         for name in _TENSOR_FIELDS:
             value = torch.as_tensor(getattr(self, name)).detach().to(device="cpu", dtype=torch.float32)
-            setattr(self, name, value.flatten().contiguous())
-        widths = {getattr(self, name).numel() for name in _TENSOR_FIELDS}
-        if len(widths) != 1:
-            raise ACTInputError(f"omega, beta, low and high must have the same length, got {sorted(widths)}.")
+            if value.ndim == 0 or value.ndim > 2:
+                value = value.flatten()
+            setattr(self, name, value.contiguous())
+            shapes.add(tuple(value.shape))
+        if len(shapes) != 1:
+            raise ACTInputError(
+                f"omega, beta, low and high must have the same length and shape, got {sorted(shapes)} "
+                "((D,) for one map, (K, D) for K noise-level buckets)."
+            )
         if self.apply_mode not in APPLY_MODES:
             raise ACTInputError(f"apply_mode must be one of {APPLY_MODES}, got {self.apply_mode!r}.")
         if not (torch.isfinite(self.omega).all() and torch.isfinite(self.beta).all()):
             raise ACTInputError(
                 "omega and beta must be finite; the activations they were fitted on were not."
             )
+        if self.omega.abs().max() > MAX_OMEGA_MAGNITUDE or self.beta.abs().max() > MAX_BETA_MAGNITUDE:
+            raise ACTInputError(
+                f"omega or beta is implausibly large (|omega| up to {self.omega.abs().max().item():.3g}, "
+                f"|beta| up to {self.beta.abs().max().item():.3g}; limits {MAX_OMEGA_MAGNITUDE:g} and "
+                f"{MAX_BETA_MAGNITUDE:g}): such a map would render NaN. Re-fit it."
+            )
+        if torch.isnan(self.low).any() or torch.isnan(self.high).any():
+            raise ACTInputError("The support bounds (low, high) contain NaN; re-fit the map.")
+        if (self.low > self.high).any():
+            raise ACTInputError(
+                "The support bounds are swapped (low > high) for some units, so the map would never apply "
+                "there; re-fit the map."
+            )
 
     @property
     def width(self) -> int:
         """Number of units (channels) the map acts on."""
-        return self.omega.numel()
+        return int(self.omega.shape[-1])
+
+    @property
+    def num_buckets(self) -> int:
+        """Noise-level buckets (1 for a map that acts the same at every step)."""
+        return 1 if self.omega.ndim == 1 else int(self.omega.shape[0])
+
+    @property
+    def bucketed(self) -> bool:
+        return self.omega.ndim == 2
+
+    def bucket(self, index: int) -> ModuleMap:
+        """The one-bucket map of bucket ``index`` (the map itself when it has no buckets)."""
+        if not self.bucketed:
+            return self
+        return replace(
+            self,
+            **{name: getattr(self, name)[index] for name in _TENSOR_FIELDS},
+        )
 
     @property
     def unbounded(self) -> bool:
@@ -75,8 +129,8 @@ class ModuleMap:
 
     @property
     def foldable(self) -> bool:
-        """Affine on every element, so it can be written into the producing layer's weights."""
-        return self.unbounded and self.apply_mode == APPLY_PER_ELEMENT
+        """Affine on every element at every step, so it can be written into the producing layer's weights."""
+        return self.unbounded and self.apply_mode == APPLY_PER_ELEMENT and not self.bucketed
 
     def equal(self, other: ModuleMap) -> bool:
         """Exact equality of all tensors and the apply mode."""
@@ -85,24 +139,56 @@ class ModuleMap:
         )
 
 
+def check_buckets(buckets: Sequence[float] | None) -> tuple[float, ...] | None:
+    """Validate noise levels: finite, in [0, 1], distinct. None means a map without buckets."""
+    if buckets is None:
+        return None
+    try:
+        levels = tuple(float(u) for u in buckets)
+    except (TypeError, ValueError):
+        raise ACTInputError(f"buckets must be a list of noise levels in [0, 1], got {buckets!r}.") from None
+    if not levels:
+        raise ACTInputError("buckets is empty; use None for a map without noise-level buckets.")
+    if not all(math.isfinite(u) and 0.0 <= u <= 1.0 for u in levels):
+        raise ACTInputError(f"Noise levels must be finite numbers in [0, 1], got {list(levels)}.")
+    if len(set(levels)) != len(levels):
+        raise ACTInputError(f"Noise levels must be distinct, got {list(levels)}.")
+    return levels
+
+
 @dataclass
 class ACTMap:
-    """Per-module transport maps (in execution order) and metadata (method, support, provenance)."""
+    """Per-module transport maps (in execution order), metadata, and optional noise-level buckets."""
 
     modules: dict[str, ModuleMap]
     metadata: dict[str, Any] = field(default_factory=dict)
+    buckets: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         if not self.modules:
             raise ACTInputError("An ACT map needs at least one module map.")
         self.modules = dict(self.modules)
+        self.buckets = check_buckets(self.buckets)
+        expected = 1 if self.buckets is None else len(self.buckets)
+        for name, module_map in self.modules.items():
+            if module_map.bucketed != (self.buckets is not None) or module_map.num_buckets != expected:
+                raise ACTInputError(
+                    f"Module {name!r} has {module_map.num_buckets} noise-level bucket(s) "
+                    f"({'(K, D)' if module_map.bucketed else '(D,)'} tensors) but the map has "
+                    f"{'no buckets' if self.buckets is None else f'{expected} buckets'}; every module needs one "
+                    "row per bucket."
+                )
+        if not isinstance(self.metadata, Mapping):
+            raise ACTInputError(
+                f"ACT map metadata must be a JSON object (a dict), got {type(self.metadata).__name__}."
+            )
         try:
             # Round-trip through JSON so a map equals its saved-and-loaded copy (tuples become lists).
             self.metadata = json.loads(json.dumps(dict(self.metadata)))
         except (TypeError, ValueError) as error:
             raise ACTInputError(f"ACT map metadata must be JSON-serialisable: {error}") from None
 
-    # ----------------------------------------------------------------------------------- inspection
+# ----------------------------------------------------------------------------------- inspection
     def __len__(self) -> int:
         return len(self.modules)
 
@@ -126,14 +212,27 @@ class ACTMap:
             list(self.modules) == list(other.modules)
             and all(self.modules[name].equal(other.modules[name]) for name in self.modules)
             and self.metadata == other.metadata
+            and self.buckets == other.buckets
         )
 
     def summary(self) -> str:
         """A short human-readable description (used by the CLI's ``info``)."""
         lines = [f"ACT map: {len(self)} modules, {sum(self.widths.values())} units"]
-        for key in ("method", "support", "mode", "apply_mode", "num_source", "num_target", "preset", "model"):
+        for key in (
+            "method",
+            "support",
+            "mode",
+            "apply_mode",
+            "protocol",
+            "cfg_rows",
+            "num_source",
+            "num_target",
+            "preset",
+            "model",
+        ):
             if key in self.metadata:
                 lines.append(f"  {key}: {self.metadata[key]}")
+        lines.append(f"  noise-level buckets: {describe_buckets(self.buckets)}")
         for part in self.parts():
             names = [name for name in self.modules if part_of(name) == part]
             lines.append(
@@ -165,7 +264,7 @@ class ACTMap:
                 f"the map's parts are {self.parts()}."
             )
         metadata = dict(self.metadata, restricted_from=len(self.modules))
-        return ACTMap(kept, metadata)
+        return ACTMap(kept, metadata, self.buckets)
 
     def compose(self, other: ACTMap) -> ACTMap:
         """The map that applies ``self`` first, then ``other`` (on modules both contain).
@@ -176,6 +275,12 @@ class ACTMap:
         only one support are left unchanged rather than half-transported. Modules in only one map keep
         their map. The order follows ``self``, then modules new in ``other``.
         """
+        if self.buckets != other.buckets:
+            raise ACTInputError(
+                "Cannot compose maps with different noise-level buckets "
+                f"({describe_buckets(self.buckets)} vs {describe_buckets(other.buckets)}); fit both with the "
+                "same sampling settings."
+            )
         composed: dict[str, ModuleMap] = {}
         for name in list(self.modules) + [n for n in other.modules if n not in self.modules]:
             first, second = self.modules.get(name), other.modules.get(name)
@@ -198,7 +303,7 @@ class ACTMap:
             "composed_of": [self.metadata, other.metadata],
             "act_version": __version__,
         }
-        return ACTMap(composed, metadata)
+        return ACTMap(composed, metadata, self.buckets)
 
     # ----------------------------------------------------------------------------------- checking
     def check_compatible(self, model_widths: Mapping[str, int | None], *, what: str = "this model") -> None:
@@ -226,7 +331,10 @@ class ACTMap:
 
     # ----------------------------------------------------------------------------------- files
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the map as safetensors (tensors + JSON metadata in the header), atomically."""
+        """Write the map as safetensors (tensors + JSON metadata in the header), atomically.
+
+        Returns the path written (a symlink's target when ``path`` is a symlink).
+        """
         path = Path(path)
         if path.suffix != ".safetensors":
             raise ACTInputError(f"ACT maps are saved as .safetensors files; got {path.name!r}.")
@@ -241,14 +349,14 @@ class ACTMap:
             "modules": json.dumps(
                 [{"name": n, "width": m.width, "apply_mode": m.apply_mode} for n, m in self.modules.items()]
             ),
+            "buckets": json.dumps(None if self.buckets is None else list(self.buckets)),
             "metadata": json.dumps(self.metadata),
         }
-        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=header))
-        return path
+        return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=header))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> ACTMap:
-        """Read a map written by ``save``. Never unpickles anything; validates every tensor."""
+        """Read a map written by ``save`` (format version 1 or 2). Never unpickles; validates everything."""
         path = Path(path)
         if not path.is_file():
             raise ACTMapFileError(
@@ -257,19 +365,8 @@ class ACTMap:
         try:
             with safe_open(str(path), framework="pt") as handle:
                 header = handle.metadata() or {}
-                if header.get("format") != FILE_FORMAT:
-                    raise ACTMapFileError(
-                        f"{path.name} is a safetensors file but not an ACT map (no 'format: {FILE_FORMAT}' "
-                        "header). Export LoRA files are not maps; load the map you saved with ACTMap.save."
-                    )
-                if header.get("format_version") != FILE_FORMAT_VERSION:
-                    raise ACTMapFileError(
-                        f"{path.name} uses ACT map format version {header.get('format_version')!r}; this "
-                        f"library reads version {FILE_FORMAT_VERSION}. Upgrade comfyui-act or re-fit the map."
-                    )
-                entries = json.loads(header["modules"])
-                metadata = json.loads(header.get("metadata", "{}"))
                 keys = set(handle.keys())
+                entries, metadata, buckets = _read_header(path.name, header)
                 modules = {}
                 for entry in entries:
                     name = entry["name"]
@@ -280,10 +377,29 @@ class ACTMap:
                             raise ACTMapFileError(
                                 f"{path.name} is incomplete: tensor {key!r} is missing. Re-save the map."
                             )
-                        fields[field_name] = handle.get_tensor(key)
-                    if fields["omega"].numel() != entry["width"]:
-                        raise ACTMapFileError(f"{path.name} is inconsistent: module {name!r} width mismatch.")
-                    modules[name] = ModuleMap(**fields, apply_mode=entry["apply_mode"])
+                        keys.discard(key)
+                        tensor = handle.get_tensor(key)
+                        if tensor.dtype not in _FLOAT_DTYPES:
+                            raise ACTMapFileError(
+                                f"{path.name} is not a valid ACT map: tensor {key!r} is {tensor.dtype}, not a "
+                                "floating-point type. Re-fit the map; never edit map files by hand."
+                            )
+                        fields[field_name] = tensor
+                    expected = (entry["width"],) if buckets is None else (len(buckets), entry["width"])
+                    if tuple(fields["omega"].shape) != expected:
+                        raise ACTMapFileError(
+                            f"{path.name} is inconsistent: module {name!r} has tensors of shape "
+                            f"{tuple(fields['omega'].shape)}, the header says {expected}. Re-save the map."
+                        )
+                    try:
+                        modules[name] = ModuleMap(**fields, apply_mode=entry["apply_mode"])
+                    except ACTInputError as error:
+                        raise ACTMapFileError(f"{path.name}: module {name!r}: {error}") from None
+                if keys:
+                    raise ACTMapFileError(
+                        f"{path.name} is inconsistent: its header lists {len(entries)} modules but the file "
+                        f"holds {len(keys)} more tensor(s) (first: {sorted(keys)[0]!r}). Re-save the map."
+                    )
         except ACTMapFileError:
             raise
         except Exception as error:  # safetensors raises its own error types for truncated/corrupt headers
@@ -291,7 +407,68 @@ class ACTMap:
                 f"Cannot read ACT map {path.name}: the file is corrupted or truncated ({type(error).__name__}: "
                 f"{error}). Re-save or re-fit the map."
             ) from None
-        return cls(modules, metadata)
+        try:
+            return cls(modules, metadata, buckets)
+        except ACTInputError as error:
+            raise ACTMapFileError(f"{path.name} is not a valid ACT map: {error}") from None
+
+
+def _read_header(file_name: str, header: Mapping[str, str]) -> tuple[list[dict], dict, tuple | None]:
+    """(module entries, metadata, buckets) of a map file's header, or ``ACTMapFileError`` naming the problem."""
+    if header.get("format") != FILE_FORMAT:
+        raise ACTMapFileError(
+            f"{file_name} is a safetensors file but not an ACT map (no 'format: {FILE_FORMAT}' "
+            "header). Export LoRA files are not maps; load the map you saved with ACTMap.save."
+        )
+    version = header.get("format_version")
+    if version not in READABLE_VERSIONS:
+        raise ACTMapFileError(
+            f"{file_name} uses ACT map format version {version!r}; this library reads versions "
+            f"{', '.join(READABLE_VERSIONS)}. Upgrade comfyui-act or re-fit the map."
+        )
+
+    def parse(key: str, default: str) -> Any:
+        try:
+            return json.loads(header.get(key, default))
+        except ValueError:
+            raise ACTMapFileError(f"{file_name}: the header's {key!r} entry is not valid JSON.") from None
+
+    entries = parse("modules", "[]")
+    if not isinstance(entries, list) or not entries:
+        raise ACTMapFileError(f"{file_name} lists no modules in its header; it is not a usable ACT map.")
+    names = []
+    for entry in entries:
+        if not (
+            isinstance(entry, dict)
+            and isinstance(entry.get("name"), str)
+            and isinstance(entry.get("width"), int)
+            and entry["width"] > 0
+            and entry.get("apply_mode") in APPLY_MODES
+        ):
+            raise ACTMapFileError(f"{file_name}: malformed module entry {entry!r} in the header.")
+        names.append(entry["name"])
+    duplicated = sorted({name for name in names if names.count(name) > 1})
+    if duplicated:
+        raise ACTMapFileError(f"{file_name} lists module {duplicated[0]!r} more than once; re-save the map.")
+    metadata = parse("metadata", "{}")
+    if not isinstance(metadata, dict):
+        raise ACTMapFileError(
+            f"{file_name}: the header's metadata must be a JSON object, got {type(metadata).__name__}."
+        )
+    buckets = parse("buckets", "null") if version != "1" else None
+    if buckets is not None:
+        try:
+            buckets = check_buckets(buckets)
+        except ACTInputError as error:
+            raise ACTMapFileError(f"{file_name}: {error}") from None
+    return entries, metadata, buckets
+
+
+def describe_buckets(buckets: Sequence[float] | None) -> str:
+    """"none (one map for every step)" or "25, noise levels 0.999 .. 0.039"."""
+    if buckets is None:
+        return "none (one map for every step)"
+    return f"{len(buckets)}, noise levels {max(buckets):.3f} .. {min(buckets):.3f}"
 
 
 def _compose_pair(first: ModuleMap, second: ModuleMap) -> ModuleMap:
@@ -309,12 +486,15 @@ def _compose_pair(first: ModuleMap, second: ModuleMap) -> ModuleMap:
         inside = (second.low.double() < b1) & (b1 < second.high.double())
         pre_low = torch.where(w1 == 0, torch.where(inside, -math.inf, math.inf), pre_low)
         pre_high = torch.where(w1 == 0, torch.where(inside, math.inf, -math.inf), pre_high)
+    low = torch.maximum(first.low.double(), pre_low)
+    high = torch.minimum(first.high.double(), pre_high)
+    high = torch.where(low > high, low, high)  # an empty support: low == high (the mask is strict)
     return replace(
         first,
         omega=(w2 * w1).float(),
         beta=(w2 * b1 + b2).float(),
-        low=torch.maximum(first.low.double(), pre_low).float(),
-        high=torch.minimum(first.high.double(), pre_high).float(),
+        low=low.float(),
+        high=high.float(),
     )
 
 
@@ -332,28 +512,3 @@ def model_fingerprint(widths: Mapping[str, int | None]) -> str:
     """A digest of module names and widths: equal for models of the same architecture."""
     text = "\n".join(f"{name}:{width}" for name, width in widths.items())
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
-
-
-def atomic_write(path: str | os.PathLike, write: Any) -> Path:
-    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it into place.
-
-    The rename is atomic on POSIX and Windows, so readers see the old file or the new one, never a
-    partial one; on any error or interrupt (KeyboardInterrupt included) the temporary file is removed.
-    """
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise ACTInputError(
-            f"Cannot write {str(path)!r}: folder {str(path.parent)!r} does not exist. Create it first."
-        )
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path

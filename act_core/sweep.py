@@ -23,7 +23,8 @@ from PIL.PngImagePlugin import PngInfo
 
 from .applying import check_strength
 from .errors import ACTInputError
-from .maps import ACTMap, atomic_write
+from .files import atomic_write
+from .maps import ACTMap
 
 MIN_CELL = 128
 GAP = 4

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from act_core import __version__
+from act_core._version import __version__
 from act_core.errors import ACTError, ACTInputError
 from act_core.fitting import fit_with_stats
 from act_core.maps import ACTMap, part_of, prompt_digest
