@@ -6,8 +6,7 @@ at the edges; importing this package imports neither.
 """
 
 from ._version import __version__
-
-from .applying import (  # noqa: E402
+from .applying import (
     ACTHandle,
     FoldHandle,
     apply_act,
@@ -18,13 +17,14 @@ from .applying import (  # noqa: E402
     transport,
     unfold_act,
 )
-from .errors import ACTError, ACTInputError, ACTMapFileError, ACTModelMismatchError  # noqa: E402
-from .estimators import gaussian_act, linear_act, mean_act  # noqa: E402
-from .fitting import FitStats, fit, fit_with_stats  # noqa: E402
-from .maps import ACTMap, ModuleMap  # noqa: E402
-from .recording import ActivationRecorder, select_modules, token_mask  # noqa: E402
+from .errors import ACTError, ACTInputError, ACTMapFileError, ACTModelMismatchError
+from .estimators import gaussian_act, linear_act, mean_act
+from .fitting import FitStats, fit, fit_with_stats
+from .maps import ACTMap, ModuleMap
+from .recording import ActivationRecorder, select_modules, token_mask
 
 __all__ = [
+    "__version__",
     "ACTError",
     "ACTHandle",
     "ACTInputError",

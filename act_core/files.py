@@ -131,15 +131,15 @@ def check_writable_output(path: str | os.PathLike, suffixes: tuple[str, ...], wh
     """
     path = Path(path).expanduser()
     if path.suffix not in suffixes:
-        hint = f" (it must be lower case: {path.stem}{suffixes[0]})" if path.suffix.lower() in suffixes else ""
+        hint = (
+            f" (it must be lower case: {path.stem}{suffixes[0]})" if path.suffix.lower() in suffixes else ""
+        )
         raise ACTInputError(f"{what} must end in {' or '.join(suffixes)}; got {path.name!r}{hint}.")
     destination = resolve_destination(path)
     if destination.is_dir():
         raise ACTInputError(f"{what} {str(path)!r} is a folder; give a file name ending in {suffixes[0]}.")
     if not destination.parent.is_dir():
-        raise ACTInputError(
-            f"{what}: folder {str(destination.parent)!r} does not exist. Create it first."
-        )
+        raise ACTInputError(f"{what}: folder {str(destination.parent)!r} does not exist. Create it first.")
     if not os.access(destination.parent, os.W_OK):
         raise ACTInputError(
             f"{what}: folder {str(destination.parent)!r} is not writable. Choose another folder or fix its "

@@ -188,7 +188,7 @@ class ACTMap:
         except (TypeError, ValueError) as error:
             raise ACTInputError(f"ACT map metadata must be JSON-serialisable: {error}") from None
 
-# ----------------------------------------------------------------------------------- inspection
+    # ----------------------------------------------------------------------------------- inspection
     def __len__(self) -> int:
         return len(self.modules)
 
@@ -465,7 +465,7 @@ def _read_header(file_name: str, header: Mapping[str, str]) -> tuple[list[dict],
 
 
 def describe_buckets(buckets: Sequence[float] | None) -> str:
-    """"none (one map for every step)" or "25, noise levels 0.999 .. 0.039"."""
+    """ "none (one map for every step)" or "25, noise levels 0.999 .. 0.039"."""
     if buckets is None:
         return "none (one map for every step)"
     return f"{len(buckets)}, noise levels {max(buckets):.3f} .. {min(buckets):.3f}"
