@@ -17,3 +17,7 @@ class ACTMapFileError(ACTError, OSError):
 
 class ACTModelMismatchError(ACTError, ValueError):
     """A map that does not fit the model it is applied to (missing module or wrong width)."""
+
+
+class ACTWarning(UserWarning):
+    """Something that works but is probably not what was meant (e.g. a map that does nothing)."""

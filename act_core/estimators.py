@@ -10,12 +10,14 @@ and returned as float32 torch tensors, the dtype maps are stored in.
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from .errors import ACTInputError
+from .errors import ACTInputError, ACTWarning
 
 ArrayLike = torch.Tensor | np.ndarray
 Estimator = Callable[[ArrayLike, ArrayLike], "tuple[torch.Tensor, torch.Tensor]"]
@@ -26,6 +28,9 @@ _CONSTANT_UNIT_RTOL = 1e-12
 GAUSSIAN_MIN_STD = 1e-4
 
 METHODS = ("linear", "mean", "gaussian")
+# Robust Linear-AcT (see ``robust_linear_act``): pseudo-samples that pull omega toward 1, and a hard cap.
+DEFAULT_SHRINKAGE = 1.0
+MAX_OMEGA = 10.0
 SUPPORT_SOURCE_RANGE = "range"
 SUPPORT_UNBOUNDED = "unbounded"
 _QUANTILE_SUPPORT = re.compile(r"^q(?P<lo>\d+(\.\d+)?)-(?P<hi>\d+(\.\d+)?)$")
@@ -116,6 +121,60 @@ def linear_act(source: ArrayLike, target: ArrayLike) -> tuple[torch.Tensor, torc
     return omega.float(), beta.float()
 
 
+@dataclass
+class Guard:
+    """How ``robust_linear_act`` kept omega sane, for the map's metadata."""
+
+    shrinkage: float
+    max_omega: float
+    clamped_units: int = 0
+    shrunk_units: int = 0
+
+
+def robust_linear_act(
+    source: ArrayLike,
+    target: ArrayLike,
+    shrinkage: float = DEFAULT_SHRINKAGE,
+    max_omega: float = MAX_OMEGA,
+    guard: Guard | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Linear-AcT with omega shrunk toward 1 (Mean-AcT) where a unit's source spread is tiny.
+
+    Plain Linear-AcT divides by the source variance, so a unit that barely varies over the (few)
+    prompts gets a huge omega (up to 8e4 seen on a full SDXL fitted from 2 + 2 prompts), which
+    extrapolates wildly at generation. Here ``shrinkage`` pseudo-pairs lying on the identity, with
+    the spread of a typical unit of the module (the median source variance), are added to the
+    least-squares fit:
+
+        omega = (sum (a - ma)(b - mb) + s * v) / (sum (a - ma)^2 + s * v),  v = median unit variance
+
+    Units with a normal spread are barely changed (the pseudo-pairs weigh ``s`` of ``N`` samples);
+    near-constant units end near omega = 1, a pure shift. omega is then capped at ``max_omega``;
+    beta = mean_b - omega * mean_a keeps the means matched exactly. ``guard`` (if given) counts the
+    units that were clamped, and those whose omega moved by more than 10%.
+    """
+    if shrinkage < 0 or not max_omega > 1:
+        raise ACTInputError(f"Need shrinkage >= 0 and max_omega > 1, got {shrinkage} and {max_omega}.")
+    a, b = matched_quantiles(source, target)
+    a_centered = a - a.mean(dim=0)
+    b_centered = b - b.mean(dim=0)
+    covariance = (a_centered * b_centered).sum(dim=0)
+    variance = (a_centered * a_centered).sum(dim=0)
+    typical = variance.median() / a.shape[0]
+    prior = shrinkage * typical
+    constant = variance + prior <= _CONSTANT_UNIT_RTOL * (1.0 + (a * a).sum(dim=0))
+    denominator = torch.where(constant, 1.0, variance + prior)
+    omega = torch.where(constant, torch.ones_like(variance), (covariance + prior) / denominator)
+    raw = torch.where(variance > 0, covariance / torch.where(variance > 0, variance, 1.0), omega)
+    clamped = omega > max_omega
+    omega = omega.clamp(max=max_omega)
+    if guard is not None:
+        guard.clamped_units += int(clamped.sum())
+        guard.shrunk_units += int(((omega - raw).abs() > 0.1 * raw.abs().clamp_min(1.0)).sum())
+    beta = b.mean(dim=0) - omega * a.mean(dim=0)
+    return omega.float(), beta.float()
+
+
 def mean_act(source: ArrayLike, target: ArrayLike) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean-AcT: a pure shift by the difference of means (omega = 1)."""
     src, tgt = _check_pair(source, target)
@@ -183,3 +242,102 @@ def support_bounds(source: ArrayLike, support: str) -> tuple[torch.Tensor, torch
     levels = torch.tensor([float(match["lo"]), float(match["hi"])], dtype=torch.float64) / 100
     bounds = torch.quantile(src, levels, dim=0)
     return bounds[0].float(), bounds[1].float()
+
+
+class ModuleEstimator:
+    """Turns one module's pooled source and target samples into its ``ModuleMap``.
+
+    One place for what every fitting engine (first-step, trajectory) needs: the sample-count and
+    balance checks, the estimator (Linear-AcT with the omega guard of ``robust_linear_act``), the
+    support, the apply mode, and a record of what the guard did and which modules saw identical
+    source and target samples (a map that does nothing).
+    """
+
+    def __init__(
+        self,
+        method: str = "linear",
+        support: str | None = None,
+        apply_mode: str = "spatial_mean",
+        *,
+        max_imbalance: float = 4.0,
+        shrinkage: float = DEFAULT_SHRINKAGE,
+        max_omega: float = MAX_OMEGA,
+    ):
+        from .maps import APPLY_MODES
+
+        get_estimator(method)
+        if apply_mode not in APPLY_MODES:
+            raise ACTInputError(f"apply_mode must be one of {APPLY_MODES}, got {apply_mode!r}.")
+        self.method = method
+        self.support = validate_support(support or default_support(method))
+        self.apply_mode = apply_mode
+        self.max_imbalance = max_imbalance
+        self.guard = Guard(shrinkage=float(shrinkage), max_omega=float(max_omega))
+        if shrinkage < 0 or not max_omega > 1:
+            raise ACTInputError(f"Need shrinkage >= 0 and max_omega > 1, got {shrinkage} and {max_omega}.")
+        self.identical: list[str] = []
+        self.sample_counts: tuple[int, int] | None = None
+
+    def __call__(self, name: str, source: torch.Tensor, target: torch.Tensor):
+        from .maps import ModuleMap
+
+        n, m = source.shape[0], target.shape[0]
+        for side, count in (("source", n), ("target", m)):
+            if count < 2:
+                raise ACTInputError(
+                    f"The {side} set gave {count} sample(s); transport needs at least 2 per side. "
+                    f"Add {side} prompts."
+                )
+        if max(n, m) > self.max_imbalance * min(n, m):
+            raise ACTInputError(
+                f"Unbalanced prompt sets: {n} source vs {m} target samples (ratio above {self.max_imbalance}). "
+                "Give both sides a similar number of prompts, or raise max_imbalance."
+            )
+        if self.sample_counts is None:
+            self.sample_counts = (n, m)
+        if n == m and torch.equal(source, target) and name not in self.identical:
+            self.identical.append(name)
+        try:
+            if self.method == "linear":
+                omega, beta = robust_linear_act(
+                    source, target, self.guard.shrinkage, self.guard.max_omega, self.guard
+                )
+            else:
+                omega, beta = get_estimator(self.method)(source, target)
+                clamped = omega > self.guard.max_omega
+                if clamped.any():
+                    self.guard.clamped_units += int(clamped.sum())
+                    omega = omega.clamp(max=self.guard.max_omega)
+                    beta = (
+                        torch.as_tensor(target, dtype=torch.float64).mean(0)
+                        - omega.double() * torch.as_tensor(source, dtype=torch.float64).mean(0)
+                    ).float()
+            low, high = support_bounds(source, self.support)
+        except ACTInputError as error:
+            raise ACTInputError(f"Module {name!r}: {error}") from None
+        return ModuleMap(omega, beta, low, high, apply_mode=self.apply_mode)
+
+    def metadata(self) -> dict:
+        """What the map's metadata records about estimation (method, support, the guard's work)."""
+        return {
+            "method": self.method,
+            "support": self.support,
+            "apply_mode": self.apply_mode,
+            "omega_guard": {
+                "shrinkage_pseudo_samples": self.guard.shrinkage if self.method == "linear" else 0.0,
+                "max_omega": self.guard.max_omega,
+                "clamped_units": self.guard.clamped_units,
+                "shrunk_units": self.guard.shrunk_units,
+            },
+        }
+
+    def check_not_identical(self, fitted: int) -> None:
+        """Warn when every fitted module saw identical source and target samples: the map is a no-op."""
+        if fitted and len(self.identical) >= fitted:
+            warnings.warn(
+                "Source and target activations are identical at every hooked module, so this ACT map does "
+                "nothing (lambda 1 equals lambda 0). The two prompt sets are the same to the model: check for "
+                "duplicated lists, or prompts that differ only after the tokenizer's length limit.",
+                ACTWarning,
+                stacklevel=3,
+            )

@@ -33,8 +33,8 @@ from torch import nn
 from ._version import __version__
 from .applying import transport
 from .errors import ACTError, ACTInputError
-from .estimators import default_support, get_estimator, support_bounds, validate_support
-from .maps import APPLY_MODES, APPLY_SPATIAL_MEAN, ACTMap, ModuleMap, model_fingerprint
+from .estimators import DEFAULT_SHRINKAGE, MAX_OMEGA, ModuleEstimator
+from .maps import APPLY_SPATIAL_MEAN, ACTMap, ModuleMap, model_fingerprint
 from .recording import ForwardHooks, first_tensor, pool, replace_first_tensor, widths_of
 
 ProgressCallback = Callable[[int, int, str], None]
@@ -156,7 +156,6 @@ class _FitSession(ForwardHooks):
         self.lockstep: _Lockstep | None = None
         self.samples: dict[str, dict[tuple[str, int], torch.Tensor]] = defaultdict(dict)
         self.repeated_modules = False
-        self.sample_counts: dict[str, int] = {}
         self.stats = FitStats()
         self._local = threading.local()
         self._order_lock = threading.Lock()
@@ -222,8 +221,6 @@ class _FitSession(ForwardHooks):
                 f"Module {name!r} ran for only one side (source or target); it cannot be fitted."
             )
         source, target = torch.cat(source), torch.cat(target)
-        self.sample_counts.setdefault("source", source.shape[0])
-        self.sample_counts.setdefault("target", target.shape[0])
         self.fitted[name] = self.estimate(name, source, target)
         self.stats.estimation_seconds += time.perf_counter() - start
 
@@ -335,18 +332,23 @@ def fit_with_stats(
     num_groups: int | None = None,
     steer_target: bool = False,
     max_imbalance: float = 4.0,
+    shrinkage: float = DEFAULT_SHRINKAGE,
+    max_omega: float = MAX_OMEGA,
     progress: ProgressCallback | None = None,
     metadata: Mapping[str, Any] | None = None,
 ) -> tuple[ACTMap, FitStats]:
     """``fit``, also returning what it cost (run_model calls, forward and estimation seconds)."""
-    estimator = get_estimator(method)
-    support = validate_support(support or default_support(method))
+
+    def new_estimator() -> ModuleEstimator:
+        return ModuleEstimator(
+            method, support, apply_mode, max_imbalance=max_imbalance, shrinkage=shrinkage, max_omega=max_omega
+        )
+
+    estimate = new_estimator()
     if mode not in MODES:
         raise ACTInputError(f"mode must be one of {MODES}, got {mode!r}.")
     if causal_strategy not in CAUSAL_STRATEGIES:
         raise ACTInputError(f"causal_strategy must be one of {CAUSAL_STRATEGIES}, got {causal_strategy!r}.")
-    if apply_mode not in APPLY_MODES:
-        raise ACTInputError(f"apply_mode must be one of {APPLY_MODES}, got {apply_mode!r}.")
     for side, side_batches in ((SOURCE, source_batches), (TARGET, target_batches)):
         if len(side_batches) == 0:
             raise ACTInputError(
@@ -356,25 +358,6 @@ def fit_with_stats(
         raise ACTInputError(
             "No modules selected to fit: the module selection matched nothing. Check the patterns."
         )
-
-    def estimate(name: str, source: torch.Tensor, target: torch.Tensor) -> ModuleMap:
-        n, m = source.shape[0], target.shape[0]
-        for side, count in ((SOURCE, n), (TARGET, m)):
-            if count < 2:
-                raise ACTInputError(
-                    f"The {side} set gave {count} sample(s); transport needs at least 2 per side. Add {side} prompts."
-                )
-        if max(n, m) > max_imbalance * min(n, m):
-            raise ACTInputError(
-                f"Unbalanced prompt sets: {n} source vs {m} target samples (ratio above {max_imbalance}). "
-                "Give both sides a similar number of prompts, or raise max_imbalance."
-            )
-        try:
-            omega, beta = estimator(source, target)
-            low, high = support_bounds(source, support)
-        except ACTInputError as error:
-            raise ACTInputError(f"Module {name!r}: {error}") from None
-        return ModuleMap(omega, beta, low, high, apply_mode=apply_mode)
 
     batches: Batches = [(SOURCE, i, b) for i, b in enumerate(source_batches)]
     batches += [(TARGET, i, b) for i, b in enumerate(target_batches)]
@@ -402,6 +385,7 @@ def fit_with_stats(
                     "Use causal_strategy='groupwise' (e.g. for statistics over several denoising steps)."
                 ) from None
             warnings.warn(f"Causal fitting falls back to the group-wise strategy: {error}.", stacklevel=3)
+            estimate = new_estimator()
             session = _FitSession(modules, estimate, steer_target)
             strategy = "groupwise"
     if strategy == "groupwise":
@@ -419,17 +403,16 @@ def fit_with_stats(
             "None of the selected modules ran during fitting; check that run_model runs the hooked model."
         )
     fitted = {name: session.fitted[name] for name in session.order if name in session.fitted}
+    estimate.check_not_identical(len(fitted))
     info = {
-        "method": method,
-        "support": support,
+        **estimate.metadata(),
         "mode": mode,
         "causal_strategy": strategy if mode == "causal" else None,
         "groups": session.stats.groups or None,
-        "apply_mode": apply_mode,
         "pooling": POOLING,
         "steer_target": steer_target,
-        "num_source": session.sample_counts.get(SOURCE),
-        "num_target": session.sample_counts.get(TARGET),
+        "num_source": (estimate.sample_counts or (None, None))[0],
+        "num_target": (estimate.sample_counts or (None, None))[1],
         "model_fingerprint": model_fingerprint(widths_of(modules)),
         "act_version": __version__,
     }
@@ -463,6 +446,9 @@ def fit(
             default target statistics come from the plain model: the distribution to reach).
         max_imbalance: refuse sample counts more unequal than this ratio (quantile matching handles
             mild imbalance; a large one usually means a mistake in the prompt lists).
+        shrinkage / max_omega: the Linear-AcT omega guard (``estimators.robust_linear_act``): pseudo-samples
+            that pull omega toward 1 where a unit barely varies, and a cap; ``shrinkage=0`` and a huge
+            ``max_omega`` give the paper's plain estimator.
         progress: ``progress(done, total, description)``; raise from it to interrupt fitting.
         metadata: extra JSON-able provenance stored in the map (prompt digests, model name, preset).
     """
