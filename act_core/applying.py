@@ -15,8 +15,9 @@ Outside the fitted range the nearest bucket applies.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -80,14 +81,30 @@ def bucket_position(buckets: tuple[float, ...], level: float) -> BucketPosition:
 class PartControl:
     """Live settings shared by all hooks of one model part; hosts change them between forwards.
 
-    ``rows`` restricts transport to some samples of the batch (e.g. the cond half of a CFG batch);
-    ``position`` is the noise-level bucket position of the current call (time-aware maps only).
+    ``strength`` and ``enabled`` are shared by every thread. What a host sets per model call (the
+    rows to steer, e.g. the cond half of a CFG batch; the noise-level bucket; whether the call is
+    inside the map's start/end window) is kept per thread (``CallState``), so two generations that
+    share the modules in two threads cannot mix each other's batch layout.
     """
 
     strength: float = 1.0
     enabled: bool = True
+    call: threading.local = field(default_factory=threading.local, repr=False)
+
+    def call_state(self) -> CallState:
+        state = getattr(self.call, "state", None)
+        if state is None:
+            state = self.call.state = CallState()
+        return state
+
+
+@dataclass
+class CallState:
+    """Per-thread, per-call settings of one part (see ``PartControl``)."""
+
     rows: slice | torch.Tensor | None = None
     position: BucketPosition = (0, 0, 0.0)
+    in_window: bool = True
 
 
 class _DeviceParams:
@@ -170,18 +187,20 @@ class TransportHook:
 
     def __call__(self, module: nn.Module, args: Any, output: Any) -> Any:
         control = self.control
-        if not control.enabled or control.strength == 0.0:
+        strength = control.strength
+        if not control.enabled or strength == 0.0:
             return None  # exactly the model's own output
+        call = control.call_state()
+        if not call.in_window:
+            return None
         x = first_tensor(output)
         if x is None:
             return None
-        if control.rows is None:
-            y = transport(x, self.module_map, control.strength, self._params, control.position)
+        if call.rows is None:
+            y = transport(x, self.module_map, strength, self._params, call.position)
         else:
             y = x.clone()
-            y[control.rows] = transport(
-                x[control.rows], self.module_map, control.strength, self._params, control.position
-            )
+            y[call.rows] = transport(x[call.rows], self.module_map, strength, self._params, call.position)
         return replace_first_tensor(output, y)
 
 
@@ -211,32 +230,37 @@ class ACTHandle:
         return parts
 
     def set_strength(self, strength: Strength) -> None:
-        """Set lambda for all parts (a number) or per part (a dict such as ``{"unet": 1, "text_encoder": .5}``)."""
-        if isinstance(strength, Mapping):
-            for part in self._parts(strength):
-                self.controls[part].strength = check_strength(strength[part], f"strength for {part}")
-        else:
-            value = check_strength(strength)
-            for control in self.controls.values():
-                control.strength = value
+        """Set lambda for all parts (a number) or per part (a dict such as ``{"unet": 1, "text_encoder": .5}``).
+
+        Every value is checked before any is set, so a bad entry changes nothing.
+        """
+        values = resolve_strengths(strength, list(self.controls))
+        for part, value in values.items():
+            self.controls[part].strength = value
 
     def set_enabled(self, enabled: bool, parts: Iterable[str] | None = None) -> None:
-        """Switch transport on or off without forgetting the strength (e.g. outside a step window)."""
+        """Switch transport on or off for every thread, without forgetting the strength."""
         for part in self._parts(parts):
             self.controls[part].enabled = bool(enabled)
 
-    def set_rows(self, rows: slice | torch.Tensor | None, parts: Iterable[str] | None = None) -> None:
-        """Transport only these batch rows (None: all rows) in the given parts."""
+    def set_call(
+        self,
+        parts: Iterable[str] | None = None,
+        *,
+        rows: slice | torch.Tensor | None = None,
+        noise_level: float | None = None,
+        in_window: bool = True,
+    ) -> None:
+        """What the coming model call in this thread needs: the rows to transport (None: all), its noise
+        level (time-aware maps pick their buckets from it), and whether it is inside the step window."""
+        position = (
+            bucket_position(self.act_map.buckets, float(noise_level))
+            if self.act_map.buckets is not None and noise_level is not None
+            else (0, 0, 0.0)
+        )
         for part in self._parts(parts):
-            self.controls[part].rows = rows
-
-    def set_noise_level(self, level: float, parts: Iterable[str] | None = None) -> None:
-        """The noise level of the coming model call (time-aware maps pick their buckets from it)."""
-        if self.act_map.buckets is None:
-            return
-        position = bucket_position(self.act_map.buckets, float(level))
-        for part in self._parts(parts):
-            self.controls[part].position = position
+            state = self.controls[part].call_state()
+            state.rows, state.position, state.in_window = rows, position, bool(in_window)
 
     def remove(self) -> None:
         """Remove every hook of this handle; the model is exactly as before."""
@@ -302,6 +326,25 @@ def _foldable_module(name: str, module: nn.Module, module_map: ModuleMap) -> Non
         raise ACTInputError(f"Cannot fold into {name!r}: it has no bias to absorb the shift. Use hooks.")
 
 
+def resolve_strengths(strength: Strength, parts: Iterable[str]) -> dict[str, float]:
+    """``{part: lambda}`` for a number (every part) or a per-part dict, all values checked first.
+
+    A dict may name only parts in ``parts`` (the map's); parts it leaves out keep strength 0 for folding
+    and are left unchanged for hooks (the caller decides), so they are simply absent from the result.
+    """
+    parts = list(parts)
+    if isinstance(strength, Mapping):
+        unknown = [part for part in strength if part not in parts]
+        if unknown:
+            raise ACTInputError(
+                f"This map has no part(s) {unknown}; its parts are {parts}. Use a number for all parts, or "
+                f"a dict over {parts}."
+            )
+        return {part: check_strength(value, f"strength for {part}") for part, value in strength.items()}
+    value = check_strength(strength)
+    return dict.fromkeys(parts, value)
+
+
 def strength_of(strength: Strength, part: str) -> float:
     """The strength for one part: the number itself, or the part's entry (0 when absent)."""
     if isinstance(strength, Mapping):
@@ -319,6 +362,7 @@ def folded_diffs(
     ``strength`` is a number or per part, as for hooks.
     """
     act_map.check_compatible(widths_of(modules))
+    resolve_strengths(strength, act_map.parts())  # unknown parts and bad values fail before any work
     diffs: dict[str, torch.Tensor] = {}
     for name, module_map in act_map.modules.items():
         module = modules[name]

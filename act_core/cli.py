@@ -115,10 +115,10 @@ def load_map(path: str) -> ACTMap:
 
 
 def load_model(args: argparse.Namespace) -> Any:
-    """The ACT pipeline for ``--model`` (local only; see ``act_core.loading``)."""
+    """The ACT pipeline for ``--model`` (local only; see ``act_core.diffusers.loading``)."""
     import torch
 
-    from .loading import load_pipeline
+    from .diffusers.loading import load_pipeline
 
     _QUIET.quiet(args.quiet)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
@@ -166,9 +166,9 @@ def _status(args: argparse.Namespace, message: str) -> None:
 # ---------------------------------------------------------------------------------------------- commands
 def cmd_fit(args: argparse.Namespace) -> int:
     from .estimators import validate_support
-    from .presets import get_preset
+    from .families import SDXL
 
-    get_preset(args.preset)  # fail before loading the model, not a minute later
+    SDXL.preset(args.preset)  # fail before loading the model, not a minute later
     if args.support is not None:
         validate_support(args.support)
     if args.batch_size < 1:
@@ -194,7 +194,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         statistics_steps=args.statistics_steps,
         progress=not args.quiet,
     )
-    act_map = ACTMap(act_map.modules, {**act_map.metadata, "model_source": str(args.model)})
+    act_map = act_map.with_metadata({"model_source": str(args.model)})
     act_map.save(output)
     print(act_map.summary())
     print(f"Saved {output}")
@@ -202,7 +202,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from .sweep import lambda_label, save_grid, sweep_images
+    from .diffusers.sweep import lambda_label, save_grid, sweep_images
 
     check_size(args)
     output = check_output(args.output, ".png")
@@ -232,7 +232,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     finally:
         if bar is not None:
             bar.close()
-    from .sweep import grid_image
+    from .diffusers.sweep import grid_image
 
     grid = grid_image(images, prompts, [lambda_label(lam) for lam in lambdas])
     info = {
@@ -362,7 +362,9 @@ def _add_model_options(parser: argparse.ArgumentParser, dtype_flag: str = "--dty
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .presets import DEFAULT_PRESET, PRESETS
+    from .families import SDXL
+
+    DEFAULT_PRESET, PRESETS = SDXL.default_preset, SDXL.presets
 
     parser = argparse.ArgumentParser(
         prog="act",

@@ -23,12 +23,12 @@ from torch import nn
 from ._version import __version__
 from .applying import Strength, check_strength, folded_diffs
 from .errors import ACTInputError
+from .families import SDXL, ModelFamily
 from .files import atomic_write
 from .maps import APPLY_PER_ELEMENT, APPLY_SPATIAL_MEAN, ACTMap
-from .names import lora_key
 
 LORA_FORMAT = "act_lora"
-FOLDABLE_PRESET = "unet_norms_foldable"
+FOLDABLE_PRESET = "unet_norms_foldable"  # the SDXL family's; other families name theirs in errors
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 # Modules whose outputs carry units on the last axis (B, T, C): "spatial_mean" never applies to them,
 # so a spatial-mean map on them is already per element (e.g. the text_encoder_norms preset).
@@ -60,6 +60,14 @@ def as_foldable(act_map: ACTMap, modules: Mapping[str, nn.Module]) -> ACTMap:
         if module_map.apply_mode == APPLY_SPATIAL_MEAN and isinstance(modules.get(name), _PER_TOKEN_TYPES):
             module_map = replace(module_map, apply_mode=APPLY_PER_ELEMENT)
         relabelled[name] = module_map
+    timed = [name for name, m in relabelled.items() if m.bucketed]
+    if timed:
+        raise ACTInputError(
+            f"This ACT map cannot be exported as a LoRA: it is time-aware ({len(timed)} of its {len(act_map)} "
+            "modules have one map per noise level), and LoRA weights cannot change between denoising steps. "
+            f"Fit it with preset {FOLDABLE_PRESET!r} (CLI: act fit --preset {FOLDABLE_PRESET}), or apply this map "
+            "with hooks (enable_act / the Apply ACT node)."
+        )
     bounded = [name for name, m in relabelled.items() if not m.unbounded]
     spatial = [name for name, m in relabelled.items() if m.unbounded and not m.foldable]
     if bounded or spatial:
@@ -84,6 +92,7 @@ def lora_state_dict(
     modules: Mapping[str, nn.Module] | Any,
     strength: Strength = 1.0,
     dtype: torch.dtype = torch.float32,
+    family: ModelFamily = SDXL,
 ) -> dict[str, torch.Tensor]:
     """``{lora_key(module) + ".diff": dW, lora_key(module) + ".diff_b": db}`` at ``strength``.
 
@@ -103,7 +112,7 @@ def lora_state_dict(
                 f"The diff for {key!r} overflows {dtype} (largest |value| {diff.abs().max().item():.3g}); "
                 "export with dtype fp32 (CLI: --dtype fp32)."
             )
-        state[lora_key(module_name) + suffix] = value
+        state[family.lora_key(module_name) + suffix] = value
     return state
 
 
@@ -112,13 +121,13 @@ def export_lora(
     modules: Mapping[str, nn.Module] | Any,
     path: str | os.PathLike,
     strength: float = 1.0,
-    dtype: str | torch.dtype = "fp16",
+    dtype: str | torch.dtype = "fp32",
 ) -> Path:
     """Write the map's folded diffs as a safetensors LoRA file (atomically) and return its path.
 
     ``strength`` is baked into the diffs; ComfyUI's LoraLoader strength multiplies it, so export at 1
-    and use the loader's slider as lambda. ``dtype`` is "fp16" (half the size, the usual for LoRAs)
-    or "fp32" (exact).
+    and use the loader's slider as lambda. ``dtype`` is "fp32" (default: exact; norm diffs are small files)
+    or "fp16" (half the size; refused when a diff overflows it).
     """
     path = Path(path)
     if path.suffix != ".safetensors":

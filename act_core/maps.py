@@ -6,7 +6,8 @@ header, and is written atomically so an interrupted save never leaves a half-wri
 
 Time-aware maps hold one (omega, beta, support) per *noise-level bucket*: ``ACTMap.buckets`` lists the
 noise levels (``u`` in [0, 1]: timestep / number of training timesteps for discrete-time models such as
-SDXL, sigma for flow models such as FLUX; 1 = pure noise) and every module's tensors are ``(K, D)``.
+SDXL, sigma for flow models such as FLUX; 1 = pure noise) and the tensors of time-aware modules are
+``(K, D)``; modules that run once per image (text encoders) keep ``(D,)`` tensors.
 At generation the hooks interpolate between the two buckets around the current noise level, so a map
 fitted with 25 steps applies at 12 or 40 steps and with another scheduler. Maps without buckets hold
 ``(D,)`` tensors and act the same at every step (the paper's protocol).
@@ -169,15 +170,17 @@ class ACTMap:
             raise ACTInputError("An ACT map needs at least one module map.")
         self.modules = dict(self.modules)
         self.buckets = check_buckets(self.buckets)
-        expected = 1 if self.buckets is None else len(self.buckets)
         for name, module_map in self.modules.items():
-            if module_map.bucketed != (self.buckets is not None) or module_map.num_buckets != expected:
+            if module_map.bucketed and (self.buckets is None or module_map.num_buckets != len(self.buckets)):
                 raise ACTInputError(
-                    f"Module {name!r} has {module_map.num_buckets} noise-level bucket(s) "
-                    f"({'(K, D)' if module_map.bucketed else '(D,)'} tensors) but the map has "
-                    f"{'no buckets' if self.buckets is None else f'{expected} buckets'}; every module needs one "
-                    "row per bucket."
+                    f"Module {name!r} has {module_map.num_buckets} noise-level buckets ((K, D) tensors) but the "
+                    f"map has {'no buckets' if self.buckets is None else f'{len(self.buckets)} buckets'}; every "
+                    "time-aware module needs one row per bucket."
                 )
+        if self.buckets is not None and not any(m.bucketed for m in self.modules.values()):
+            raise ACTInputError(
+                "The map lists noise-level buckets but no module has per-bucket tensors; use buckets=None."
+            )
         if not isinstance(self.metadata, Mapping):
             raise ACTInputError(
                 f"ACT map metadata must be a JSON object (a dict), got {type(self.metadata).__name__}."
@@ -241,6 +244,10 @@ class ACTMap:
         return "\n".join(lines)
 
     # ----------------------------------------------------------------------------------- algebra
+    def with_metadata(self, extra: Mapping[str, Any]) -> ACTMap:
+        """The same map with ``extra`` merged into its metadata."""
+        return ACTMap(self.modules, {**self.metadata, **extra}, self.buckets)
+
     def restrict(
         self,
         names: Iterable[str] | None = None,
@@ -385,11 +392,14 @@ class ACTMap:
                                 "floating-point type. Re-fit the map; never edit map files by hand."
                             )
                         fields[field_name] = tensor
-                    expected = (entry["width"],) if buckets is None else (len(buckets), entry["width"])
-                    if tuple(fields["omega"].shape) != expected:
+                    shape = tuple(fields["omega"].shape)
+                    expected = [(entry["width"],)] + (
+                        [] if buckets is None else [(len(buckets), entry["width"])]
+                    )
+                    if shape not in expected:
                         raise ACTMapFileError(
                             f"{path.name} is inconsistent: module {name!r} has tensors of shape "
-                            f"{tuple(fields['omega'].shape)}, the header says {expected}. Re-save the map."
+                            f"{shape}, the header says {' or '.join(map(str, expected))}. Re-save the map."
                         )
                     try:
                         modules[name] = ModuleMap(**fields, apply_mode=entry["apply_mode"])

@@ -22,10 +22,13 @@ Which latents the rows share is the host's choice (``trajectory`` in the map's m
   at that state; it never learns to undo a difference between two trajectories (that runs away).
 * ``"target"``: the host advances with the target rows (teacher forcing).
 
-When all rows of a step do not fit in one model call, the host splits them (``calls_per_step`` > 1):
+When all rows of a step do not fit in one model call, the host splits them over several calls:
 maps are then fitted once a step's calls are all done, and during the step the source rows are
 transported with the previous step's maps (``strategy="lagged"``, bounded memory, close to exact
 when maps change slowly between steps; reported in the map's metadata and warned about).
+
+``mode="at_once"`` (for comparison) never transports during fitting: every map is fitted on the
+plain model's activations, and the latents follow the un-steered source rows.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import contextlib
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -43,7 +46,6 @@ from torch import nn
 from ._version import __version__
 from .applying import transport
 from .errors import ACTInputError
-from .estimators import Guard
 from .maps import ACTMap, ModuleMap, model_fingerprint
 from .recording import ForwardHooks, first_tensor, pool, replace_first_tensor, widths_of
 
@@ -62,25 +64,24 @@ class TrajectoryStats:
     steps: int = 0
     estimation_seconds: float = 0.0
     strategy: str = "exact"
-    guard: Guard | None = None
-    identical_modules: list[str] = field(default_factory=list)
-
-
-@dataclass
-class _Call:
-    source: Rows
-    target: Rows
 
 
 class TrajectoryFit(ForwardHooks):
     """Hooks and per-step maps of one trajectory fit (see the module docstring).
 
-    >>> with TrajectoryFit(modules, estimate) as session:
-    ...     for level in noise_levels:
-    ...         with session.step(level):
-    ...             with session.call(source=slice(2 * n, 3 * n), target=slice(n, 2 * n)):
-    ...                 prediction = unet(...)          # source rows already transported here
+    >>> with TrajectoryFit(modules, estimate, num_pairs=n) as session:
+    ...     for level, t in zip(noise_levels, timesteps):
+    ...         with session.call(level, source=slice(2 * n, 3 * n), target=slice(n, 2 * n)):
+    ...             prediction = unet(...)          # the source rows come out already transported
+    ...         ...                                  # advance the latents with the source rows' guided output
     ...     act_map = session.result(metadata)
+
+    A step is all the calls at one noise level. When its first call holds all ``num_pairs`` source and
+    target rows, every module is fitted inside that call (exact causal). When the host splits the
+    rows over several calls (memory), the step's maps are fitted once all pairs were seen, and the
+    source rows are transported with the previous step's maps meanwhile (``"lagged"``). A call at a
+    noise level that was fitted before (e.g. Heun's second evaluation) is steered with that level's
+    maps and not recorded.
     """
 
     def __init__(
@@ -88,9 +89,8 @@ class TrajectoryFit(ForwardHooks):
         modules: Mapping[str, nn.Module],
         estimate: Estimate,
         *,
+        num_pairs: int,
         mode: str = "causal",
-        calls_per_step: int = 1,
-        steer: bool = True,
     ):
         if not modules:
             raise ACTInputError(
@@ -98,71 +98,64 @@ class TrajectoryFit(ForwardHooks):
             )
         if mode not in TRAJECTORY_MODES:
             raise ACTInputError(f"mode must be one of {TRAJECTORY_MODES}, got {mode!r}.")
-        if calls_per_step < 1:
-            raise ACTInputError(f"calls_per_step must be at least 1, got {calls_per_step}.")
+        if num_pairs < 2:
+            raise ACTInputError(f"Trajectory fitting needs at least 2 prompt pairs, got {num_pairs}.")
         self.modules = dict(modules)
         self.estimate = estimate
         self.mode = mode
-        self.steer = steer
-        self.calls_per_step = calls_per_step
-        self.stats = TrajectoryStats(strategy="exact" if calls_per_step == 1 else "lagged")
+        self.num_pairs = num_pairs
+        self.stats = TrajectoryStats()
         self.levels: list[float] = []
         self.order: list[str] = []
         self.maps: dict[str, list[ModuleMap]] = {}
         self._samples: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
-        self._call: _Call | None = None
+        self._level: float | None = None
+        self._pairs_seen = 0
+        self._exact = False
+        self._replay: int | None = None  # bucket index of a call at an already fitted level
+        self._call: tuple[Rows, Rows] | None = None
+        self._call_pairs: int | None = None
         self._ran: set[str] = set()
-        self._calls_this_step = 0
-        self._in_step = False
+        self._strategies: set[str] = set()
 
     # ------------------------------------------------------------------------------------ host API
     @contextlib.contextmanager
-    def step(self, level: float) -> Iterator[None]:
-        """One denoising step at noise level ``level`` (in [0, 1]; 1 = pure noise)."""
-        if self._in_step:
-            raise ACTInputError("TrajectoryFit.step() calls cannot be nested.")
+    def call(self, level: float, *, source: Rows, target: Rows) -> Iterator[None]:
+        """One model call at noise level ``level`` (in [0, 1], 1 = pure noise) with these rows."""
+        if self._call is not None:
+            raise ACTInputError("TrajectoryFit.call() cannot be nested.")
         level = float(level)
         if not 0.0 <= level <= 1.0:
             raise ACTInputError(f"Noise levels are in [0, 1] (1 = pure noise), got {level}.")
-        if self.levels and level in self.levels:
-            raise ACTInputError(f"Noise level {level} was already fitted; every step needs its own level.")
-        self._in_step, self._calls_this_step = True, 0
-        self._samples = {}
-        self.levels.append(level)
-        try:
-            yield
-            if self._calls_this_step != self.calls_per_step:
-                raise ACTInputError(
-                    f"Step at noise level {level} ran {self._calls_this_step} model call(s), "
-                    f"expected calls_per_step={self.calls_per_step}."
-                )
-            if self.calls_per_step > 1 or self.mode == "at_once":
-                for name in [n for n in self.order if n in self._samples]:
-                    self._fit(name)
-            self._check_step_complete(level)
-            self.stats.steps += 1
-        finally:
-            self._in_step = False
-            self._samples = {}
-
-    @contextlib.contextmanager
-    def call(self, *, source: Rows, target: Rows) -> Iterator[None]:
-        """One model call inside a step; ``source`` / ``target`` are the rows of the two prompt sets."""
-        if not self._in_step:
-            raise ACTInputError("TrajectoryFit.call() must run inside step().")
-        self._call = _Call(source, target)
-        self._ran = set()
+        if level != self._level:
+            self._close_step()
+            self._replay = self.levels.index(level) if level in self.levels else None
+            if self._replay is None:
+                self._level, self._pairs_seen, self._exact = level, 0, False
+                self.levels.append(level)
+            else:
+                self._level = None  # replayed calls never open a step
+        self._call, self._call_pairs, self._ran = (source, target), None, set()
         try:
             yield
         finally:
             self._call = None
-            self._calls_this_step += 1
             self.stats.model_calls += 1
+        if self._replay is None and self._call_pairs is not None:
+            self._pairs_seen += self._call_pairs
+            if self._pairs_seen > self.num_pairs:
+                raise ACTInputError(
+                    f"Noise level {level} saw {self._pairs_seen} prompt pairs, more than num_pairs="
+                    f"{self.num_pairs}; each pair must run once per step."
+                )
+            if self._pairs_seen == self.num_pairs:
+                self._close_step()
 
     def result(self, metadata: Mapping[str, Any] | None = None) -> ACTMap:
         """The time-aware map: one bucket per fitted step, keyed by the steps' noise levels."""
+        self._close_step()
         if not self.levels:
-            raise ACTInputError("No denoising step was fitted; run at least one step().")
+            raise ACTInputError("No denoising step was fitted; run at least one model call.")
         fitted = {name: self.maps[name] for name in self.order if name in self.maps}
         if not fitted:
             raise ACTInputError(
@@ -172,19 +165,18 @@ class TrajectoryFit(ForwardHooks):
         for name, per_step in fitted.items():
             if len(per_step) != len(self.levels):
                 raise ACTInputError(
-                    f"Module {name!r} ran in {len(per_step)} of {len(self.levels)} steps; every hooked module "
-                    "must run at every step."
+                    f"Module {name!r} was fitted at {len(per_step)} of {len(self.levels)} noise levels; every "
+                    "hooked module must run at every step."
                 )
             modules[name] = ModuleMap(
-                torch.stack([m.omega for m in per_step]),
-                torch.stack([m.beta for m in per_step]),
-                torch.stack([m.low for m in per_step]),
-                torch.stack([m.high for m in per_step]),
+                *(torch.stack([getattr(m, f) for m in per_step]) for f in ("omega", "beta", "low", "high")),
                 apply_mode=per_step[0].apply_mode,
             )
+        strategy = "exact" if self._strategies <= {"exact"} else "lagged"
+        self.stats.strategy = strategy
         info = {
             "mode": self.mode,
-            "causal_strategy": self.stats.strategy if self.mode == "causal" else None,
+            "causal_strategy": strategy if self.mode == "causal" else None,
             "model_fingerprint": model_fingerprint(widths_of(self.modules)),
             "act_version": __version__,
         }
@@ -208,22 +200,43 @@ class TrajectoryFit(ForwardHooks):
                     "hooked module to run once per call (pick other modules)."
                 )
             self._ran.add(name)
-            if name not in self.order:
-                self.order.append(name)
-            sources, targets = self._samples.setdefault(name, ([], []))
-            sources.append(pool(x[call.source]))
-            targets.append(pool(x[call.target]))
-            if self.mode == "causal" and self.calls_per_step == 1:
-                module_map = self._fit(name)  # every sample of this step is here: exact causal
+            source_rows, target_rows = call
+            if self._replay is not None:
+                module_map = self._map_at(name, self._replay)
             else:
-                module_map = self._previous_map(name)
-            if module_map is None or not self.steer:
+                module_map = self._record(name, x[source_rows], x[target_rows])
+            if module_map is None or self.mode == "at_once":
                 return None
             y = x.clone()
-            y[call.source] = transport(x[call.source], module_map, 1.0)
+            y[source_rows] = transport(x[source_rows], module_map, 1.0)
             return replace_first_tensor(output, y)
 
         return hook
+
+    def _record(self, name: str, source: torch.Tensor, target: torch.Tensor) -> ModuleMap | None:
+        """Pool this call's rows; fit now when the call holds the whole step (exact), else lag."""
+        pairs = source.shape[0]
+        if target.shape[0] != pairs:
+            raise ACTInputError(
+                f"A call had {pairs} source rows but {target.shape[0]} target rows; rows come in pairs."
+            )
+        if self._call_pairs is None:
+            self._call_pairs = pairs
+            if self._pairs_seen == 0:
+                self._exact = pairs == self.num_pairs
+                self._strategies.add("exact" if self._exact else "lagged")
+        if name not in self.order:
+            self.order.append(name)
+        sources, targets = self._samples.setdefault(name, ([], []))
+        sources.append(pool(source))
+        targets.append(pool(target))
+        if self._exact:
+            return self._fit(name)
+        return self._map_at(name, len(self.levels) - 2)  # the previous step's map (none at the first)
+
+    def _map_at(self, name: str, index: int) -> ModuleMap | None:
+        maps = self.maps.get(name)
+        return maps[index] if maps and 0 <= index < len(maps) else None
 
     def _fit(self, name: str) -> ModuleMap:
         start = time.perf_counter()
@@ -233,20 +246,25 @@ class TrajectoryFit(ForwardHooks):
         self.stats.estimation_seconds += time.perf_counter() - start
         return module_map
 
-    def _previous_map(self, name: str) -> ModuleMap | None:
-        """Lagged and at-once steering: the map of the previous step (none at the first step)."""
-        if self.mode == "at_once":
-            return None
-        maps = self.maps.get(name)
-        return maps[-1] if maps else None
-
-    def _check_step_complete(self, level: float) -> None:
+    def _close_step(self) -> None:
+        """Fit what a split step recorded, and check that every module has this step's map."""
+        if self._level is None:
+            return
+        level, self._level = self._level, None
+        if self._pairs_seen not in (0, self.num_pairs):
+            raise ACTInputError(
+                f"Noise level {level} saw {self._pairs_seen} of {self.num_pairs} prompt pairs; every pair must "
+                "run at every step."
+            )
+        for name in [n for n in self.order if n in self._samples]:
+            self._fit(name)
         missing = [n for n in self.order if len(self.maps.get(n, [])) != len(self.levels)]
         if missing:
             raise ACTInputError(
                 f"Module {missing[0]!r} did not run at noise level {level}; every hooked module must run at "
                 "every step."
             )
+        self.stats.steps += 1
 
 
 def warn_if_lagged(stats: TrajectoryStats, why: str) -> None:

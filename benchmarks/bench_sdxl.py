@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from tables import table
 
-from act_core.pipeline import act_pipeline
+from act_core.diffusers.pipeline import act_pipeline
 
 # diffusers' SDXL base 1.0 UNet configuration (the values of its unet/config.json).
 SDXL_UNET = dict(
@@ -323,7 +323,7 @@ class HookSelfTime:
 
     def __enter__(self) -> HookSelfTime:
         from act_core.applying import TransportHook
-        from act_core.pipeline import _UNetStepGate
+        from act_core.diffusers.pipeline import _UNetStepGate
 
         for cls in (TransportHook, _UNetStepGate):
             original = cls.__call__

@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 
 from act_core.errors import ACTInputError
+from act_core.families.sdxl import DEFAULT_PRESET, PRESETS
 from act_core.maps import ACTMap
-from act_core.presets import DEFAULT_PRESET, PRESETS
 
 from .common import (
     ACT_MAP,

@@ -22,11 +22,10 @@ import torch
 from torch import nn
 
 from act_core.applying import ACTHandle, check_strength, folded_diffs
-from act_core.comfy_names import comfy_clip_modules, comfy_unet_modules
 from act_core.errors import ACTInputError, ACTModelMismatchError
+from act_core.families.sdxl import UNET, comfy_clip_modules, comfy_unet_modules
 from act_core.lora import as_foldable
 from act_core.maps import ACTMap
-from act_core.names import UNET
 
 from .comfy_models import (
     check_fits,

@@ -12,16 +12,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from act_core.comfy_names import (
+from act_core.errors import ACTModelMismatchError
+from act_core.families.sdxl import (
+    TEXT_ENCODER,
+    TEXT_ENCODER_2,
+    UNET,
     comfy_clip_key,
     comfy_clip_modules,
     comfy_unet_key,
     comfy_unet_modules,
     unet_module_table,
 )
-from act_core.errors import ACTModelMismatchError
 from act_core.maps import ACTMap, part_of
-from act_core.names import TEXT_ENCODER, TEXT_ENCODER_2, UNET
 
 
 def unet_table(model: Any) -> dict[str, str]:

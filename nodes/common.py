@@ -6,8 +6,8 @@ import math
 import re
 
 from act_core.errors import ACTInputError
-from act_core.names import PARTS
-from act_core.presets import DEFAULT_PRESET, PRESETS, Preset
+from act_core.families.sdxl import DEFAULT_PRESET, PARTS, PRESETS
+from act_core.presets import Preset
 
 CATEGORY = "ACT"
 ACT_MAP = "ACT_MAP"

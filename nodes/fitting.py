@@ -32,10 +32,10 @@ import torch
 
 from act_core._version import __version__
 from act_core.errors import ACTError, ACTInputError
+from act_core.families import SDXL
+from act_core.families.sdxl import TEXT_ENCODER, UNET, dead_text_encoder_paths
 from act_core.fitting import fit_with_stats
 from act_core.maps import ACTMap, part_of, prompt_digest
-from act_core.names import TEXT_ENCODER, UNET
-from act_core.presets import dead_text_encoder_paths, get_preset
 from act_core.recording import token_mask_hooks
 
 from .comfy_models import clip_modules, has_text_encoder_2, unet_modules
@@ -59,7 +59,7 @@ class _Captured(Exception):
 
 def select_modules(model: Any, clip: Any, preset_name: str, parts_text: str) -> tuple[dict, tuple[str, ...]]:
     """The modules a preset hooks on this MODEL/CLIP (canonical names), and the parts used."""
-    spec = get_preset(preset_name)
+    spec = SDXL.preset(preset_name)
     parts = parse_parts(parts_text, spec)
     selected = {}
     for part in parts:
@@ -279,7 +279,7 @@ def fit_map(
     check_size(width, height)
     if batch_size < 1 or steps < 1:
         raise ACTInputError("batch_size and steps must be at least 1.")
-    spec = get_preset(preset)
+    spec = SDXL.preset(preset)
     mode = spec.mode if mode == "preset" else mode
     modules, used_parts = select_modules(model, clip, preset, parts)
     uses_unet = any(part_of(name) == UNET for name in modules)

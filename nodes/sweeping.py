@@ -6,8 +6,8 @@ from typing import Any
 
 import torch
 
+from act_core.families.sdxl import UNET
 from act_core.maps import ACTMap
-from act_core.names import UNET
 
 from .applying import apply_map
 from .common import parse_lambdas

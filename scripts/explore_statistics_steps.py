@@ -13,9 +13,9 @@ from __future__ import annotations
 import argparse
 import time
 
-from act_core.demo import run_demo
-from act_core.demo.paths import load_demo_classifier, load_demo_pipeline
-from act_core.pipeline import act_pipeline
+from act_core.diffusers.pipeline import act_pipeline
+from demo import run_demo
+from demo.paths import load_demo_classifier, load_demo_pipeline
 
 ALL_STEPS = {"statistics_steps": run_demo.DEMO_STEPS, "num_inference_steps": run_demo.DEMO_STEPS}
 METHODS: dict[str, dict] = {

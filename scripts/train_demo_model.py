@@ -31,14 +31,14 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from act_core.demo.classifier import AttributeClassifier, accuracy, save_classifier, train_classifier  # noqa: E402
-from act_core.demo.evaluation import sample_accuracy, sample_grid  # noqa: E402
-from act_core.demo.export import folder_size, replace_dir, save_pipeline_dir  # noqa: E402
-from act_core.demo.model import DemoModelConfig, count_parameters  # noqa: E402
-from act_core.demo.paths import load_demo_pipeline  # noqa: E402
-from act_core.demo.shapes import get_draw_style, make_dataset  # noqa: E402
-from act_core.demo.tokenizer import save_tokenizer  # noqa: E402
-from act_core.demo.training import Checkpointer, TrainConfig, encode_pool, train_unet, train_vae  # noqa: E402
+from demo.classifier import AttributeClassifier, accuracy, save_classifier, train_classifier  # noqa: E402
+from demo.evaluation import sample_accuracy, sample_grid  # noqa: E402
+from demo.export import folder_size, replace_dir, save_pipeline_dir  # noqa: E402
+from demo.model import DemoModelConfig, count_parameters  # noqa: E402
+from demo.paths import load_demo_pipeline  # noqa: E402
+from demo.shapes import get_draw_style, make_dataset  # noqa: E402
+from demo.tokenizer import save_tokenizer  # noqa: E402
+from demo.training import Checkpointer, TrainConfig, encode_pool, train_unet, train_vae  # noqa: E402
 
 CLASSIFIER_TEST_SEED = 20_000  # never used for training data (training keys are hashed from --seed)
 
@@ -105,7 +105,9 @@ def main() -> None:
     args.seed = variant.seed if args.seed is None else args.seed
     args.out = args.out or REPO / "models" / f"shapes-sdxl{suffix}"
     args.classifier_out = args.classifier_out or REPO / "models" / f"shapes-classifier{suffix}"
-    args.samples_png = args.samples_png or REPO / "docs" / "images" / f"demo_samples{suffix.replace('-', '_')}.png"
+    args.samples_png = (
+        args.samples_png or REPO / "docs" / "images" / f"demo_samples{suffix.replace('-', '_')}.png"
+    )
     args.work_dir = args.work_dir or REPO / "outputs" / f"demo_train{suffix}"
     cfg = variant.model
     tc = TrainConfig(seed=args.seed, **variant.train)

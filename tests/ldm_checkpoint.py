@@ -1,6 +1,6 @@
 """Write a diffusers SDXL pipeline as one original-layout (LDM/SGM) ``.safetensors`` checkpoint.
 
-Why this exists: ``act_core.loading`` loads single-file SDXL checkpoints (the format most users have),
+Why this exists: ``act_core.diffusers.loading`` loads single-file SDXL checkpoints (the format most users have),
 and testing that needs such a file; real ones are gigabytes and tests may download nothing. So the tests
 build the tiny pipeline of ``tiny_sdxl`` and write its weights in the layout of the original SDXL
 release, the inverse of what diffusers' single-file loader converts back:

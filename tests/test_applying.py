@@ -141,7 +141,7 @@ def test_rows_restrict_transport_to_part_of_the_batch():
     x = torch.randn(4, 3, 4)
     with torch.no_grad():
         plain = torch.nn.functional.layer_norm(x, (4,))
-        handle.set_rows(slice(2, 4))
+        handle.set_call(rows=slice(2, 4))
         out = layer(x)
     assert torch.equal(out[:2], plain[:2]) and not torch.equal(out[2:], plain[2:])
     handle.remove()

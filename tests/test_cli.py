@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 from tiny_sdxl import build_tiny_sdxl
 
 from act_core.cli import main, read_prompt_file
+from act_core.diffusers.sweep import grid_layout
 from act_core.maps import ACTMap
-from act_core.sweep import grid_layout
 
 FAST = ["--steps", "2", "--height", "32", "--width", "32"]
 REPO = Path(__file__).resolve().parents[1]
@@ -46,7 +46,7 @@ def fitted(model_dir, prompt_files, tmp_path_factory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("maps")
     source, target = prompt_files
     paths = {}
-    for preset in ("unet_norms", "unet_norms_foldable"):
+    for preset in ("unet_norms_first_step", "unet_norms_foldable"):
         paths[preset] = out / f"{preset}.safetensors"
         argv = ["fit", "-q", "--model", str(model_dir), "--source", str(source), "--target", str(target)]
         argv += ["--preset", preset, "--batch-size", "3", "--output", str(paths[preset]), *FAST]
@@ -59,8 +59,8 @@ def test_read_prompt_file_skips_blanks_and_comments(prompt_files):
 
 
 def test_fit_writes_a_map(model_dir, fitted):
-    act_map = ACTMap.load(fitted["unet_norms"])
-    assert act_map.parts() == ["unet"] and act_map.metadata["preset"] == "unet_norms"
+    act_map = ACTMap.load(fitted["unet_norms_first_step"])
+    assert act_map.parts() == ["unet"] and act_map.metadata["preset"] == "unet_norms_first_step"
     assert act_map.metadata["num_source"] == act_map.metadata["num_target"] == 3
     assert act_map.metadata["model_source"] == str(model_dir)
     assert ACTMap.load(fitted["unet_norms_foldable"]).foldable
@@ -74,7 +74,7 @@ def test_sweep_writes_a_grid_of_the_expected_size(model_dir, fitted, tmp_path, c
         "--model",
         str(model_dir),
         "--map",
-        str(fitted["unet_norms"]),
+        str(fitted["unet_norms_first_step"]),
         "--prompt",
         "a red circle",
     ]
@@ -100,26 +100,26 @@ def test_sweep_writes_a_grid_of_the_expected_size(model_dir, fitted, tmp_path, c
 
 
 def test_info_text_and_json(fitted, capsys):
-    act_map = ACTMap.load(fitted["unet_norms"])
-    assert main(["info", str(fitted["unet_norms"])]) == 0
+    act_map = ACTMap.load(fitted["unet_norms_first_step"])
+    assert main(["info", str(fitted["unet_norms_first_step"])]) == 0
     assert f"{len(act_map)} modules" in capsys.readouterr().out
-    assert main(["info", "--json", str(fitted["unet_norms"])]) == 0
+    assert main(["info", "--json", str(fitted["unet_norms_first_step"])]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["modules"] == len(act_map) and report["metadata"]["preset"] == "unet_norms"
+    assert report["modules"] == len(act_map) and report["metadata"]["preset"] == "unet_norms_first_step"
     assert report["foldable"] is False
 
 
 def test_info_entry_point_subprocess(fitted):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     result = subprocess.run(
-        [sys.executable, "-m", "act_core", "info", str(fitted["unet_norms"])],
+        [sys.executable, "-m", "act_core", "info", str(fitted["unet_norms_first_step"])],
         capture_output=True,
         text=True,
         env=env,
         timeout=120,
     )
     assert result.returncode == 0, result.stderr
-    assert f"{len(ACTMap.load(fitted['unet_norms']))} modules" in result.stdout
+    assert f"{len(ACTMap.load(fitted['unet_norms_first_step']))} modules" in result.stdout
 
 
 def test_export_lora(model_dir, fitted, tmp_path, capsys):
@@ -145,19 +145,19 @@ def test_hub_id_without_local_copy(prompt_files, tmp_path, capsys):
     source, target = prompt_files
     argv = ["fit", "-q", "--model", "nobody-act-tests/no-such-model", "--source", str(source)]
     err = run_error([*argv, "--target", str(target), "--output", str(tmp_path / "m.safetensors")], capsys)
-    assert "No local copy of 'nobody-act-tests/no-such-model'" in err and "huggingface-cli download" in err
+    assert "No local copy of 'nobody-act-tests/no-such-model'" in err and "hf download" in err
 
 
 def test_fit_with_statistics_over_several_steps(model_dir, fitted, prompt_files, tmp_path, capsys):
     source, target = prompt_files
     base = ["fit", "-q", "--model", str(model_dir), "--source", str(source), "--target", str(target)]
-    base += ["--batch-size", "3", *FAST]
+    base += ["--preset", "unet_norms_first_step", "--batch-size", "3", *FAST]
     steps = int(FAST[FAST.index("--steps") + 1])
     output = tmp_path / "all_steps.safetensors"
     assert main([*base, "--statistics-steps", str(steps), "--output", str(output)]) == 0
-    act_map, first_step = ACTMap.load(output), ACTMap.load(fitted["unet_norms"])
-    assert act_map.metadata["statistics"]["statistics_steps"] == steps > 1
-    assert first_step.metadata["statistics"]["statistics_steps"] == 1
+    act_map, first_step = ACTMap.load(output), ACTMap.load(fitted["unet_norms_first_step"])
+    assert act_map.metadata["sampling"]["statistics_steps"] == steps > 1
+    assert first_step.metadata["sampling"]["statistics_steps"] == 1
     name = next(iter(act_map.modules))
     assert not torch.equal(act_map.modules[name].omega, first_step.modules[name].omega)
     err = run_error([*base, "--statistics-steps", str(steps + 1), "--output", str(output)], capsys)
@@ -182,9 +182,18 @@ def test_bad_outputs_and_maps(model_dir, fitted, prompt_files, tmp_path, capsys)
     assert "must end in .safetensors" in run_error([*fit, "--output", str(tmp_path / "map.pt")], capsys)
     err = run_error([*fit, "--output", str(tmp_path / "no" / "map.safetensors")], capsys)
     assert "does not exist" in err
-    sweep = ["sweep", "-q", "--model", str(model_dir), "--map", str(fitted["unet_norms"]), "--prompt", "x"]
+    sweep = [
+        "sweep",
+        "-q",
+        "--model",
+        str(model_dir),
+        "--map",
+        str(fitted["unet_norms_first_step"]),
+        "--prompt",
+        "x",
+    ]
     assert "must end in .png" in run_error([*sweep, "--output", str(tmp_path / "grid.jpg")], capsys)
     assert "not found" in run_error(["info", str(tmp_path / "nope.safetensors")], capsys)
-    export = ["export-lora", "-q", "--model", str(model_dir), "--map", str(fitted["unet_norms"])]
+    export = ["export-lora", "-q", "--model", str(model_dir), "--map", str(fitted["unet_norms_first_step"])]
     err = run_error([*export, "--output", str(tmp_path / "lora.safetensors")], capsys)
     assert "unet_norms_foldable" in err and not (tmp_path / "lora.safetensors").exists()

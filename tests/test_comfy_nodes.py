@@ -516,9 +516,9 @@ def test_canonical_names_round_trip_full_sdxl(comfyui):  # noqa: F811
     import comfy.supported_models
     import comfy.utils
     import torch
-
     from act_core.comfy_names import comfy_unet_modules, invert_table, unet_module_table
     from act_core.names import component_modules, from_comfy, to_comfy
+
     from act_core.presets import NORM_TYPES
 
     diffusers = pytest.importorskip("diffusers")
@@ -569,7 +569,7 @@ def _diffusers_twin(clip):
     """A diffusers SDXL pipeline whose text encoders carry the tiny ComfyUI CLIP's weights and tokenizer."""
     diffusers = pytest.importorskip("diffusers")
     transformers = pytest.importorskip("transformers")
-    from act_core.pipeline import act_pipeline
+    from act_core.diffusers.pipeline import act_pipeline
 
     tokenizer_dir = os.path.join(cs.comfy_path(), "comfy", "sd1_tokenizer")
     tok1 = transformers.CLIPTokenizer.from_pretrained(tokenizer_dir, model_max_length=77)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from act_core.demo.paths import load_demo_classifier, load_demo_pipeline
-from act_core.demo.run_demo import EVAL_SEED, evaluate, experiments
-from act_core.pipeline import act_pipeline
+from act_core.diffusers.pipeline import act_pipeline
+from demo.paths import load_demo_classifier, load_demo_pipeline
+from demo.run_demo import EVAL_SEED, evaluate, experiments
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from act_core.demo import shapes
-from act_core.demo.paths import CLASSIFIER_PATH, DEMO_MODEL_PATH, load_demo_classifier, load_demo_pipeline
+from demo import shapes
+from demo.paths import CLASSIFIER_PATH, DEMO_MODEL_PATH, load_demo_classifier, load_demo_pipeline
 
 FRESH_SEED = 12345  # not used by training (training draws are keyed by hashed (seed, stage, step))
 
@@ -82,7 +82,7 @@ def test_missing_model_says_how_to_train(tmp_path):
 
 
 def test_classifier_accuracy_on_fresh_generator_images(classifier):
-    from act_core.demo.classifier import accuracy
+    from demo.classifier import accuracy
 
     images, _, labels = shapes.make_dataset(300, seed=FRESH_SEED)
     acc = accuracy(classifier, images, labels)
@@ -92,7 +92,7 @@ def test_classifier_accuracy_on_fresh_generator_images(classifier):
 def test_classifier_scores_pil_and_tensor_inputs(classifier):
     from PIL import Image
 
-    from act_core.demo.classifier import predict_proba, score
+    from demo.classifier import predict_proba, score
 
     img = shapes.sample(np.random.default_rng(5), shape="cross", colour="green", style="solid").image
     p_pil = predict_proba(classifier, [Image.fromarray(img)])
@@ -105,8 +105,8 @@ def test_classifier_scores_pil_and_tensor_inputs(classifier):
 
 def test_model_samples_follow_the_prompt(pipe, classifier):
     """A quality floor: colour and shape of 12 samples read back right (all 12 did when shipped)."""
-    from act_core.demo.classifier import predict_proba
-    from act_core.demo.evaluation import GRID_PROMPTS, generate
+    from demo.classifier import predict_proba
+    from demo.evaluation import GRID_PROMPTS, generate
 
     images = generate(pipe, list(GRID_PROMPTS), seed=0)  # shipped defaults: 20 steps, guidance 3
     probs = predict_proba(classifier, images)

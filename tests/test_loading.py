@@ -15,10 +15,10 @@ from tiny_sdxl import build_tiny_sdxl, text_config
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from act_core.cli import main
+from act_core.diffusers.loading import ACTModelLoadError, load_pipeline
+from act_core.diffusers.pipeline import ACTPipelineMixin
 from act_core.errors import ACTError
-from act_core.loading import ACTModelLoadError, load_pipeline
 from act_core.maps import ACTMap
-from act_core.pipeline import ACTPipelineMixin
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,7 @@ def test_hub_id_without_cache_names_the_fix(tmp_path):
         load_pipeline("nobody-act-tests/no-such-model", cache_dir=tmp_path / "empty_cache")
     message = str(info.value)
     assert "No local copy of 'nobody-act-tests/no-such-model'" in message
-    assert "huggingface-cli download nobody-act-tests/no-such-model" in message
+    assert "hf download nobody-act-tests/no-such-model" in message
     assert "local diffusers folder" in message
     assert isinstance(info.value, ACTError)
 

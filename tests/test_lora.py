@@ -11,10 +11,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from tiny_sdxl import build_tiny_sdxl
 
+from act_core.diffusers.pipeline import act_pipeline
 from act_core.errors import ACTInputError
+from act_core.families.sdxl import lora_key
 from act_core.lora import as_foldable, export_lora, lora_state_dict
-from act_core.names import lora_key
-from act_core.pipeline import act_pipeline
 
 SOURCE = [f"a red circle number {i}" for i in range(6)]
 TARGET = [f"a blue square, striped, number {i}" for i in range(6)]
@@ -119,7 +119,7 @@ def test_exported_diffs_reproduce_hooks(pipe, unet_map, text_map, tmp_path, whic
 
 
 def test_metadata_strength_and_fp16(pipe, unet_map, tmp_path):
-    path = export_lora(unet_map, pipe, tmp_path / "half.safetensors", strength=0.5)
+    path = export_lora(unet_map, pipe, tmp_path / "half.safetensors", strength=0.5, dtype="fp16")
     with safe_open(str(path), framework="pt") as handle:
         meta = handle.metadata()
         keys = handle.keys()
@@ -135,7 +135,7 @@ def test_metadata_strength_and_fp16(pipe, unet_map, tmp_path):
 
 
 def test_bounded_map_is_refused(pipe, tmp_path):
-    bounded = pipe.fit_act(SOURCE, TARGET, preset="unet_norms", batch_size=6, progress=False)
+    bounded = pipe.fit_act(SOURCE, TARGET, preset="unet_norms_first_step", batch_size=6, progress=False)
     with pytest.raises(ACTInputError, match="unet_norms_foldable"):
         export_lora(bounded, pipe, tmp_path / "bounded.safetensors")
     assert not (tmp_path / "bounded.safetensors").exists()

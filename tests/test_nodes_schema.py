@@ -239,8 +239,8 @@ def test_target_path_stays_inside(pack, tmp_path):
 
 def test_comfy_name_tables():
     import torch
-
     from act_core.comfy_names import comfy_clip_modules, comfy_unet_key, invert_table, unet_module_table
+
     from act_core.errors import ACTInputError
 
     keys = {

@@ -8,8 +8,8 @@ import torch
 from tiny_sdxl import build_tiny_sdxl
 
 from act_core import ACTMap
+from act_core.diffusers.pipeline import act_pipeline
 from act_core.errors import ACTInputError, ACTModelMismatchError
-from act_core.pipeline import act_pipeline
 
 SOURCE = [f"a red circle number {i}" for i in range(8)]
 TARGET = [f"a blue square, striped, number {i}" for i in range(8)]
@@ -24,7 +24,8 @@ def pipe(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def unet_map(pipe):
-    return pipe.fit_act(SOURCE, TARGET, batch_size=4, progress=False)
+    """The paper's protocol (first-step statistics, one map for every step)."""
+    return pipe.fit_act(SOURCE, TARGET, preset="unet_norms_first_step", batch_size=4, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +59,7 @@ def test_fit_from_two_by_eight_prompts(unet_map):
     # Execution order: the mid block runs before the up blocks (it is registered after them).
     assert names.index("unet.mid_block.resnets.0.norm1") < names.index("unet.up_blocks.0.resnets.0.norm1")
     meta = unet_map.metadata
-    assert meta["num_source"] == meta["num_target"] == 8 and meta["preset"] == "unet_norms"
+    assert meta["num_source"] == meta["num_target"] == 8 and meta["preset"] == "unet_norms_first_step"
     assert meta["causal_strategy"] == "lockstep" and meta["method"] == "linear" and meta["support"] == "range"
 
 
@@ -116,8 +117,10 @@ def test_text_encoder_preset_runs_no_unet(pipe):
 
 
 def test_fit_encoding_matches_the_pipeline(pipe):
-    tokens = pipe._act_tokenize(SOURCE[:3])
-    embeds, added = pipe._act_encode(tokens, 32, 32)
+    from act_core.diffusers.fitting import _encode_tokens, tokenize
+
+    tokens = tokenize(pipe, SOURCE[:3])
+    embeds, added = _encode_tokens(pipe, tokens, 32, 32)
     ref, _, pooled, _ = pipe.encode_prompt(SOURCE[:3], device="cpu", do_classifier_free_guidance=False)
     torch.testing.assert_close(embeds, ref)
     torch.testing.assert_close(added["text_embeds"], pooled)

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .errors import ACTError
+from ..errors import ACTError
 from .pipeline import act_pipeline
 
 SUPPORTED_PIPELINES = ("StableDiffusionXLPipeline", "StableDiffusionPipeline")
@@ -92,7 +92,7 @@ def _cached_snapshot(repo_id: str, cache_dir: str | os.PathLike | None) -> Path:
     except (LocalEntryNotFoundError, FileNotFoundError):
         raise ACTModelLoadError(
             f"No local copy of {repo_id!r}: it is not a folder or file here, and not in the Hugging Face "
-            f"cache. Download it first with `huggingface-cli download {repo_id}` on a machine with network "
+            f"cache. Download it first with `hf download {repo_id}` on a machine with network "
             "(and copy the cache), or pass a local diffusers folder."
         ) from None
     except HFValidationError:
@@ -238,7 +238,7 @@ def _cached_config(repo_id: str, cache_dir: str | os.PathLike | None, checkpoint
             f"Loading single-file checkpoint {checkpoint.name} needs the diffusers configs of {repo_id!r}, "
             "which are not in the Hugging Face cache (this tool never downloads). Either pass a local "
             f"diffusers folder of the same architecture as config (CLI: --config DIR), or run "
-            f"`huggingface-cli download {repo_id} --include '*.json' '*.txt'` on a machine with network "
+            f"`hf download {repo_id} --include '*.json' '*.txt'` on a machine with network "
             "and copy the cache here; or use a diffusers folder instead of the single file."
         ) from None
 
@@ -246,3 +246,24 @@ def _cached_config(repo_id: str, cache_dir: str | os.PathLike | None, checkpoint
 def _first_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     return text[0].rstrip(".") if text else type(error).__name__
+
+
+def unknown_words(tokenizer: Any, prompts: list[str]) -> list[str]:
+    """Words of ``prompts`` that ``tokenizer`` only knows as single characters (out of its vocabulary).
+
+    A byte-level BPE tokenizer never fails: an unknown word silently becomes one token per character,
+    which the model never learned as a word (the shipped demo tokenizer knows only the caption words).
+    Real CLIP tokenizers split rare words into sub-words, which this does not flag.
+    """
+    if tokenizer is None or not hasattr(tokenizer, "tokenize"):
+        return []
+    found: list[str] = []
+    for prompt in prompts:
+        for raw in prompt.split():
+            word = raw.strip(".,;:!?()[]{}\"'").lower()
+            if len(word) < 2 or word in found:
+                continue
+            pieces = [piece.replace("</w>", "") for piece in tokenizer.tokenize(word)]
+            if len(pieces) > 1 and all(len(piece) == 1 for piece in pieces):
+                found.append(word)
+    return found

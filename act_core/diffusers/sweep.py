@@ -21,10 +21,10 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
-from .applying import check_strength
-from .errors import ACTInputError
-from .files import atomic_write
-from .maps import ACTMap
+from ..applying import check_strength
+from ..errors import ACTInputError
+from ..files import atomic_write
+from ..maps import ACTMap
 
 MIN_CELL = 128
 GAP = 4

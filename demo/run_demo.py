@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..pipeline import act_pipeline
+from act_core.diffusers import act_pipeline
+
 from .classifier import predict_proba
 from .evaluation import generate
 from .paths import DEFAULT_GUIDANCE, REPO_ROOT, load_demo_classifier, load_demo_pipeline
@@ -212,7 +213,7 @@ def plot_curves(experiments_done: list[Experiment], path: Path) -> None:
 
 def write_sweeps(pipe, experiment: Experiment, lambdas, out: Path, gen: dict, rows: int = 4) -> Path:
     """A grid for the paper's preset: a few evaluation prompts (rows) at every lambda (columns)."""
-    from ..sweep import save_grid, sweep_grid
+    from act_core.diffusers.sweep import save_grid, sweep_grid
 
     act_map = experiment.runs[next(iter(METHODS))]["map"]
     step = max(1, len(experiment.fit_source) // rows)
@@ -231,7 +232,7 @@ def write_sweeps(pipe, experiment: Experiment, lambdas, out: Path, gen: dict, ro
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m act_core.demo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m demo", description=__doc__.splitlines()[0])
     parser.add_argument("--output", type=Path, default=REPO_ROOT / "outputs" / "demo", help="output folder")
     parser.add_argument(
         "--repeats", type=int, default=1, help="evaluation images per prompt (different seeds)"

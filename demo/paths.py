@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_MODEL_PATH = REPO_ROOT / "models" / "shapes-sdxl"
 CLASSIFIER_PATH = REPO_ROOT / "models" / "shapes-classifier"
 

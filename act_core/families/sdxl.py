@@ -1,0 +1,218 @@
+"""Stable Diffusion XL (and SD 1.x): parts, presets, and module names in diffusers, ComfyUI and LoRAs.
+
+A canonical module name is ``<part>.<path>``; part is ``unet``, ``text_encoder`` or ``text_encoder_2``
+and path the diffusers / Hugging Face module path, with the text encoders always written with their
+``text_model.`` prefix (transformers 5 dropped that submodule from ``CLIPTextModel`` but not from
+``CLIPTextModelWithProjection``; maps must not depend on the transformers version)::
+
+    unet.down_blocks.1.attentions.0.transformer_blocks.0.norm1
+    text_encoder.text_model.encoder.layers.0.layer_norm1
+    text_encoder_2.text_model.encoder.layers.0.layer_norm1
+
+ComfyUI names the same modules ``diffusion_model.<LDM path>``, ``clip_l.transformer.text_model...`` and
+``clip_g.transformer.text_model...``. The UNet's diffusers <-> LDM path table comes from ComfyUI at run
+time (``comfy.utils.unet_to_diffusers(unet_config)``, parameter keys); ``unet_module_table`` turns it
+into a module table. Nothing here imports ComfyUI or diffusers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from torch import nn
+
+from ..errors import ACTInputError
+from ..maps import APPLY_PER_ELEMENT
+from ..presets import Preset
+from .base import ModelFamily
+
+UNET, TEXT_ENCODER, TEXT_ENCODER_2 = "unet", "text_encoder", "text_encoder_2"
+PARTS = (UNET, TEXT_ENCODER, TEXT_ENCODER_2)
+TEXT_MODEL_PREFIX = "text_model."
+# ComfyUI's SDXL CLIP: clip_l is diffusers' text_encoder, clip_g is text_encoder_2.
+COMFY_CLIP_PARTS = {TEXT_ENCODER: "clip_l", TEXT_ENCODER_2: "clip_g"}
+COMFY_UNET_PREFIX = "diffusion_model."
+# Key prefixes that ComfyUI's stock LoraLoader maps onto model weights.
+LORA_PREFIXES = {
+    UNET: "diffusion_model.",
+    TEXT_ENCODER: "text_encoders.clip_l.transformer.",
+    TEXT_ENCODER_2: "text_encoders.clip_g.transformer.",
+}
+_PARAM_SUFFIXES = (".weight", ".bias")
+
+# ------------------------------------------------------------------------------------------ presets
+PRESETS: dict[str, Preset] = {
+    "unet_norms": Preset(
+        "unet_norms",
+        "Every UNet *norm* module, Linear-AcT per element, one map per denoising step fitted along the guided "
+        "trajectory you sample with (exact causal, cond rows). The default: it steers models nobody tuned it "
+        "for (docs/protocol.md).",
+        {UNET: ("*norm*",)},
+        support="unbounded",
+        apply_mode=APPLY_PER_ELEMENT,
+        protocol="trajectory",
+    ),
+    "unet_norms_first_step": Preset(
+        "unet_norms_first_step",
+        "The paper's SDXL protocol: every UNet *norm* module, Linear-AcT with source-range support, spatial "
+        "mean on feature maps, statistics from the first denoising step only, one map for every step.",
+        {UNET: ("*norm*",)},
+    ),
+    "text_encoder_norms": Preset(
+        "text_encoder_norms",
+        "LayerNorms of both CLIP text encoders (no UNet pass while fitting: fast).",
+        {TEXT_ENCODER: ("*layer_norm*",), TEXT_ENCODER_2: ("*layer_norm*",)},
+        apply_mode=APPLY_PER_ELEMENT,  # (B, T, C) outputs: per element either way; this keeps them foldable
+    ),
+    "text_encoder_and_unet_norms": Preset(
+        "text_encoder_and_unet_norms",
+        "LayerNorms of both CLIP encoders and every UNet *norm* module, unbounded support, each module "
+        "fitted from the plain model at the first step (at once). Superseded by unet_norms.",
+        {TEXT_ENCODER: ("*layer_norm*",), TEXT_ENCODER_2: ("*layer_norm*",), UNET: ("*norm*",)},
+        support="unbounded",
+        mode="at_once",
+    ),
+    "unet_norms_foldable": Preset(
+        "unet_norms_foldable",
+        "UNet *norm* modules, one unbounded per-element map for every step: can be fused into weights and "
+        "exported as a LoRA. Weights act on every row of a CFG batch, so its hooks do too.",
+        {UNET: ("*norm*",)},
+        support="unbounded",
+        apply_mode=APPLY_PER_ELEMENT,
+        cfg_rows="all",
+    ),
+}
+DEFAULT_PRESET = "unet_norms"
+FOLDABLE_PRESET = "unet_norms_foldable"
+
+
+def dead_text_encoder_paths(part: str, num_hidden_layers: int) -> tuple[str, ...]:
+    """Canonical-path globs of text encoder modules whose output never reaches the UNet in SDXL.
+
+    SDXL conditions on ``hidden_states[-2]`` (the output of the second-to-last layer). Text encoder 1's
+    last layer and final LayerNorm are therefore dead; text encoder 2's still feed the pooled embedding.
+    """
+    if part != TEXT_ENCODER:
+        return ()
+    return (f"text_model.encoder.layers.{num_hidden_layers - 1}.*", "text_model.final_layer_norm")
+
+
+# ------------------------------------------------------------------------------------------ diffusers names
+def has_text_model(component: nn.Module) -> bool:
+    """True for text encoders whose modules live under a ``text_model`` submodule."""
+    return isinstance(getattr(component, "text_model", None), nn.Module)
+
+
+def canonical_name(part: str, path: str, component: nn.Module | None = None) -> str:
+    """Canonical name of module ``path`` of a diffusers component (``component`` tells the layout)."""
+    if part == UNET:
+        return f"{part}.{path}"
+    if part not in PARTS:
+        raise ACTInputError(f"Unknown model part {part!r}; expected one of {PARTS}.")
+    if path.startswith(TEXT_MODEL_PREFIX) or (component is not None and has_text_model(component)):
+        return f"{part}.{path}"
+    return f"{part}.{TEXT_MODEL_PREFIX}{path}"
+
+
+def component_modules(part: str, component: nn.Module) -> dict[str, nn.Module]:
+    """Every named submodule of a diffusers component, keyed by canonical name."""
+    return {
+        canonical_name(part, path, component): module for path, module in component.named_modules() if path
+    }
+
+
+def lora_key(module_name: str) -> str:
+    """LoRA-file key stem for a canonical module name; the exporter appends ``.diff`` / ``.diff_b``.
+
+    ComfyUI's stock LoraLoader reads UNet keys in diffusers form (``unet.<path>``, i.e. the canonical
+    name) and text encoder norms only as ``text_encoders.clip_l.transformer.<path>`` (clip_g for
+    encoder 2): the diffusers/kohya text encoder names cover attention and MLP linears only.
+    """
+    part, _, path = module_name.partition(".")
+    if part not in PARTS or not path:
+        raise ACTInputError(f"{module_name!r} is not an SDXL module name (unet.*, text_encoder*.*).")
+    return module_name if part == UNET else LORA_PREFIXES[part] + path
+
+
+# ------------------------------------------------------------------------------------------ ComfyUI names
+def unet_module_table(diffusers_to_ldm_keys: Mapping[str, str]) -> dict[str, str]:
+    """``{diffusers module path: LDM module path}`` from ``comfy.utils.unet_to_diffusers(unet_config)``.
+
+    Parameter keys are stripped of ``.weight`` / ``.bias``; a module whose weight and bias disagree
+    about their LDM module is an error (it would make names ambiguous).
+    """
+    table: dict[str, str] = {}
+    for diffusers_key, ldm_key in diffusers_to_ldm_keys.items():
+        for suffix in _PARAM_SUFFIXES:
+            if diffusers_key.endswith(suffix) and ldm_key.endswith(suffix):
+                diffusers_path, ldm_path = diffusers_key[: -len(suffix)], ldm_key[: -len(suffix)]
+                previous = table.setdefault(diffusers_path, ldm_path)
+                if previous != ldm_path:
+                    raise ACTInputError(
+                        f"UNet module {diffusers_path!r} maps to two ComfyUI modules ({previous!r}, {ldm_path!r})."
+                    )
+                break
+    if not table:
+        raise ACTInputError(
+            "This model has no diffusers <-> ComfyUI UNet name table: it is not a UNet model "
+            "(SD 1.x, SD 2.x, SDXL). FLUX models are supported through their own family."
+        )
+    return table
+
+
+def comfy_unet_modules(diffusion_model: nn.Module, table: Mapping[str, str]) -> dict[str, nn.Module]:
+    """Every UNet module that has a diffusers name, keyed by canonical name (``unet.<diffusers path>``).
+
+    Table entries whose LDM module does not exist in this model are skipped.
+    """
+    named = dict(diffusion_model.named_modules())
+    return {f"{UNET}.{d}": named[ldm] for d, ldm in table.items() if ldm in named}
+
+
+def comfy_unet_key(name: str, table: Mapping[str, str]) -> str:
+    """ComfyUI state-dict module prefix (``diffusion_model.<LDM path>``) of a canonical UNet name."""
+    part, _, path = name.partition(".")
+    if part != UNET:
+        raise ACTInputError(f"{name!r} is not a UNet module name.")
+    try:
+        return COMFY_UNET_PREFIX + table[path]
+    except KeyError:
+        raise ACTInputError(f"UNet module {path!r} has no ComfyUI counterpart in this model.") from None
+
+
+def comfy_clip_modules(cond_stage_model: nn.Module) -> dict[str, nn.Module]:
+    """The text-model modules of ComfyUI's CLIP (``clip_l`` / ``clip_g``), keyed by canonical name.
+
+    ``cond_stage_model`` is ``CLIP.cond_stage_model`` (``SDXLClipModel``, ``SD1ClipModel``, ...): its
+    ``clip_l.transformer.text_model.*`` modules are ``text_encoder.text_model.*``, ``clip_g`` is
+    ``text_encoder_2``. Other encoders (T5, ...) are not SDXL parts and are left out.
+    """
+    modules: dict[str, nn.Module] = {}
+    for part, clip_name in COMFY_CLIP_PARTS.items():
+        encoder = getattr(cond_stage_model, clip_name, None)
+        transformer = getattr(encoder, "transformer", None)
+        if not isinstance(transformer, nn.Module):
+            continue
+        for path, module in transformer.named_modules():
+            if path.startswith(TEXT_MODEL_PREFIX):
+                modules[canonical_name(part, path)] = module
+    return modules
+
+
+def comfy_clip_key(name: str) -> str:
+    """ComfyUI CLIP state-dict module prefix (``clip_l.transformer.text_model...``) of a canonical name."""
+    part, _, path = name.partition(".")
+    if part not in COMFY_CLIP_PARTS:
+        raise ACTInputError(f"{name!r} is not a text encoder module name.")
+    return f"{COMFY_CLIP_PARTS[part]}.transformer.{path}"
+
+
+SDXL = ModelFamily(
+    name="sdxl",
+    parts=PARTS,
+    denoiser=UNET,
+    presets=PRESETS,
+    default_preset=DEFAULT_PRESET,
+    noise_level="timestep / num_train_timesteps (1000): 1 = pure noise",
+    lora_key=lora_key,
+)

@@ -1,0 +1,210 @@
+"""One validation layer for every host (the diffusers mixin, the CLI, the ComfyUI nodes).
+
+Each check raises ``ACTInputError`` naming the problem and the fix, or warns (``ACTWarning``) about
+input that works but is probably not what was meant.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from collections.abc import Hashable, Sequence
+from typing import Any
+
+from .applying import check_strength
+from .errors import ACTInputError, ACTWarning
+from .maps import prompt_digest
+
+MIN_PROMPTS = 2
+MAX_IMBALANCE = 4.0
+MAX_LAMBDAS = 64
+
+
+def check_prompts(prompts: Any, side: str) -> list[str]:
+    """A list of at least 2 non-empty prompts (surrounding spaces stripped, empty ones dropped).
+
+    Anything that is not a string (``None``, numbers, bytes) is an error naming its position, rather
+    than being dropped silently.
+    """
+    if isinstance(prompts, (str, bytes)):
+        raise ACTInputError(f"{side} prompts must be a list of prompts, not one {type(prompts).__name__}.")
+    try:
+        items = list(prompts)
+    except TypeError:
+        raise ACTInputError(
+            f"{side} prompts must be a list of strings, got {type(prompts).__name__}."
+        ) from None
+    for index, item in enumerate(items):
+        if not isinstance(item, str):
+            raise ACTInputError(
+                f"{side} prompt {index} is {type(item).__name__} ({item!r}), not text. Give every prompt as a "
+                "string (decode bytes first)."
+            )
+    kept = [item.strip() for item in items if item.strip()]
+    if len(kept) < MIN_PROMPTS:
+        raise ACTInputError(
+            f"The {side} prompt list has {len(kept)} non-empty prompt(s); ACT needs at least {MIN_PROMPTS} per "
+            "side (the paper uses 1024). Add more prompts."
+        )
+    return kept
+
+
+def parse_prompt_lines(text: Any, side: str) -> list[str]:
+    """Prompts from text, one per line (the ComfyUI nodes' multiline fields); blank lines ignored."""
+    if not isinstance(text, str):
+        raise ACTInputError(f"The {side} prompts must be text, one prompt per line.")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(lines) < MIN_PROMPTS:
+        raise ACTInputError(
+            f"The {side} prompt list has {len(lines)} non-empty line(s); ACT needs at least {MIN_PROMPTS} "
+            f"{side} prompts, one per line (the paper uses hundreds). Add more lines to '{side}_prompts'."
+        )
+    return lines
+
+
+def check_balance(source: Sequence[str], target: Sequence[str], max_ratio: float = MAX_IMBALANCE) -> None:
+    """Refuse prompt sets whose sizes differ by more than ``max_ratio`` (usually a pasting mistake)."""
+    n, m = len(source), len(target)
+    if max(n, m) > max_ratio * min(n, m):
+        raise ACTInputError(
+            f"Unbalanced prompt lists: {n} source vs {m} target prompts. Give both lists a similar number of "
+            f"prompts (at most {max_ratio:g}x apart; equal is best), e.g. the same prompts with and without "
+            "the style."
+        )
+
+
+def check_prompt_sets(
+    source: Sequence[str],
+    target: Sequence[str],
+    source_keys: Sequence[Hashable] | None = None,
+    target_keys: Sequence[Hashable] | None = None,
+    limit: str = "",
+) -> None:
+    """Refuse source and target sets that are the same to the model; warn about duplicates within a set.
+
+    ``*_keys`` are what the model sees of each prompt (e.g. token ids after truncation); when given,
+    prompts that differ only beyond the tokenizer's length limit are caught too (``limit`` says where).
+    """
+    source_keys = list(source_keys) if source_keys is not None else list(source)
+    target_keys = list(target_keys) if target_keys is not None else list(target)
+    if sorted(map(repr, source_keys)) == sorted(map(repr, target_keys)):
+        same_text = sorted(source) == sorted(target)
+        raise ACTInputError(
+            "The source and target prompts are the same to the model"
+            + ("" if same_text else f" after the tokenizer's truncation{limit}")
+            + ", so the map would do nothing. The target prompts must add (or remove) the property to steer "
+            "toward, within the tokenizer's length limit."
+        )
+    for side, prompts, keys in (("source", source, source_keys), ("target", target, target_keys)):
+        seen: dict[str, str] = {}
+        duplicates = []
+        for prompt, key in zip(prompts, keys, strict=True):
+            if repr(key) in seen:
+                duplicates.append(prompt)
+            seen.setdefault(repr(key), prompt)
+        if duplicates:
+            warnings.warn(
+                f"{len(duplicates)} {side} prompt(s) repeat another one to the model (first: {duplicates[0]!r}); "
+                "repeats add no information. Use varied prompts.",
+                ACTWarning,
+                stacklevel=3,
+            )
+
+
+def parse_lambdas(text: Any) -> list[float]:
+    """Lambda values separated by commas, spaces or semicolons, e.g. ``"0, 0.25, 0.5, 0.75, 1"``."""
+    if not isinstance(text, str):
+        raise ACTInputError(f"Lambda values must be text such as '0, 0.5, 1', got {type(text).__name__}.")
+    items = [item for item in re.split(r"[,\s;]+", text) if item]
+    if not items:
+        raise ACTInputError("Give at least one lambda value, e.g. '0, 0.25, 0.5, 0.75, 1'.")
+    values = []
+    for item in items:
+        try:
+            value = float(item)
+        except ValueError:
+            raise ACTInputError(
+                f"Cannot read lambda value {item!r}; write numbers separated by commas, e.g. '0, 0.5, 1'."
+            ) from None
+        values.append(check_strength(value, f"lambda value {item!r}"))
+    if len(values) > MAX_LAMBDAS:
+        raise ACTInputError(f"{len(values)} lambda values is too many for one sweep (at most {MAX_LAMBDAS}).")
+    return values
+
+
+def check_window(start: Any, end: Any) -> tuple[float, float]:
+    """A start/end window of denoising as fractions, ``0 <= start <= end <= 1``."""
+    start, end = check_strength(start, "start"), check_strength(end, "end")
+    if not 0.0 <= start <= end <= 1.0:
+        raise ACTInputError(
+            f"Need 0 <= start <= end <= 1 (fractions of denoising), got start={start}, end={end}."
+        )
+    return start, end
+
+
+def check_size(height: Any, width: Any, multiple: int = 8) -> tuple[int, int]:
+    """Image height and width: positive integers, multiples of ``multiple`` (the VAE's downsampling)."""
+    for name, value in (("height", height), ("width", width)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % multiple:
+            raise ACTInputError(
+                f"{name} must be a positive multiple of {multiple} (the VAE downsamples by {multiple}); "
+                f"got {value!r}."
+            )
+    return height, width
+
+
+def check_sampling(num_inference_steps: Any, guidance_scale: Any) -> tuple[int, float]:
+    """Steps >= 1 (an int) and a finite guidance scale >= 0."""
+    if (
+        isinstance(num_inference_steps, bool)
+        or not isinstance(num_inference_steps, int)
+        or num_inference_steps < 1
+    ):
+        raise ACTInputError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}.")
+    try:
+        guidance = float(guidance_scale)
+    except (TypeError, ValueError):
+        raise ACTInputError(f"guidance_scale must be a number, got {guidance_scale!r}.") from None
+    if not (math.isfinite(guidance) and guidance >= 0):
+        raise ACTInputError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}.")
+    return num_inference_steps, guidance
+
+
+def check_positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ACTInputError(f"{name} must be an integer >= 1, got {value!r}.")
+    return value
+
+
+def fit_metadata(
+    *,
+    family: str,
+    preset: str,
+    protocol: str,
+    source: Sequence[str],
+    target: Sequence[str],
+    seed: int,
+    model: str,
+    host: str,
+    sampling: dict,
+    cfg_rows: str,
+    extra: dict | None = None,
+) -> dict:
+    """The provenance every fitted map stores, built in one place for every host."""
+    info = {
+        "family": family,
+        "preset": preset,
+        "protocol": protocol,
+        "model": model,
+        "host": host,
+        "num_source_prompts": len(source),
+        "num_target_prompts": len(target),
+        "source_digest": prompt_digest(list(source)),
+        "target_digest": prompt_digest(list(target)),
+        "seed": seed,
+        "sampling": sampling,
+        "cfg_rows": cfg_rows,
+    }
+    info.update(extra or {})
+    return info
