@@ -1,0 +1,277 @@
+"""Which fitting protocol steers? Every candidate, on two independently trained models, side by side.
+
+    python -m demo.protocols                       # the full grid (about 30 minutes on one core)
+    python -m demo.protocols --quick               # the old and new defaults only
+    python -m demo.protocols --only new_default --models b --tasks style
+
+For each model (the shipped one, sampled with 20 Euler steps at guidance 3, and the second one,
+``models/shapes-sdxl-b``, trained here from another seed on other pixels and sampled with 25 steps at
+guidance 4), each task, and each protocol, a map is fitted with ``pipe.fit_act`` (24 + 24 prompts and the
+model's own sampling settings) and applied with ``pipe.enable_act`` at several lambdas; the model's own
+classifier scores the images. ``effect`` is the share of the way from lambda = 0 to the prompted
+ceiling (the target written in the prompt) that lambda reaches: 1 = as if prompted. A protocol
+*passes* a task when effect >= 0.8 with shape accuracy >= 0.85 at lambda = 1; the default must pass
+every task on both models. Results: ``outputs/protocols/results.json`` and a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from act_core.diffusers import act_pipeline
+from act_core.errors import ACTWarning
+from act_core.families.sdxl import PRESETS, TEXT_ENCODER, TEXT_ENCODER_2, UNET
+from act_core.maps import APPLY_SPATIAL_MEAN
+
+from .classifier import predict_proba
+from .evaluation import generate
+from .paths import REPO_ROOT, load_demo_classifier, load_demo_pipeline
+from .shapes import SHAPES, STYLES, caption
+
+FIT_SEED, EVAL_SEED = 0, 10_000
+LAMBDAS = (0.0, 0.5, 1.0, 1.5)
+PASS_EFFECT, PASS_SHAPE = 0.8, 0.85
+
+
+@dataclass(frozen=True)
+class Model:
+    """A trained demo model, its classifier and the sampling settings it is used with."""
+
+    name: str
+    path: Path
+    classifier: Path
+    steps: int
+    guidance: float
+
+
+MODELS = {
+    "shipped": Model(
+        "shipped", REPO_ROOT / "models" / "shapes-sdxl", REPO_ROOT / "models" / "shapes-classifier", 20, 3.0
+    ),
+    "b": Model(
+        "b", REPO_ROOT / "models" / "shapes-sdxl-b", REPO_ROOT / "models" / "shapes-classifier-b", 25, 4.0
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Task:
+    """Fit on source/target prompts, steer the source prompts, score one classifier label."""
+
+    name: str
+    head: str
+    goal: str
+    source: tuple[str, ...]
+    target: tuple[str, ...]
+    shapes: tuple[str, ...]
+
+
+def tasks() -> dict[str, Task]:
+    """Style, two colour changes and a negation; every shape, so content has to be kept."""
+    colours = ("red", "blue", "yellow", "orange")
+    plain = [(s, c) for s in SHAPES for c in colours]
+    styles = [st for st in STYLES if st != "striped"]
+    per_style = [(s, st) for s in SHAPES for st in styles]
+
+    def colour_task(name: str, source: str, target: str) -> Task:
+        return Task(
+            name,
+            "colour",
+            target,
+            tuple(caption(s, source, st) for s, st in per_style),
+            tuple(caption(s, target, st) for s, st in per_style),
+            tuple(s for s, _ in per_style),
+        )
+
+    return {
+        "style": Task(
+            "style",
+            "style",
+            "striped",
+            tuple(caption(s, c, "solid") for s, c in plain),
+            tuple(caption(s, c, "striped") for s, c in plain),
+            tuple(s for s, _ in plain),
+        ),
+        "colour": colour_task("colour", "green", "purple"),
+        "colour_red_yellow": colour_task("colour_red_yellow", "red", "yellow"),
+        "negation": Task(
+            "negation",
+            "style",
+            "striped",
+            tuple(caption(s, c, "striped") for s, c in plain),
+            tuple(caption(s, c, "solid") for s, c in plain),
+            tuple(s for s, _ in plain),
+        ),
+    }
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """A fitting protocol: ``fit_act`` options, ``enable_act`` options, and what it stands for."""
+
+    name: str
+    description: str
+    fit: dict = field(default_factory=dict)
+    enable: dict = field(default_factory=dict)
+
+
+_NEW = PRESETS["unet_norms"]
+_ATTENTION = replace(
+    _NEW, name="unet_attention_norms", patterns={UNET: ("*transformer_blocks.*.norm*",)}
+)
+_RESNET = replace(_NEW, name="unet_resnet_norms", patterns={UNET: ("*resnets.*.norm*",)})
+_NO_OUT = replace(_NEW, name="unet_norms_but_out", patterns={UNET: ("*blocks.*norm*",)})
+_SPATIAL = replace(_NEW, name="unet_norms_spatial_mean", apply_mode=APPLY_SPATIAL_MEAN)
+_WITH_TEXT = replace(
+    _NEW,
+    name="text_encoder_and_unet_norms_trajectory",
+    patterns={TEXT_ENCODER: ("*layer_norm*",), TEXT_ENCODER_2: ("*layer_norm*",), UNET: ("*norm*",)},
+)
+
+PROTOCOLS = {
+    p.name: p
+    for p in (
+        Protocol("new_default", "unet_norms: steered trajectory, per step, exact causal, per element (default)"),
+        Protocol(
+            "old_default", "unet_norms_first_step: the paper's (first step, range, spatial mean)",
+            {"preset": "unet_norms_first_step"},
+        ),
+        Protocol("mean", "new default with Mean-AcT", {"method": "mean"}),
+        Protocol("range_support", "new default with source [min, max] support", {"support": "range"}),
+        Protocol("spatial_mean", "new default, feature maps moved by their spatial mean", {"preset": _SPATIAL}),
+        Protocol("at_once", "new default fitted at once (no causal transport while fitting)", {"mode": "at_once"}),
+        Protocol("target_trajectory", "new default on the target's trajectory (teacher forcing)", {"trajectory": "target"}),
+        Protocol("unguided_fit", "new default fitted without CFG (guidance 1), generated with it", {"guidance_scale": 1.0}),
+        Protocol("all_rows", "new default, hooks steer both CFG halves", enable={"cfg_rows": "all"}),
+        Protocol("no_guard", "new default with the plain Linear-AcT estimator", {"shrinkage": 0.0, "max_omega": 1e4}),
+        Protocol("lagged", "new default split into calls of 4 pairs (bounded-memory fallback)", {"batch_size": 4}),
+        Protocol("attention_norms", "trajectory protocol on transformer-block norms only", {"preset": _ATTENTION}),
+        Protocol("resnet_norms", "trajectory protocol on ResNet norms only", {"preset": _RESNET}),
+        Protocol("without_conv_norm_out", "trajectory protocol on all block norms, not conv_norm_out", {"preset": _NO_OUT}),
+        Protocol("with_text_encoders", "trajectory protocol + both text encoders' norms (causal across parts)", {"preset": _WITH_TEXT}),
+        Protocol("text_encoder_norms", "text encoders only, unbounded (no UNet)", {"preset": "text_encoder_norms", "support": "unbounded"}),
+        Protocol("old_combined", "text_encoder_and_unet_norms (first step, at once)", {"preset": "text_encoder_and_unet_norms"}),
+        Protocol("first_step_all_steps", "paper's preset, statistics pooled over every step", {"preset": "unet_norms_first_step", "statistics_steps": -1}),
+        Protocol("foldable", "unet_norms_foldable (first step, one map, all rows)", {"preset": "unet_norms_foldable"}),
+    )
+}
+
+
+def effect(score: float, plain: float, ceiling: float) -> float:
+    """Share of the way from the plain model (lambda 0) to the prompted ceiling."""
+    span = ceiling - plain
+    return 0.0 if abs(span) < 1e-6 else (score - plain) / span
+
+
+def score_images(classifier, images, task: Task) -> dict[str, float]:
+    probs = predict_proba(classifier, images)
+    goal = probs[task.head][:, classifier.labels[task.head].index(task.goal)]
+    shape_index = torch.tensor([classifier.labels["shape"].index(s) for s in task.shapes])
+    shape_ok = probs["shape"].argmax(-1) == shape_index[: len(images)]
+    return {"score": float(goal.mean()), "shape": float(shape_ok.float().mean())}
+
+
+def evaluate(pipe, classifier, model: Model, task: Task, protocol: Protocol, lambdas: Sequence[float]) -> dict:
+    """Fit, then score every lambda (and the prompted ceiling), for one model x task x protocol."""
+    gen = {"steps": model.steps, "guidance": model.guidance}
+    fit = {"num_inference_steps": model.steps, "guidance_scale": model.guidance, **protocol.fit}
+    if fit.get("statistics_steps") == -1:
+        fit["statistics_steps"] = model.steps
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ACTWarning)
+        act_map = pipe.fit_act(list(task.source), list(task.target), seed=FIT_SEED, progress=False, **fit)
+    fit_seconds = time.perf_counter() - start
+    ceiling = score_images(classifier, generate(pipe, list(task.target), seed=EVAL_SEED, **gen), task)
+    curve = []
+    pipe.enable_act(act_map, strength=0.0, **protocol.enable)
+    try:
+        for lam in lambdas:
+            pipe.set_act_strength(lam)
+            curve.append({"lambda": lam, **score_images(classifier, generate(pipe, list(task.source), seed=EVAL_SEED, **gen), task)})
+    finally:
+        pipe.disable_act()
+    plain = curve[0]["score"]
+    for point in curve:
+        point["effect"] = effect(point["score"], plain, ceiling["score"])
+    at_one = next(p for p in curve if p["lambda"] == 1.0)
+    return {
+        "ceiling": ceiling["score"],
+        "curve": curve,
+        "fit_seconds": fit_seconds,
+        "modules": len(act_map),
+        "buckets": None if act_map.buckets is None else len(act_map.buckets),
+        "passes": at_one["effect"] >= PASS_EFFECT and at_one["shape"] >= PASS_SHAPE,
+    }
+
+
+def markdown(results: dict, models: Sequence[str], task_names: Sequence[str]) -> str:
+    """One row per protocol: effect / shape at lambda = 1 for every model x task; pass count."""
+    header = ["protocol"] + [f"{m}: {t}" for m in models for t in task_names] + ["passes"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, per_model in results.items():
+        cells, passes, total = [], 0, 0
+        for m in models:
+            for t in task_names:
+                run = per_model.get(m, {}).get(t)
+                if run is None:
+                    cells.append("-")
+                    continue
+                one = next(p for p in run["curve"] if p["lambda"] == 1.0)
+                mark = "**" if run["passes"] else ""
+                cells.append(f"{mark}{one['effect']:.2f} / {one['shape']:.2f}{mark}")
+                passes += run["passes"]
+                total += 1
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {passes}/{total} |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m demo.protocols", description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="shipped,b")
+    parser.add_argument("--tasks", default=",".join(tasks()))
+    parser.add_argument("--only", default=None, help="comma-separated protocol names")
+    parser.add_argument("--quick", action="store_true", help="the old and new defaults only")
+    parser.add_argument("--output", type=Path, default=REPO_ROOT / "outputs" / "protocols")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    names = ["new_default", "old_default"] if args.quick else (args.only.split(",") if args.only else list(PROTOCOLS))
+    model_names, task_names = args.models.split(","), args.tasks.split(",")
+    all_tasks = tasks()
+    args.output.mkdir(parents=True, exist_ok=True)
+    results: dict = {name: {} for name in names}
+    total, done, start = len(names) * len(model_names) * len(task_names), 0, time.perf_counter()
+    for model_name in model_names:
+        model = MODELS[model_name]
+        pipe = act_pipeline(load_demo_pipeline(path=model.path))
+        classifier = load_demo_classifier(model.classifier)
+        for name in names:
+            for task_name in task_names:
+                run = evaluate(pipe, classifier, model, all_tasks[task_name], PROTOCOLS[name], LAMBDAS)
+                results[name].setdefault(model_name, {})[task_name] = run
+                done += 1
+                elapsed = time.perf_counter() - start
+                curve = " ".join(f"{p['effect']:.2f}/{p['shape']:.2f}" for p in run["curve"])
+                print(
+                    f"[{done}/{total}, {elapsed / 60:.1f} min, ETA {elapsed / done * (total - done) / 60:.0f} min] "
+                    f"{model_name:7s} {task_name:18s} {name:22s} {curve}  {'PASS' if run['passes'] else 'fail'}",
+                    flush=True,
+                )
+                (args.output / "results.json").write_text(json.dumps(results, indent=1))
+    table = markdown(results, model_names, task_names)
+    (args.output / "table.md").write_text(table + "\n")
+    print("\n" + table)
+    return results
+
+
+if __name__ == "__main__":
+    main()
