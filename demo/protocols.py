@@ -124,9 +124,7 @@ class Protocol:
 
 
 _NEW = PRESETS["unet_norms"]
-_ATTENTION = replace(
-    _NEW, name="unet_attention_norms", patterns={UNET: ("*transformer_blocks.*.norm*",)}
-)
+_ATTENTION = replace(_NEW, name="unet_attention_norms", patterns={UNET: ("*transformer_blocks.*.norm*",)})
 _RESNET = replace(_NEW, name="unet_resnet_norms", patterns={UNET: ("*resnets.*.norm*",)})
 _NO_OUT = replace(_NEW, name="unet_norms_but_out", patterns={UNET: ("*blocks.*norm*",)})
 _SPATIAL = replace(_NEW, name="unet_norms_spatial_mean", apply_mode=APPLY_SPATIAL_MEAN)
@@ -139,28 +137,75 @@ _WITH_TEXT = replace(
 PROTOCOLS = {
     p.name: p
     for p in (
-        Protocol("new_default", "unet_norms: steered trajectory, per step, exact causal, per element (default)"),
         Protocol(
-            "old_default", "unet_norms_first_step: the paper's (first step, range, spatial mean)",
+            "new_default", "unet_norms: steered trajectory, per step, exact causal, per element (default)"
+        ),
+        Protocol(
+            "old_default",
+            "unet_norms_first_step: the paper's (first step, range, spatial mean)",
             {"preset": "unet_norms_first_step"},
         ),
         Protocol("mean", "new default with Mean-AcT", {"method": "mean"}),
         Protocol("range_support", "new default with source [min, max] support", {"support": "range"}),
-        Protocol("spatial_mean", "new default, feature maps moved by their spatial mean", {"preset": _SPATIAL}),
-        Protocol("at_once", "new default fitted at once (no causal transport while fitting)", {"mode": "at_once"}),
-        Protocol("target_trajectory", "new default on the target's trajectory (teacher forcing)", {"trajectory": "target"}),
-        Protocol("unguided_fit", "new default fitted without CFG (guidance 1), generated with it", {"guidance_scale": 1.0}),
+        Protocol(
+            "spatial_mean", "new default, feature maps moved by their spatial mean", {"preset": _SPATIAL}
+        ),
+        Protocol(
+            "at_once", "new default fitted at once (no causal transport while fitting)", {"mode": "at_once"}
+        ),
+        Protocol(
+            "target_trajectory",
+            "new default on the target's trajectory (teacher forcing)",
+            {"trajectory": "target"},
+        ),
+        Protocol(
+            "unguided_fit",
+            "new default fitted without CFG (guidance 1), generated with it",
+            {"guidance_scale": 1.0},
+        ),
         Protocol("all_rows", "new default, hooks steer both CFG halves", enable={"cfg_rows": "all"}),
-        Protocol("no_guard", "new default with the plain Linear-AcT estimator", {"shrinkage": 0.0, "max_omega": 1e4}),
-        Protocol("lagged", "new default split into calls of 4 pairs (bounded-memory fallback)", {"batch_size": 4}),
-        Protocol("attention_norms", "trajectory protocol on transformer-block norms only", {"preset": _ATTENTION}),
+        Protocol(
+            "no_guard",
+            "new default with the plain Linear-AcT estimator",
+            {"shrinkage": 0.0, "max_omega": 1e4},
+        ),
+        Protocol(
+            "lagged", "new default split into calls of 4 pairs (bounded-memory fallback)", {"batch_size": 4}
+        ),
+        Protocol(
+            "attention_norms", "trajectory protocol on transformer-block norms only", {"preset": _ATTENTION}
+        ),
         Protocol("resnet_norms", "trajectory protocol on ResNet norms only", {"preset": _RESNET}),
-        Protocol("without_conv_norm_out", "trajectory protocol on all block norms, not conv_norm_out", {"preset": _NO_OUT}),
-        Protocol("with_text_encoders", "trajectory protocol + both text encoders' norms (causal across parts)", {"preset": _WITH_TEXT}),
-        Protocol("text_encoder_norms", "text encoders only, unbounded (no UNet)", {"preset": "text_encoder_norms", "support": "unbounded"}),
-        Protocol("old_combined", "text_encoder_and_unet_norms (first step, at once)", {"preset": "text_encoder_and_unet_norms"}),
-        Protocol("first_step_all_steps", "paper's preset, statistics pooled over every step", {"preset": "unet_norms_first_step", "statistics_steps": -1}),
-        Protocol("foldable", "unet_norms_foldable (first step, one map, all rows)", {"preset": "unet_norms_foldable"}),
+        Protocol(
+            "without_conv_norm_out",
+            "trajectory protocol on all block norms, not conv_norm_out",
+            {"preset": _NO_OUT},
+        ),
+        Protocol(
+            "with_text_encoders",
+            "trajectory protocol + both text encoders' norms (causal across parts)",
+            {"preset": _WITH_TEXT},
+        ),
+        Protocol(
+            "text_encoder_norms",
+            "text encoders only, unbounded (no UNet)",
+            {"preset": "text_encoder_norms", "support": "unbounded"},
+        ),
+        Protocol(
+            "old_combined",
+            "text_encoder_and_unet_norms (first step, at once)",
+            {"preset": "text_encoder_and_unet_norms"},
+        ),
+        Protocol(
+            "first_step_all_steps",
+            "paper's preset, statistics pooled over every step",
+            {"preset": "unet_norms_first_step", "statistics_steps": -1},
+        ),
+        Protocol(
+            "foldable",
+            "unet_norms_foldable (first step, one map, all rows)",
+            {"preset": "unet_norms_foldable"},
+        ),
     )
 }
 
@@ -179,7 +224,9 @@ def score_images(classifier, images, task: Task) -> dict[str, float]:
     return {"score": float(goal.mean()), "shape": float(shape_ok.float().mean())}
 
 
-def evaluate(pipe, classifier, model: Model, task: Task, protocol: Protocol, lambdas: Sequence[float]) -> dict:
+def evaluate(
+    pipe, classifier, model: Model, task: Task, protocol: Protocol, lambdas: Sequence[float]
+) -> dict:
     """Fit, then score every lambda (and the prompted ceiling), for one model x task x protocol."""
     gen = {"steps": model.steps, "guidance": model.guidance}
     fit = {"num_inference_steps": model.steps, "guidance_scale": model.guidance, **protocol.fit}
@@ -196,7 +243,14 @@ def evaluate(pipe, classifier, model: Model, task: Task, protocol: Protocol, lam
     try:
         for lam in lambdas:
             pipe.set_act_strength(lam)
-            curve.append({"lambda": lam, **score_images(classifier, generate(pipe, list(task.source), seed=EVAL_SEED, **gen), task)})
+            curve.append(
+                {
+                    "lambda": lam,
+                    **score_images(
+                        classifier, generate(pipe, list(task.source), seed=EVAL_SEED, **gen), task
+                    ),
+                }
+            )
     finally:
         pipe.disable_act()
     plain = curve[0]["score"]
@@ -244,7 +298,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    names = ["new_default", "old_default"] if args.quick else (args.only.split(",") if args.only else list(PROTOCOLS))
+    names = (
+        ["new_default", "old_default"]
+        if args.quick
+        else (args.only.split(",") if args.only else list(PROTOCOLS))
+    )
     model_names, task_names = args.models.split(","), args.tasks.split(",")
     all_tasks = tasks()
     args.output.mkdir(parents=True, exist_ok=True)

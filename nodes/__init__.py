@@ -1,9 +1,27 @@
-"""ComfyUI nodes for Activation Transport (ACT). Imported by the repository's root ``__init__.py``.
+"""ComfyUI nodes for Activation Transport (ACT), on ComfyUI's V3 node API.
 
-Nothing here imports ComfyUI at import time (``comfy.*`` and ``folder_paths`` are imported inside the
-functions that run the nodes), so the node schemas load and are tested without ComfyUI.
+The repository's root ``__init__.py`` re-exports ``comfy_entrypoint``; ComfyUI calls it to get the
+``ComfyExtension`` with the node list. ``comfy_api`` is imported only then, so this package (and the
+logic modules beside it) import without ComfyUI.
 """
 
-from .act_nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+from __future__ import annotations
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+NODE_IDS = {
+    "ACTFitMap": "Fit ACT map",
+    "ACTApply": "Apply ACT",
+    "ACTSaveMap": "Save ACT map",
+    "ACTLoadMap": "Load ACT map",
+    "ACTExportLoRA": "Export ACT as LoRA",
+    "ACTSweep": "ACT lambda sweep",
+}
+
+
+async def comfy_entrypoint():
+    """ComfyUI's V3 entry point: the extension that lists the ACT nodes."""
+    from .act_nodes import ACTExtension
+
+    return ACTExtension()
+
+
+__all__ = ["NODE_IDS", "comfy_entrypoint"]

@@ -1,17 +1,22 @@
-"""The ACT nodes (classic V1 contract, so the schemas import and are tested without ComfyUI)."""
+"""The ACT nodes on ComfyUI's V3 API (``comfy_api.latest``): schemas that read like forms, work in the
+modules beside this one. Imported only inside ComfyUI (``nodes.comfy_entrypoint``)."""
 
 from __future__ import annotations
 
 import os
 
+from comfy_api.latest import ComfyExtension, io
+from typing_extensions import override
+
 from act_core.errors import ACTInputError
-from act_core.families.sdxl import DEFAULT_PRESET, PRESETS
+from act_core.families import SDXL
 from act_core.maps import ACTMap
 
 from .common import (
     ACT_MAP,
     CATEGORY,
     CAUSAL_STRATEGIES,
+    DEFAULT_PRESET,
     DEFAULT_SOURCE_PROMPTS,
     DEFAULT_TARGET_PROMPTS,
     FALLBACK_SAMPLERS,
@@ -21,37 +26,13 @@ from .common import (
     METHODS,
     MODES,
     PRESET_NAMES,
-    STRENGTH_SPEC,
+    STRENGTH_RANGE,
     SUPPORTS,
 )
-from .folders import FOLDER, list_maps, map_path, save_folder, target_path
+from .folders import FOLDER, list_maps, map_path, write_into_folder
 
-_PRESET_HELP = "; ".join(f"{name}: {preset.description}" for name, preset in PRESETS.items())
-_MAP_INPUT = (ACT_MAP, {"tooltip": "An ACT map, from 'Fit ACT map' or 'Load ACT map'."})
-_WINDOW = {
-    "start_percent": (
-        "FLOAT",
-        {
-            "default": 0.0,
-            "min": 0.0,
-            "max": 1.0,
-            "step": 0.01,
-            "tooltip": "Fraction of denoising at which UNet transport starts (0 = first step). A window other "
-            "than 0..1 needs hooks, so foldable maps are then applied with hooks too.",
-        },
-    ),
-    "end_percent": (
-        "FLOAT",
-        {
-            "default": 1.0,
-            "min": 0.0,
-            "max": 1.0,
-            "step": 0.01,
-            "tooltip": "Fraction of denoising at which UNet transport stops (1 = last step). Text-encoder maps "
-            "act on the prompt encoding and ignore the window.",
-        },
-    ),
-}
+ActMap = io.Custom(ACT_MAP)
+_PRESET_HELP = "; ".join(f"{name}: {preset.description}" for name, preset in SDXL.presets.items())
 
 
 def _sampler_choices() -> tuple[list[str], list[str]]:
@@ -59,166 +40,212 @@ def _sampler_choices() -> tuple[list[str], list[str]]:
         import comfy.samplers
 
         return list(comfy.samplers.KSampler.SAMPLERS), list(comfy.samplers.KSampler.SCHEDULERS)
-    except Exception:  # no ComfyUI (schema tests): the common names
+    except Exception:  # ComfyUI without its sampler module: the common names
         return list(FALLBACK_SAMPLERS), list(FALLBACK_SCHEDULERS)
 
 
-def _progress_bar(node_id=None):
-    import comfy.utils
-
-    # node_id given explicitly: fitting reports progress from worker threads, which do not see ComfyUI's
-    # executing-node context variable
-    return comfy.utils.ProgressBar(1, node_id=node_id)
+def _map_input() -> io.Input:
+    return ActMap.Input("act_map", tooltip="An ACT map, from 'Fit ACT map' or 'Load ACT map'.")
 
 
-class ACTFitMap:
-    DESCRIPTION = (
-        "Fit an Activation Transport (ACT) map that moves generations for the source prompts toward the target "
-        "prompts (Rodriguez et al., ICLR 2025). The model runs once per prompt at the FIRST denoising step "
-        "(cond branch, guidance off); per channel of every hooked norm layer, a 1-D optimal transport map "
-        "(sort and pair) is fitted. Use many varied prompt pairs (dozens to hundreds) for a robust map. "
-        "Text-encoder presets run the text encoders only. Interrupting stops the fit and leaves the model as it was."
+def _checked_map(act_map: object) -> ACTMap:
+    if not isinstance(act_map, ACTMap):
+        raise ACTInputError("act_map must be an ACT map (from 'Fit ACT map' or 'Load ACT map').")
+    return act_map
+
+
+def _strength_input(name: str, tooltip: str, optional: bool = False) -> io.Input:
+    return io.Float.Input(
+        name, display_mode=io.NumberDisplay.slider, optional=optional, tooltip=tooltip, **STRENGTH_RANGE
     )
-    CATEGORY = CATEGORY
-    FUNCTION = "fit"
-    RETURN_TYPES = (ACT_MAP, "STRING")
-    RETURN_NAMES = ("act_map", "summary")
-    OUTPUT_TOOLTIPS = (
-        "The fitted ACT map (canonical diffusers module names: portable between ComfyUI and diffusers).",
-        "A short text description of the map (modules, method, support).",
-    )
+
+
+def _window_inputs() -> list[io.Input]:
+    return [
+        io.Float.Input(
+            "start_percent",
+            default=0.0,
+            min=0.0,
+            max=1.0,
+            step=0.01,
+            optional=True,
+            tooltip="Fraction of denoising at which UNet transport starts (0 = first step). A window other than "
+            "0..1 needs hooks, so foldable maps are then applied with hooks too.",
+        ),
+        io.Float.Input(
+            "end_percent",
+            default=1.0,
+            min=0.0,
+            max=1.0,
+            step=0.01,
+            optional=True,
+            tooltip="Fraction of denoising at which UNet transport stops (1 = last step). Text-encoder maps act on "
+            "the prompt encoding and ignore the window.",
+        ),
+    ]
+
+
+def _sampling_inputs(optional: bool) -> list[io.Input]:
+    samplers, schedulers = _sampler_choices()
+    return [
+        io.Float.Input(
+            "cfg",
+            default=7.0,
+            min=0.0,
+            max=100.0,
+            step=0.1,
+            round=0.01,
+            optional=optional,
+            tooltip="Classifier-free guidance scale. For fitting: the cfg you will sample with (the trajectory "
+            "protocol fits along it).",
+        ),
+        io.Combo.Input(
+            "sampler_name",
+            options=samplers,
+            default="euler",
+            optional=optional,
+            tooltip="The sampling algorithm (for fitting: the one you will sample with).",
+        ),
+        io.Combo.Input(
+            "scheduler",
+            options=schedulers,
+            default="normal",
+            optional=optional,
+            tooltip="The noise schedule (for fitting: the one you will sample with).",
+        ),
+    ]
+
+
+class ACTFitMap(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ACTFitMap",
+            display_name="Fit ACT map",
+            category=CATEGORY,
+            description=(
+                "Fit an Activation Transport (ACT) map that moves generations for the source prompts toward the "
+                "target prompts (Rodriguez et al., ICLR 2025). With the default preset the prompt pairs are "
+                "sampled with YOUR sampler settings (steps, cfg, sampler, scheduler, size), and one map per noise "
+                "level is fitted along that trajectory, so it steers the sampler you use. Use many varied prompt "
+                "pairs (dozens to hundreds). Interrupting stops the fit and leaves the model as it was."
+            ),
+            inputs=[
+                io.Model.Input(
+                    "model", tooltip="The diffusion model (SD 1.x / SDXL UNet) to fit the map on."
+                ),
+                io.Clip.Input(
+                    "clip",
+                    tooltip="The text encoders that encode the prompts (and are fitted by text-encoder presets).",
+                ),
+                io.String.Input(
+                    "source_prompts",
+                    multiline=True,
+                    default=DEFAULT_SOURCE_PROMPTS,
+                    tooltip="Prompts WITHOUT the property (p in the paper), one per line; blank lines are ignored.",
+                ),
+                io.String.Input(
+                    "target_prompts",
+                    multiline=True,
+                    default=DEFAULT_TARGET_PROMPTS,
+                    tooltip="Prompts WITH the property to transport toward (q), one per line; ideally the same "
+                    "prompts as the source with the style added (line i pairs with source line i).",
+                ),
+                io.Combo.Input(
+                    "preset",
+                    options=PRESET_NAMES,
+                    default=DEFAULT_PRESET,
+                    tooltip="Which modules are hooked and how. " + _PRESET_HELP,
+                ),
+                io.String.Input(
+                    "parts",
+                    default="",
+                    tooltip="Optional comma-separated subset of the preset's parts (unet, text_encoder, "
+                    "text_encoder_2); empty = all.",
+                ),
+                io.Combo.Input(
+                    "method",
+                    options=METHODS,
+                    default="linear",
+                    tooltip="linear: Linear-AcT (the paper's best); mean: shift only; gaussian: Gaussian OT.",
+                ),
+                io.Combo.Input(
+                    "support",
+                    options=SUPPORTS,
+                    default="auto",
+                    tooltip="Where the map acts. auto: the preset's choice; range: source [min, max]; unbounded: "
+                    "everywhere (needed for LoRA export); qLO-HI: an inner quantile range of the source.",
+                ),
+                io.Combo.Input(
+                    "mode",
+                    options=MODES,
+                    default="preset",
+                    tooltip="preset: the preset's own mode; causal: each layer fitted with the earlier layers' "
+                    "maps applied (the paper's default); at_once: all layers from the plain model.",
+                ),
+                io.Int.Input(
+                    "fit_seed",
+                    default=0,
+                    min=0,
+                    max=MAX_SEED,
+                    tooltip="Noise seed of the fit; prompt pair i uses seed + i.",
+                ),
+                io.Int.Input(
+                    "width", default=1024, min=64, max=8192, step=8, tooltip="Image width you sample at."
+                ),
+                io.Int.Input(
+                    "height", default=1024, min=64, max=8192, step=8, tooltip="Image height you sample at."
+                ),
+                io.Int.Input(
+                    "steps",
+                    default=20,
+                    min=1,
+                    max=1000,
+                    tooltip="The steps you sample with (the trajectory protocol fits along all of them; the "
+                    "first-step preset uses only the first).",
+                ),
+                io.Int.Input(
+                    "batch_size",
+                    default=4,
+                    min=1,
+                    max=256,
+                    tooltip="First-step presets: prompts per model call. The trajectory protocol samples all pairs "
+                    "as one batch (ComfyUI splits it if memory is short).",
+                ),
+                io.Combo.Input(
+                    "causal_strategy",
+                    options=CAUSAL_STRATEGIES,
+                    default="auto",
+                    optional=True,
+                    tooltip="First-step presets: lockstep (one pass, all batches at once in threads), groupwise "
+                    "(one shorter pass per group of layers), auto (lockstep when it fits in memory).",
+                ),
+                *_sampling_inputs(optional=True),
+                io.String.Input(
+                    "negative_prompt",
+                    multiline=True,
+                    default="",
+                    optional=True,
+                    tooltip="The negative prompt you will sample with (the uncond branch of the fitting trajectory).",
+                ),
+            ],
+            outputs=[
+                ActMap.Output(
+                    "act_map",
+                    display_name="act_map",
+                    tooltip="The fitted ACT map (canonical diffusers module names: portable between ComfyUI and "
+                    "diffusers).",
+                ),
+                io.String.Output(
+                    "summary", display_name="summary", tooltip="A short text description of the map."
+                ),
+            ],
+            hidden=[io.Hidden.unique_id],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "model": (
-                    "MODEL",
-                    {"tooltip": "The diffusion model (SD 1.x / SDXL UNet) to fit the map on."},
-                ),
-                "clip": (
-                    "CLIP",
-                    {
-                        "tooltip": "The text encoders that encode the prompts (and are fitted by text-encoder presets)."
-                    },
-                ),
-                "source_prompts": (
-                    "STRING",
-                    {
-                        "multiline": True,
-                        "default": DEFAULT_SOURCE_PROMPTS,
-                        "tooltip": "Prompts WITHOUT the property (p in the paper), one per line; blank lines are ignored.",
-                    },
-                ),
-                "target_prompts": (
-                    "STRING",
-                    {
-                        "multiline": True,
-                        "default": DEFAULT_TARGET_PROMPTS,
-                        "tooltip": "Prompts WITH the property to transport toward (q), one per line; ideally the same "
-                        "prompts as the source with the style added. Use a similar number of lines as the source.",
-                    },
-                ),
-                "preset": (
-                    PRESET_NAMES,
-                    {
-                        "default": DEFAULT_PRESET,
-                        "tooltip": "Which modules are hooked and how. " + _PRESET_HELP,
-                    },
-                ),
-                "parts": (
-                    "STRING",
-                    {
-                        "default": "",
-                        "tooltip": "Optional comma-separated subset of the preset's parts (unet, text_encoder, text_encoder_2); empty = all.",
-                    },
-                ),
-                "method": (
-                    METHODS,
-                    {
-                        "default": "linear",
-                        "tooltip": "linear: Linear-AcT (the paper's best); mean: shift only; gaussian: Gaussian OT (std ratio).",
-                    },
-                ),
-                "support": (
-                    SUPPORTS,
-                    {
-                        "default": "auto",
-                        "tooltip": "Where the map acts. auto: the preset's choice (source [min, max] for linear, unbounded for "
-                        "the foldable preset); range: source [min, max]; unbounded: everywhere (needed for LoRA export); "
-                        "qLO-HI: an inner quantile range of the source.",
-                    },
-                ),
-                "mode": (
-                    MODES,
-                    {
-                        "default": "preset",
-                        "tooltip": "preset: the preset's own mode (causal, except text_encoder_and_unet_norms: at_once); causal (paper default): each layer is fitted with the earlier layers' maps applied; at_once: all layers from one plain pass.",
-                    },
-                ),
-                "fit_seed": (
-                    "INT",
-                    {
-                        "default": 0,
-                        "min": 0,
-                        "max": MAX_SEED,
-                        "tooltip": "Noise seed of the statistics pass; prompt i uses seed + i (same noise for source and target line i).",
-                    },
-                ),
-                "width": (
-                    "INT",
-                    {
-                        "default": 1024,
-                        "min": 64,
-                        "max": 8192,
-                        "step": 8,
-                        "tooltip": "Image width of the statistics pass (pixels, multiple of 8).",
-                    },
-                ),
-                "height": (
-                    "INT",
-                    {
-                        "default": 1024,
-                        "min": 64,
-                        "max": 8192,
-                        "step": 8,
-                        "tooltip": "Image height of the statistics pass (pixels, multiple of 8).",
-                    },
-                ),
-                "steps": (
-                    "INT",
-                    {
-                        "default": 20,
-                        "min": 1,
-                        "max": 1000,
-                        "tooltip": "Length of the noise schedule; only its FIRST step is run (statistics at the highest noise level).",
-                    },
-                ),
-                "batch_size": (
-                    "INT",
-                    {
-                        "default": 4,
-                        "min": 1,
-                        "max": 256,
-                        "tooltip": "Prompts per model call while fitting (larger is faster and needs more memory).",
-                    },
-                ),
-            },
-            "optional": {
-                "causal_strategy": (
-                    CAUSAL_STRATEGIES,
-                    {
-                        "default": "auto",
-                        "tooltip": "How causal fitting runs. lockstep: one pass, all batches at once in threads (more memory); "
-                        "groupwise: one shorter pass per group of layers; auto: lockstep when it fits in memory.",
-                    },
-                ),
-            },
-            "hidden": {"unique_id": "UNIQUE_ID"},
-        }
-
-    def fit(
-        self,
+    def execute(
+        cls,
         model,
         clip,
         source_prompts,
@@ -234,11 +261,18 @@ class ACTFitMap:
         steps,
         batch_size,
         causal_strategy="auto",
-        unique_id=None,
-    ):
+        cfg=7.0,
+        sampler_name="euler",
+        scheduler="normal",
+        negative_prompt="",
+    ) -> io.NodeOutput:
+        import comfy.utils
+
         from .fitting import fit_map
 
-        bar = _progress_bar(unique_id)
+        # node_id given explicitly: first-step fitting reports progress from worker threads, which do not see
+        # ComfyUI's executing-node context variable
+        bar = comfy.utils.ProgressBar(1, node_id=cls.hidden.unique_id if cls.hidden else None)
         act_map, _ = fit_map(
             model,
             clip,
@@ -253,70 +287,69 @@ class ACTFitMap:
             width=width,
             height=height,
             steps=steps,
+            cfg=cfg,
+            sampler_name=sampler_name,
+            scheduler=scheduler,
+            negative_prompt=negative_prompt,
             batch_size=batch_size,
             causal_strategy=causal_strategy,
             progress=lambda done, total: bar.update_absolute(done, total),
         )
-        return (act_map, act_map.summary())
+        return io.NodeOutput(act_map, act_map.summary())
 
 
-class ACTApply:
-    DESCRIPTION = (
-        "Apply an ACT map with strength lambda (0 = the model unchanged, 1 = full transport, values outside "
-        "0..1 extrapolate). Returns patched copies; the input MODEL and CLIP are untouched. Maps from the "
-        "foldable preset become weight patches (zero cost, stack with LoRAs); others become hooks that act on "
-        "the cond branch of CFG only, optionally within a start/end window of denoising."
-    )
-    CATEGORY = CATEGORY
-    FUNCTION = "apply"
-    RETURN_TYPES = ("MODEL", "CLIP")
-    RETURN_NAMES = ("model", "clip")
-    OUTPUT_TOOLTIPS = (
-        "The model with the map's UNet part applied.",
-        "The CLIP with the map's text-encoder part applied.",
-    )
+class ACTApply(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ACTApply",
+            display_name="Apply ACT",
+            category=CATEGORY,
+            description=(
+                "Apply an ACT map with strength lambda (0 = the model unchanged, 1 = full transport, values outside "
+                "0..1 extrapolate). Returns patched copies; the input MODEL and CLIP are untouched. Foldable maps "
+                "become weight patches (zero cost, stack with LoRAs, act on every CFG row); others become hooks "
+                "that act on the cond rows of CFG, pick the map of the current noise level, and respect an "
+                "optional start/end window."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion model to steer (it is cloned, not modified)."),
+                io.Clip.Input(
+                    "clip",
+                    tooltip="The text encoders to steer (cloned, not modified); passed through when the map has no "
+                    "text-encoder part.",
+                ),
+                _map_input(),
+                _strength_input(
+                    "strength",
+                    "lambda: 0 = off, 1 = full transport; negative values push the other way.",
+                ),
+                io.Boolean.Input(
+                    "separate_text_encoder_strength",
+                    default=False,
+                    optional=True,
+                    tooltip="Use text_encoder_strength for the map's text-encoder parts instead of strength.",
+                ),
+                _strength_input(
+                    "text_encoder_strength",
+                    "lambda for the text encoders when separate_text_encoder_strength is on.",
+                    optional=True,
+                ),
+                *_window_inputs(),
+            ],
+            outputs=[
+                io.Model.Output(
+                    "model_out", display_name="model", tooltip="The model with the map's UNet part."
+                ),
+                io.Clip.Output(
+                    "clip_out", display_name="clip", tooltip="The CLIP with the map's text-encoder part."
+                ),
+            ],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "model": ("MODEL", {"tooltip": "The diffusion model to steer (it is cloned, not modified)."}),
-                "clip": (
-                    "CLIP",
-                    {
-                        "tooltip": "The text encoders to steer (cloned, not modified); passed through when the map has no text-encoder part."
-                    },
-                ),
-                "act_map": _MAP_INPUT,
-                "strength": (
-                    "FLOAT",
-                    dict(
-                        STRENGTH_SPEC,
-                        tooltip="lambda: 0 = off, 1 = full transport (the paper's best for SDXL); negative values push the other way.",
-                    ),
-                ),
-            },
-            "optional": {
-                "separate_text_encoder_strength": (
-                    "BOOLEAN",
-                    {
-                        "default": False,
-                        "tooltip": "Use text_encoder_strength for the map's text-encoder parts instead of strength.",
-                    },
-                ),
-                "text_encoder_strength": (
-                    "FLOAT",
-                    dict(
-                        STRENGTH_SPEC,
-                        tooltip="lambda for the text encoders when separate_text_encoder_strength is on.",
-                    ),
-                ),
-                **_WINDOW,
-            },
-        }
-
-    def apply(
-        self,
+    def execute(
+        cls,
         model,
         clip,
         act_map,
@@ -325,275 +358,225 @@ class ACTApply:
         text_encoder_strength=1.0,
         start_percent=0.0,
         end_percent=1.0,
-    ):
+    ) -> io.NodeOutput:
         from .applying import apply_map
 
         te = text_encoder_strength if separate_text_encoder_strength else None
         patched_model, patched_clip, _ = apply_map(
-            model, clip, act_map, strength, te, start_percent, end_percent
+            model, clip, _checked_map(act_map), strength, te, start_percent, end_percent
         )
-        return (patched_model, patched_clip)
+        return io.NodeOutput(patched_model, patched_clip)
 
 
-class ACTSaveMap:
-    DESCRIPTION = (
-        "Save an ACT map as a .safetensors file (tensors plus JSON metadata; no code) in ComfyUI's "
-        "models/act_maps folder. The file also loads in diffusers (act_core.ACTMap.load)."
+def _overwrite_input() -> io.Input:
+    return io.Boolean.Input(
+        "overwrite",
+        default=False,
+        tooltip="Replace an existing file of that name (otherwise it is an error).",
     )
-    CATEGORY = CATEGORY
-    FUNCTION = "save"
-    OUTPUT_NODE = True
-    RETURN_TYPES = ("STRING",)
-    RETURN_NAMES = ("map_name",)
-    OUTPUT_TOOLTIPS = ("The saved file's name inside act_maps (what 'Load ACT map' lists).",)
+
+
+class ACTSaveMap(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ACTSaveMap",
+            display_name="Save ACT map",
+            category=CATEGORY,
+            description=(
+                "Save an ACT map as a .safetensors file (tensors plus JSON metadata; no code) in ComfyUI's "
+                "models/act_maps folder. The file also loads in diffusers (act_core.ACTMap.load)."
+            ),
+            inputs=[
+                _map_input(),
+                io.String.Input(
+                    "filename",
+                    default="act_map",
+                    tooltip="File name inside models/act_maps (subfolders with '/'); .safetensors is appended. "
+                    "No '..' or absolute paths.",
+                ),
+                _overwrite_input(),
+            ],
+            outputs=[
+                io.String.Output(
+                    "map_name", display_name="map_name", tooltip="The saved file's name inside act_maps."
+                )
+            ],
+            is_output_node=True,
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "act_map": _MAP_INPUT,
-                "filename": (
-                    "STRING",
-                    {
-                        "default": "act_map",
-                        "tooltip": "File name inside models/act_maps (subfolders with '/'); .safetensors is appended. No '..' or absolute paths.",
-                    },
+    def execute(cls, act_map, filename, overwrite) -> io.NodeOutput:
+        act_map = _checked_map(act_map)
+        relative = write_into_folder(FOLDER, filename, overwrite, "map file name", act_map.save)
+        return io.NodeOutput(relative, ui={"text": [relative]})
+
+
+class ACTLoadMap(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ACTLoadMap",
+            display_name="Load ACT map",
+            category=CATEGORY,
+            description="Load an ACT map (.safetensors) from ComfyUI's models/act_maps folder; maps saved by "
+            "diffusers or the act CLI load too.",
+            inputs=[
+                io.Combo.Input(
+                    "act_map_name",
+                    options=list_maps(),
+                    tooltip="A map file in models/act_maps (refresh the page after adding files).",
+                )
+            ],
+            outputs=[
+                ActMap.Output("act_map", display_name="act_map", tooltip="The loaded ACT map."),
+                io.String.Output(
+                    "summary", display_name="summary", tooltip="A short text description of the map."
                 ),
-                "overwrite": (
-                    "BOOLEAN",
-                    {
-                        "default": False,
-                        "tooltip": "Replace an existing file of that name (otherwise it is an error).",
-                    },
-                ),
-            }
-        }
-
-    def save(self, act_map, filename, overwrite):
-        if not isinstance(act_map, ACTMap):
-            raise ACTInputError("act_map must be an ACT map.")
-        relative, path = target_path(save_folder(FOLDER), filename, "map file name")
-        if path.exists() and not overwrite:
-            raise ACTInputError(
-                f"{relative} already exists in act_maps; turn on 'overwrite' or choose another file name."
-            )
-        path.parent.mkdir(parents=True, exist_ok=True)
-        act_map.save(path)
-        return {"ui": {"text": [relative]}, "result": (relative,)}
-
-
-class ACTLoadMap:
-    DESCRIPTION = "Load an ACT map (.safetensors) from ComfyUI's models/act_maps folder; maps saved by diffusers or the act CLI load too."
-    CATEGORY = CATEGORY
-    FUNCTION = "load"
-    RETURN_TYPES = (ACT_MAP, "STRING")
-    RETURN_NAMES = ("act_map", "summary")
-    OUTPUT_TOOLTIPS = ("The loaded ACT map.", "A short text description of the map.")
+            ],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "act_map_name": (
-                    list_maps(),
-                    {"tooltip": "A map file in models/act_maps (refresh the page after adding files)."},
-                ),
-            }
-        }
-
-    @classmethod
-    def IS_CHANGED(cls, act_map_name):
+    def fingerprint_inputs(cls, act_map_name):
         try:
             stat = os.stat(map_path(act_map_name))
         except (ACTInputError, OSError):
             return ""
         return f"{stat.st_mtime_ns}:{stat.st_size}"
 
-    def load(self, act_map_name):
+    @classmethod
+    def execute(cls, act_map_name) -> io.NodeOutput:
         act_map = ACTMap.load(map_path(act_map_name))
-        return (act_map, act_map.summary())
+        return io.NodeOutput(act_map, act_map.summary())
 
 
-class ACTExportLoRA:
-    DESCRIPTION = (
-        "Export a foldable ACT map (preset unet_norms_foldable, or support 'unbounded') as a LoRA-style file of "
-        "weight diffs in models/loras. The stock 'Load LoRA' node then applies it with strength = lambda, no ACT "
-        "node needed. Maps with bounded support or spatial-mean maps cannot be folded into weights."
-    )
-    CATEGORY = CATEGORY
-    FUNCTION = "export"
-    OUTPUT_NODE = True
-    RETURN_TYPES = ("STRING",)
-    RETURN_NAMES = ("lora_name",)
-    OUTPUT_TOOLTIPS = ("The written file's name inside loras (what 'Load LoRA' lists).",)
-
+class ACTExportLoRA(io.ComfyNode):
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "model": (
-                    "MODEL",
-                    {"tooltip": "The model the map was fitted on (its norm weights enter the diffs)."},
-                ),
-                "clip": (
-                    "CLIP",
-                    {"tooltip": "The text encoders the map was fitted on (used for text-encoder parts)."},
-                ),
-                "act_map": _MAP_INPUT,
-                "filename": (
-                    "STRING",
-                    {
-                        "default": "act_lora",
-                        "tooltip": "File name inside models/loras (subfolders with '/'); .safetensors is appended.",
-                    },
-                ),
-                "dtype": (
-                    LORA_DTYPES,
-                    {"default": "fp16", "tooltip": "fp16: half the size (usual for LoRAs); fp32: exact."},
-                ),
-                "overwrite": (
-                    "BOOLEAN",
-                    {
-                        "default": False,
-                        "tooltip": "Replace an existing file of that name (otherwise it is an error).",
-                    },
-                ),
-            }
-        }
-
-    def export(self, model, clip, act_map, filename, dtype, overwrite):
-        from act_core.lora import export_lora
-
-        from .comfy_models import check_fits, modules_for, state_key, unet_table, weight_shells, weights_of
-
-        if not isinstance(act_map, ACTMap):
-            raise ACTInputError("act_map must be an ACT map.")
-        relative, path = target_path(save_folder("loras"), filename, "LoRA file name")
-        if path.exists() and not overwrite:
-            raise ACTInputError(
-                f"{relative} already exists in loras; turn on 'overwrite' or choose another file name."
-            )
-        table = unet_table(model) if "unet" in act_map.parts() else None
-        modules = modules_for(act_map, model, clip, table)
-        check_fits(act_map, modules, "this MODEL/CLIP")
-        keys = {name: state_key(name, table) for name in act_map.modules}
-        shells = {}
-        for owner, names in (
-            (model, [n for n in act_map.modules if n.startswith("unet.")]),
-            (
-                clip.patcher if clip is not None else None,
-                [n for n in act_map.modules if not n.startswith("unet.")],
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ACTExportLoRA",
+            display_name="Export ACT as LoRA",
+            category=CATEGORY,
+            description=(
+                "Export a foldable ACT map (preset unet_norms_foldable, or text_encoder_norms with support "
+                "'unbounded') as a LoRA-style file of weight diffs in models/loras. The stock 'Load LoRA' node then "
+                "applies it with strength = lambda, no ACT node needed. Time-aware maps (one per noise level) and "
+                "maps with bounded support cannot be written into weights."
             ),
-        ):
-            if not names:
-                continue
-            wanted = [
-                f"{keys[n]}.{p}"
-                for n in names
-                for p in ("weight", "bias")
-                if modules[n]._parameters.get(p) is not None
-            ]
-            shells.update(
-                weight_shells(
-                    {n: modules[n] for n in names}, weights_of(owner, wanted, with_patches=False), keys
+            inputs=[
+                io.Model.Input(
+                    "model", tooltip="The model the map was fitted on (its norm weights enter the diffs)."
+                ),
+                io.Clip.Input(
+                    "clip", tooltip="The text encoders the map was fitted on (for text-encoder parts)."
+                ),
+                _map_input(),
+                io.String.Input(
+                    "filename",
+                    default="act_lora",
+                    tooltip="File name inside models/loras (subfolders with '/'); .safetensors is appended.",
+                ),
+                io.Combo.Input(
+                    "dtype",
+                    options=LORA_DTYPES,
+                    default="fp32",
+                    tooltip="fp32: exact (norm diffs are small files); fp16: half the size, refused when a diff "
+                    "overflows it.",
+                ),
+                _overwrite_input(),
+            ],
+            outputs=[
+                io.String.Output(
+                    "lora_name", display_name="lora_name", tooltip="The written file's name in loras."
                 )
-            )
-        path.parent.mkdir(parents=True, exist_ok=True)
-        export_lora(act_map, shells, path, strength=1.0, dtype=dtype)
-        return {"ui": {"text": [relative]}, "result": (relative,)}
-
-
-class ACTSweep:
-    DESCRIPTION = (
-        "Render the same prompt and seed once per lambda value (e.g. '0, 0.25, 0.5, 0.75, 1') with the ACT map "
-        "applied at that strength, as one LATENT batch: VAE Decode + Preview Image show the slider at a glance."
-    )
-    CATEGORY = CATEGORY
-    FUNCTION = "sweep"
-    RETURN_TYPES = ("LATENT", "STRING")
-    RETURN_NAMES = ("latent", "lambdas")
-    OUTPUT_TOOLTIPS = (
-        "One denoised latent per lambda (per input latent), in the order given.",
-        "The lambda values, as text labels.",
-    )
+            ],
+            is_output_node=True,
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        samplers, schedulers = _sampler_choices()
-        return {
-            "required": {
-                "model": ("MODEL", {"tooltip": "The diffusion model (the map is applied to clones)."}),
-                "clip": (
-                    "CLIP",
-                    {
-                        "tooltip": "The text encoders that encode the prompts (steered too when the map has text-encoder parts)."
-                    },
-                ),
-                "act_map": _MAP_INPUT,
-                "latent_image": (
-                    "LATENT",
-                    {
-                        "tooltip": "The starting latent, e.g. from Empty Latent Image (batch 1 gives one image per lambda)."
-                    },
-                ),
-                "positive": (
-                    "STRING",
-                    {
-                        "multiline": True,
-                        "default": "a photo of a lighthouse on a cliff at sunset",
-                        "tooltip": "The prompt to render at every lambda.",
-                    },
-                ),
-                "negative": (
-                    "STRING",
-                    {"multiline": True, "default": "", "tooltip": "The negative prompt (used when cfg > 1)."},
-                ),
-                "lambdas": (
-                    "STRING",
-                    {
-                        "default": "0, 0.25, 0.5, 0.75, 1",
-                        "tooltip": "Strengths to render, separated by commas (0 = the model unchanged).",
-                    },
-                ),
-                "seed": (
-                    "INT",
-                    {
-                        "default": 0,
-                        "min": 0,
-                        "max": MAX_SEED,
-                        "tooltip": "Noise seed, the same for every lambda.",
-                    },
-                ),
-                "steps": ("INT", {"default": 20, "min": 1, "max": 10000, "tooltip": "Denoising steps."}),
-                "cfg": (
-                    "FLOAT",
-                    {
-                        "default": 7.0,
-                        "min": 0.0,
-                        "max": 100.0,
-                        "step": 0.1,
-                        "round": 0.01,
-                        "tooltip": "Classifier-free guidance scale.",
-                    },
-                ),
-                "sampler_name": (samplers, {"default": "euler", "tooltip": "The sampling algorithm."}),
-                "scheduler": (schedulers, {"default": "normal", "tooltip": "The noise schedule."}),
-                "denoise": (
-                    "FLOAT",
-                    {
-                        "default": 1.0,
-                        "min": 0.0,
-                        "max": 1.0,
-                        "step": 0.01,
-                        "tooltip": "Amount of denoising (1 = from pure noise).",
-                    },
-                ),
-            },
-            "optional": dict(_WINDOW),
-        }
+    def execute(cls, model, clip, act_map, filename, dtype, overwrite) -> io.NodeOutput:
+        from act_core.lora import DTYPES
 
-    def sweep(
-        self,
+        from .exporting import export_map
+
+        act_map = _checked_map(act_map)
+        if dtype not in DTYPES:
+            raise ACTInputError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}.")
+        relative = write_into_folder(
+            "loras",
+            filename,
+            overwrite,
+            "LoRA file name",
+            lambda path: export_map(model, clip, act_map, path, dtype),
+        )
+        return io.NodeOutput(relative, ui={"text": [relative]})
+
+
+class ACTSweep(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        samplers, schedulers = _sampler_choices()
+        return io.Schema(
+            node_id="ACTSweep",
+            display_name="ACT lambda sweep",
+            category=CATEGORY,
+            description=(
+                "Render the same prompt and seed once per lambda value (e.g. '0, 0.25, 0.5, 0.75, 1') with the ACT "
+                "map applied at that strength, as one LATENT batch: VAE Decode + Preview Image show the slider."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion model (the map is applied to clones)."),
+                io.Clip.Input("clip", tooltip="The text encoders that encode the prompts."),
+                _map_input(),
+                io.Latent.Input("latent_image", tooltip="The starting latent, e.g. from Empty Latent Image."),
+                io.String.Input(
+                    "positive",
+                    multiline=True,
+                    default="a photo of a lighthouse on a cliff at sunset",
+                    tooltip="The prompt to render at every lambda.",
+                ),
+                io.String.Input(
+                    "negative", multiline=True, default="", tooltip="The negative prompt (cfg > 1)."
+                ),
+                io.String.Input(
+                    "lambdas",
+                    default="0, 0.25, 0.5, 0.75, 1",
+                    tooltip="Strengths to render, separated by commas, spaces or semicolons (0 = the model).",
+                ),
+                io.Int.Input(
+                    "seed", default=0, min=0, max=MAX_SEED, tooltip="Noise seed, the same for every lambda."
+                ),
+                io.Int.Input("steps", default=20, min=1, max=10000, tooltip="Denoising steps."),
+                io.Float.Input(
+                    "cfg", default=7.0, min=0.0, max=100.0, step=0.1, round=0.01, tooltip="CFG scale."
+                ),
+                io.Combo.Input("sampler_name", options=samplers, default="euler", tooltip="The sampler."),
+                io.Combo.Input(
+                    "scheduler", options=schedulers, default="normal", tooltip="The noise schedule."
+                ),
+                io.Float.Input(
+                    "denoise",
+                    default=1.0,
+                    min=0.0,
+                    max=1.0,
+                    step=0.01,
+                    tooltip="Amount of denoising (1 = all).",
+                ),
+                *_window_inputs(),
+            ],
+            outputs=[
+                io.Latent.Output(
+                    "latent", display_name="latent", tooltip="One latent per lambda, in the order given."
+                ),
+                io.String.Output(
+                    "lambda_labels", display_name="lambdas", tooltip="The lambda values, as labels."
+                ),
+            ],
+        )
+
+    @classmethod
+    def execute(
+        cls,
         model,
         clip,
         act_map,
@@ -609,15 +592,13 @@ class ACTSweep:
         denoise,
         start_percent=0.0,
         end_percent=1.0,
-    ):
+    ) -> io.NodeOutput:
         from .sweeping import sweep
 
-        if not isinstance(act_map, ACTMap):
-            raise ACTInputError("act_map must be an ACT map.")
-        return sweep(
+        latent, labels = sweep(
             model,
             clip,
-            act_map,
+            _checked_map(act_map),
             positive,
             negative,
             latent_image,
@@ -631,21 +612,13 @@ class ACTSweep:
             start_percent,
             end_percent,
         )
+        return io.NodeOutput(latent, labels)
 
 
-NODE_CLASS_MAPPINGS = {
-    "ACTFitMap": ACTFitMap,
-    "ACTApply": ACTApply,
-    "ACTSaveMap": ACTSaveMap,
-    "ACTLoadMap": ACTLoadMap,
-    "ACTExportLoRA": ACTExportLoRA,
-    "ACTSweep": ACTSweep,
-}
-NODE_DISPLAY_NAME_MAPPINGS = {
-    "ACTFitMap": "Fit ACT map",
-    "ACTApply": "Apply ACT",
-    "ACTSaveMap": "Save ACT map",
-    "ACTLoadMap": "Load ACT map",
-    "ACTExportLoRA": "Export ACT as LoRA",
-    "ACTSweep": "ACT lambda sweep",
-}
+NODES: list[type[io.ComfyNode]] = [ACTFitMap, ACTApply, ACTSaveMap, ACTLoadMap, ACTExportLoRA, ACTSweep]
+
+
+class ACTExtension(ComfyExtension):
+    @override
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return list(NODES)

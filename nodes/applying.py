@@ -23,20 +23,20 @@ from torch import nn
 
 from act_core.applying import ACTHandle, check_strength, folded_diffs
 from act_core.errors import ACTInputError, ACTModelMismatchError
+from act_core.families import SDXL
 from act_core.families.sdxl import UNET, comfy_clip_modules, comfy_unet_modules
 from act_core.lora import as_foldable
 from act_core.maps import ACTMap
+from act_core.validation import check_window
 
 from .comfy_models import (
     check_fits,
+    checkpoint_shells,
     clip_modules,
     state_key,
     unet_modules,
     unet_table,
-    weight_shells,
-    weights_of,
 )
-from .common import check_window
 
 log = logging.getLogger("ComfyUI-ACT")
 PATCHES, HOOKS = "weight patches", "hooks"
@@ -59,14 +59,7 @@ def fold_patches(
     except ACTInputError:
         return None
     keys = {name: key_of(name) for name in foldable.modules}
-    wanted = [
-        f"{keys[name]}.{param}"
-        for name in foldable.modules
-        for param in ("weight", "bias")
-        if modules[name]._parameters.get(param) is not None
-    ]
-    weights = weights_of(patcher, wanted, with_patches=with_patches)
-    shells = weight_shells({name: modules[name] for name in foldable.modules}, weights, keys)
+    shells = checkpoint_shells(patcher, foldable.modules, modules, keys, with_patches)
     try:
         diffs = folded_diffs(shells, foldable, 1.0)
     except ACTInputError:
@@ -131,21 +124,32 @@ def cond_rows(cond_or_uncond: Any, batch: int) -> tuple[bool, slice | torch.Tens
     return True, torch.cat([torch.arange(k * size, (k + 1) * size) for k in index])
 
 
-def unet_wrapper(hooks: _Hooks, sigma_start: float | None, sigma_end: float | None) -> Callable:
-    """DIFFUSION_MODEL wrapper: cond rows only, and off outside [sigma_end, sigma_start] (if a window is set)."""
+def unet_wrapper(
+    hooks: _Hooks,
+    sigma_start: float | None,
+    sigma_end: float | None,
+    model_sampling: Any,
+    cfg_rows: str = "cond",
+) -> Callable:
+    """DIFFUSION_MODEL wrapper: per call, the rows to steer (the cond chunks, unless the map steers all
+    rows), the noise level (time-aware maps) and whether the call is inside [sigma_end, sigma_start]."""
 
     def wrapper(executor, *args, **kwargs):
         handle = hooks.handle
         if handle is not None and args:
             options = args[5] if len(args) > 5 else kwargs.get("transformer_options", {})
             options = options if isinstance(options, dict) else {}
-            enabled, rows = cond_rows(options.get("cond_or_uncond"), args[0].shape[0])
+            enabled, rows = True, None
+            if cfg_rows == "cond":
+                enabled, rows = cond_rows(options.get("cond_or_uncond"), args[0].shape[0])
             sigmas = options.get("sigmas")
-            if enabled and sigma_start is not None and sigmas is not None:
+            level = None
+            if sigmas is not None:
                 sigma = float(torch.as_tensor(sigmas).max())
-                enabled = sigma_end <= sigma <= sigma_start
-            handle.set_enabled(enabled, [UNET])
-            handle.set_rows(rows, [UNET])
+                if sigma_start is not None:
+                    enabled = enabled and sigma_end <= sigma <= sigma_start
+                level = float(model_sampling.timestep(torch.tensor(sigma))) / SDXL.comfy_timestep_scale
+            handle.set_call([UNET], rows=rows, noise_level=level, in_window=enabled)
         return executor(*args, **kwargs)
 
     return wrapper
@@ -200,15 +204,18 @@ def apply_map(
                 part_map, strength, lambda patcher: comfy_unet_modules(patcher.model.diffusion_model, table)
             )
             sigma_start = sigma_end = None
+            sampling = model.get_model_object("model_sampling")
             if window:
-                sampling = model.get_model_object("model_sampling")
                 sigma_start, sigma_end = (
                     float(sampling.percent_to_sigma(start)),
                     float(sampling.percent_to_sigma(end)),
                 )
+            cfg_rows = act_map.metadata.get("cfg_rows", "cond")
             model_out.set_injections(tag, [hooks.injection()])
             model_out.add_wrapper_with_key(
-                WrappersMP.DIFFUSION_MODEL, tag, unet_wrapper(hooks, sigma_start, sigma_end)
+                WrappersMP.DIFFUSION_MODEL,
+                tag,
+                unet_wrapper(hooks, sigma_start, sigma_end, sampling, cfg_rows),
             )
             how[UNET] = HOOKS
 

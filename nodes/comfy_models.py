@@ -119,3 +119,22 @@ def weight_shells(
         object.__setattr__(shell, "_parameters", params)
         shells[name] = shell
     return shells
+
+
+def checkpoint_shells(
+    patcher: Any,
+    names: Iterable[str],
+    modules: Mapping[str, nn.Module],
+    key_of: Mapping[str, str],
+    with_patches: bool,
+) -> dict[str, nn.Module]:
+    """Shells of ``modules[name]`` holding the weights ``patcher`` would load (see ``weights_of``)."""
+    names = list(names)
+    wanted = [
+        f"{key_of[name]}.{param}"
+        for name in names
+        for param in ("weight", "bias")
+        if modules[name]._parameters.get(param) is not None
+    ]
+    weights = weights_of(patcher, wanted, with_patches=with_patches)
+    return weight_shells({name: modules[name] for name in names}, weights, key_of)

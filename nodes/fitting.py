@@ -1,52 +1,62 @@
-"""Fit an ACT map on a ComfyUI MODEL / CLIP, with the same semantics as the diffusers mixin.
+"""Fit an ACT map on a ComfyUI MODEL / CLIP, with the same protocols as the diffusers mixin.
 
-Statistics come from the cond branch (guidance off) at the FIRST denoising step of a ``steps``-step
-schedule; prompt i of either side gets the noise of seed ``seed + i``. Text-encoder presets run the text
-encoders only (no UNet pass).
+* ``trajectory`` (the default preset): ComfyUI's own sampler (``sampler_name``, ``scheduler``, ``steps``,
+  ``cfg``, as KSampler takes them) samples the prompt pairs. A guider (``_FitGuider``) evaluates, at
+  every model call, the source conds, the negative and the *target* conds on the same latents; ComfyUI
+  batches them as it batches cond and uncond, and ``act_core.trajectory.TrajectoryFit`` records the
+  hooked modules, fits one map per noise level and transports the source rows before the forward goes
+  on. The latents advance with the guided prediction of the transported source rows: the trajectory the
+  steered model takes at lambda = 1. When ComfyUI splits the conds over several calls (memory), the
+  session falls back to "lagged" fitting and says so.
+* ``first_step`` (the paper's): the cond branch at the FIRST denoising step, guidance off. For every
+  batch ComfyUI's sampler runs up to the UNet call and a pre-hook captures the exact UNet arguments;
+  ``run_model`` replays ``diffusion_model(*args, **kwargs)`` (lockstep threads run it concurrently,
+  nothing is loaded inside them).
+* Text-encoder presets run the text encoders only.
 
-Thread-safety (lockstep causal fitting runs ``run_model`` from one thread per batch): nothing is loaded
-inside those threads. Everything ComfyUI-specific happens first, in the calling thread:
-
-* UNet presets: prompts are encoded, then for every batch ComfyUI's own sampler (``comfy.sample.sample``,
-  cfg 1, ``last_step=1``) runs up to the UNet call and a forward pre-hook captures the exact arguments the
-  UNet gets (noise scaled for the first sigma, context, SDXL ``y``, transformer_options with the model's
-  patches and wrappers), then aborts. ``run_model`` only replays ``diffusion_model(*args, **kwargs)`` on
-  the model loaded once beforehand.
-* Text-encoder presets: the CLIP is loaded once and its layer options set; ``run_model`` calls
-  ``encode_token_weights`` on pre-tokenized prompts (no loading, no option changes).
-
-Lockstep is used when the UNet is fully loaded and ComfyUI's async weight offload streams are off
-(partially loaded weights are cast per forward through shared CUDA streams); otherwise, or when the
-concurrent activations of all batches would not fit in free memory, the group-wise strategy runs the
-same ``run_model`` sequentially. Both are exact between modules fitted in different passes.
+Prompt pair i (source i, target i; the shorter list repeats) gets the noise of seed ``seed + i``.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
 from act_core._version import __version__
-from act_core.errors import ACTError, ACTInputError
+from act_core.errors import ACTError, ACTInputError, ACTWarning
+from act_core.estimators import ModuleEstimator
 from act_core.families import SDXL
 from act_core.families.sdxl import TEXT_ENCODER, UNET, dead_text_encoder_paths
 from act_core.fitting import fit_with_stats
-from act_core.maps import ACTMap, part_of, prompt_digest
+from act_core.maps import ACTMap, part_of
 from act_core.recording import token_mask_hooks
+from act_core.trajectory import TrajectoryFit
+from act_core.validation import (
+    check_balance,
+    check_positive_int,
+    check_prompt_sets,
+    check_sampling,
+    check_size,
+    fit_metadata,
+    parse_prompt_lines,
+)
 
 from .comfy_models import clip_modules, has_text_encoder_2, unet_modules
-from .common import check_balance, check_size, parse_parts, parse_prompts, resolve_support
+from .common import parse_parts, resolve_support
 
 log = logging.getLogger("ComfyUI-ACT")
-SCHEDULER = "normal"  # only the first sigma of the schedule is used; it is sigma_max for the usual schedulers
-SAMPLER = "euler"
+FIRST_STEP_SCHEDULER = "normal"  # first-step protocol: only sigma_max matters
+FIRST_STEP_SAMPLER = "euler"
+SOURCE_COND, NEGATIVE_COND, TARGET_COND = 0, 1, 2  # indices in calc_cond_batch's conds list
 # Rough live activation size of one UNet forward at a lockstep rendezvous, per latent pixel and sample
 # (skip connections of SD/SDXL UNets are ~1700 channels in total at latent resolution).
 _ACTIVATION_ELEMENTS_PER_LATENT_PIXEL = 2500
+Progress = Callable[[int, int], None]
 
 
 class _Captured(Exception):
@@ -81,7 +91,7 @@ def select_modules(model: Any, clip: Any, preset_name: str, parts_text: str) -> 
     return selected, parts
 
 
-# ------------------------------------------------------------------------------------------ UNet inputs
+# ------------------------------------------------------------------------------------------ conditioning
 def _encode_prompts(clip: Any, prompts: Sequence[str], check: Callable[[], None]) -> list[tuple]:
     out = []
     for prompt in prompts:
@@ -91,11 +101,11 @@ def _encode_prompts(clip: Any, prompts: Sequence[str], check: Callable[[], None]
     return out
 
 
-def _stack_conds(encoded: Sequence[tuple]) -> list:
+def _stack_conds(encoded: Sequence[tuple], length: int | None = None) -> list:
     """One conditioning entry for a batch of prompts (token lengths made equal by repetition, which leaves
     cross-attention unchanged: ComfyUI batches conds of different lengths the same way)."""
     lengths = [cond.shape[1] for cond, _ in encoded]
-    common = math.lcm(*lengths)
+    common = length or math.lcm(*lengths)
     cond = torch.cat([c.repeat(1, common // c.shape[1], 1) for c, _ in encoded])
     extra = {}
     if all(p is not None for _, p in encoded):
@@ -103,6 +113,163 @@ def _stack_conds(encoded: Sequence[tuple]) -> list:
     return [[cond, extra]]
 
 
+def _token_keys(clip: Any, prompts: Sequence[str]) -> list[tuple]:
+    """What the text encoders see of each prompt (token ids of every encoder), to compare prompt sets."""
+    keys = []
+    for prompt in prompts:
+        tokens = clip.tokenize(prompt)
+        keys.append(
+            tuple(
+                (name, tuple(t[0] for chunk in value for t in chunk))
+                for name, value in sorted(tokens.items())
+            )
+        )
+    return keys
+
+
+# ------------------------------------------------------------------------------------------ trajectory
+class _FitGuider:
+    """Factory for a CFGGuider subclass (ComfyUI is imported lazily): source, negative and target conds
+    are evaluated together at every step; the latents follow the guided source (or target) prediction."""
+
+    @staticmethod
+    def build(model: Any, follow: int) -> Any:
+        import comfy.samplers
+
+        class FitGuider(comfy.samplers.CFGGuider):
+            def predict_noise(self, x, timestep, model_options={}, seed=None):  # noqa: B006 - ComfyUI's signature
+                negative = None if math.isclose(self.cfg, 1.0) else self.conds.get("negative")
+                conds = [self.conds["positive"], negative, self.conds["target"]]
+                out = comfy.samplers.calc_cond_batch(self.inner_model, conds, x, timestep, model_options)
+                return comfy.samplers.cfg_function(
+                    self.inner_model,
+                    out[follow],
+                    out[NEGATIVE_COND],
+                    self.cfg,
+                    x,
+                    timestep,
+                    model_options=model_options,
+                    cond=conds[follow],
+                    uncond=negative,
+                )
+
+        return FitGuider(model)
+
+
+def _rows_of(cond_or_uncond: Sequence[int], batch: int, index: int) -> torch.Tensor | None:
+    """Rows of the chunks that belong to cond ``index`` (ComfyUI concatenates equal-size chunks)."""
+    chunks = len(cond_or_uncond)
+    if not chunks or batch % chunks:
+        return None
+    size = batch // chunks
+    rows = [k for k, c in enumerate(cond_or_uncond) if c == index]
+    if not rows:
+        return None
+    return torch.cat([torch.arange(k * size, (k + 1) * size) for k in rows])
+
+
+def _session_wrapper(session: TrajectoryFit, model_sampling: Any, check: Callable[[], None]) -> Callable:
+    """DIFFUSION_MODEL wrapper: one ``session.call`` per UNet call, with this call's rows and noise level."""
+
+    def wrapper(executor, *args, **kwargs):
+        check()
+        options = args[5] if len(args) > 5 else kwargs.get("transformer_options", {})
+        order = list((options or {}).get("cond_or_uncond") or [])
+        batch = args[0].shape[0]
+        sigma = torch.as_tensor((options or {}).get("sigmas")).flatten()[0]
+        level = float(model_sampling.timestep(sigma)) / SDXL.comfy_timestep_scale
+        level = min(1.0, max(0.0, level))
+        source, target = _rows_of(order, batch, SOURCE_COND), _rows_of(order, batch, TARGET_COND)
+        if source is None and target is None:
+            return executor(*args, **kwargs)
+        with session.call(level, source=source, target=target):
+            return executor(*args, **kwargs)
+
+    return wrapper
+
+
+def fit_trajectory(
+    model: Any,
+    clip: Any,
+    modules: dict,
+    source: list[str],
+    target: list[str],
+    estimate: ModuleEstimator,
+    *,
+    mode: str,
+    seed: int,
+    width: int,
+    height: int,
+    steps: int,
+    cfg: float,
+    sampler_name: str,
+    scheduler: str,
+    negative_prompt: str,
+    check: Callable[[], None],
+    progress: Progress | None,
+) -> ACTMap:
+    """Sample the prompt pairs with ComfyUI's sampler and fit the UNet maps along the way."""
+    import comfy.model_management as mm
+    import comfy.patcher_extension
+    import comfy.sample
+    import comfy.samplers
+
+    pairs = max(len(source), len(target))
+    source_pairs = [source[i % len(source)] for i in range(pairs)]
+    target_pairs = [target[i % len(target)] for i in range(pairs)]
+    encoded = _encode_prompts(clip, source_pairs + target_pairs, check)
+    length = math.lcm(*[cond.shape[1] for cond, _ in encoded])
+    positive = _stack_conds(encoded[:pairs], length)
+    target_conds = _stack_conds(encoded[pairs:], length)
+    negative = _stack_conds(_encode_prompts(clip, [negative_prompt], check) * pairs)
+    latent = torch.zeros((pairs, 4, height // 8, width // 8), dtype=torch.float32)
+    latent = comfy.sample.fix_empty_latent_channels(model, latent)
+    noise = torch.cat([comfy.sample.prepare_noise(latent[:1], (seed + i) % (2**64)) for i in range(pairs)])
+    sampler = comfy.samplers.KSampler(
+        model, steps=steps, device=model.load_device, sampler=sampler_name, scheduler=scheduler, denoise=1.0
+    )
+    session = TrajectoryFit(modules, estimate, num_pairs=pairs, mode=mode)
+    patched = model.clone()
+    model_sampling = model.get_model_object("model_sampling")
+    patched.add_wrapper_with_key(
+        comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL,
+        "comfyui_act_fit",
+        _session_wrapper(session, model_sampling, check),
+    )
+    guider = _FitGuider.build(patched, SOURCE_COND)
+    guider.set_conds(positive, negative)
+    guider.inner_set_conds({"target": target_conds})
+    guider.set_cfg(cfg)
+
+    def callback(step, x0, x, total_steps):
+        if progress is not None:
+            progress(step + 1, total_steps)
+
+    with session:
+        guider.sample(
+            noise,
+            latent,
+            comfy.samplers.sampler_object(sampler_name),
+            sampler.sigmas,
+            callback=callback,
+            disable_pbar=True,
+            seed=seed,
+        )
+    mm.throw_exception_if_processing_interrupted()
+    estimate.check_not_identical(len(session.maps))
+    act_map = session.result({**estimate.metadata(), "num_source": pairs, "num_target": pairs})
+    if session.stats.strategy == "lagged":
+        message = (
+            "ACT fit: ComfyUI split the source and target conds over several model calls (memory), so each step "
+            "was fitted 'lagged' (source rows steered with the previous step's maps). Fewer prompts, a smaller "
+            "size or more free memory give exact fitting."
+        )
+        log.warning(message)
+        warnings.warn(message, ACTWarning, stacklevel=2)
+    return act_map
+
+
+# ------------------------------------------------------------------------------------------ first step
 def capture_unet_inputs(
     model: Any, conditioning: list, noise: torch.Tensor, latent: torch.Tensor, steps: int, seed: int
 ) -> tuple[tuple, dict]:
@@ -121,8 +288,8 @@ def capture_unet_inputs(
             noise,
             steps,
             1.0,
-            SAMPLER,
-            SCHEDULER,
+            FIRST_STEP_SAMPLER,
+            FIRST_STEP_SCHEDULER,
             conditioning,
             conditioning,
             latent,
@@ -257,7 +424,7 @@ def fit_map(
     source_text: str,
     target_text: str,
     *,
-    preset: str = "unet_norms",
+    preset: str = SDXL.default_preset,
     parts: str = "",
     method: str = "linear",
     support: str = "auto",
@@ -266,27 +433,135 @@ def fit_map(
     width: int = 1024,
     height: int = 1024,
     steps: int = 20,
+    cfg: float = 7.0,
+    sampler_name: str = "euler",
+    scheduler: str = "normal",
+    negative_prompt: str = "",
     batch_size: int = 4,
     causal_strategy: str = "auto",
-    progress: Callable[[int, int], None] | None = None,
+    progress: Progress | None = None,
 ) -> tuple[ACTMap, Any]:
-    """Fit an ACT map; returns (map, act_core.FitStats). Raises on interruption (nothing stays hooked)."""
+    """Fit an ACT map; returns (map, stats). Raises on interruption (nothing stays hooked)."""
     import comfy.model_management as mm
 
-    source = parse_prompts(source_text, "source")
-    target = parse_prompts(target_text, "target")
+    source = parse_prompt_lines(source_text, "source")
+    target = parse_prompt_lines(target_text, "target")
     check_balance(source, target)
-    check_size(width, height)
-    if batch_size < 1 or steps < 1:
-        raise ACTInputError("batch_size and steps must be at least 1.")
+    check_size(height, width)
+    steps, cfg = check_sampling(steps, cfg)
+    check_positive_int(batch_size, "batch_size")
     spec = SDXL.preset(preset)
     mode = spec.mode if mode == "preset" else mode
     modules, used_parts = select_modules(model, clip, preset, parts)
     uses_unet = any(part_of(name) == UNET for name in modules)
+    if clip is not None:
+        check_prompt_sets(source, target, _token_keys(clip, source), _token_keys(clip, target))
     inference = torch.is_inference_mode_enabled()
 
     def check() -> None:
         mm.throw_exception_if_processing_interrupted()
+
+    estimate = ModuleEstimator(method, resolve_support(support, method, spec), spec.apply_mode)
+    protocol = spec.protocol if uses_unet else "text_encoders_only"
+    sampling = {"width": width, "height": height, "steps": steps}
+    if protocol == "trajectory":
+        if any(part_of(name) != UNET for name in modules):
+            raise ACTInputError(
+                f"Preset {preset!r} mixes text-encoder and UNet modules with the trajectory protocol, which the "
+                "Fit ACT map node does not support; fit the parts separately."
+            )
+        if not isinstance(negative_prompt, str):
+            raise ACTInputError("negative_prompt must be text.")
+        sampling.update(
+            {
+                "cfg": cfg,
+                "sampler_name": sampler_name,
+                "scheduler": scheduler,
+                "negative_prompt": negative_prompt,
+                "trajectory": "steered",
+            }
+        )
+        with torch.inference_mode(inference):
+            act_map = fit_trajectory(
+                model,
+                clip,
+                modules,
+                source,
+                target,
+                estimate,
+                mode=mode,
+                seed=seed,
+                width=width,
+                height=height,
+                steps=steps,
+                cfg=cfg,
+                sampler_name=sampler_name,
+                scheduler=scheduler,
+                negative_prompt=negative_prompt,
+                check=check,
+                progress=progress,
+            )
+        stats = None
+    else:
+        act_map, stats = _fit_first_step(
+            model,
+            clip,
+            modules,
+            source,
+            target,
+            estimate,
+            mode,
+            seed,
+            width,
+            height,
+            steps,
+            batch_size,
+            causal_strategy,
+            uses_unet,
+            inference,
+            check,
+            progress,
+        )
+        if uses_unet:
+            sampling.update({"statistics_steps": 1, "guidance": "off (cond branch)"})
+    metadata = fit_metadata(
+        family=SDXL.name,
+        preset=preset,
+        protocol=protocol,
+        source=source,
+        target=target,
+        seed=seed,
+        model=f"ComfyUI {type(model.model).__name__}"
+        if uses_unet
+        else f"ComfyUI {type(clip.cond_stage_model).__name__}",
+        host="comfyui",
+        sampling=sampling,
+        cfg_rows=spec.cfg_rows if uses_unet else "all",
+        extra={"parts": list(used_parts), "comfyui_act_version": __version__},
+    )
+    return act_map.with_metadata(metadata), stats
+
+
+def _fit_first_step(
+    model,
+    clip,
+    modules,
+    source,
+    target,
+    estimate,
+    mode,
+    seed,
+    width,
+    height,
+    steps,
+    batch_size,
+    causal_strategy,
+    uses_unet,
+    inference,
+    check,
+    progress,
+):
+    import comfy.model_management as mm
 
     strategy = causal_strategy
     if uses_unet:
@@ -330,35 +605,13 @@ def fit_map(
         if progress is not None:
             progress(done, total)
 
-    metadata = {
-        "preset": preset,
-        "parts": list(used_parts),
-        "model": f"ComfyUI {type(model.model).__name__}"
-        if uses_unet
-        else f"ComfyUI {type(clip.cond_stage_model).__name__}",
-        "host": "comfyui",
-        "num_source_prompts": len(source),
-        "num_target_prompts": len(target),
-        "source_digest": prompt_digest(source),
-        "target_digest": prompt_digest(target),
-        "seed": seed,
-        "statistics": {
-            "height": height,
-            "width": width,
-            "num_inference_steps": steps,
-            "statistics_steps": 1 if uses_unet else 0,
-            "guidance": "off (cond branch)",
-        },
-        "comfyui_act_version": __version__,
-    }
     options = {
-        "method": method,
-        "support": resolve_support(support, method, spec),
+        "method": estimate.method,
+        "support": estimate.support,
         "mode": mode,
-        "apply_mode": spec.apply_mode,
+        "apply_mode": estimate.apply_mode,
         "causal_strategy": strategy,
         "progress": report,
-        "metadata": metadata,
     }
     if masks is None:
         return fit_with_stats(run_model, source_batches, target_batches, modules, **options)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 from act_core.errors import ACTInputError
@@ -15,6 +16,8 @@ from act_core.errors import ACTInputError
 FOLDER = "act_maps"
 EXTENSION = ".safetensors"
 _COMPONENT = re.compile(r"^[\w\-+=,.() \[\]@]+$")
+# File systems allow 255 bytes per name; the temporary file of an atomic write adds about 24.
+MAX_NAME_BYTES = 200
 _OTHER_MODEL_EXTENSIONS = (".ckpt", ".pt", ".pt2", ".pth", ".bin", ".pkl", ".sft", ".gguf", ".onnx")
 
 
@@ -79,8 +82,16 @@ def clean_name(name: str, what: str = "file name") -> str:
         raise ACTInputError(
             f"The {what} {name!r} must be a {EXTENSION} file (other formats are not written)."
         )
-    if not lowered.endswith(EXTENSION):
+    if lowered.endswith(EXTENSION):
+        components[-1] = components[-1][: -len(EXTENSION)] + EXTENSION  # x.SAFETENSORS -> x.safetensors
+    else:
         components[-1] += EXTENSION
+    for component in components:
+        if len(component.encode("utf-8")) > MAX_NAME_BYTES:
+            raise ACTInputError(
+                f"The {what} {name!r} has a part of {len(component.encode('utf-8'))} bytes; file and folder names "
+                f"may have at most {MAX_NAME_BYTES}. Choose a shorter name."
+            )
     return "/".join(components)
 
 
@@ -92,6 +103,24 @@ def target_path(base: str | os.PathLike, name: str, what: str = "file name") -> 
     if os.path.commonpath([str(root), str(path)]) != str(root):
         raise ACTInputError(f"The {what} {name!r} resolves outside {str(root)!r}; pick a plain name.")
     return relative, path
+
+
+def write_into_folder(
+    kind: str, filename: str, overwrite: bool, what: str, write: Callable[[Path], object]
+) -> str:
+    """Write a file named ``filename`` into ComfyUI's ``kind`` folder with ``write(path)``; its clean name.
+
+    Shared by the Save and Export nodes: the name is checked (no escaping the folder, no other
+    extensions, not too long), an existing file needs ``overwrite``, subfolders are created.
+    """
+    relative, path = target_path(save_folder(kind), filename, what)
+    if path.exists() and not overwrite:
+        raise ACTInputError(
+            f"{relative} already exists in {kind}; turn on 'overwrite' or choose another file name."
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write(path)
+    return relative
 
 
 def save_folder(kind: str) -> str:

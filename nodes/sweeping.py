@@ -8,9 +8,9 @@ import torch
 
 from act_core.families.sdxl import UNET
 from act_core.maps import ACTMap
+from act_core.validation import parse_lambdas
 
 from .applying import apply_map
-from .common import parse_lambdas
 
 
 def encode_text(clip: Any, text: str) -> list:

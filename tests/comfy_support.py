@@ -420,3 +420,43 @@ def load_node_pack(path: str | os.PathLike | None = None, module_name: str = "co
         sys.modules.pop(module_name, None)
         raise
     return module
+
+
+class NodeCaller:
+    """Run a V3 node the way ComfyUI's executor does: a class clone with hidden inputs, normalized output.
+
+    Positional arguments follow the schema's input order (as the old V1 methods took them); the result is
+    the outputs tuple, or ``{"ui": ..., "result": ...}`` for nodes that show something in the UI.
+    """
+
+    def __init__(self, node_cls: type):
+        self.node_cls = node_cls
+        self.schema = node_cls.GET_SCHEMA()
+        self.input_names = [entry.id for entry in self.schema.inputs]
+
+    def __call__(self, *args, **kwargs):
+        inputs = dict(zip(self.input_names, args, strict=False))
+        inputs.update(kwargs)
+        clone = self.node_cls.PREPARE_CLASS_CLONE({"UNIQUE_ID": "act-test"})
+        clone.GET_SCHEMA()
+        output = clone.EXECUTE_NORMALIZED(**inputs)
+        if output.ui is not None:
+            return {"ui": output.ui, "result": output.args}
+        return output.args
+
+    fit = apply = save = load = export = sweep = __call__
+
+    def __getattr__(self, name: str):  # INPUT_TYPES, fingerprint_inputs, ...: the node class's own
+        return getattr(self.node_cls, name)
+
+
+def node_classes(pack) -> dict[str, type]:
+    """node id -> V3 node class, from the pack's ``comfy_entrypoint`` (as ComfyUI registers them)."""
+    import asyncio
+
+    extension = asyncio.run(pack.comfy_entrypoint())
+    return {cls.GET_SCHEMA().node_id: cls for cls in asyncio.run(extension.get_node_list())}
+
+
+def node_callers(pack) -> dict[str, NodeCaller]:
+    return {node_id: NodeCaller(cls) for node_id, cls in node_classes(pack).items()}

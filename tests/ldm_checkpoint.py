@@ -10,7 +10,7 @@ release, the inverse of what diffusers' single-file loader converts back:
 - ``text_encoder_2`` in OpenCLIP layout under ``conditioner.embedders.1.model.``;
 - VAE under ``first_stage_model.`` (encoder.down.i.block.j, mid.attn_1, decoder.up in reversed order).
 
-The UNet table is written here: ``act_core.comfy_names`` gets its table from ComfyUI at runtime.
+The UNet table is written here: ``act_core.families.sdxl.unet_module_table`` gets its table from ComfyUI at runtime.
 """
 
 from __future__ import annotations

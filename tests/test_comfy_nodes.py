@@ -38,10 +38,12 @@ def _mod(pack, name):
 
 @pytest.fixture(scope="module")
 def nodes(pack):
-    return {name: cls() for name, cls in pack.NODE_CLASS_MAPPINGS.items()}
+    return cs.node_callers(pack)
 
 
-def _fit(nodes, model, clip, preset="unet_norms", support="auto", mode="causal", strategy="auto", **kw):
+def _fit(
+    nodes, model, clip, preset="unet_norms_first_step", support="auto", mode="causal", strategy="auto", **kw
+):
     import torch
 
     args = {
@@ -74,7 +76,8 @@ def tiny(comfyui):  # noqa: F811
 def maps(nodes, tiny):
     model, clip = tiny
     return {
-        "unet": _fit(nodes, model, clip, "unet_norms"),
+        "unet": _fit(nodes, model, clip, "unet_norms_first_step"),
+        "trajectory": _fit(nodes, model, clip, "unet_norms", mode="preset", cfg=5.0),
         "foldable": _fit(nodes, model, clip, "unet_norms_foldable"),
         "text": _fit(nodes, model, clip, "text_encoder_norms"),
         "text_unbounded": _fit(nodes, model, clip, "text_encoder_norms", support="unbounded"),
@@ -126,7 +129,7 @@ def test_fit_unet_map_has_canonical_names(maps, tiny, pack):
     model, clip = tiny
     act_map = maps["unet"]
     table = _mod(pack, "comfy_models").unet_table(model)
-    selected, _ = _mod(pack, "fitting").select_modules(model, clip, "unet_norms", "")
+    selected, _ = _mod(pack, "fitting").select_modules(model, clip, "unet_norms_first_step", "")
     assert act_map.parts() == ["unet"]
     assert all(name.startswith("unet.") for name in act_map.modules)
     assert "unet.down_blocks.1.attentions.0.transformer_blocks.0.norm1" in act_map.modules
@@ -135,14 +138,16 @@ def test_fit_unet_map_has_canonical_names(maps, tiny, pack):
     assert set(act_map.modules) == set(selected) and len(act_map) == 51
     meta = act_map.metadata
     assert (
-        meta["host"] == "comfyui" and meta["preset"] == "unet_norms" and meta["causal_strategy"] == "lockstep"
+        meta["host"] == "comfyui"
+        and meta["preset"] == "unet_norms_first_step"
+        and meta["causal_strategy"] == "lockstep"
     )
     assert meta["support"] == "range" and meta["apply_mode"] == "spatial_mean"
     assert meta["num_source"] == meta["num_target"] == 8
-    assert meta["statistics"] == {
+    assert meta["sampling"] == {
         "height": SIZE,
         "width": SIZE,
-        "num_inference_steps": 4,
+        "steps": 4,
         "statistics_steps": 1,
         "guidance": "off (cond branch)",
     }
@@ -156,7 +161,7 @@ def test_other_strategies_agree_on_the_first_module(nodes, tiny, maps, mode, str
     import torch
 
     model, clip = tiny
-    other = _fit(nodes, model, clip, "unet_norms", mode=mode, strategy=strategy)
+    other = _fit(nodes, model, clip, "unet_norms_first_step", mode=mode, strategy=strategy)
     lock = maps["unet"]
     assert list(other.modules) == list(lock.modules)
     first = next(iter(lock.modules))
@@ -197,7 +202,7 @@ def test_text_encoder_preset_runs_no_unet(nodes, tiny, maps):
             {"source_prompts": SOURCE + "\nx", "target_prompts": "a\nb"},
             "Unbalanced prompt lists: 9 source vs 2",
         ),
-        ({"parts": "text_encoder"}, "Preset 'unet_norms' hooks unet, not text_encoder"),
+        ({"parts": "text_encoder"}, "Preset 'unet_norms_first_step' hooks unet, not text_encoder"),
         ({"parts": "vae"}, "Unknown part"),
         ({"width": 100}, "multiples of 8"),
         ({"support": "q60-40"}, "Unknown support"),
@@ -211,7 +216,7 @@ def test_fit_validates_inputs(nodes, tiny, change, message):
         _fit(nodes, model, clip, **change)
 
 
-@pytest.mark.parametrize("preset", ["unet_norms", "text_encoder_norms"])
+@pytest.mark.parametrize("preset", ["unet_norms_first_step", "unet_norms", "text_encoder_norms"])
 def test_interrupted_fit_leaves_no_hooks_and_no_file(nodes, preset, folders):
     """ComfyUI's interrupt flag set mid-fit: a clean InterruptProcessingException, no hooks, nothing saved."""
     import comfy.model_management as mm
@@ -220,7 +225,7 @@ def test_interrupted_fit_leaves_no_hooks_and_no_file(nodes, preset, folders):
     model, clip = cs.build_tiny_sdxl(seed=0)
     probe = (
         model.model.diffusion_model.input_blocks[1][0].in_layers[0]
-        if preset == "unet_norms"
+        if preset.startswith("unet_norms")
         else clip.cond_stage_model.clip_g.transformer.text_model.encoder.layers[1].layer_norm1
     )
     seen = []
@@ -375,11 +380,12 @@ def test_save_load_round_trip_and_refused_names(nodes, maps, folders):
         "styles",
         "watercolor.safetensors",
     ]  # atomic: no temp file
-    listed = nodes["ACTLoadMap"].INPUT_TYPES()["required"]["act_map_name"][0]
+    kind, options = nodes["ACTLoadMap"].INPUT_TYPES()["required"]["act_map_name"]
+    listed = options["options"] if kind == "COMBO" else kind
     assert listed == ["styles/watercolor.safetensors"]
     loaded, summary = nodes["ACTLoadMap"].load("styles/watercolor.safetensors")
     assert loaded.equal(maps["unet"]) and "51 modules" in summary
-    assert nodes["ACTLoadMap"].IS_CHANGED("styles/watercolor.safetensors")
+    assert nodes["ACTLoadMap"].fingerprint_inputs(act_map_name="styles/watercolor.safetensors")
 
     with pytest.raises(ACTInputError, match="already exists"):
         nodes["ACTSaveMap"].save(maps["unet"], "styles/watercolor.safetensors", False)
@@ -516,9 +522,13 @@ def test_canonical_names_round_trip_full_sdxl(comfyui):  # noqa: F811
     import comfy.supported_models
     import comfy.utils
     import torch
-    from act_core.comfy_names import comfy_unet_modules, invert_table, unet_module_table
-    from act_core.names import component_modules, from_comfy, to_comfy
 
+    from act_core.families.sdxl import (
+        comfy_unet_key,
+        comfy_unet_modules,
+        component_modules,
+        unet_module_table,
+    )
     from act_core.presets import NORM_TYPES
 
     diffusers = pytest.importorskip("diffusers")
@@ -540,7 +550,6 @@ def test_canonical_names_round_trip_full_sdxl(comfyui):  # noqa: F811
             projection_class_embeddings_input_dim=2816,
         )
     table = unet_module_table(comfy.utils.unet_to_diffusers(config.unet_config))
-    inverse = invert_table(table)
     diff_norms = {
         n: m
         for n, m in component_modules("unet", diffusers_unet).items()
@@ -553,16 +562,16 @@ def test_canonical_names_round_trip_full_sdxl(comfyui):  # noqa: F811
     assert set(diff_norms) == {n for n in comfy_norms if "norm" in n.split(".", 1)[1]}
     comfy_named = dict(comfy_unet.named_modules())
     for name, module in diff_norms.items():
-        comfy_name = to_comfy(name, table)
+        comfy_name = comfy_unet_key(name, table)
         assert comfy_name.startswith("diffusion_model.")
         twin = comfy_named[comfy_name.removeprefix("diffusion_model.")]
         assert isinstance(twin, type(module))  # ComfyUI's ops subclass torch's GroupNorm / LayerNorm
         assert twin.weight.shape == module.weight.shape
-        assert from_comfy(comfy_name, inverse) == name
-    assert to_comfy("unet.down_blocks.1.attentions.0.transformer_blocks.0.norm1", table) == (
+        assert comfy_norms[name] is twin  # and back: the ComfyUI module carries this canonical name
+    assert comfy_unet_key("unet.down_blocks.1.attentions.0.transformer_blocks.0.norm1", table) == (
         "diffusion_model.input_blocks.4.1.transformer_blocks.0.norm1"
     )
-    assert to_comfy("unet.conv_norm_out", table) == "diffusion_model.out.0"
+    assert comfy_unet_key("unet.conv_norm_out", table) == "diffusion_model.out.0"
 
 
 def _diffusers_twin(clip):

@@ -92,8 +92,8 @@ def saved_map(comfy_server, comfyui):  # noqa: F811
     workflow = _workflow("act_fit_apply_style_slider")
     fit = next(n for n in workflow["nodes"] if n["type"] == "ACTFitMap")
     with torch.inference_mode():
-        act_map, _ = pack.NODE_CLASS_MAPPINGS["ACTFitMap"]().fit(
-            model, clip, *fit["widgets_values"][:7], 0, 128, 128, 2, 4
+        act_map, _ = cs.node_callers(pack)["ACTFitMap"](
+            model, clip, *fit["widgets_values"][:7], 0, 128, 128, 2, 4, cfg=fit["widgets_values"][13]
         )
     path = comfy_server.models_dir("act_maps") / "watercolor_style.safetensors"
     act_map.save(path)

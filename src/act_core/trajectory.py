@@ -110,18 +110,22 @@ class TrajectoryFit(ForwardHooks):
         self.maps: dict[str, list[ModuleMap]] = {}
         self._samples: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         self._level: float | None = None
-        self._pairs_seen = 0
+        self._seen = {"source": 0, "target": 0}
         self._exact = False
         self._replay: int | None = None  # bucket index of a call at an already fitted level
-        self._call: tuple[Rows, Rows] | None = None
-        self._call_pairs: int | None = None
+        self._call: tuple[Rows | None, Rows | None] | None = None
+        self._call_rows: tuple[int, int] | None = None
         self._ran: set[str] = set()
         self._strategies: set[str] = set()
 
     # ------------------------------------------------------------------------------------ host API
     @contextlib.contextmanager
-    def call(self, level: float, *, source: Rows, target: Rows) -> Iterator[None]:
-        """One model call at noise level ``level`` (in [0, 1], 1 = pure noise) with these rows."""
+    def call(self, level: float, *, source: Rows | None, target: Rows | None) -> Iterator[None]:
+        """One model call at noise level ``level`` (in [0, 1], 1 = pure noise) with these rows.
+
+        ``source`` / ``target`` select the rows of each prompt set in the call's batch; a host whose
+        calls carry only one of the two (memory splits) passes None for the other.
+        """
         if self._call is not None:
             raise ACTInputError("TrajectoryFit.call() cannot be nested.")
         level = float(level)
@@ -131,24 +135,25 @@ class TrajectoryFit(ForwardHooks):
             self._close_step()
             self._replay = self.levels.index(level) if level in self.levels else None
             if self._replay is None:
-                self._level, self._pairs_seen, self._exact = level, 0, False
+                self._level, self._seen, self._exact = level, {"source": 0, "target": 0}, False
                 self.levels.append(level)
             else:
                 self._level = None  # replayed calls never open a step
-        self._call, self._call_pairs, self._ran = (source, target), None, set()
+        self._call, self._call_rows, self._ran = (source, target), None, set()
         try:
             yield
         finally:
             self._call = None
             self.stats.model_calls += 1
-        if self._replay is None and self._call_pairs is not None:
-            self._pairs_seen += self._call_pairs
-            if self._pairs_seen > self.num_pairs:
-                raise ACTInputError(
-                    f"Noise level {level} saw {self._pairs_seen} prompt pairs, more than num_pairs="
-                    f"{self.num_pairs}; each pair must run once per step."
-                )
-            if self._pairs_seen == self.num_pairs:
+        if self._replay is None and self._call_rows is not None:
+            for side, count in zip(("source", "target"), self._call_rows, strict=True):
+                self._seen[side] += count
+                if self._seen[side] > self.num_pairs:
+                    raise ACTInputError(
+                        f"Noise level {level} saw {self._seen[side]} {side} rows, more than num_pairs="
+                        f"{self.num_pairs}; each prompt pair must run once per step."
+                    )
+            if self._seen["source"] == self._seen["target"] == self.num_pairs:
                 self._close_step()
 
     def result(self, metadata: Mapping[str, Any] | None = None) -> ACTMap:
@@ -201,35 +206,34 @@ class TrajectoryFit(ForwardHooks):
                 )
             self._ran.add(name)
             source_rows, target_rows = call
+            source = x[source_rows] if source_rows is not None else x[:0]
+            target = x[target_rows] if target_rows is not None else x[:0]
             if self._replay is not None:
                 module_map = self._map_at(name, self._replay)
             else:
-                module_map = self._record(name, x[source_rows], x[target_rows])
-            if module_map is None or self.mode == "at_once":
+                module_map = self._record(name, source, target)
+            if module_map is None or self.mode == "at_once" or source_rows is None:
                 return None
             y = x.clone()
-            y[source_rows] = transport(x[source_rows], module_map, 1.0)
+            y[source_rows] = transport(source, module_map, 1.0)
             return replace_first_tensor(output, y)
 
         return hook
 
     def _record(self, name: str, source: torch.Tensor, target: torch.Tensor) -> ModuleMap | None:
         """Pool this call's rows; fit now when the call holds the whole step (exact), else lag."""
-        pairs = source.shape[0]
-        if target.shape[0] != pairs:
-            raise ACTInputError(
-                f"A call had {pairs} source rows but {target.shape[0]} target rows; rows come in pairs."
-            )
-        if self._call_pairs is None:
-            self._call_pairs = pairs
-            if self._pairs_seen == 0:
-                self._exact = pairs == self.num_pairs
+        if self._call_rows is None:
+            self._call_rows = (source.shape[0], target.shape[0])
+            if self._seen["source"] == self._seen["target"] == 0:
+                self._exact = source.shape[0] == target.shape[0] == self.num_pairs
                 self._strategies.add("exact" if self._exact else "lagged")
         if name not in self.order:
             self.order.append(name)
         sources, targets = self._samples.setdefault(name, ([], []))
-        sources.append(pool(source))
-        targets.append(pool(target))
+        if source.shape[0]:
+            sources.append(pool(source))
+        if target.shape[0]:
+            targets.append(pool(target))
         if self._exact:
             return self._fit(name)
         return self._map_at(name, len(self.levels) - 2)  # the previous step's map (none at the first)
@@ -251,10 +255,10 @@ class TrajectoryFit(ForwardHooks):
         if self._level is None:
             return
         level, self._level = self._level, None
-        if self._pairs_seen not in (0, self.num_pairs):
+        if set(self._seen.values()) - {0, self.num_pairs} or len(set(self._seen.values())) > 1:
             raise ACTInputError(
-                f"Noise level {level} saw {self._pairs_seen} of {self.num_pairs} prompt pairs; every pair must "
-                "run at every step."
+                f"Noise level {level} saw {self._seen['source']} source and {self._seen['target']} target rows of "
+                f"{self.num_pairs} prompt pairs; every pair must run at every step."
             )
         for name in [n for n in self.order if n in self._samples]:
             self._fit(name)

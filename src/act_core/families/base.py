@@ -26,6 +26,8 @@ class ModelFamily:
     default_preset: str
     noise_level: str
     lora_key: Callable[[str], str]
+    # ComfyUI's model_sampling.timestep(sigma) divided by this is the noise level u in [0, 1].
+    comfy_timestep_scale: float = 1000.0
 
     def preset(self, name: str | Preset) -> Preset:
         """A preset of this family by name (or a ``Preset`` passed through, for custom module sets)."""

@@ -148,8 +148,8 @@ def check_size(height: Any, width: Any, multiple: int = 8) -> tuple[int, int]:
     for name, value in (("height", height), ("width", width)):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % multiple:
             raise ACTInputError(
-                f"{name} must be a positive multiple of {multiple} (the VAE downsamples by {multiple}); "
-                f"got {value!r}."
+                f"width and height must be positive multiples of {multiple} (the VAE downsamples by "
+                f"{multiple}); got {name}={value!r}."
             )
     return height, width
 

@@ -1,0 +1,35 @@
+"""Export a foldable ACT map from ComfyUI as a LoRA file the stock Load LoRA node applies."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from act_core.errors import ACTInputError
+from act_core.families.sdxl import UNET
+from act_core.lora import as_foldable, export_lora
+from act_core.maps import ACTMap, part_of
+
+from .comfy_models import check_fits, checkpoint_shells, modules_for, state_key, unet_table
+
+
+def export_map(model: Any, clip: Any, act_map: ACTMap, path: Path, dtype: str) -> Path:
+    """Write ``act_map`` as full-weight diffs against the checkpoint's own weights (not other clones')."""
+    parts = act_map.parts()
+    if UNET in parts and model is None:
+        raise ACTInputError("This ACT map steers the UNet: connect the MODEL it was fitted on.")
+    if any(part != UNET for part in parts) and clip is None:
+        raise ACTInputError("This ACT map steers the text encoders: connect the CLIP it was fitted on.")
+    table = unet_table(model) if UNET in parts else None
+    modules = modules_for(act_map, model, clip, table)
+    check_fits(act_map, modules, "this MODEL/CLIP")
+    as_foldable(act_map, modules)  # the clear "cannot be exported" error before any weight is read
+    keys = {name: state_key(name, table) for name in act_map.modules}
+    shells = {}
+    for owner, names in (
+        (model, [n for n in act_map.modules if part_of(n) == UNET]),
+        (clip.patcher if clip is not None else None, [n for n in act_map.modules if part_of(n) != UNET]),
+    ):
+        if names:
+            shells.update(checkpoint_shells(owner, names, modules, keys, with_patches=False))
+    return export_lora(act_map, shells, path, strength=1.0, dtype=dtype)
