@@ -1,7 +1,16 @@
 #!/usr/bin/env bash
-# Set up (scripts/setup.sh), lint, then run the whole test suite. ComfyUI tests skip unless COMFYUI_PATH is set.
+# Set up (scripts/setup.sh, and a real ComfyUI from ../shared/comfyui when the archive is there), lint, then
+# run the whole test suite, the real-ComfyUI tests included. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+comfyui=$(bash scripts/setup_comfyui.sh)
+if [ -n "$comfyui" ]; then
+  export COMFYUI_PATH="$comfyui"
+  echo "run_tests: ComfyUI tests run against $COMFYUI_PATH" >&2
+else
+  echo "run_tests: no ComfyUI archive in ../shared/comfyui and no COMFYUI_PATH: the ComfyUI tests skip" >&2
+fi
 .venv/bin/ruff check .
+.venv/bin/ruff format --check .
 .venv/bin/python -m pytest "$@"

@@ -7,7 +7,7 @@ import pytest
 import torch
 from tiny_sdxl import build_tiny_sdxl
 
-from act_core import ACTMap
+from act_core import ACTMap, ModuleMap
 from act_core.diffusers.pipeline import act_pipeline
 from act_core.errors import ACTInputError, ACTModelMismatchError
 
@@ -33,11 +33,11 @@ def foldable_map(pipe):
     return pipe.fit_act(SOURCE, TARGET, preset="unet_norms_foldable", batch_size=4, progress=False)
 
 
-def generate(pipe, prompt="a red circle", guidance_scale=5.0, seed=0):
+def generate(pipe, prompt="a red circle", guidance_scale=5.0, seed=0, steps=2):
     generator = torch.Generator().manual_seed(seed)
     return pipe(
         prompt,
-        num_inference_steps=2,
+        num_inference_steps=steps,
         guidance_scale=guidance_scale,
         generator=generator,
         height=32,
@@ -173,3 +173,116 @@ def test_prompt_validation(pipe):
         pipe.fit_act("a cat", TARGET, progress=False)
     with pytest.raises(ACTInputError, match="Unknown ACT preset"):
         pipe.fit_act(SOURCE, TARGET, preset="everything", progress=False)
+
+
+# ------------------------------------------------------------------------------------------ trajectory protocol
+@pytest.fixture(scope="module")
+def timed_map(pipe):
+    """The default: time-aware maps along the guided trajectory of the sampling settings given."""
+    return pipe.fit_act(
+        SOURCE, TARGET, num_inference_steps=3, guidance_scale=5.0, height=32, width=32, progress=False
+    )
+
+
+def test_default_fit_follows_the_sampling_settings(pipe, timed_map):
+    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(3)
+    expected = tuple(float(t) / 1000 for t in scheduler.timesteps)
+    assert timed_map.buckets == pytest.approx(expected)
+    meta = timed_map.metadata
+    assert meta["preset"] == "unet_norms" and meta["protocol"] == "trajectory" and meta["cfg_rows"] == "cond"
+    assert meta["causal_strategy"] == "exact" and meta["support"] == "unbounded"
+    assert meta["apply_mode"] == "per_element" and meta["num_source"] == 8
+    assert meta["sampling"]["num_inference_steps"] == 3 and meta["sampling"]["guidance_scale"] == 5.0
+    assert (
+        meta["sampling"]["trajectory"] == "steered"
+        and meta["sampling"]["scheduler"] == type(pipe.scheduler).__name__
+    )
+    assert "omega_guard" in meta and meta["omega_guard"]["max_omega"] == 10.0
+    first = next(iter(timed_map.modules))
+    assert timed_map.modules[first].omega.shape[0] == 3
+
+
+def test_default_fit_runs_one_unet_call_per_step(pipe):
+    calls = []
+    handle = pipe.unet.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
+    try:
+        pipe.fit_act(
+            SOURCE, TARGET, num_inference_steps=4, guidance_scale=5.0, height=32, width=32, progress=False
+        )
+    finally:
+        handle.remove()
+    assert calls == [3 * len(SOURCE)] * 4  # [uncond; target; source] rows, all pairs in one call
+
+
+def test_time_aware_map_applies_at_other_step_counts_lam_zero_exact(pipe, timed_map):
+    for steps in (2, 5):
+        base = generate(pipe, steps=steps)
+        pipe.enable_act(timed_map, strength=0.0)
+        assert np.array_equal(generate(pipe, steps=steps), base)
+        pipe.set_act_strength(1.0)
+        assert np.abs(generate(pipe, steps=steps) - base).max() > 1e-3
+        pipe.disable_act()
+        assert np.array_equal(generate(pipe, steps=steps), base)
+
+
+def test_split_batches_warn_about_lagged_fitting(pipe):
+    from act_core.errors import ACTWarning
+
+    with pytest.warns(ACTWarning, match="lagged"):
+        act_map = pipe.fit_act(
+            SOURCE, TARGET, num_inference_steps=2, height=32, width=32, batch_size=3, progress=False
+        )
+    assert act_map.metadata["causal_strategy"] == "lagged" and act_map.metadata["pairs_per_call"] == 3
+
+
+def test_fit_refuses_a_steered_pipeline_and_identical_prompts(pipe, timed_map):
+    pipe.enable_act(timed_map)
+    with pytest.raises(ACTInputError, match="disable_act"):
+        pipe.fit_act(SOURCE, TARGET, num_inference_steps=2, progress=False)
+    pipe.disable_act()
+    with pytest.raises(ACTInputError, match="same to the model"):
+        pipe.fit_act(SOURCE, list(SOURCE), num_inference_steps=2, progress=False)
+    long = "a red circle " + "x" * 40  # the tiny tokenizer stops at 32 tokens
+    with pytest.raises(ACTInputError, match="truncation"):
+        pipe.fit_act(
+            [long + "a", long + "b"], [long + "c", long + "d"], num_inference_steps=2, progress=False
+        )
+
+
+def test_a_plain_pipeline_on_steered_modules_is_refused_clearly(pipe, timed_map):
+    from act_core.errors import ACTError
+
+    plain = type(pipe).__mro__[2].from_pipe(pipe, dtype=pipe.dtype)
+    pipe.enable_act(timed_map)
+    try:
+        with pytest.raises(ACTError, match="outside an ACT pipeline"):
+            plain("a red circle", num_inference_steps=2, height=32, width=32, output_type="np")
+    finally:
+        pipe.disable_act()
+
+
+def test_foldable_map_hooks_and_fused_weights_agree_under_cfg(pipe, foldable_map):
+    assert foldable_map.metadata["cfg_rows"] == "all"
+    pipe.enable_act(foldable_map, strength=0.8)
+    hooked = generate(pipe, guidance_scale=5.0)
+    pipe.fuse_act()
+    fused = generate(pipe, guidance_scale=5.0)
+    pipe.disable_act()
+    np.testing.assert_allclose(fused, hooked, atol=1e-4)
+    assert pipe.act_map is None
+
+
+def test_fusing_a_cond_rows_map_warns(pipe):
+    from act_core.errors import ACTWarning
+
+    cond_map = pipe.fit_act(
+        SOURCE, TARGET, preset="unet_norms_first_step", support="unbounded", batch_size=4, progress=False
+    )
+    relabelled = ACTMap(
+        {n: ModuleMap(m.omega, m.beta, m.low, m.high, "per_element") for n, m in cond_map.modules.items()},
+        cond_map.metadata,
+    )
+    with pytest.warns(ACTWarning, match="cond rows"):
+        pipe.fuse_act(relabelled)
+    pipe.disable_act()
