@@ -134,14 +134,20 @@ def test_bad_use_is_refused():
         TrajectoryFit(modules, estimate, num_pairs=1)
     session = TrajectoryFit(modules, estimate, num_pairs=N)
     source, target = data()
-    with session, pytest.raises(ACTInputError, match="more than once in one model call"):
-        with session.call(0.5, source=slice(N, 2 * N), target=slice(0, N)):
-            model(torch.cat([target, source]))
-            model(torch.cat([target, source]))
+    with (
+        session,
+        pytest.raises(ACTInputError, match="more than once in one model call"),
+        session.call(0.5, source=slice(N, 2 * N), target=slice(0, N)),
+    ):
+        model(torch.cat([target, source]))
+        model(torch.cat([target, source]))
     session = TrajectoryFit(modules, estimate, num_pairs=N)
-    with session, pytest.raises(ACTInputError, match="in \\[0, 1\\]"):
-        with session.call(2.0, source=slice(0, 1), target=slice(1, 2)):
-            pass
+    with (
+        session,
+        pytest.raises(ACTInputError, match="in \\[0, 1\\]"),
+        session.call(2.0, source=slice(0, 1), target=slice(1, 2)),
+    ):
+        pass
     session = TrajectoryFit(modules, estimate, num_pairs=N)
     with session:
         with session.call(0.5, source=slice(N // 2, N), target=slice(0, N // 2)):
