@@ -2,51 +2,59 @@
 
 Record pooled activations, fit per-unit transport maps, apply them with a strength lambda through
 hooks or folded weights, and save them as safetensors. Host-specific code (diffusers, ComfyUI) lives
-at the edges; importing this package imports neither.
+at the edges; importing this package imports neither. Names are imported on first use, so the
+command line can check its arguments before torch loads.
 """
 
-from ._version import __version__
-from .applying import (
-    ACTHandle,
-    FoldHandle,
-    apply_act,
-    check_strength,
-    fold_act,
-    folded_diffs,
-    remove_act,
-    transport,
-    unfold_act,
-)
-from .errors import ACTError, ACTInputError, ACTMapFileError, ACTModelMismatchError
-from .estimators import gaussian_act, linear_act, mean_act
-from .fitting import FitStats, fit, fit_with_stats
-from .maps import ACTMap, ModuleMap
-from .recording import ActivationRecorder, select_modules, token_mask
+from __future__ import annotations
 
-__all__ = [
-    "__version__",
-    "ACTError",
-    "ACTHandle",
-    "ACTInputError",
-    "ACTMap",
-    "ACTMapFileError",
-    "ACTModelMismatchError",
-    "ActivationRecorder",
-    "FitStats",
-    "FoldHandle",
-    "ModuleMap",
-    "apply_act",
-    "check_strength",
-    "fit",
-    "fit_with_stats",
-    "fold_act",
-    "folded_diffs",
-    "gaussian_act",
-    "linear_act",
-    "mean_act",
-    "remove_act",
-    "select_modules",
-    "token_mask",
-    "transport",
-    "unfold_act",
-]
+import importlib
+from typing import Any
+
+from ._version import __version__
+
+_EXPORTS = {
+    "ACTHandle": "applying",
+    "FoldHandle": "applying",
+    "apply_act": "applying",
+    "check_strength": "applying",
+    "fold_act": "applying",
+    "folded_diffs": "applying",
+    "remove_act": "applying",
+    "transport": "applying",
+    "unfold_act": "applying",
+    "ACTError": "errors",
+    "ACTInputError": "errors",
+    "ACTMapFileError": "errors",
+    "ACTModelMismatchError": "errors",
+    "ACTWarning": "errors",
+    "gaussian_act": "estimators",
+    "linear_act": "estimators",
+    "mean_act": "estimators",
+    "robust_linear_act": "estimators",
+    "FitStats": "fitting",
+    "fit": "fitting",
+    "fit_with_stats": "fitting",
+    "ACTMap": "maps",
+    "ModuleMap": "maps",
+    "ActivationRecorder": "recording",
+    "select_modules": "recording",
+    "token_mask": "recording",
+    "TrajectoryFit": "trajectory",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'act_core' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+
+
+__all__ = ["__version__", *_EXPORTS]

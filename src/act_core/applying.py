@@ -14,7 +14,6 @@ Outside the fitted range the nearest bucket applies.
 
 from __future__ import annotations
 
-import math
 import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from torch import nn
 from .errors import ACTInputError, ACTModelMismatchError
 from .maps import APPLY_SPATIAL_MEAN, ACTMap, ModuleMap, part_of
 from .recording import channel_axis, first_tensor, replace_first_tensor, widths_of
+from .validation import check_strength
 
 FOLDABLE_TYPES: tuple[type[nn.Module], ...] = (
     nn.LayerNorm,
@@ -39,28 +39,8 @@ _HANDLE_ATTR = "_act_handle"
 _FOLD_ATTR = "_act_fold"
 
 Strength = float | Mapping[str, float]
-# Largest |lambda| accepted: the slider goes to 2; beyond 10 a map only renders noise (or NaN).
-MAX_STRENGTH = 10.0
 # (lower bucket, upper bucket, weight of the upper one): where a noise level falls between buckets.
 BucketPosition = tuple[int, int, float]
-
-
-def check_strength(value: Any, what: str = "strength") -> float:
-    """A finite float with ``|value| <= MAX_STRENGTH``, or an ``ACTInputError`` that says what was wrong."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) and not hasattr(value, "__float__"):
-        raise ACTInputError(f"{what} must be a number, got {value!r}.")
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ACTInputError(f"{what} must be a number, got {value!r}.") from None
-    if not math.isfinite(number):
-        raise ACTInputError(f"{what} must be finite, got {number}. Use 0 for off, 1 for full transport.")
-    if abs(number) > MAX_STRENGTH:
-        raise ACTInputError(
-            f"{what} {number:g} is outside [-{MAX_STRENGTH:g}, {MAX_STRENGTH:g}]: 0 is off, 1 full transport, "
-            "values up to about 2 extrapolate."
-        )
-    return number
 
 
 def bucket_position(buckets: tuple[float, ...], level: float) -> BucketPosition:

@@ -22,7 +22,6 @@ from typing import Any
 
 from ._version import __version__
 from .errors import ACTError, ACTInputError
-from .maps import ACTMap
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -72,46 +71,76 @@ def gather_prompts(files: Sequence[str] | None, prompts: Sequence[str] | None, s
 
 
 def parse_lambdas(text: str) -> list[float]:
-    """``"0,0.25,1"`` -> ``[0.0, 0.25, 1.0]``."""
+    """``"0,0.25,1"`` (commas, spaces or semicolons) -> ``[0.0, 0.25, 1.0]`` (``act_core.validation``)."""
+    from .validation import parse_lambdas as parse
+
     try:
-        values = [float(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise CLIError(f"--lambdas must be comma-separated numbers such as 0,0.5,1; got {text!r}.") from None
-    if not values:
-        raise CLIError("--lambdas is empty; pass e.g. 0,0.25,0.5,0.75,1.")
-    return values
+        return parse(text)
+    except ACTInputError as error:
+        raise CLIError(f"--lambdas: {error}") from None
 
 
 def check_output(path: str, suffix: str, flag: str = "--output") -> Path:
-    """An output path whose folder exists and whose name ends in ``suffix``."""
-    output = Path(path).expanduser()
-    if output.suffix.lower() != suffix:
-        raise CLIError(f"{flag} must end in {suffix}; got {output.name!r}.")
-    if not output.parent.is_dir():
-        raise CLIError(f"{flag}: folder {str(output.parent)!r} does not exist. Create it first.")
-    if output.is_dir():
-        raise CLIError(f"{flag} {str(output)!r} is a folder; give a file name ending in {suffix}.")
-    return output
+    """An output path that can be written (suffix, folder, permissions, name length), checked up front."""
+    from .files import check_writable_output
+
+    try:
+        return check_writable_output(path, (suffix,), flag)
+    except ACTInputError as error:
+        raise CLIError(str(error)) from None
 
 
 def check_size(args: argparse.Namespace) -> None:
-    for flag in ("height", "width"):
-        value = getattr(args, flag, None)
-        if value is not None and (value <= 0 or value % 8):
-            raise CLIError(
-                f"--{flag} must be a positive multiple of 8 (the VAE downsamples by 8); got {value}."
-            )
-    if getattr(args, "steps", 1) < 1:
-        raise CLIError(f"--steps must be at least 1; got {args.steps}.")
+    from .validation import check_sampling
+    from .validation import check_size as check
+
+    height, width = getattr(args, "height", None), getattr(args, "width", None)
+    if height is not None or width is not None:
+        try:
+            check(height if height is not None else 8, width if width is not None else 8)
+        except ACTInputError as error:
+            raise CLIError(str(error).replace("width and height", "--width and --height")) from None
+    steps = getattr(args, "steps", None)
+    if steps is not None and steps < 1:
+        raise CLIError(f"--steps must be at least 1; got {steps}.")
+    guidance = getattr(args, "guidance", None)
+    if guidance is not None:
+        try:
+            check_sampling(steps or 1, guidance)
+        except ACTInputError as error:
+            raise CLIError(str(error).replace("guidance_scale", "--guidance")) from None
     statistics_steps = getattr(args, "statistics_steps", 1)
-    if not 1 <= statistics_steps <= getattr(args, "steps", statistics_steps):
-        raise CLIError(
-            f"--statistics-steps must be between 1 and --steps ({args.steps}); got {statistics_steps}."
-        )
+    if statistics_steps != 1 and not 1 <= statistics_steps <= (steps or statistics_steps):
+        raise CLIError(f"--statistics-steps must be between 1 and --steps ({steps}); got {statistics_steps}.")
+    threads = getattr(args, "threads", None)
+    if threads is not None and threads < 1:
+        raise CLIError(f"--threads must be at least 1; got {threads}.")
 
 
-def load_map(path: str) -> ACTMap:
+def load_map(path: str) -> Any:
+    from .maps import ACTMap
+
     return ACTMap.load(Path(path).expanduser())
+
+
+# A small model runs faster on ONE thread: torch's default (every core) thrashes on tiny kernels,
+# badly when the machine is busy (measured: a 10-step 32 px image of the shipped model 0.39 s with 1
+# thread, 23.7 s with 2 under load).
+SMALL_MODEL_PARAMETERS = 50_000_000
+
+
+def choose_threads(pipe: Any, requested: int | None) -> int:
+    """Set torch's intra-op threads: ``--threads`` if given, else 1 for small models, else torch's default."""
+    import torch
+
+    if requested is None:
+        denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+        size = sum(p.numel() for p in denoiser.parameters()) if denoiser is not None else 0
+        if size >= SMALL_MODEL_PARAMETERS:
+            return torch.get_num_threads()
+        requested = 1
+    torch.set_num_threads(requested)
+    return requested
 
 
 def load_model(args: argparse.Namespace) -> Any:
@@ -126,6 +155,8 @@ def load_model(args: argparse.Namespace) -> Any:
     _status(args, f"Loading {args.model} ({args.dtype}, {device})")
     pipe = load_pipeline(args.model, dtype, config=args.config, allow_pickle=args.allow_pickle, device=device)
     pipe.set_progress_bar_config(disable=True)
+    threads = choose_threads(pipe, args.threads)
+    _status(args, f"Using {threads} CPU thread(s) (--threads to change)")
     return pipe
 
 
@@ -165,18 +196,26 @@ def _status(args: argparse.Namespace, message: str) -> None:
 
 # ---------------------------------------------------------------------------------------------- commands
 def cmd_fit(args: argparse.Namespace) -> int:
-    from .estimators import validate_support
-    from .families import SDXL
+    from .validation import check_balance, check_prompts
 
-    SDXL.preset(args.preset)  # fail before loading the model, not a minute later
-    if args.support is not None:
-        validate_support(args.support)
-    if args.batch_size < 1:
+    if args.batch_size is not None and args.batch_size < 1:
         raise CLIError(f"--batch-size must be at least 1; got {args.batch_size}.")
     check_size(args)
     output = check_output(args.output, ".safetensors")
-    source = gather_prompts(args.source, args.source_prompt, "source")
-    target = gather_prompts(args.target, args.target_prompt, "target")
+    source = check_prompts(gather_prompts(args.source, args.source_prompt, "source"), "source")
+    target = check_prompts(gather_prompts(args.target, args.target_prompt, "target"), "target")
+    check_balance(source, target)
+    from .estimators import validate_support  # the checks above ran before torch loads
+    from .families import SDXL
+
+    spec = SDXL.preset(args.preset)  # fail before loading the model, not a minute later
+    if args.support is not None:
+        validate_support(args.support)
+    if args.statistics_steps != 1 and spec.protocol != "first_step":
+        raise CLIError(
+            f"--statistics-steps is for the first-step protocol (--preset unet_norms_first_step); preset "
+            f"{spec.name!r} fits along every step of the trajectory."
+        )
     pipe = load_model(args)
     _status(args, f"Fitting preset {args.preset} on {len(source)} source and {len(target)} target prompts")
     act_map = pipe.fit_act(
@@ -191,8 +230,10 @@ def cmd_fit(args: argparse.Namespace) -> int:
         height=args.height,
         width=args.width,
         num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        negative_prompt=args.negative_prompt,
         statistics_steps=args.statistics_steps,
-        progress=not args.quiet,
+        progress=_progress_enabled(args),
     )
     act_map = act_map.with_metadata({"model_source": str(args.model)})
     act_map.save(output)
@@ -212,13 +253,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     lambdas = parse_lambdas(args.lambdas)
     act_map = load_map(args.map)
     pipe = load_model(args)
+    _warn_unknown_words(pipe, prompts)
     generate: dict[str, Any] = {"num_inference_steps": args.steps}
     for key, value in (("guidance_scale", args.guidance), ("height", args.height), ("width", args.width)):
         if value is not None:
             generate[key] = value
     if args.negative_prompt:
         generate["negative_prompt"] = args.negative_prompt
-    bar = _progress_bar(args, len(prompts) * len(lambdas), "Sweeping")
+    bar = _progress_bar(args, len(prompts) * len(lambdas), "Sweeping")  # every cell of the grid
     try:
         images = sweep_images(
             pipe,
@@ -274,6 +316,7 @@ def cmd_info(args: argparse.Namespace) -> int:
             "units": sum(act_map.widths.values()),
             "parts": act_map.parts(),
             "foldable": act_map.foldable,
+            "buckets": None if act_map.buckets is None else list(act_map.buckets),
             "metadata": act_map.metadata,
         }
         if args.modules:
@@ -292,8 +335,15 @@ def cmd_export_lora(args: argparse.Namespace) -> int:
 
     output = check_output(args.output, ".safetensors")
     act_map = load_map(args.map)
+    timed = [name for name, m in act_map.modules.items() if m.bucketed]
+    if timed:  # refuse before spending a minute on loading the model
+        raise CLIError(
+            f"{Path(args.map).name} cannot be exported as a LoRA: it is time-aware ({len(timed)} of its "
+            f"{len(act_map)} modules have one map per noise level) and LoRA weights cannot change between "
+            f"steps. Re-fit with --preset {FOLDABLE_PRESET}, or apply the map with hooks."
+        )
     bounded = [name for name, m in act_map.modules.items() if not m.unbounded]
-    if bounded:  # refuse before spending a minute on loading the model
+    if bounded:
         raise CLIError(
             f"{Path(args.map).name} cannot be exported as a LoRA: {len(bounded)} of its {len(act_map)} modules "
             f"have a bounded support (support={act_map.metadata.get('support', '?')!r}). Re-fit with "
@@ -324,12 +374,41 @@ def _lora_header(path: Path) -> dict[str, str] | None:
     return header if header.get("format") == "act_lora" else None
 
 
+def _progress_enabled(args: argparse.Namespace) -> bool:
+    return not args.quiet
+
+
 def _progress_bar(args: argparse.Namespace, total: int, description: str) -> Any:
+    """A counter for ``total`` items (tqdm on a terminal, plain lines when redirected), or None with -q."""
     if args.quiet:
         return None
-    from tqdm.auto import tqdm
+    from .progress import Progress
 
-    return tqdm(total=total, desc=description)
+    report = Progress(description)
+
+    class Counter:
+        done = 0
+
+        def update(self, n: int = 1) -> None:
+            self.done += n
+            report(self.done, total, "")
+
+        def close(self) -> None:
+            pass
+
+    return Counter()
+
+
+def _warn_unknown_words(pipe: Any, prompts: list[str]) -> None:
+    from .diffusers.loading import unknown_words
+
+    words = unknown_words(getattr(pipe, "tokenizer", None), prompts)
+    if words:
+        print(
+            f"act: warning: the tokenizer does not know {', '.join(words[:8])}: it splits them into characters, "
+            "which the model never learned. Use words of the model's vocabulary.",
+            file=sys.stderr,
+        )
 
 
 # ---------------------------------------------------------------------------------------------- parser
@@ -350,6 +429,12 @@ def _add_model_options(parser: argparse.ArgumentParser, dtype_flag: str = "--dty
     )
     group.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     group.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for torch (default: 1 for small models, which thrash on more; torch's default otherwise)",
+    )
+    group.add_argument(
         "--config",
         default=None,
         help="for single-file checkpoints: a local diffusers folder with the component configs",
@@ -362,9 +447,6 @@ def _add_model_options(parser: argparse.ArgumentParser, dtype_flag: str = "--dty
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .families import SDXL
-
-    DEFAULT_PRESET, PRESETS = SDXL.default_preset, SDXL.presets
 
     parser = argparse.ArgumentParser(
         prog="act",
@@ -383,9 +465,9 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--target-prompt", action="append", metavar="TEXT", help="a target prompt (repeatable)")
     fit.add_argument(
         "--preset",
-        default=DEFAULT_PRESET,
-        choices=list(PRESETS),
-        help=f"which modules and how (default {DEFAULT_PRESET}: the paper's protocol)",
+        default="unet_norms",
+        help="which modules and how (default unet_norms: time-aware maps along your sampler's trajectory; "
+        "unet_norms_first_step is the paper's protocol; act_core.families.sdxl lists them all)",
     )
     fit.add_argument(
         "--method", choices=("linear", "mean", "gaussian"), default=None, help="default: the preset's"
@@ -399,17 +481,29 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="default: the preset's (causal, the paper's)",
     )
-    fit.add_argument("--batch-size", type=int, default=8)
-    fit.add_argument("--seed", type=int, default=0, help="prompt i gets the noise of seed + i")
-    fit.add_argument("--height", type=int, default=None, help="default: the model's native size")
-    fit.add_argument("--width", type=int, default=None)
-    fit.add_argument("--steps", type=int, default=30, help="schedule length (num_inference_steps)")
+    fit.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="prompt pairs per UNet call (default: all that fit in memory, which fits exactly; first-step "
+        "presets: 8 prompts)",
+    )
+    fit.add_argument("--seed", type=int, default=0, help="prompt pair i gets the noise of seed + i")
+    sampling = fit.add_argument_group("the sampling settings you generate with (the fit follows them)")
+    sampling.add_argument(
+        "--steps", type=int, default=None, help="num_inference_steps (default: the pipeline's)"
+    )
+    sampling.add_argument(
+        "--guidance", type=float, default=None, help="guidance_scale (default: the pipeline's)"
+    )
+    sampling.add_argument("--height", type=int, default=None, help="default: the model's native size")
+    sampling.add_argument("--width", type=int, default=None)
+    sampling.add_argument("--negative-prompt", default=None, help="the negative prompt you generate with")
     fit.add_argument(
         "--statistics-steps",
         type=int,
         default=1,
-        help="pool statistics over the first N steps (default 1, the paper's; with many-step samplers "
-        "N = --steps steers much more, see docs/demo_results.md)",
+        help="first-step presets only: pool statistics over the first N steps (default 1, the paper's)",
     )
     fit.add_argument("--output", required=True, metavar="MAP.safetensors")
     fit.set_defaults(handler=cmd_fit)
@@ -424,7 +518,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sweep.add_argument("--prompts", action="append", metavar="FILE", help="prompt file (one per line)")
     sweep.add_argument(
-        "--lambdas", default="0,0.25,0.5,0.75,1", help="comma-separated (default 0,0.25,0.5,0.75,1)"
+        "--lambdas",
+        default="0,0.25,0.5,0.75,1",
+        help="separated by commas, spaces or semicolons (default 0,0.25,0.5,0.75,1)",
     )
     sweep.add_argument("--seed", type=int, default=0, help="the same seed for every cell")
     sweep.add_argument("--steps", type=int, default=30)
@@ -454,7 +550,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="lambda baked into the diffs (default 1); the LoraLoader strength then multiplies it",
     )
     export.add_argument(
-        "--dtype", dest="lora_dtype", choices=("fp16", "fp32"), default="fp16", help="LoRA dtype"
+        "--dtype",
+        dest="lora_dtype",
+        choices=("fp32", "fp16"),
+        default="fp32",
+        help="LoRA dtype (default fp32: exact, norm diffs are small; fp16 is refused where it overflows)",
     )
     export.set_defaults(handler=cmd_export_lora)
     return parser

@@ -1,5 +1,7 @@
 """One validation layer for every host (the diffusers mixin, the CLI, the ComfyUI nodes).
 
+No torch import here: the command line checks its arguments before torch loads.
+
 Each check raises ``ACTInputError`` naming the problem and the fix, or warns (``ACTWarning``) about
 input that works but is probably not what was meant.
 """
@@ -12,13 +14,31 @@ import warnings
 from collections.abc import Hashable, Sequence
 from typing import Any
 
-from .applying import check_strength
 from .errors import ACTInputError, ACTWarning
-from .maps import prompt_digest
 
+# Largest |lambda| accepted: the slider goes to 2; beyond 10 a map only renders noise (or NaN).
+MAX_STRENGTH = 10.0
 MIN_PROMPTS = 2
 MAX_IMBALANCE = 4.0
 MAX_LAMBDAS = 64
+
+
+def check_strength(value: Any, what: str = "strength") -> float:
+    """A finite float with ``|value| <= MAX_STRENGTH``, or an ``ACTInputError`` that says what was wrong."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) and not hasattr(value, "__float__"):
+        raise ACTInputError(f"{what} must be a number, got {value!r}.")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ACTInputError(f"{what} must be a number, got {value!r}.") from None
+    if not math.isfinite(number):
+        raise ACTInputError(f"{what} must be finite, got {number}. Use 0 for off, 1 for full transport.")
+    if abs(number) > MAX_STRENGTH:
+        raise ACTInputError(
+            f"{what} {number:g} is outside [-{MAX_STRENGTH:g}, {MAX_STRENGTH:g}]: 0 is off, 1 full transport, "
+            "values up to about 2 extrapolate."
+        )
+    return number
 
 
 def check_prompts(prompts: Any, side: str) -> list[str]:
@@ -192,6 +212,8 @@ def fit_metadata(
     extra: dict | None = None,
 ) -> dict:
     """The provenance every fitted map stores, built in one place for every host."""
+    from .maps import prompt_digest
+
     info = {
         "family": family,
         "preset": preset,

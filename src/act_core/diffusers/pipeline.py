@@ -64,6 +64,7 @@ from ..families.sdxl import (
 from ..fitting import fit_with_stats
 from ..maps import ACTMap
 from ..presets import CFG_ROWS, Preset
+from ..progress import Progress
 from ..trajectory import TRAJECTORIES, TrajectoryFit
 from ..validation import (
     check_balance,
@@ -652,25 +653,7 @@ class ACTPipelineMixin:
 def _progress_callback(progress: bool | Callable[[int, int, str], None], description: str):
     if callable(progress):
         return progress
-    if not progress:
-        return None
-    from tqdm.auto import tqdm
-
-    bar = None
-
-    def update(done: int, total: int, what: str) -> None:
-        nonlocal bar
-        if bar is None or bar.total != total:
-            if bar is not None:
-                bar.close()
-            bar = tqdm(total=total, desc=description)
-        bar.n = done
-        bar.set_postfix_str(what[-40:], refresh=False)
-        bar.refresh()
-        if done >= total:
-            bar.close()
-
-    return update
+    return Progress(description) if progress else None
 
 
 def act_pipeline(pipe: Any) -> Any:
