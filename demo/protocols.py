@@ -224,11 +224,8 @@ def score_images(classifier, images, task: Task) -> dict[str, float]:
     return {"score": float(goal.mean()), "shape": float(shape_ok.float().mean())}
 
 
-def evaluate(
-    pipe, classifier, model: Model, task: Task, protocol: Protocol, lambdas: Sequence[float]
-) -> dict:
-    """Fit, then score every lambda (and the prompted ceiling), for one model x task x protocol."""
-    gen = {"steps": model.steps, "guidance": model.guidance}
+def fit_map(pipe, model: Model, task: Task, protocol: Protocol):
+    """(map, seconds): ``pipe.fit_act`` with the model's sampling settings and the protocol's options."""
     fit = {"num_inference_steps": model.steps, "guidance_scale": model.guidance, **protocol.fit}
     if fit.get("statistics_steps") == -1:
         fit["statistics_steps"] = model.steps
@@ -236,21 +233,22 @@ def evaluate(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ACTWarning)
         act_map = pipe.fit_act(list(task.source), list(task.target), seed=FIT_SEED, progress=False, **fit)
-    fit_seconds = time.perf_counter() - start
+    return act_map, time.perf_counter() - start
+
+
+def score_curve(
+    pipe, classifier, model: Model, task: Task, act_map, enable: dict, lambdas: Sequence[float]
+) -> dict:
+    """Scores of the source prompts at every lambda (and of the prompted ceiling); pass/fail at lambda 1."""
+    gen = {"steps": model.steps, "guidance": model.guidance}
     ceiling = score_images(classifier, generate(pipe, list(task.target), seed=EVAL_SEED, **gen), task)
     curve = []
-    pipe.enable_act(act_map, strength=0.0, **protocol.enable)
+    pipe.enable_act(act_map, strength=0.0, **enable)
     try:
         for lam in lambdas:
             pipe.set_act_strength(lam)
-            curve.append(
-                {
-                    "lambda": lam,
-                    **score_images(
-                        classifier, generate(pipe, list(task.source), seed=EVAL_SEED, **gen), task
-                    ),
-                }
-            )
+            images = generate(pipe, list(task.source), seed=EVAL_SEED, **gen)
+            curve.append({"lambda": lam, **score_images(classifier, images, task)})
     finally:
         pipe.disable_act()
     plain = curve[0]["score"]
@@ -260,11 +258,19 @@ def evaluate(
     return {
         "ceiling": ceiling["score"],
         "curve": curve,
-        "fit_seconds": fit_seconds,
         "modules": len(act_map),
         "buckets": None if act_map.buckets is None else len(act_map.buckets),
         "passes": at_one["effect"] >= PASS_EFFECT and at_one["shape"] >= PASS_SHAPE,
     }
+
+
+def evaluate(
+    pipe, classifier, model: Model, task: Task, protocol: Protocol, lambdas: Sequence[float]
+) -> dict:
+    """Fit, then score every lambda (and the prompted ceiling), for one model x task x protocol."""
+    act_map, seconds = fit_map(pipe, model, task, protocol)
+    curve = score_curve(pipe, classifier, model, task, act_map, protocol.enable, lambdas)
+    return {**curve, "fit_seconds": seconds}
 
 
 def markdown(results: dict, models: Sequence[str], task_names: Sequence[str]) -> str:

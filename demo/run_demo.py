@@ -1,16 +1,16 @@
-"""The main job: ACT on the shipped shapes model, measured with the shipped attribute classifier.
+"""The main job: ACT on the two shipped shapes models, old and new protocols side by side.
 
-It fits maps with the diffusers integration (``pipe.fit_act`` / ``enable_act``) for a style change
-(solid -> striped), a colour change (green -> purple) and a concept negation (remove "striped" from
-prompts that ask for it), sweeps lambda, and writes to the output folder:
+For each shipped model (``shapes-sdxl``, sampled with 20 Euler steps at guidance 3, and ``shapes-sdxl-b``,
+trained independently here and sampled with 25 steps at guidance 4) and each task (style solid -> striped,
+colour green -> purple, colour red -> yellow, negation: remove the "striped" the prompt asks for), a map
+is fitted with ``pipe.fit_act`` for each protocol (the new default, the paper's first-step protocol,
+text encoders only), applied with ``pipe.enable_act`` at lambda 0 ... 2, and the model's own attribute
+classifier scores the images (the role the paper gives CLIP scores). Writes to the output folder:
 
-* ``sweep_<experiment>.png``: labelled grids, rows = prompts, columns = lambda;
-* ``curves.png``: target score and shape accuracy against lambda per method, with the score of the
-  target written in the prompt as a reference line;
-* ``results.json`` and the printed table.
-
-The classifier plays the role of the paper's CLIP scores: style score = P(target style or colour),
-content = shape accuracy (the shape asked for in the prompt is the one drawn).
+* ``table.md`` and ``results.json``: effect (the share of the way from lambda 0 to the target written
+  in the prompt) and shape accuracy per lambda;
+* ``sweep_<model>_<task>.png``: labelled grids of the default protocol, rows = prompts, columns = lambda;
+* ``curves.png``: effect and shape accuracy against lambda.
 """
 
 from __future__ import annotations
@@ -19,268 +19,154 @@ import argparse
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from act_core.diffusers import act_pipeline
+from act_core.progress import Progress
 
-from .classifier import predict_proba
-from .evaluation import generate
-from .paths import DEFAULT_GUIDANCE, REPO_ROOT, load_demo_classifier, load_demo_pipeline
-from .shapes import SHAPES, STYLES, caption
+from .paths import REPO_ROOT, load_demo_classifier, load_demo_pipeline
+from .protocols import EVAL_SEED, MODELS, PROTOCOLS, fit_map, score_curve, tasks
 
-# 0..1 interpolates; above 1 extrapolates (the ComfyUI slider goes to 2).
 LAMBDAS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
-FIT_SEED, EVAL_SEED = 0, 10_000
-DEMO_STEPS = 10
+MAIN_PROTOCOLS = ("new_default", "old_default", "text_encoder_norms")
+GRID_ROWS = 4
 
 
-@dataclass
-class Experiment:
-    """Source/target prompt lists to fit on, evaluation prompts, and what counts as success."""
-
-    name: str
-    title: str
-    head: str  # classifier head the target lives in ("style" or "colour")
-    goal: str  # label whose probability is the score
-    fit_source: list[str]
-    fit_target: list[str]
-    eval_prompts: list[str]  # prompts steered at every lambda
-    eval_shapes: list[str]  # the shape each eval prompt asks for
-    reference_prompts: list[str]  # the target written in the prompt (lambda = 0), a reference line
-    lower_is_better: bool = False
-    runs: dict[str, dict] = field(default_factory=dict)
-
-
-def experiments(repeats: int) -> list[Experiment]:
-    """The three experiments, with every shape and several colours so content has to be kept."""
-    colours = ("red", "blue", "yellow", "orange")
-    plain = [(s, c) for s in SHAPES for c in colours]
-    style_change = Experiment(
-        "style",
-        "style: solid -> striped",
-        "style",
-        "striped",
-        [caption(s, c, "solid") for s, c in plain],
-        [caption(s, c, "striped") for s, c in plain],
-        [caption(s, c, "solid") for s, c in plain] * repeats,
-        [s for s, _ in plain] * repeats,
-        [caption(s, c, "striped") for s, c in plain] * repeats,
-    )
-    styles = [st for st in STYLES if st != "striped"]
-    per_style = [(s, st) for s in SHAPES for st in styles]
-    colour_change = Experiment(
-        "colour",
-        "colour: green -> purple",
-        "colour",
-        "purple",
-        [caption(s, "green", st) for s, st in per_style],
-        [caption(s, "purple", st) for s, st in per_style],
-        [caption(s, "green", st) for s, st in per_style] * repeats,
-        [s for s, _ in per_style] * repeats,
-        [caption(s, "purple", st) for s, st in per_style] * repeats,
-    )
-    negation = Experiment(
-        "negation",
-        "negation: remove 'striped' the prompt asks for",
-        "style",
-        "striped",
-        [caption(s, c, "striped") for s, c in plain],
-        [caption(s, c, "solid") for s, c in plain],
-        [caption(s, c, "striped") for s, c in plain] * repeats,
-        [s for s, _ in plain] * repeats,
-        [caption(s, c, "solid") for s, c in plain] * repeats,
-        lower_is_better=True,
-    )
-    return [style_change, colour_change, negation]
+def table(results: dict, lambdas: Sequence[float]) -> str:
+    """Markdown: one block per model and task, one row per protocol, effect / shape per lambda."""
+    lines = []
+    for model_name, per_task in results.items():
+        model = MODELS[model_name]
+        lines.append(f"\n### {model_name} ({model.steps} steps, guidance {model.guidance:g})\n")
+        header = ["task", "protocol", *[f"lambda {lam:g}" for lam in lambdas], "fit s"]
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for task_name, per_protocol in per_task.items():
+            for name, run in per_protocol.items():
+                cells = [f"{p['effect']:.2f} / {p['shape']:.2f}" for p in run["curve"]]
+                mark = " (pass)" if run["passes"] else ""
+                lines.append(
+                    f"| {task_name} | {name}{mark} | " + " | ".join(cells) + f" | {run['fit_seconds']:.1f} |"
+                )
+    return "\n".join(lines)
 
 
-# (label, fit_act options). The first is the one the sweep grids show.
-METHODS: dict[str, dict] = {
-    "Linear-AcT (text_encoder_and_unet_norms)": {"preset": "text_encoder_and_unet_norms"},
-    "Mean-AcT (text_encoder_and_unet_norms)": {"preset": "text_encoder_and_unet_norms", "method": "mean"},
-    "Linear-AcT (unet_norms, paper)": {"preset": "unet_norms"},
-    "Mean-AcT (unet_norms)": {"preset": "unet_norms", "method": "mean"},
-    "Linear-AcT (text_encoder_norms, unbounded)": {"preset": "text_encoder_norms", "support": "unbounded"},
-}
-
-
-def evaluate(
-    pipe, classifier, experiment: Experiment, prompts: Sequence[str], seed: int, **gen
-) -> dict[str, float]:
-    """Mean target probability and shape accuracy of images generated for ``prompts``."""
-    images = generate(pipe, list(prompts), seed=seed, **gen)
-    probs = predict_proba(classifier, images)
-    goal = probs[experiment.head][:, classifier.labels[experiment.head].index(experiment.goal)]
-    shape_index = torch.tensor([classifier.labels["shape"].index(s) for s in experiment.eval_shapes])
-    shape_ok = probs["shape"].argmax(-1) == shape_index[: len(images)]
-    return {"score": float(goal.mean()), "shape_accuracy": float(shape_ok.float().mean())}
-
-
-def run_experiment(
-    pipe, classifier, experiment: Experiment, methods: dict[str, dict], lambdas, gen: dict
-) -> None:
-    """Fit each method, sweep lambda on the evaluation prompts, fill ``experiment.runs``."""
-    reference = evaluate(pipe, classifier, experiment, experiment.reference_prompts, EVAL_SEED, **gen)
-    experiment.runs["reference"] = reference
-    # A minute per experiment: one bar step per fit and per lambda, so the job never looks stuck.
-    bar = tqdm(total=len(methods) * (1 + len(lambdas)), desc=experiment.name, unit="step", leave=False)
-    for label, options in methods.items():
-        bar.set_postfix_str(f"fit {label}")
-        start = time.perf_counter()
-        act_map = pipe.fit_act(
-            experiment.fit_source, experiment.fit_target, seed=FIT_SEED, progress=False, **options
-        )
-        fit_seconds = time.perf_counter() - start
-        bar.update()
-        curve = []
-        pipe.enable_act(act_map, strength=0.0)
-        for lam in lambdas:
-            bar.set_postfix_str(f"{label} lambda={lam:g}")
-            pipe.set_act_strength(lam)
-            curve.append(
-                {
-                    "lambda": lam,
-                    **evaluate(pipe, classifier, experiment, experiment.eval_prompts, EVAL_SEED, **gen),
-                }
-            )
-            bar.update()
-        pipe.disable_act()
-        experiment.runs[label] = {
-            "fit_seconds": fit_seconds,
-            "modules": len(act_map),
-            "curve": curve,
-            "map": act_map,
-        }
-    bar.close()
-
-
-def print_table(experiment: Experiment, lambdas) -> str:
-    """The score/accuracy table of one experiment, as printed and stored in results."""
-    goal = f"P({experiment.goal})"
-    lines = [
-        f"\n{experiment.title}  ({goal} and shape accuracy; {goal} with the target in the prompt: "
-        f"{experiment.runs['reference']['score']:.3f})"
-    ]
-    header = f"{'method':44s}" + "".join(f"  lam={lam:<4g}" for lam in lambdas) + "   fit s"
-    lines.append(header)
-    for label, run in experiment.runs.items():
-        if label == "reference":
-            continue
-        scores = "".join(f"  {p['score']:.2f}/{p['shape_accuracy']:.2f}" for p in run["curve"])
-        lines.append(f"{label:44s}{scores}   {run['fit_seconds']:.1f}")
-    text = "\n".join(lines)
-    print(text, flush=True)
-    return text
-
-
-def plot_curves(experiments_done: list[Experiment], path: Path) -> None:
-    """One column per experiment: target score (top) and shape accuracy (bottom) against lambda."""
+def plot_curves(results: dict, path: Path) -> None:
+    """Effect (top) and shape accuracy (bottom) against lambda, one column per model x task."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(
-        2, len(experiments_done), figsize=(4.2 * len(experiments_done), 6.4), squeeze=False
-    )
-    for column, experiment in enumerate(experiments_done):
+    columns = [(m, t) for m, per_task in results.items() for t in per_task]
+    fig, axes = plt.subplots(2, len(columns), figsize=(3.2 * len(columns), 5.6), squeeze=False)
+    for column, (model_name, task_name) in enumerate(columns):
         top, bottom = axes[0, column], axes[1, column]
-        for label, run in experiment.runs.items():
-            if label == "reference":
-                continue
+        for name, run in results[model_name][task_name].items():
             lam = [p["lambda"] for p in run["curve"]]
-            top.plot(lam, [p["score"] for p in run["curve"]], marker="o", label=label)
-            bottom.plot(lam, [p["shape_accuracy"] for p in run["curve"]], marker="o", label=label)
-        top.axhline(
-            experiment.runs["reference"]["score"], color="gray", linestyle="--", label="target in the prompt"
-        )
-        top.set_title(experiment.title, fontsize=9)
-        top.set_ylabel(f"P({experiment.goal})")
-        bottom.set_ylabel("shape accuracy")
+            top.plot(lam, [p["effect"] for p in run["curve"]], marker="o", label=name)
+            bottom.plot(lam, [p["shape"] for p in run["curve"]], marker="o", label=name)
+        top.axhline(1.0, color="gray", linestyle="--", linewidth=0.8)
+        top.set_title(f"{model_name}: {task_name}", fontsize=9)
+        top.set_ylim(-0.1, 1.2)
+        bottom.set_ylim(-0.02, 1.02)
         bottom.set_xlabel("lambda")
         for axis in (top, bottom):
-            axis.set_ylim(-0.02, 1.02)
             axis.grid(alpha=0.3)
+    axes[0, 0].set_ylabel("effect (1 = as if prompted)")
+    axes[1, 0].set_ylabel("shape accuracy")
     axes[0, 0].legend(fontsize=7, loc="best")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def write_sweeps(pipe, experiment: Experiment, lambdas, out: Path, gen: dict, rows: int = 4) -> Path:
-    """A grid for the paper's preset: a few evaluation prompts (rows) at every lambda (columns)."""
+def write_sweep(pipe, act_map, model, task, lambdas, out: Path) -> Path:
+    """A grid of the default protocol: a few source prompts (rows) at every lambda (columns)."""
     from act_core.diffusers.sweep import save_grid, sweep_grid
 
-    act_map = experiment.runs[next(iter(METHODS))]["map"]
-    step = max(1, len(experiment.fit_source) // rows)
-    prompts = experiment.eval_prompts[: len(experiment.fit_source) : step][:rows]
+    step = max(1, len(task.source) // GRID_ROWS)
+    prompts = list(task.source[::step][:GRID_ROWS])
     grid = sweep_grid(
         pipe,
         act_map,
         prompts,
         lambdas,
         seed=EVAL_SEED,
-        num_inference_steps=gen["steps"],
-        guidance_scale=gen["guidance"],
+        num_inference_steps=model.steps,
+        guidance_scale=model.guidance,
     )
-    info = {"experiment": experiment.title, "lambdas": list(lambdas), "seed": EVAL_SEED, **gen}
-    return save_grid(grid, out / f"sweep_{experiment.name}.png", info)
+    info = {"model": model.name, "task": task.name, "lambdas": list(lambdas), "seed": EVAL_SEED}
+    return save_grid(grid, out / f"sweep_{model.name}_{task.name}.png", info)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m demo", description=__doc__.splitlines()[0])
     parser.add_argument("--output", type=Path, default=REPO_ROOT / "outputs" / "demo", help="output folder")
+    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated: shipped, b")
     parser.add_argument(
-        "--repeats", type=int, default=1, help="evaluation images per prompt (different seeds)"
+        "--quick", action="store_true", help="the shipped model, style only, the default only"
     )
-    # 10 steps: classifier accuracy on samples is within 0.5% of 20 steps (docs/demo_model.md), at half the time.
-    parser.add_argument("--steps", type=int, default=DEMO_STEPS)
-    parser.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
-    parser.add_argument("--quick", action="store_true", help="one method, one experiment (a smoke run)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="CPU threads (1 is fastest for these tiny models; more thrash)"
+    )
     args = parser.parse_args(argv)
+    if args.threads < 1:
+        parser.error("--threads must be at least 1")
+    torch.set_num_threads(args.threads)
     args.output.mkdir(parents=True, exist_ok=True)
+    model_names = ["shipped"] if args.quick else args.models.split(",")
+    unknown = [m for m in model_names if m not in MODELS]
+    if unknown:
+        parser.error(f"unknown model(s) {unknown}; choose from {', '.join(MODELS)}")
+    all_tasks = tasks()
+    task_names = ["style"] if args.quick else list(all_tasks)
+    protocols = ["new_default"] if args.quick else list(MAIN_PROTOCOLS)
+    # one unit of work per fit + lambda, and per sweep-grid cell
+    units = (
+        len(model_names) * len(task_names) * (len(protocols) * (1 + len(LAMBDAS)) + GRID_ROWS * len(LAMBDAS))
+    )
+    progress, done = Progress("main job", interval=10.0), 0
     start = time.perf_counter()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    pipe = act_pipeline(load_demo_pipeline())
-    classifier = load_demo_classifier()
-    gen = {"steps": args.steps, "guidance": args.guidance}
-    methods = {k: METHODS[k] for k in list(METHODS)[:1]} if args.quick else METHODS
-    todo = experiments(args.repeats)[:1] if args.quick else experiments(args.repeats)
-    tables = []
-    for experiment in todo:
-        run_experiment(pipe, classifier, experiment, methods, LAMBDAS, gen)
-        tables.append(print_table(experiment, LAMBDAS))
-        print(f"  wrote {write_sweeps(pipe, experiment, LAMBDAS, args.output, gen)}", flush=True)
-    plot_curves(todo, args.output / "curves.png")
-    results = {
-        e.name: {
-            "title": e.title,
-            "goal": e.goal,
-            "reference": e.runs["reference"],
-            "runs": {
-                k: {kk: vv for kk, vv in v.items() if kk != "map"}
-                for k, v in e.runs.items()
-                if k != "reference"
-            },
-        }
-        for e in todo
+    results: dict = {}
+    for model_name in model_names:
+        model = MODELS[model_name]
+        pipe = act_pipeline(load_demo_pipeline(path=model.path))
+        classifier = load_demo_classifier(model.classifier)
+        for task_name in task_names:
+            task = all_tasks[task_name]
+            for name in protocols:
+                protocol = PROTOCOLS[name]
+                progress(done, units, f"{model_name} {task_name}: fit {name}")
+                act_map, seconds = fit_map(pipe, model, task, protocol)
+                done += 1
+                progress(done, units, f"{model_name} {task_name}: {name} lambda sweep")
+                run = score_curve(pipe, classifier, model, task, act_map, protocol.enable, LAMBDAS)
+                done += len(LAMBDAS)
+                results.setdefault(model_name, {}).setdefault(task_name, {})[name] = {
+                    **run,
+                    "fit_seconds": seconds,
+                }
+                if name == "new_default":
+                    progress(done, units, f"{model_name} {task_name}: sweep grid")
+                    write_sweep(pipe, act_map, model, task, LAMBDAS, args.output)
+                    done += GRID_ROWS * len(LAMBDAS)
+                (args.output / "results.json").write_text(json.dumps(results, indent=1))
+    progress(units, units, "done")
+    text = table(results, LAMBDAS)
+    print(text, flush=True)
+    plot_curves(results, args.output / "curves.png")
+    seconds = time.perf_counter() - start
+    summary = {
+        "results": results,
+        "settings": {"lambdas": LAMBDAS, "threads": args.threads, "eval_seed": EVAL_SEED},
+        "seconds": seconds,
     }
-    results["settings"] = {
-        "lambdas": LAMBDAS,
-        "fit_seed": FIT_SEED,
-        "eval_seed": EVAL_SEED,
-        **gen,
-        "repeats": args.repeats,
-    }
-    results["seconds"] = time.perf_counter() - start
-    (args.output / "results.json").write_text(json.dumps(results, indent=2))
-    (args.output / "table.txt").write_text("\n".join(tables) + "\n")
-    print(f"\nwrote {args.output / 'curves.png'}, results.json, table.txt in {results['seconds']:.0f} s")
-    return results
+    (args.output / "results.json").write_text(json.dumps(summary, indent=1))
+    (args.output / "table.md").write_text(text + "\n")
+    print(f"\nwrote {args.output}/table.md, results.json, curves.png and the sweep grids in {seconds:.0f} s")
+    return summary
 
 
 if __name__ == "__main__":
