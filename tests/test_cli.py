@@ -12,7 +12,6 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from tiny_sdxl import build_tiny_sdxl
 
 from act_core.cli import main, read_prompt_file
 from act_core.diffusers.sweep import grid_layout
@@ -23,10 +22,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny_sdxl_cli")
-    build_tiny_sdxl(folder)
-    return folder
+def model_dir(tiny_sdxl_dir) -> Path:
+    return tiny_sdxl_dir
 
 
 @pytest.fixture(scope="module")

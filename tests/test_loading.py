@@ -22,10 +22,8 @@ from act_core.maps import ACTMap
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny_sdxl_loading")
-    build_tiny_sdxl(folder)
-    return folder
+def model_dir(tiny_sdxl_dir):
+    return tiny_sdxl_dir
 
 
 def test_local_folder_loads_act_enabled(model_dir):

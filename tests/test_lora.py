@@ -9,9 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
-from tiny_sdxl import build_tiny_sdxl
 
-from act_core.diffusers.pipeline import act_pipeline
 from act_core.errors import ACTInputError
 from act_core.families.sdxl import lora_key
 from act_core.lora import as_foldable, export_lora, lora_state_dict
@@ -22,10 +20,9 @@ LAM = 0.7
 
 
 @pytest.fixture(scope="module")
-def pipe(tmp_path_factory):
-    base = build_tiny_sdxl(tmp_path_factory.mktemp("tiny_sdxl_lora"))
-    base.set_progress_bar_config(disable=True)
-    return act_pipeline(base)
+def pipe(tiny_pipe):
+    yield tiny_pipe
+    tiny_pipe.disable_act()
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from tiny_sdxl import build_tiny_sdxl
 
 from act_core import ACTMap, ModuleMap
 from act_core.diffusers.pipeline import act_pipeline
@@ -16,10 +15,9 @@ TARGET = [f"a blue square, striped, number {i}" for i in range(8)]
 
 
 @pytest.fixture(scope="module")
-def pipe(tmp_path_factory):
-    base = build_tiny_sdxl(tmp_path_factory.mktemp("tiny_sdxl"))
-    base.set_progress_bar_config(disable=True)
-    return act_pipeline(base)
+def pipe(tiny_pipe):
+    yield tiny_pipe
+    tiny_pipe.disable_act()
 
 
 @pytest.fixture(scope="module")

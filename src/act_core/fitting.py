@@ -19,6 +19,8 @@ within a group; with one module per group it is the reference algorithm.
 
 from __future__ import annotations
 
+import contextvars
+import queue
 import threading
 import time
 import warnings
@@ -44,11 +46,15 @@ CAUSAL_STRATEGIES = ("auto", "lockstep", "groupwise")
 POOLING = "mean over real tokens (B,T,D); mean over spatial axes (B,C,H,W); identity (B,D)"
 
 
-class _StopForward(Exception):
-    """Raised inside a hook to cut a pass short once the modules it needed have run."""
+class _StopForward(BaseException):
+    """Raised inside a hook to cut a pass short once the modules it needed have run.
+
+    A BaseException, like KeyboardInterrupt: a host's ``except Exception`` around its model call must
+    not swallow ACT's own control flow (and turn a real error into a "stuck" rendezvous).
+    """
 
 
-class _Aborted(Exception):
+class _Aborted(BaseException):
     """Raised in lockstep threads when another thread failed; the original error is re-raised."""
 
 
@@ -69,10 +75,11 @@ class FitStats:
     """What fitting cost: run_model calls, wall time, and how the time split."""
 
     run_model_calls: int = 0
-    forward_seconds: float = 0.0
+    forward_seconds: float = 0.0  # wall time of the model passes (lockstep: the whole concurrent pass)
     estimation_seconds: float = 0.0
     strategy: str = ""
     groups: int = 0
+    concurrent: bool = False
 
 
 class _Lockstep:
@@ -99,26 +106,27 @@ class _Lockstep:
             if self.error is not None:
                 raise _Aborted
             self.arrived[name] += 1
-            if self.arrived[name] == self.n:
-                try:
-                    self.on_complete(name)
-                except BaseException as error:
-                    self.error = self.error or error
-                    self.cond.notify_all()
-                    raise _Aborted from None
-                self.completed.add(name)
-                # Waiters at this module are released now, even before they wake up and run again.
-                self.waiting = {
-                    slot: waiting_at for slot, waiting_at in self.waiting.items() if waiting_at != name
-                }
-                self.cond.notify_all()
+            last = self.arrived[name] == self.n
+            if not last:
+                self.waiting[index] = name
+                self._check_stuck()
+                while name not in self.completed and self.error is None:
+                    self.cond.wait(timeout=0.5)
+                if self.error is not None:
+                    raise _Aborted
                 return
-            self.waiting[index] = name
-            self._check_stuck()
-            while name not in self.completed and self.error is None:
-                self.cond.wait(timeout=0.5)
-            if self.error is not None:
-                raise _Aborted
+        # The last batch to arrive fits the module WITHOUT holding the lock: estimation may take a while,
+        # and nothing it calls may wait on another thread while every batch thread is parked here.
+        try:
+            self.on_complete(name)
+        except BaseException as error:
+            self.fail(error)
+            raise _Aborted from None
+        with self.cond:
+            self.completed.add(name)
+            # Waiters at this module are released now, even before they wake up and run again.
+            self.waiting = {slot: at for slot, at in self.waiting.items() if at != name}
+            self.cond.notify_all()
 
     def thread_finished(self, index: int) -> None:
         with self.cond:
@@ -207,13 +215,16 @@ class _FitSession(ForwardHooks):
             pass
         finally:
             self._local.context = None
-            self.stats.run_model_calls += 1
-            self.stats.forward_seconds += time.perf_counter() - start
+            with self._order_lock:
+                self.stats.run_model_calls += 1
+                if not self.stats.concurrent:  # lockstep measures the wall time of the whole pass
+                    self.stats.forward_seconds += time.perf_counter() - start
 
     def fit_module(self, name: str) -> None:
         """Estimate the map of one module from its recorded samples, then drop the samples."""
         start = time.perf_counter()
-        recorded = self.samples.pop(name, {})
+        with self._order_lock:
+            recorded = self.samples.pop(name, {})
         source = [recorded[key] for key in sorted(recorded) if key[0] == SOURCE]
         target = [recorded[key] for key in sorted(recorded) if key[0] == TARGET]
         if not source or not target:
@@ -244,15 +255,21 @@ def _run_pass(
 def _fit_lockstep(
     session: _FitSession, run_model: Callable[[Any], Any], batches: Batches, report: ProgressCallback
 ) -> None:
-    """Exact causal fitting in one pass: one thread per batch, a rendezvous at every module."""
+    """Exact causal fitting in one pass: one thread per batch, a rendezvous at every module.
+
+    Progress is reported from the calling thread (worker threads queue it), so a callback that talks
+    to the host's main thread (a UI, an interrupt check) runs where the host expects it.
+    """
     total = len(session.modules)
+    reports: queue.SimpleQueue[tuple[int, int, str]] = queue.SimpleQueue()
 
     def complete(name: str) -> None:
         session.fit_module(name)
-        report(len(session.fitted), total, f"fitted {name}")
+        reports.put((len(session.fitted), total, f"fitted {name}"))
 
     lockstep = _Lockstep(len(batches), complete)
     session.lockstep = lockstep
+    session.stats.concurrent = True
 
     def worker(slot: int, side: str, index: int, batch: Any) -> None:
         try:
@@ -264,23 +281,42 @@ def _fit_lockstep(
         finally:
             lockstep.thread_finished(slot)
 
+    def drain() -> None:
+        while True:
+            try:
+                item = reports.get_nowait()
+            except queue.Empty:
+                return
+            report(*item)
+
     threads = [
-        threading.Thread(target=worker, args=(slot, side, index, batch), name=f"act-fit-{slot}", daemon=True)
+        threading.Thread(
+            target=contextvars.copy_context().run,  # the workers see the caller's context variables
+            args=(worker, slot, side, index, batch),
+            name=f"act-fit-{slot}",
+            daemon=True,
+        )
         for slot, (side, index, batch) in enumerate(batches)
     ]
+    started: list[threading.Thread] = []
+    start = time.perf_counter()
     try:
         for thread in threads:
             thread.start()
+            started.append(thread)
         for thread in threads:
             while thread.is_alive():
-                thread.join(timeout=0.1)
+                thread.join(timeout=0.05)
+                drain()
+        drain()
     except BaseException as error:  # e.g. KeyboardInterrupt in the main thread: stop the workers too
         lockstep.fail(error)
-        for thread in threads:
+        for thread in started:  # a thread that never started cannot be joined
             thread.join()
         raise
     finally:
         session.lockstep = None
+        session.stats.forward_seconds = time.perf_counter() - start - session.stats.estimation_seconds
     if lockstep.error is not None:
         raise lockstep.error
     report(total, total, "fitted all modules")

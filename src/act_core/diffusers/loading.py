@@ -198,6 +198,7 @@ def _from_single_file(
     else:
         config_folder = _cached_config(default_config, cache_dir, path)
     cls = _pipeline_class(class_name, path.name)
+    require_accelerate(path)
     try:
         pipe = cls.from_single_file(str(path), config=str(config_folder), dtype=dtype, local_files_only=True)
     except Exception as error:  # diffusers raises many types here (SingleFileComponentError, KeyError, ...)
@@ -208,6 +209,19 @@ def _from_single_file(
         ) from None
     _check_all_weights_loaded(pipe, path, config_folder)
     return pipe
+
+
+def require_accelerate(path: Path) -> None:
+    """Single files need accelerate: without it diffusers fills weights the checkpoint lacks with random
+    values, silently, where with it they stay on the meta device and ``_check_all_weights_loaded`` sees them."""
+    from diffusers.utils import is_accelerate_available
+
+    if not is_accelerate_available():
+        raise ACTModelLoadError(
+            f"Loading the single-file checkpoint {path.name} needs the accelerate package (pip install "
+            "accelerate): without it, weights the file does not hold would silently be random. Install it, or "
+            "convert the checkpoint to a diffusers folder."
+        )
 
 
 def _check_all_weights_loaded(pipe: Any, path: Path, config_folder: Path) -> None:
