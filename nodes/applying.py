@@ -239,6 +239,14 @@ def apply_map(
             clip_out.patcher.set_injections(tag, [hooks.injection()])
             label = HOOKS
         how.update({part: label for part in te_parts})
+    skipped = [part for part in parts if part not in how]
+    if skipped:
+        log.info(
+            "ACT: the map's %s part(s) left out: strength 0 (UNet %g, text encoders %g).",
+            ", ".join(skipped),
+            strength,
+            te_strength,
+        )
     if how:
         log.info("ACT applied (strength %g, text encoders %g): %s", strength, te_strength, how)
     return model_out, clip_out, how

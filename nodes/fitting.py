@@ -44,6 +44,7 @@ from act_core.validation import (
     check_size,
     fit_metadata,
     parse_prompt_lines,
+    unknown_words,
 )
 
 from .comfy_models import clip_modules, has_text_encoder_2, unet_modules
@@ -111,6 +112,15 @@ def _stack_conds(encoded: Sequence[tuple], length: int | None = None) -> list:
     if all(p is not None for _, p in encoded):
         extra["pooled_output"] = torch.cat([p for _, p in encoded])
     return [[cond, extra]]
+
+
+def _hf_tokenizer(clip: Any) -> Any:
+    """The Hugging Face tokenizer behind ComfyUI's CLIP tokenizer (clip_l's, else clip_g's), if any."""
+    for name in ("clip_l", "clip_g"):
+        inner = getattr(getattr(clip, "tokenizer", None), name, None)
+        if hasattr(getattr(inner, "tokenizer", None), "tokenize"):
+            return inner.tokenizer
+    return None
 
 
 def _token_keys(clip: Any, prompts: Sequence[str]) -> list[tuple]:
@@ -456,6 +466,14 @@ def fit_map(
     uses_unet = any(part_of(name) == UNET for name in modules)
     if clip is not None:
         check_prompt_sets(source, target, _token_keys(clip, source), _token_keys(clip, target))
+        words = unknown_words(_hf_tokenizer(clip), source + target)
+        if words:
+            message = (
+                f"ACT fit: the tokenizer does not know {', '.join(words[:8])}: it splits them into characters, which "
+                "the model never learned. Use words of the model's vocabulary."
+            )
+            log.warning(message)
+            warnings.warn(message, ACTWarning, stacklevel=2)
     inference = torch.is_inference_mode_enabled()
 
     def check() -> None:

@@ -687,3 +687,33 @@ def test_text_encoder_map_fitted_in_diffusers_applies_in_comfyui(nodes, maps, pa
     assert (steered_d[0] - base_d[0]).abs().max() > 0.1
     for a, b in zip(steered_d, steered_c, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_case17_apply_logs_the_parts_it_leaves_out(nodes, maps, caplog):
+    """Issue 9, case 17: a part Apply ACT does not apply is named in the log."""
+    import logging
+
+    from act_core import ACTMap
+
+    model, clip = cs.build_tiny_sdxl(seed=0)
+    both = ACTMap({**maps["unet"].modules, **maps["text"].modules}, {"method": "linear"})
+    with caplog.at_level(logging.INFO, logger="ComfyUI-ACT"):
+        nodes["ACTApply"].apply(model, clip, both, 0.0, True, 1.0)
+    assert any("unet part(s) left out" in r.getMessage() for r in caplog.records)
+
+
+def test_trajectory_map_from_the_fit_node_is_time_aware_and_steers(nodes, maps):
+    model, clip = cs.build_tiny_sdxl(seed=0)
+    act_map = maps["trajectory"]
+    meta = act_map.metadata
+    assert (
+        meta["protocol"] == "trajectory" and meta["cfg_rows"] == "cond" and meta["causal_strategy"] == "exact"
+    )
+    assert meta["sampling"]["cfg"] == 5.0 and meta["sampling"]["sampler_name"] == "euler"
+    assert act_map.buckets is not None and len(act_map.buckets) == 4  # one per sampler step
+    assert max(act_map.buckets) > 0.9  # the first step is (nearly) pure noise
+    base = cs.sample_tiny(model, clip, "a cat", seed=2)
+    m0, c0 = nodes["ACTApply"].apply(model, clip, act_map, 0.0)
+    assert cs.sample_tiny(m0, c0, "a cat", seed=2).equal(base)
+    m1, c1 = nodes["ACTApply"].apply(model, clip, act_map, 1.0)
+    assert not cs.sample_tiny(m1, c1, "a cat", seed=2).equal(base)

@@ -400,7 +400,7 @@ def _progress_bar(args: argparse.Namespace, total: int, description: str) -> Any
 
 
 def _warn_unknown_words(pipe: Any, prompts: list[str]) -> None:
-    from .diffusers.loading import unknown_words
+    from .validation import unknown_words
 
     words = unknown_words(getattr(pipe, "tokenizer", None), prompts)
     if words:

@@ -110,7 +110,7 @@ def lora_state_dict(
         if not torch.isfinite(value).all():
             raise ACTInputError(
                 f"The diff for {key!r} overflows {dtype} (largest |value| {diff.abs().max().item():.3g}); "
-                "export with dtype fp32 (CLI: --dtype fp32)."
+                "export with dtype fp32 (the default) instead."
             )
         state[family.lora_key(module_name) + suffix] = value
     return state

@@ -230,3 +230,37 @@ def fit_metadata(
     }
     info.update(extra or {})
     return info
+
+
+def unknown_words(tokenizer: Any, prompts: Sequence[str]) -> list[str]:
+    """Words of ``prompts`` that ``tokenizer`` only knows as single characters (out of its vocabulary).
+
+    A byte-level BPE tokenizer never fails: an unknown word silently becomes one token per character,
+    which the model never learned as a word (the shipped demo tokenizer knows only the caption words).
+    Real CLIP tokenizers split rare words into sub-words, which this does not flag.
+    """
+    if tokenizer is None or not hasattr(tokenizer, "tokenize"):
+        return []
+    found: list[str] = []
+    for prompt in prompts:
+        for raw in prompt.split():
+            word = raw.strip(".,;:!?()[]{}\"'").lower()
+            if len(word) < 2 or word in found:
+                continue
+            pieces = [piece.replace("</w>", "") for piece in tokenizer.tokenize(word)]
+            if len(pieces) > 1 and all(len(piece) == 1 for piece in pieces):
+                found.append(word)
+    return found
+
+
+def warn_unknown_words(tokenizer: Any, prompts: Sequence[str]) -> list[str]:
+    """Warn (``ACTWarning``) about prompt words the tokenizer does not know; returns them."""
+    words = unknown_words(tokenizer, prompts)
+    if words:
+        warnings.warn(
+            f"The tokenizer does not know {len(words)} word(s) of these prompts and splits them into characters: "
+            f"{', '.join(words[:8])}. The model never learned them; use words of its vocabulary.",
+            ACTWarning,
+            stacklevel=3,
+        )
+    return words

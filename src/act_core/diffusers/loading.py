@@ -260,24 +260,3 @@ def _cached_config(repo_id: str, cache_dir: str | os.PathLike | None, checkpoint
 def _first_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     return text[0].rstrip(".") if text else type(error).__name__
-
-
-def unknown_words(tokenizer: Any, prompts: list[str]) -> list[str]:
-    """Words of ``prompts`` that ``tokenizer`` only knows as single characters (out of its vocabulary).
-
-    A byte-level BPE tokenizer never fails: an unknown word silently becomes one token per character,
-    which the model never learned as a word (the shipped demo tokenizer knows only the caption words).
-    Real CLIP tokenizers split rare words into sub-words, which this does not flag.
-    """
-    if tokenizer is None or not hasattr(tokenizer, "tokenize"):
-        return []
-    found: list[str] = []
-    for prompt in prompts:
-        for raw in prompt.split():
-            word = raw.strip(".,;:!?()[]{}\"'").lower()
-            if len(word) < 2 or word in found:
-                continue
-            pieces = [piece.replace("</w>", "") for piece in tokenizer.tokenize(word)]
-            if len(pieces) > 1 and all(len(piece) == 1 for piece in pieces):
-                found.append(word)
-    return found

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import copy
 import inspect
 import logging
 import os
@@ -75,6 +76,7 @@ from ..validation import (
     check_size,
     check_window,
     fit_metadata,
+    warn_unknown_words,
 )
 from .fitting import (
     SamplingSettings,
@@ -342,7 +344,7 @@ class ACTPipelineMixin:
         if tokenizer is None:
             check_prompt_sets(source, target)
             return
-        self._act_warn_unknown_words(source + target)
+        warn_unknown_words(tokenizer, source + target)
 
         def keys(prompts: list[str]) -> list[tuple[int, ...]]:
             ids = tokenizer(prompts, truncation=True, max_length=tokenizer.model_max_length).input_ids
@@ -351,20 +353,6 @@ class ACTPipelineMixin:
         check_prompt_sets(
             source, target, keys(source), keys(target), f" (at {tokenizer.model_max_length} tokens)"
         )
-
-    def _act_warn_unknown_words(self, prompts: list[str]) -> None:
-        """Warn about words the tokenizer splits into single characters (out of its vocabulary)."""
-        from .loading import unknown_words
-
-        words = unknown_words(getattr(self, "tokenizer", None), prompts)
-        if words:
-            warnings.warn(
-                f"The tokenizer does not know {len(words)} word(s) of these prompts and splits them into "
-                f"characters: {', '.join(words[:8])}. The model has not learned them; use words of its "
-                "vocabulary.",
-                ACTWarning,
-                stacklevel=4,
-            )
 
     @contextlib.contextmanager
     def _act_fitting(self, state: _ModelState) -> Iterator[None]:
@@ -660,6 +648,8 @@ def act_pipeline(pipe: Any) -> Any:
     """An ACT-enabled pipeline sharing ``pipe``'s modules (no weights reloaded, dtype kept).
 
     Built with diffusers' ``from_pipe`` on a subclass that adds ``ACTPipelineMixin`` to ``pipe``'s class.
+    The scheduler is copied (schedulers keep per-generation state, so two pipelines sharing one cannot
+    generate at the same time); the models are shared.
     """
     cls = type(pipe)
     if isinstance(pipe, ACTPipelineMixin):
@@ -671,7 +661,7 @@ def act_pipeline(pipe: Any) -> Any:
     level = modeling_logger.level
     modeling_logger.setLevel(logging.ERROR)
     try:
-        wrapped = act_cls.from_pipe(pipe, dtype=pipe.dtype)
+        wrapped = act_cls.from_pipe(pipe, dtype=pipe.dtype, scheduler=copy.deepcopy(pipe.scheduler))
     finally:
         modeling_logger.setLevel(level)
     if hasattr(pipe, "_progress_bar_config"):  # from_pipe does not carry it over
