@@ -126,10 +126,13 @@ def transport(
     strength: float,
     params: _DeviceParams | None = None,
     position: BucketPosition = (0, 0, 0.0),
+    inplace: bool = False,
 ) -> torch.Tensor:
     """Transport one activation tensor with strength ``strength`` (see the module docstring).
 
     ``position`` picks the noise-level bucket(s) of a time-aware map (ignored by one-bucket maps).
+    ``inplace`` lets a float32 ``x`` be overwritten (no copy of a large feature map); the caller
+    guarantees nothing else holds it.
     """
     axis = channel_axis(x.ndim)
     if x.shape[axis] != module_map.width:
@@ -142,18 +145,31 @@ def transport(
     view[axis] = -1
     scale, shift, low, high = (t.view(view) for t in (scale, shift, low, high))
     bounded = not module_map.unbounded
+    inplace = inplace and x.dtype == torch.float32
     xf = x.float()
     if module_map.apply_mode == APPLY_SPATIAL_MEAN and x.ndim >= 4:
         mean = xf.mean(dim=tuple(range(2, x.ndim)), keepdim=True)
         delta = mean * (scale - 1.0) + shift
         if bounded:
             delta = delta * ((low < mean) & (mean < high))
-        out = xf + delta
+        return x.add_(delta) if inplace else (xf + delta).to(x.dtype)
+    if inplace and not bounded:
+        return x.mul_(scale).add_(shift)
     else:
         out = torch.addcmul(shift, xf, scale)
         if bounded:
             out = torch.where((low < xf) & (xf < high), out, xf)
     return out.to(x.dtype)
+
+
+def _aliases_input(x: torch.Tensor, args: Any) -> bool:
+    """True when ``x`` shares memory with a tensor argument (e.g. an identity-like module's output)."""
+    storage = x.untyped_storage().data_ptr()
+    return any(
+        isinstance(a, torch.Tensor) and a.untyped_storage().data_ptr() == storage
+        for a in args
+        if a is not None
+    )
 
 
 class TransportHook:
@@ -176,8 +192,14 @@ class TransportHook:
         x = first_tensor(output)
         if x is None:
             return None
+        # Overwrite the output in place when nothing else can see it (inference, not an input's alias): a
+        # feature map is not copied on every call. Otherwise transport a copy.
+        inplace = not x.requires_grad and not _aliases_input(x, args)
         if call.rows is None:
-            y = transport(x, self.module_map, strength, self._params, call.position)
+            y = transport(x, self.module_map, strength, self._params, call.position, inplace)
+        elif inplace and isinstance(call.rows, slice):
+            transport(x[call.rows], self.module_map, strength, self._params, call.position, True)
+            y = x
         else:
             y = x.clone()
             y[call.rows] = transport(x[call.rows], self.module_map, strength, self._params, call.position)

@@ -66,6 +66,7 @@ class ModuleMap:
     low: torch.Tensor
     high: torch.Tensor
     apply_mode: str = APPLY_PER_ELEMENT
+    _unbounded: bool = field(default=False, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         shapes = set()
@@ -99,6 +100,8 @@ class ModuleMap:
                 "The support bounds are swapped (low > high) for some units, so the map would never apply "
                 "there; re-fit the map."
             )
+        # computed once: the hooks ask on every call
+        self._unbounded = bool(torch.isneginf(self.low).all() and torch.isposinf(self.high).all())
 
     @property
     def width(self) -> int:
@@ -126,7 +129,7 @@ class ModuleMap:
     @property
     def unbounded(self) -> bool:
         """True when the support mask is always on (needed for folding into weights)."""
-        return bool(torch.isneginf(self.low).all() and torch.isposinf(self.high).all())
+        return self._unbounded
 
     @property
     def foldable(self) -> bool:
