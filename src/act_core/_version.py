@@ -1,3 +1,4 @@
-"""The package version, in one place (pyproject.toml reads it from here)."""
+"""The package version. pyproject.toml states it too (the ComfyUI registry reads it there);
+tests/test_packaging.py keeps the two equal."""
 
 __version__ = "0.2.0"
