@@ -36,7 +36,9 @@ def replace_dir(tmp: Path, final: Path) -> None:
         shutil.rmtree(old)
 
 
-def save_pipeline_dir(out: str | Path, vae, unet, te1, te2, tokenizer, fp16: bool = True) -> Path:
+def save_pipeline_dir(
+    out: str | Path, vae, unet, te1, te2, tokenizer, fp16: bool = True, sampler: str = "euler"
+) -> Path:
     """Save a `StableDiffusionXLPipeline` to a temp folder next to `out`; `replace_dir` moves it into place."""
     from diffusers import StableDiffusionXLPipeline
 
@@ -52,7 +54,7 @@ def save_pipeline_dir(out: str | Path, vae, unet, te1, te2, tokenizer, fp16: boo
         tokenizer=tokenizer,
         tokenizer_2=tokenizer,
         unet=unet,
-        scheduler=build_scheduler(),
+        scheduler=build_scheduler(sampler),
         force_zeros_for_empty_prompt=True,
         add_watermarker=False,
     )

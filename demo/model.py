@@ -120,17 +120,31 @@ def build_vae(cfg: DemoModelConfig) -> AutoencoderKL:
     )
 
 
-def build_scheduler() -> EulerDiscreteScheduler:
-    """SDXL's noise schedule; "trailing" spacing so few-step sampling starts from pure noise."""
-    return EulerDiscreteScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        prediction_type="epsilon",
-        timestep_spacing="trailing",
-        steps_offset=1,
-    )
+SAMPLERS = ("euler", "dpmpp_2m")
+
+
+def build_scheduler(sampler: str = "euler"):
+    """SDXL's noise schedule; "trailing" spacing so few-step sampling starts from pure noise.
+
+    ``sampler``: "euler" (Euler discrete, the shipped models) or "dpmpp_2m" (DPM-Solver++ 2M, the third,
+    held-out model: ACT's default must not depend on the sampler).
+    """
+    schedule = {
+        "num_train_timesteps": 1000,
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "prediction_type": "epsilon",
+        "timestep_spacing": "trailing",
+        "steps_offset": 1,
+    }
+    if sampler == "dpmpp_2m":
+        from diffusers import DPMSolverMultistepScheduler
+
+        return DPMSolverMultistepScheduler(**schedule, algorithm_type="dpmsolver++", solver_order=2)
+    if sampler != "euler":
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
+    return EulerDiscreteScheduler(**schedule)
 
 
 def time_ids(cfg: DemoModelConfig, batch: int) -> torch.Tensor:

@@ -78,6 +78,26 @@ DRAW_STYLES: dict[str, DrawStyle] = {
         dot_radius=1.3,
         outline_px=2.6,
     ),
+    # The third, held-out model's data: warm grey background, another palette, vertical stripes, big dots.
+    "c": DrawStyle(
+        background=(232, 228, 220),
+        palette={
+            "red": (225, 50, 30),
+            "green": (20, 140, 90),
+            "blue": (50, 70, 190),
+            "yellow": (245, 215, 0),
+            "purple": (155, 40, 150),
+            "orange": (250, 140, 0),
+        },
+        radius=(9.0, 12.5),
+        offset=3.5,
+        rotation=15.0,
+        stripe_period=4.5,
+        stripe_angle=90.0,
+        dot_period=6.5,
+        dot_radius=1.8,
+        outline_px=2.0,
+    ),
 }
 
 

@@ -3,6 +3,7 @@
 
     python scripts/train_demo_model.py                 # full run, ~45 CPU minutes on one core
     python scripts/train_demo_model.py --variant b     # the second model (models/shapes-sdxl-b)
+    python scripts/train_demo_model.py --variant c     # the held-out third model (DPM++ 2M sampler)
     python scripts/train_demo_model.py --smoke         # seconds; writes to outputs/demo_train_smoke/
 
 The second model (``--variant b``) exists to check that ACT's defaults are not tuned to the first: another
@@ -57,6 +58,7 @@ class Variant:
     suffix: str
     eval_steps: int
     guidances: tuple[float, ...]
+    sampler: str = "euler"
 
 
 VARIANTS = {
@@ -76,6 +78,24 @@ VARIANTS = {
         "-b",
         25,
         (2.0, 4.0, 6.0),
+    ),
+    # Held out: never used to choose ACT's protocol, only to check it (docs/protocol.md).
+    "c": Variant(
+        2,
+        DemoModelConfig(
+            te1_hidden=48,
+            te2_hidden=64,
+            te_layers=3,
+            unet_channels=(48, 96, 96),
+            unet_heads=(2, 4, 4),
+            unet_transformer_layers=(1, 1, 2),
+            unet_groups=8,
+        ),
+        {"draw_style": "c", "cond_dropout": 0.12, "empty_text_share": 0.2, "explicit_style_prob": 0.4},
+        "-c",
+        30,
+        (3.0, 5.0, 7.0),
+        "dpmpp_2m",
     ),
 }
 
@@ -187,7 +207,7 @@ def main() -> None:
 
     # export to a temp folder, check it loads and samples well, then rename into place
     t = time.time()
-    tmp = save_pipeline_dir(args.out, vae, unet, te1, te2, tokenizer)
+    tmp = save_pipeline_dir(args.out, vae, unet, te1, te2, tokenizer, sampler=variant.sampler)
     pipe = load_demo_pipeline(path=tmp)
     results = {}
     for g in guidances:
