@@ -284,3 +284,21 @@ def test_fusing_a_cond_rows_map_warns(pipe):
     with pytest.warns(ACTWarning, match="cond rows"):
         pipe.fuse_act(relabelled)
     pipe.disable_act()
+
+
+def test_fits_are_reproducible_with_a_stochastic_sampler(pipe):
+    from diffusers import EulerAncestralDiscreteScheduler
+
+    original = pipe.scheduler
+    pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(original.config)
+    try:
+        fits = [
+            pipe.fit_act(SOURCE[:4], TARGET[:4], num_inference_steps=3, height=32, width=32, progress=False)
+            for _ in range(2)
+        ]
+    finally:
+        pipe.scheduler = original
+    assert (
+        fits[0].equal(fits[1])
+        and fits[0].metadata["sampling"]["scheduler"] == "EulerAncestralDiscreteScheduler"
+    )

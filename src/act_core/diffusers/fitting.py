@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -134,6 +135,10 @@ def run_trajectory(
         ).to(device)
     train_steps = scheduler.config.num_train_timesteps
     timesteps = list(scheduler.timesteps)
+    # Stochastic samplers (ancestral, SDE) draw noise in step(): seed it, so a fit is reproducible.
+    step_options = {}
+    if "generator" in inspect.signature(scheduler.step).parameters:
+        step_options["generator"] = torch.Generator(device="cpu").manual_seed(seed)
     chunks = [range(start, min(n, start + pairs_in_call)) for start in range(0, n, pairs_in_call)]
     total, done = len(timesteps) * len(chunks), 0
     for t in timesteps:
@@ -175,7 +180,7 @@ def run_trajectory(
             predictions.append(chosen)
             done += 1
             progress(done, total, f"step {timesteps.index(t) + 1}/{len(timesteps)}")
-        latents = scheduler.step(torch.cat(predictions), t, latents, return_dict=False)[0]
+        latents = scheduler.step(torch.cat(predictions), t, latents, return_dict=False, **step_options)[0]
 
 
 # ------------------------------------------------------------------------------------------ first step
