@@ -48,6 +48,23 @@ class UNetCounter:
         self.handle.remove()
 
 
+def variants_for(pipe, model, task) -> dict:
+    """What is timed on one model: a plain generation (the unit) and the two fits."""
+    sampling = {"num_inference_steps": model.steps, "guidance_scale": model.guidance}
+    source, target = list(task.source), list(task.target)
+    return {
+        "generate the 24 source prompts": lambda: generate(
+            pipe, source, seed=0, steps=model.steps, guidance=model.guidance
+        ),
+        "fit: default (unet_norms, trajectory)": lambda: pipe.fit_act(
+            source, target, progress=False, **sampling
+        ),
+        "fit: paper (unet_norms_first_step)": lambda: pipe.fit_act(
+            source, target, preset="unet_norms_first_step", progress=False, **sampling
+        ),
+    }
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -59,22 +76,7 @@ def main(argv=None) -> None:
     for model_name in args.models.split(","):
         model = MODELS[model_name]
         pipe = act_pipeline(load_demo_pipeline(path=model.path))
-        sampling = {"num_inference_steps": model.steps, "guidance_scale": model.guidance}
-        variants = {
-            "generate the 24 source prompts": lambda: generate(
-                pipe, list(task.source), seed=0, steps=model.steps, guidance=model.guidance
-            ),
-            "fit: default (unet_norms, trajectory)": lambda: pipe.fit_act(
-                list(task.source), list(task.target), progress=False, **sampling
-            ),
-            "fit: paper (unet_norms_first_step)": lambda: pipe.fit_act(
-                list(task.source),
-                list(task.target),
-                preset="unet_norms_first_step",
-                progress=False,
-                **sampling,
-            ),
-        }
+        variants = variants_for(pipe, model, task)
         seconds = {name: [] for name in variants}
         counts = {}
         with warnings.catch_warnings():
