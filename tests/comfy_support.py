@@ -1,7 +1,7 @@
 """Helpers for tests that run against a real ComfyUI source tree (in-process).
 
 ComfyUI is not a pip package: point ``COMFYUI_PATH`` at a ComfyUI source tree (kept outside this repo)
-and use a Python environment that has ComfyUI's requirements (see ``scripts/setup_comfyui_env.sh``).
+and use a Python environment that has ComfyUI's requirements (``bash scripts/run_tests.sh`` sets both up from ../shared/comfyui).
 Without it every test that uses these helpers is skipped with a clear reason.
 
 Typical use in a test module::
@@ -34,7 +34,7 @@ import pytest
 
 SKIP_REASON = (
     "set COMFYUI_PATH to a ComfyUI source tree to run the ComfyUI integration tests; "
-    "see scripts/setup_comfyui_env.sh"
+    "bash scripts/run_tests.sh unpacks ../shared/comfyui and sets it"
 )
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -202,7 +202,7 @@ def comfy_importable() -> tuple[bool, str]:
     if missing:
         return False, (
             f"this Python lacks ComfyUI's requirements ({', '.join(missing)}); use the venv made by "
-            f"scripts/setup_comfyui_env.sh. {SKIP_REASON}"
+            f"scripts/setup_comfyui.sh. {SKIP_REASON}"
         )
     try:
         _put_comfy_first_on_path(path)
