@@ -13,4 +13,4 @@ else
 fi
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
-.venv/bin/python -m pytest "$@"
+.venv/bin/python -m pytest -m "slow or not slow" "$@"   # every test, the slow ones too

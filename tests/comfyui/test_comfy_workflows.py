@@ -7,22 +7,17 @@ the test-only tiny SDXL node standing in for the checkpoint loader: VAE decoding
 """
 
 import json
-import os
-import sys
 import time
 from pathlib import Path
 
-import pytest
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
 import comfy_support as cs  # noqa: E402
+import pytest
 from comfy_server import PACK_LINK_NAME, comfy_server, load_latent_file, tiny_sample_prompt  # noqa: E402,F401
 from comfy_support import comfyui  # noqa: E402,F401  (session fixture)
 
 pytestmark = cs.requires_comfyui
 
-WORKFLOW_DIR = Path(__file__).resolve().parent.parent / "workflows"
+WORKFLOW_DIR = Path(__file__).resolve().parents[2] / "workflows"
 WORKFLOWS = sorted(p.stem for p in WORKFLOW_DIR.glob("*.json"))
 OUR_NODES = {"ACTFitMap", "ACTApply", "ACTSaveMap", "ACTLoadMap", "ACTExportLoRA", "ACTSweep"}
 

@@ -3,23 +3,18 @@ diffusers path does (skipped without COMFYUI_PATH)."""
 
 from __future__ import annotations
 
-import os
-import sys
 from dataclasses import replace
 from pathlib import Path
 
+import comfy_support as cs  # noqa: E402
 import numpy as np
 import pytest
 import torch
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import comfy_support as cs  # noqa: E402
 from comfy_support import comfyui  # noqa: E402,F401  (session fixture)
 
 pytestmark = cs.requires_comfyui
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SHIPPED = REPO / "models" / "shapes-sdxl"
 STEPS, CFG, SIZE = 20, 3.0, 32  # the shipped model's sampling settings (docs/demo_model.md)
 LATENT = SIZE // 4  # its VAE downsamples by 4; ComfyUI's nodes assume 8, so the Fit node gets 2 * SIZE

@@ -2,20 +2,15 @@
 
 import inspect
 import json
-import os
-import sys
 from pathlib import Path
 
-import pytest
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
 import comfy_support as cs  # noqa: E402
+import pytest
 from comfy_support import comfyui  # noqa: E402,F401  (session fixture)
 
 pytestmark = cs.requires_comfyui
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 EXPECTED_NODES = {

@@ -5,13 +5,9 @@ Run: COMFYUI_PATH=/path/to/ComfyUI <comfy venv>/bin/python -m pytest tests/test_
 
 import importlib
 import os
-import sys
-
-import pytest
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import comfy_support as cs  # noqa: E402
+import pytest
 from comfy_support import comfyui  # noqa: E402,F401  (session fixture)
 
 pytestmark = cs.requires_comfyui

@@ -39,6 +39,7 @@ def _curve(demo, task, act_map, steps):
     return score_curve(pipe, classifier, model, task, act_map, {}, (0.0, 0.5, 1.0))["curve"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("steps", [25, 12, 40])
 def test_default_map_fitted_at_25_steps_steers_at_12_25_and_40(demo, style, steps):
     task, act_map = style

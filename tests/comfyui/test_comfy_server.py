@@ -9,14 +9,10 @@ work), example_workflows/*.json are listed by GET /workflow_templates and served
 import json
 import os
 import struct
-import sys
 import textwrap
 
-import pytest
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
 import comfy_support as cs  # noqa: E402
+import pytest
 from comfy_server import PACK_LINK_NAME, ComfyServer, PromptRejected, comfy_server  # noqa: E402,F401
 from comfy_support import comfyui  # noqa: E402,F401  (session fixture)
 

@@ -3,11 +3,8 @@
 import os
 import sys
 
-import pytest
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
 import comfy_support as cs  # noqa: E402
+import pytest
 from comfy_support import comfyui  # noqa: E402,F401  (session fixture)
 
 pytestmark = cs.requires_comfyui

@@ -18,7 +18,7 @@ from act_core.diffusers.sweep import grid_layout
 from act_core.maps import ACTMap
 
 FAST = ["--steps", "2", "--height", "32", "--width", "32"]
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
