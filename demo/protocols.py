@@ -59,6 +59,10 @@ MODELS = {
     "b": Model(
         "b", REPO_ROOT / "models" / "shapes-sdxl-b", REPO_ROOT / "models" / "shapes-classifier-b", 25, 4.0
     ),
+    # Held out: trained after the protocol was chosen, never used to choose it (DPM-Solver++ 2M sampler).
+    "c": Model(
+        "c", REPO_ROOT / "models" / "shapes-sdxl-c", REPO_ROOT / "models" / "shapes-classifier-c", 30, 5.0
+    ),
 }
 
 
@@ -296,7 +300,7 @@ def markdown(results: dict, models: Sequence[str], task_names: Sequence[str]) ->
 
 def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m demo.protocols", description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="shipped,b")
+    parser.add_argument("--models", default="shipped,b", help="shipped, b, c (c is the held-out model)")
     parser.add_argument("--tasks", default=",".join(tasks()))
     parser.add_argument("--only", default=None, help="comma-separated protocol names")
     parser.add_argument("--quick", action="store_true", help="the old and new defaults only")
