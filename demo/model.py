@@ -120,14 +120,14 @@ def build_vae(cfg: DemoModelConfig) -> AutoencoderKL:
     )
 
 
-SAMPLERS = ("euler", "dpmpp_2m")
+SAMPLERS = ("euler", "dpmpp_2m", "euler_a")
 
 
 def build_scheduler(sampler: str = "euler"):
     """SDXL's noise schedule; "trailing" spacing so few-step sampling starts from pure noise.
 
-    ``sampler``: "euler" (Euler discrete, the shipped models) or "dpmpp_2m" (DPM-Solver++ 2M, the third,
-    held-out model: ACT's default must not depend on the sampler).
+    ``sampler``: "euler" (Euler discrete, the shipped models), "dpmpp_2m" (DPM-Solver++ 2M, the third model)
+    or "euler_a" (Euler ancestral, stochastic: the fourth model). ACT's default must not depend on the sampler.
     """
     schedule = {
         "num_train_timesteps": 1000,
@@ -142,6 +142,10 @@ def build_scheduler(sampler: str = "euler"):
         from diffusers import DPMSolverMultistepScheduler
 
         return DPMSolverMultistepScheduler(**schedule, algorithm_type="dpmsolver++", solver_order=2)
+    if sampler == "euler_a":
+        from diffusers import EulerAncestralDiscreteScheduler
+
+        return EulerAncestralDiscreteScheduler(**schedule)
     if sampler != "euler":
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
     return EulerDiscreteScheduler(**schedule)

@@ -132,6 +132,12 @@ _ATTENTION = replace(_NEW, name="unet_attention_norms", patterns={UNET: ("*trans
 _RESNET = replace(_NEW, name="unet_resnet_norms", patterns={UNET: ("*resnets.*.norm*",)})
 _NO_OUT = replace(_NEW, name="unet_norms_but_out", patterns={UNET: ("*blocks.*norm*",)})
 _SPATIAL = replace(_NEW, name="unet_norms_spatial_mean", apply_mode=APPLY_SPATIAL_MEAN)
+_WITH_OUT = replace(
+    _NEW,
+    name="unet_norms_and_output",
+    patterns={UNET: ("*norm*", "conv_out")},
+    types=(torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.Conv2d),
+)
 _WITH_TEXT = replace(
     _NEW,
     name="text_encoder_and_unet_norms_trajectory",
@@ -184,6 +190,25 @@ PROTOCOLS = {
             "without_conv_norm_out",
             "trajectory protocol on all block norms, not conv_norm_out",
             {"preset": _NO_OUT},
+        ),
+        Protocol("positions", "new default with every position as a sample", {"statistic": "positions"}),
+        Protocol(
+            "calibrated", "new default, each step's gain calibrated on the UNet output", {"calibrate": True}
+        ),
+        Protocol(
+            "calibrated_positions",
+            "calibrated, every position as a sample",
+            {"calibrate": True, "statistic": "positions"},
+        ),
+        Protocol(
+            "positions_with_unet_output",
+            "every position as a sample, every norm and the UNet's output",
+            {"preset": _WITH_OUT, "statistic": "positions"},
+        ),
+        Protocol(
+            "with_unet_output",
+            "trajectory protocol on every norm and the UNet's output (conv_out)",
+            {"preset": _WITH_OUT},
         ),
         Protocol(
             "with_text_encoders",

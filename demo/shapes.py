@@ -98,6 +98,26 @@ DRAW_STYLES: dict[str, DrawStyle] = {
         dot_radius=1.8,
         outline_px=2.0,
     ),
+    # The fourth model's data: cool light background, muted palette, fine 30-degree stripes, small dots.
+    "d": DrawStyle(
+        background=(228, 234, 232),
+        palette={
+            "red": (205, 45, 45),
+            "green": (45, 165, 75),
+            "blue": (35, 90, 225),
+            "yellow": (240, 190, 35),
+            "purple": (130, 45, 195),
+            "orange": (240, 120, 30),
+        },
+        radius=(8.0, 12.0),
+        offset=3.0,
+        rotation=25.0,
+        stripe_period=3.5,
+        stripe_angle=30.0,
+        dot_period=5.5,
+        dot_radius=1.2,
+        outline_px=2.4,
+    ),
 }
 
 

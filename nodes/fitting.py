@@ -2,12 +2,13 @@
 
 * ``trajectory`` (the default preset): ComfyUI's own sampler (``sampler_name``, ``scheduler``, ``steps``,
   ``cfg``, as KSampler takes them) samples the prompt pairs. A guider (``_FitGuider``) evaluates, at
-  every model call, the source conds, the negative and the *target* conds on the same latents; ComfyUI
-  batches them as it batches cond and uncond, and ``act_core.trajectory.TrajectoryFit`` records the
-  hooked modules, fits one map per noise level and transports the source rows before the forward goes
-  on. The latents advance with the guided prediction of the transported source rows: the trajectory the
-  steered model takes at lambda = 1. When ComfyUI splits the conds over several calls (memory), the
-  session falls back to "lagged" fitting and says so.
+  every model call, the source conds, the negative, the *target* conds and the source conds once more
+  (untransported) on the same latents; ComfyUI batches them as it batches cond and uncond, and
+  ``act_core.trajectory.TrajectoryFit`` records the hooked modules, fits one map per noise level and
+  transports the source rows before the forward goes on. Each step's maps are then calibrated on the
+  model output (``calibration_gain``), and the latents advance with the guided prediction of the
+  calibrated source rows: the trajectory the steered model takes at lambda = 1. When ComfyUI splits the
+  conds over several calls (memory), the session falls back to "lagged" fitting and says so.
 * ``first_step`` (the paper's): the cond branch at the FIRST denoising step, guidance off. For every
   batch ComfyUI's sampler runs up to the UNet call and a pre-hook captures the exact UNet arguments;
   ``run_model`` replays ``diffusion_model(*args, **kwargs)`` (lockstep threads run it concurrently,
@@ -35,7 +36,7 @@ from act_core.families.sdxl import TEXT_ENCODER, UNET, dead_text_encoder_paths
 from act_core.fitting import fit_with_stats
 from act_core.maps import ACTMap, part_of
 from act_core.recording import token_mask_hooks
-from act_core.trajectory import TrajectoryFit
+from act_core.trajectory import TrajectoryFit, calibration_gain
 from act_core.validation import (
     check_balance,
     check_positive_int,
@@ -53,7 +54,7 @@ from .common import parse_parts, resolve_support
 log = logging.getLogger("ComfyUI-ACT")
 FIRST_STEP_SCHEDULER = "normal"  # first-step protocol: only sigma_max matters
 FIRST_STEP_SAMPLER = "euler"
-SOURCE_COND, NEGATIVE_COND, TARGET_COND = 0, 1, 2  # indices in calc_cond_batch's conds list
+SOURCE_COND, NEGATIVE_COND, TARGET_COND, PLAIN_COND = 0, 1, 2, 3  # indices in calc_cond_batch's conds
 # Rough live activation size of one UNet forward at a lockstep rendezvous, per latent pixel and sample
 # (skip connections of SD/SDXL UNets are ~1700 channels in total at latent resolution).
 _ACTIVATION_ELEMENTS_PER_LATENT_PIXEL = 2500
@@ -139,27 +140,38 @@ def _token_keys(clip: Any, prompts: Sequence[str]) -> list[tuple]:
 
 # ------------------------------------------------------------------------------------------ trajectory
 class _FitGuider:
-    """Factory for a CFGGuider subclass (ComfyUI is imported lazily): source, negative and target conds
-    are evaluated together at every step; the latents follow the guided source (or target) prediction."""
+    """Factory for a CFGGuider subclass (ComfyUI is imported lazily): at every model evaluation the source
+    conds, the negative, the target conds and (``calibrate``) the source conds again, untransported, run on
+    the same latents; the latents follow the guided prediction of the transported source rows, calibrated
+    on the model output (``act_core.trajectory.calibration_gain``)."""
 
     @staticmethod
-    def build(model: Any, follow: int) -> Any:
+    def build(model: Any, session: TrajectoryFit, calibrate: bool) -> Any:
         import comfy.samplers
 
         class FitGuider(comfy.samplers.CFGGuider):
             def predict_noise(self, x, timestep, model_options={}, seed=None):  # noqa: B006 - ComfyUI's signature
                 negative = None if math.isclose(self.cfg, 1.0) else self.conds.get("negative")
                 conds = [self.conds["positive"], negative, self.conds["target"]]
+                if calibrate:
+                    conds.append(self.conds["positive"])  # PLAIN_COND: not transported
                 out = comfy.samplers.calc_cond_batch(self.inner_model, conds, x, timestep, model_options)
+                steered = out[SOURCE_COND]
+                if calibrate:
+                    plain = out[PLAIN_COND]
+                    if not session.replayed:
+                        gain = calibration_gain(out[TARGET_COND], steered, plain)
+                        session.scale_step(session.current_level, gain)
+                        steered = plain + gain * (steered - plain)
                 return comfy.samplers.cfg_function(
                     self.inner_model,
-                    out[follow],
+                    steered,
                     out[NEGATIVE_COND],
                     self.cfg,
                     x,
                     timestep,
                     model_options=model_options,
-                    cond=conds[follow],
+                    cond=conds[SOURCE_COND],
                     uncond=negative,
                 )
 
@@ -215,6 +227,8 @@ def fit_trajectory(
     sampler_name: str,
     scheduler: str,
     negative_prompt: str,
+    statistic: str,
+    calibrate: bool,
     check: Callable[[], None],
     progress: Progress | None,
 ) -> ACTMap:
@@ -238,7 +252,7 @@ def fit_trajectory(
     sampler = comfy.samplers.KSampler(
         model, steps=steps, device=model.load_device, sampler=sampler_name, scheduler=scheduler, denoise=1.0
     )
-    session = TrajectoryFit(modules, estimate, num_pairs=pairs, mode=mode)
+    session = TrajectoryFit(modules, estimate, num_pairs=pairs, mode=mode, statistic=statistic)
     patched = model.clone()
     model_sampling = model.get_model_object("model_sampling")
     patched.add_wrapper_with_key(
@@ -246,7 +260,7 @@ def fit_trajectory(
         "comfyui_act_fit",
         _session_wrapper(session, model_sampling, check),
     )
-    guider = _FitGuider.build(patched, SOURCE_COND)
+    guider = _FitGuider.build(patched, session, calibrate)
     guider.set_conds(positive, negative)
     guider.inner_set_conds({"target": target_conds})
     guider.set_cfg(cfg)
@@ -267,7 +281,10 @@ def fit_trajectory(
         )
     mm.throw_exception_if_processing_interrupted()
     estimate.check_not_identical(len(session.maps))
-    act_map = session.result({**estimate.metadata(), "num_source": pairs, "num_target": pairs})
+    gains = [round(session.gains[k], 4) for k in sorted(session.gains)] or None
+    act_map = session.result(
+        {**estimate.metadata(), "num_source": pairs, "num_target": pairs, "calibration_gains": gains}
+    )
     if session.stats.strategy == "lagged":
         message = (
             "ACT fit: ComfyUI split the source and target conds over several model calls (memory), so each step "
@@ -516,6 +533,8 @@ def fit_map(
                 sampler_name=sampler_name,
                 scheduler=scheduler,
                 negative_prompt=negative_prompt,
+                statistic=spec.statistic,
+                calibrate=spec.calibrate,
                 check=check,
                 progress=progress,
             )

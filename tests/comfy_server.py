@@ -193,6 +193,9 @@ class ComfyServer:
     def _env(self) -> dict:
         env = dict(os.environ)
         env["PYTHONUNBUFFERED"] = "1"
+        # the same thread count as the test process (tests/conftest.py): float sums in the same order, so
+        # in-process and server results compare bit for bit
+        env.setdefault("OMP_NUM_THREADS", "1")
         env.setdefault("HF_HUB_OFFLINE", "1")
         env.setdefault("TRANSFORMERS_OFFLINE", "1")
         # ComfyUI imports `from torchvision import transforms` at start-up; PyPI's torchvision does not load

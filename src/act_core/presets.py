@@ -45,6 +45,12 @@ class Preset:
     # fitted on) or "all" (what folded weights and LoRA files do, so foldable presets use it).
     cfg_rows: str = "cond"
     types: tuple[type[nn.Module], ...] = field(default=NORM_TYPES)
+    # Trajectory protocol: what one sample is. "mean": one mean per prompt and module (the paper's
+    # pooling); "positions": every spatial position / token (the distribution a texture changes).
+    statistic: str = "mean"
+    # Trajectory protocol: scale each step's maps so the transported source rows' model output best matches
+    # the target rows' (one gain per step; costs one more row per prompt pair).
+    calibrate: bool = False
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:

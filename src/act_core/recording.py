@@ -131,6 +131,30 @@ def pool(activation: torch.Tensor) -> torch.Tensor:
     return pooled.cpu()
 
 
+STATISTICS = ("mean", "positions")
+# Positions kept per sample for the "positions" statistic (evenly spaced; all when there are fewer).
+MAX_POSITIONS = 256
+
+
+def positions(activation: torch.Tensor, max_positions: int = MAX_POSITIONS) -> torch.Tensor:
+    """Every spatial position (or token) of every sample as a sample of its own: (B * P, D) float32, CPU.
+
+    The "positions" statistic: where ``pool`` keeps one mean per sample, this keeps the distribution
+    of values across a feature map, which is what a texture (stripes, dots) changes and a mean does not
+    see. Positions are subsampled evenly to at most ``max_positions`` per sample, the same ones for every
+    row, so source and target samples stay paired by position.
+    """
+    x = activation.detach().float()
+    if x.ndim == 2:
+        return x.cpu()
+    x = x.transpose(1, 2) if x.ndim == 3 else x.flatten(2)  # (B, D, T) or (B, C, H*W)
+    count = x.shape[2]
+    if count > max_positions:
+        index = torch.linspace(0, count - 1, max_positions, device=x.device).round().long()
+        x = x[:, :, index]
+    return x.transpose(1, 2).reshape(-1, x.shape[1]).cpu()
+
+
 def module_width(module: nn.Module) -> int | None:
     """Number of output units of common layers (None when it is only known after a forward)."""
     if isinstance(module, nn.LayerNorm):

@@ -47,10 +47,20 @@ from ._version import __version__
 from .applying import transport
 from .errors import ACTInputError
 from .maps import ACTMap, ModuleMap, model_fingerprint
-from .recording import ForwardHooks, first_tensor, pool, replace_first_tensor, widths_of
+from .recording import (
+    MAX_POSITIONS,
+    STATISTICS,
+    ForwardHooks,
+    first_tensor,
+    pool,
+    positions,
+    replace_first_tensor,
+    widths_of,
+)
 
 Rows = slice | torch.Tensor
 TRAJECTORIES = ("steered", "target")
+CALIBRATION_RANGE = (0.5, 3.0)
 TRAJECTORY_MODES = ("causal", "at_once")
 # (module name, source samples, target samples) -> ModuleMap
 Estimate = Callable[[str, torch.Tensor, torch.Tensor], ModuleMap]
@@ -91,6 +101,7 @@ class TrajectoryFit(ForwardHooks):
         *,
         num_pairs: int,
         mode: str = "causal",
+        statistic: str = "mean",
     ):
         if not modules:
             raise ACTInputError(
@@ -100,12 +111,16 @@ class TrajectoryFit(ForwardHooks):
             raise ACTInputError(f"mode must be one of {TRAJECTORY_MODES}, got {mode!r}.")
         if num_pairs < 2:
             raise ACTInputError(f"Trajectory fitting needs at least 2 prompt pairs, got {num_pairs}.")
+        if statistic not in STATISTICS:
+            raise ACTInputError(f"statistic must be one of {STATISTICS}, got {statistic!r}.")
+        self.summarise = pool if statistic == "mean" else positions
         self.modules = dict(modules)
         self.estimate = estimate
         self.mode = mode
         self.num_pairs = num_pairs
         self.stats = TrajectoryStats()
         self.levels: list[float] = []
+        self.gains: dict[int, float] = {}
         self.order: list[str] = []
         self.maps: dict[str, list[ModuleMap]] = {}
         self._samples: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
@@ -113,6 +128,7 @@ class TrajectoryFit(ForwardHooks):
         self._seen = {"source": 0, "target": 0}
         self._exact = False
         self._replay: int | None = None  # bucket index of a call at an already fitted level
+        self._last_level: float | None = None
         self._call: tuple[Rows | None, Rows | None] | None = None
         self._call_rows: tuple[int, int] | None = None
         self._ran: set[str] = set()
@@ -140,6 +156,7 @@ class TrajectoryFit(ForwardHooks):
             else:
                 self._level = None  # replayed calls never open a step
         self._call, self._call_rows, self._ran = (source, target), None, set()
+        self._last_level = level
         try:
             yield
         finally:
@@ -155,6 +172,29 @@ class TrajectoryFit(ForwardHooks):
                     )
             if self._seen["source"] == self._seen["target"] == self.num_pairs:
                 self._close_step()
+
+    @property
+    def current_level(self) -> float | None:
+        """The noise level of the latest call (None before the first)."""
+        return self._last_level
+
+    @property
+    def replayed(self) -> bool:
+        """True when the latest call was at an already fitted noise level (steered, not recorded)."""
+        return self._replay is not None
+
+    def scale_step(self, level: float, gain: float) -> None:
+        """Scale the maps of the step at ``level`` by ``gain`` (omega -> 1 + gain (omega - 1), beta -> gain beta).
+
+        Hosts use it to calibrate a step so that the transported source rows' model output matches the target
+        rows' (see ``act_core.diffusers.fitting.run_trajectory``).
+        """
+        self._close_step()
+        index = self.levels.index(float(level))
+        for maps in self.maps.values():
+            m = maps[index]
+            maps[index] = ModuleMap(1.0 + gain * (m.omega - 1.0), gain * m.beta, m.low, m.high, m.apply_mode)
+        self.gains[index] = float(gain)
 
     def result(self, metadata: Mapping[str, Any] | None = None) -> ACTMap:
         """The time-aware map: one bucket per fitted step, keyed by the steps' noise levels."""
@@ -181,6 +221,9 @@ class TrajectoryFit(ForwardHooks):
         self.stats.strategy = strategy
         info = {
             "mode": self.mode,
+            "statistic": "per-sample mean"
+            if self.summarise is pool
+            else f"every position (at most {MAX_POSITIONS})",
             "causal_strategy": strategy if self.mode == "causal" else None,
             "model_fingerprint": model_fingerprint(widths_of(self.modules)),
             "act_version": __version__,
@@ -231,9 +274,9 @@ class TrajectoryFit(ForwardHooks):
             self.order.append(name)
         sources, targets = self._samples.setdefault(name, ([], []))
         if source.shape[0]:
-            sources.append(pool(source))
+            sources.append(self.summarise(source))
         if target.shape[0]:
-            targets.append(pool(target))
+            targets.append(self.summarise(target))
         if self._exact:
             return self._fit(name)
         return self._map_at(name, len(self.levels) - 2)  # the previous step's map (none at the first)
@@ -269,6 +312,22 @@ class TrajectoryFit(ForwardHooks):
                 "every step."
             )
         self.stats.steps += 1
+
+
+def calibration_gain(target: torch.Tensor, transported: torch.Tensor, plain: torch.Tensor) -> float:
+    """The gain g that makes ``plain + g * (transported - plain)`` best match ``target`` (least squares).
+
+    Per-unit transport of each layer's statistics reproduces only part of what the target prompt changes
+    in the model's output (a per-channel affine map cannot carry everything a prompt does), and guidance
+    multiplies what is missing. Calibrating every step's maps on the model output itself makes lambda = 1
+    mean "the prediction moves as far as the target prompt moves it". Clamped to [0.5, 3].
+    """
+    moved = transported.double() - plain.double()
+    wanted = target.double() - plain.double()
+    norm = float((moved * moved).sum())
+    if norm <= 0.0:
+        return 1.0
+    return min(CALIBRATION_RANGE[1], max(CALIBRATION_RANGE[0], float((wanted * moved).sum()) / norm))
 
 
 def warn_if_lagged(stats: TrajectoryStats, why: str) -> None:

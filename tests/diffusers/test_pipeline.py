@@ -197,6 +197,8 @@ def test_default_fit_follows_the_sampling_settings(pipe, timed_map):
         and meta["sampling"]["scheduler"] == type(pipe.scheduler).__name__
     )
     assert "omega_guard" in meta and meta["omega_guard"]["max_omega"] == 10.0
+    assert meta["statistic"].startswith("every position") and len(meta["calibration_gains"]) == 3
+    assert all(0.5 <= gain <= 3.0 for gain in meta["calibration_gains"])
     first = next(iter(timed_map.modules))
     assert timed_map.modules[first].omega.shape[0] == 3
 
@@ -210,7 +212,8 @@ def test_default_fit_runs_one_unet_call_per_step(pipe):
         )
     finally:
         handle.remove()
-    assert calls == [3 * len(SOURCE)] * 4  # [uncond; target; source] rows, all pairs in one call
+    # [uncond; target; source; plain source] rows, all pairs in one call (the plain rows calibrate the step)
+    assert calls == [4 * len(SOURCE)] * 4
 
 
 def test_time_aware_map_applies_at_other_step_counts_lam_zero_exact(pipe, timed_map):

@@ -26,7 +26,7 @@ import torch
 from ..errors import ACTInputError
 from ..families.sdxl import TEXT_ENCODER, TEXT_ENCODER_2
 from ..recording import token_mask_hooks
-from ..trajectory import TrajectoryFit
+from ..trajectory import TrajectoryFit, calibration_gain
 
 # Rough live activation size of one UNet forward, per latent pixel and sample (SD/SDXL skip connections
 # hold ~1700 channels at latent resolution), to decide how many rows one call can take.
@@ -108,6 +108,7 @@ def run_trajectory(
     trajectory: str,
     pairs_in_call: int,
     progress: Progress,
+    calibrate: bool = False,
     check_interrupt: Callable[[], None] = lambda: None,
 ) -> None:
     """Sample ``len(source)`` pairs along the guided trajectory, feeding every UNet call to ``session``."""
@@ -143,16 +144,20 @@ def run_trajectory(
     total, done = len(timesteps) * len(chunks), 0
     for t in timesteps:
         level = min(1.0, max(0.0, float(t) / train_steps))
-        predictions = []
+        predictions, calibration = [], []
         for chunk in chunks:
             check_interrupt()
             rows = list(chunk)
             k = len(rows)
             parts = [neg[rows], tgt[rows], src[rows]] if guided else [tgt[rows], src[rows]]
+            if calibrate:
+                parts.append(src[rows])  # plain (untransported) source rows: what the transport changed
             pooled = None
             if src_pooled is not None:
                 pooled = torch.cat(
-                    ([neg_pooled[rows]] if guided else []) + [tgt_pooled[rows], src_pooled[rows]]
+                    ([neg_pooled[rows]] if guided else [])
+                    + [tgt_pooled[rows], src_pooled[rows]]
+                    + ([src_pooled[rows]] if calibrate else [])
                 )
             copies = len(parts)
             model_input = scheduler.scale_model_input(torch.cat([latents[rows]] * copies), t)
@@ -169,18 +174,37 @@ def run_trajectory(
                 output = unet(
                     model_input, t, encoder_hidden_states=torch.cat(parts), return_dict=False, **kwargs
                 )[0]
-            chosen = (
-                output[offset + k : offset + 2 * k]
-                if trajectory == "steered"
-                else output[offset : offset + k]
-            )
+            if calibrate:
+                calibration.append(
+                    (
+                        output[offset : offset + k],
+                        output[offset + k : offset + 2 * k],
+                        output[offset + 2 * k :],
+                    )
+                )
+            predictions.append(output)
+            done += 1
+            progress(done, total, f"step {timesteps.index(t) + 1}/{len(timesteps)}")
+        gain = 1.0
+        if calibrate:  # one gain for the step, from every chunk's rows (act_core.trajectory.calibration_gain)
+            gain = calibration_gain(*(torch.cat(rows) for rows in zip(*calibration, strict=True)))
+            session.scale_step(level, gain)
+        chosen_rows = []
+        for output, chunk in zip(predictions, chunks, strict=True):
+            k = len(chunk)
+            offset = k if guided else 0
+            if trajectory == "steered":
+                chosen = output[offset + k : offset + 2 * k]
+                if calibrate:
+                    plain = output[offset + 2 * k :]
+                    chosen = plain + gain * (chosen - plain)
+            else:
+                chosen = output[offset : offset + k]
             if guided:
                 uncond = output[:k]
                 chosen = uncond + settings.guidance_scale * (chosen - uncond)
-            predictions.append(chosen)
-            done += 1
-            progress(done, total, f"step {timesteps.index(t) + 1}/{len(timesteps)}")
-        latents = scheduler.step(torch.cat(predictions), t, latents, return_dict=False, **step_options)[0]
+            chosen_rows.append(chosen)
+        latents = scheduler.step(torch.cat(chosen_rows), t, latents, return_dict=False, **step_options)[0]
 
 
 # ------------------------------------------------------------------------------------------ first step

@@ -223,6 +223,8 @@ class ACTPipelineMixin:
         mode: str | None = None,
         protocol: str | None = None,
         trajectory: str = "steered",
+        statistic: str | None = None,
+        calibrate: bool | None = None,
         batch_size: int | None = None,
         seed: int = 0,
         statistics_steps: int = 1,
@@ -302,6 +304,8 @@ class ACTPipelineMixin:
                     estimator_options,
                     mode=mode,
                     trajectory=trajectory,
+                    statistic=statistic or spec.statistic,
+                    calibrate=spec.calibrate if calibrate is None else calibrate,
                     batch_size=batch_size,
                     seed=seed,
                     progress=report,
@@ -427,6 +431,8 @@ class ACTPipelineMixin:
         *,
         mode: str,
         trajectory: str,
+        statistic: str,
+        calibrate: bool,
         batch_size: int | None,
         seed: int,
         progress: Callable | None,
@@ -452,7 +458,7 @@ class ACTPipelineMixin:
         pairs = max(len(source), len(target))
         source_pairs = [source[i % len(source)] for i in range(pairs)]
         target_pairs = [target[i % len(target)] for i in range(pairs)]
-        rows_per_pair = 3 if settings.guided else 2
+        rows_per_pair = (3 if settings.guided else 2) + (1 if calibrate else 0)
         per_call = batch_size or pairs_per_call(self, pairs, settings, rows_per_pair)
         estimate = ModuleEstimator(
             estimator_options["method"],
@@ -461,7 +467,7 @@ class ACTPipelineMixin:
             shrinkage=estimator_options["shrinkage"],
             max_omega=estimator_options["max_omega"],
         )
-        session = TrajectoryFit(unet_modules, estimate, num_pairs=pairs, mode=mode)
+        session = TrajectoryFit(unet_modules, estimate, num_pairs=pairs, mode=mode, statistic=statistic)
         text_handle = apply_act(self.act_modules(text_map.parts()), text_map, 1.0) if text_map else None
         try:
             with session:
@@ -475,13 +481,20 @@ class ACTPipelineMixin:
                     trajectory=trajectory,
                     pairs_in_call=per_call,
                     progress=progress or (lambda done, total, what: None),
+                    calibrate=calibrate,
                 )
         finally:
             if text_handle is not None:
                 text_handle.remove()
         estimate.check_not_identical(len(session.maps))
         unet_map = session.result(
-            {**estimate.metadata(), "num_source": pairs, "num_target": pairs, "pairs_per_call": per_call}
+            {
+                **estimate.metadata(),
+                "num_source": pairs,
+                "num_target": pairs,
+                "pairs_per_call": per_call,
+                "calibration_gains": [round(session.gains[k], 4) for k in sorted(session.gains)] or None,
+            }
         )
         if session.stats.strategy == "lagged":
             warnings.warn(

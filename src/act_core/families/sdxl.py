@@ -44,13 +44,15 @@ _PARAM_SUFFIXES = (".weight", ".bias")
 PRESETS: dict[str, Preset] = {
     "unet_norms": Preset(
         "unet_norms",
-        "Every UNet *norm* module, Linear-AcT per element, one map per denoising step fitted along the guided "
-        "trajectory you sample with (exact causal, cond rows). The default: it steers models nobody tuned it "
-        "for (docs/protocol.md).",
+        "Every UNet *norm* module, Linear-AcT per element on every position's values, one map per denoising "
+        "step fitted along the guided trajectory you sample with (exact causal, cond rows), each step "
+        "calibrated on the UNet's output. The default: it steers models nobody tuned it for (docs/protocol.md).",
         {UNET: ("*norm*",)},
         support="unbounded",
         apply_mode=APPLY_PER_ELEMENT,
         protocol="trajectory",
+        statistic="positions",
+        calibrate=True,
     ),
     "unet_norms_first_step": Preset(
         "unet_norms_first_step",
