@@ -1,6 +1,6 @@
 """Which fitting protocol steers? Every candidate, on two independently trained models, side by side.
 
-    python -m demo.protocols                       # the full grid (about 30 minutes on one core)
+    python -m demo.protocols                       # the full grid (about an hour on one core)
     python -m demo.protocols --quick               # the old and new defaults only
     python -m demo.protocols --only new_default --models b --tasks style
 
@@ -59,9 +59,14 @@ MODELS = {
     "b": Model(
         "b", REPO_ROOT / "models" / "shapes-sdxl-b", REPO_ROOT / "models" / "shapes-classifier-b", 25, 4.0
     ),
-    # Held out: trained after the protocol was chosen, never used to choose it (DPM-Solver++ 2M sampler).
+    # Trained after the first default was chosen on shipped and b; it showed that default under-steering, and
+    # the revised default was then chosen on all three (DPM-Solver++ 2M sampler).
     "c": Model(
         "c", REPO_ROOT / "models" / "shapes-sdxl-c", REPO_ROOT / "models" / "shapes-classifier-c", 30, 5.0
+    ),
+    # Held out: trained after the revised default was chosen, only to check it (Euler ancestral sampler).
+    "d": Model(
+        "d", REPO_ROOT / "models" / "shapes-sdxl-d", REPO_ROOT / "models" / "shapes-classifier-d", 30, 6.0
     ),
 }
 
@@ -148,8 +153,16 @@ PROTOCOLS = {
     p.name: p
     for p in (
         Protocol(
-            "new_default", "unet_norms: steered trajectory, per step, exact causal, per element (default)"
+            "new_default",
+            "unet_norms: steered trajectory, per step, exact causal, per element, every position, calibrated",
         ),
+        Protocol(
+            "first_default",
+            "the first trajectory default: one mean per sample, no calibration",
+            {"statistic": "mean", "calibrate": False},
+        ),
+        Protocol("mean_statistic", "new default with one mean per sample", {"statistic": "mean"}),
+        Protocol("uncalibrated", "new default without the output calibration", {"calibrate": False}),
         Protocol(
             "old_default",
             "unet_norms_first_step: the paper's (first step, range, spatial mean)",
@@ -160,9 +173,7 @@ PROTOCOLS = {
         Protocol(
             "spatial_mean", "new default, feature maps moved by their spatial mean", {"preset": _SPATIAL}
         ),
-        Protocol(
-            "at_once", "new default fitted at once (no causal transport while fitting)", {"mode": "at_once"}
-        ),
+        Protocol("at_once", "new default fitted at once (no transport while fitting)", {"mode": "at_once"}),
         Protocol(
             "target_trajectory",
             "new default on the target's trajectory (teacher forcing)",
@@ -180,39 +191,25 @@ PROTOCOLS = {
             {"shrinkage": 0.0, "max_omega": 1e4},
         ),
         Protocol(
-            "lagged", "new default split into calls of 4 pairs (bounded-memory fallback)", {"batch_size": 4}
+            "lagged",
+            "new default split into calls of 4 pairs (bounded-memory fallback)",
+            {"batch_size": 4},
         ),
-        Protocol(
-            "attention_norms", "trajectory protocol on transformer-block norms only", {"preset": _ATTENTION}
-        ),
-        Protocol("resnet_norms", "trajectory protocol on ResNet norms only", {"preset": _RESNET}),
+        Protocol("attention_norms", "new default on transformer-block norms only", {"preset": _ATTENTION}),
+        Protocol("resnet_norms", "new default on ResNet norms only", {"preset": _RESNET}),
         Protocol(
             "without_conv_norm_out",
-            "trajectory protocol on all block norms, not conv_norm_out",
+            "new default on all block norms, not conv_norm_out",
             {"preset": _NO_OUT},
-        ),
-        Protocol("positions", "new default with every position as a sample", {"statistic": "positions"}),
-        Protocol(
-            "calibrated", "new default, each step's gain calibrated on the UNet output", {"calibrate": True}
-        ),
-        Protocol(
-            "calibrated_positions",
-            "calibrated, every position as a sample",
-            {"calibrate": True, "statistic": "positions"},
-        ),
-        Protocol(
-            "positions_with_unet_output",
-            "every position as a sample, every norm and the UNet's output",
-            {"preset": _WITH_OUT, "statistic": "positions"},
         ),
         Protocol(
             "with_unet_output",
-            "trajectory protocol on every norm and the UNet's output (conv_out)",
+            "new default on every norm and the UNet's output (conv_out)",
             {"preset": _WITH_OUT},
         ),
         Protocol(
             "with_text_encoders",
-            "trajectory protocol + both text encoders' norms (causal across parts)",
+            "new default + both text encoders' norms (causal across parts)",
             {"preset": _WITH_TEXT},
         ),
         Protocol(
@@ -325,7 +322,9 @@ def markdown(results: dict, models: Sequence[str], task_names: Sequence[str]) ->
 
 def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m demo.protocols", description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="shipped,b", help="shipped, b, c (c is the held-out model)")
+    parser.add_argument(
+        "--models", default="shipped,b,c", help="comma-separated: shipped, b, c, d (d: held out)"
+    )
     parser.add_argument("--tasks", default=",".join(tasks()))
     parser.add_argument("--only", default=None, help="comma-separated protocol names")
     parser.add_argument("--quick", action="store_true", help="the old and new defaults only")
