@@ -24,7 +24,7 @@ from torch import nn
 
 from .errors import ACTInputError, ACTModelMismatchError
 from .maps import APPLY_SPATIAL_MEAN, ACTMap, ModuleMap, part_of
-from .recording import channel_axis, first_tensor, replace_first_tensor, widths_of
+from .recording import OutputOf, channel_axis, hook_module, read_output, widths_of, write_output
 from .validation import check_strength
 
 FOLDABLE_TYPES: tuple[type[nn.Module], ...] = (
@@ -175,10 +175,11 @@ def _aliases_input(x: torch.Tensor, args: Any) -> bool:
 class TransportHook:
     """A forward hook that transports one module's output; reads strength from its part's control."""
 
-    def __init__(self, name: str, module_map: ModuleMap, control: PartControl):
+    def __init__(self, name: str, module_map: ModuleMap, control: PartControl, entry: Any = None):
         self.name = name
         self.module_map = module_map
         self.control = control
+        self.entry = entry  # a module, or an OutputOf (one stream of a tuple output)
         self._params = _DeviceParams(module_map)
 
     def __call__(self, module: nn.Module, args: Any, output: Any) -> Any:
@@ -189,12 +190,12 @@ class TransportHook:
         call = control.call_state()
         if not call.in_window:
             return None
-        x = first_tensor(output)
+        x = read_output(self.entry, output)
         if x is None:
             return None
         # Overwrite the output in place when nothing else can see it (inference, not an input's alias): a
         # feature map is not copied on every call. Otherwise transport a copy.
-        inplace = not x.requires_grad and not _aliases_input(x, args)
+        inplace = not x.requires_grad and not isinstance(self.entry, OutputOf) and not _aliases_input(x, args)
         if call.rows is None:
             y = transport(x, self.module_map, strength, self._params, call.position, inplace)
         elif inplace and isinstance(call.rows, slice):
@@ -203,7 +204,7 @@ class TransportHook:
         else:
             y = x.clone()
             y[call.rows] = transport(x[call.rows], self.module_map, strength, self._params, call.position)
-        return replace_first_tensor(output, y)
+        return write_output(self.entry, output, y)
 
 
 class ACTHandle:
@@ -215,8 +216,9 @@ class ACTHandle:
         self.set_strength(strength)
         self._modules = {name: modules[name] for name in act_map.modules}
         self._handles = []
-        for name, module in self._modules.items():
-            hook = TransportHook(name, act_map.modules[name], self.controls[part_of(name)])
+        for name, entry in self._modules.items():
+            hook = TransportHook(name, act_map.modules[name], self.controls[part_of(name)], entry)
+            module = hook_module(entry)
             self._handles.append(module.register_forward_hook(hook))
             setattr(module, _HANDLE_ATTR, self)
 
@@ -269,15 +271,16 @@ class ACTHandle:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        for module in self._modules.values():
+        for entry in self._modules.values():
+            module = hook_module(entry)
             if getattr(module, _HANDLE_ATTR, None) is self:
                 delattr(module, _HANDLE_ATTR)
 
 
 def active_handle(modules: Mapping[str, nn.Module]) -> ACTHandle | None:
     """The ACT handle currently hooked into any of these modules, if one is."""
-    for module in modules.values():
-        handle = getattr(module, _HANDLE_ATTR, None)
+    for entry in modules.values():
+        handle = getattr(hook_module(entry), _HANDLE_ATTR, None)
         if handle is not None:
             return handle
     return None
@@ -299,7 +302,7 @@ def apply_act(modules: Mapping[str, nn.Module], act_map: ACTMap, strength: Stren
     layer: the map picks its own); a map for another model raises ``ACTModelMismatchError``.
     """
     act_map.check_compatible(widths_of(modules))
-    if any(getattr(modules[name], _FOLD_ATTR, None) is not None for name in act_map.modules):
+    if any(getattr(hook_module(modules[name]), _FOLD_ATTR, None) is not None for name in act_map.modules):
         raise ACTInputError("An ACT map is folded into these weights; unfold it before hooking a map.")
     remove_act(modules)
     return ACTHandle(act_map, modules, strength)

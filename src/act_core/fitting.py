@@ -37,7 +37,7 @@ from .applying import transport
 from .errors import ACTError, ACTInputError
 from .estimators import DEFAULT_SHRINKAGE, MAX_OMEGA, ModuleEstimator
 from .maps import APPLY_SPATIAL_MEAN, ACTMap, ModuleMap, model_fingerprint
-from .recording import ForwardHooks, first_tensor, pool, replace_first_tensor, widths_of
+from .recording import ForwardHooks, pool, read_output, widths_of, write_output
 
 ProgressCallback = Callable[[int, int, str], None]
 SOURCE, TARGET = "source", "target"
@@ -173,7 +173,7 @@ class _FitSession(ForwardHooks):
             context: _BatchContext | None = getattr(self._local, "context", None)
             if context is None:
                 return None  # a forward that is not part of this fit
-            x = first_tensor(output)
+            x = read_output(self.modules[name], output)
             if x is None:
                 raise ACTInputError(
                     f"Module {name!r} returned {type(output).__name__}, not a tensor; it cannot be hooked."
@@ -197,7 +197,7 @@ class _FitSession(ForwardHooks):
                 raise _StopForward
             module_map = self.fitted.get(name)
             if module_map is not None and (context.side == SOURCE or self.steer_target):
-                return replace_first_tensor(output, transport(x, module_map, 1.0))
+                return write_output(self.modules[name], output, transport(x, module_map, 1.0))
             return None
 
         return hook

@@ -13,6 +13,7 @@ import contextvars
 import fnmatch
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -79,7 +80,8 @@ class ForwardHooks:
 
     def __enter__(self):
         self._handles = [
-            module.register_forward_hook(self._make_hook(name)) for name, module in self.modules.items()
+            hook_module(module).register_forward_hook(self._make_hook(name))
+            for name, module in self.modules.items()
         ]
         return self
 
@@ -87,6 +89,52 @@ class ForwardHooks:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+
+@dataclass(frozen=True, eq=False)
+class OutputOf:
+    """One stream of a module's tuple output, hooked as if it were a module of its own.
+
+    ``index`` is the element of the output (FLUX's double blocks return ``(text, image)``), or a tuple of
+    elements taken together, concatenated along the token axis (a FLUX single block's text and image
+    tokens, which diffusers returns split and ComfyUI joined: the same stream either way). ``width`` is
+    the stream's number of units.
+    """
+
+    module: nn.Module
+    index: int | tuple[int, ...]
+    width: int
+
+
+Hooked = "nn.Module | OutputOf"
+
+
+def hook_module(entry: nn.Module | OutputOf) -> nn.Module:
+    """The module whose forward hooks see ``entry``."""
+    return entry.module if isinstance(entry, OutputOf) else entry
+
+
+def read_output(entry: nn.Module | OutputOf, output: Any) -> torch.Tensor | None:
+    """The activation ``entry`` stands for in ``output`` (a module's first tensor, or an OutputOf's stream)."""
+    if not isinstance(entry, OutputOf):
+        return first_tensor(output)
+    if isinstance(entry.index, tuple):
+        return torch.cat([output[i] for i in entry.index], dim=1)
+    return output[entry.index]
+
+
+def write_output(entry: nn.Module | OutputOf, output: Any, tensor: torch.Tensor) -> Any:
+    """``output`` with the activation of ``entry`` replaced by ``tensor`` (structure kept)."""
+    if not isinstance(entry, OutputOf):
+        return replace_first_tensor(output, tensor)
+    items = list(output)
+    if isinstance(entry.index, tuple):
+        sizes = [items[i].shape[1] for i in entry.index]
+        for i, part in zip(entry.index, torch.split(tensor, sizes, dim=1), strict=True):
+            items[i] = part
+    else:
+        items[entry.index] = tensor
+    return type(output)(items) if isinstance(output, list) else tuple(items)
 
 
 def channel_axis(ndim: int) -> int:
@@ -155,8 +203,10 @@ def positions(activation: torch.Tensor, max_positions: int = MAX_POSITIONS) -> t
     return x.transpose(1, 2).reshape(-1, x.shape[1]).cpu()
 
 
-def module_width(module: nn.Module) -> int | None:
+def module_width(module: nn.Module | OutputOf) -> int | None:
     """Number of output units of common layers (None when it is only known after a forward)."""
+    if isinstance(module, OutputOf):
+        return module.width
     if isinstance(module, nn.LayerNorm):
         return int(module.normalized_shape[-1])
     if isinstance(module, nn.GroupNorm):
@@ -220,7 +270,7 @@ class ActivationRecorder(ForwardHooks):
 
     def _make_hook(self, name: str):
         def hook(module: nn.Module, args: Any, output: Any) -> None:
-            activation = first_tensor(output)
+            activation = read_output(self.modules[name], output)
             if activation is None:
                 raise ACTInputError(
                     f"Module {name!r} returned {type(output).__name__}, not a tensor; it cannot be recorded."

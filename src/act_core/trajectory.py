@@ -51,11 +51,11 @@ from .recording import (
     MAX_POSITIONS,
     STATISTICS,
     ForwardHooks,
-    first_tensor,
     pool,
     positions,
-    replace_first_tensor,
+    read_output,
     widths_of,
+    write_output,
 )
 
 Rows = slice | torch.Tensor
@@ -237,7 +237,7 @@ class TrajectoryFit(ForwardHooks):
             call = self._call
             if call is None:
                 return None  # a forward that is not part of this fit
-            x = first_tensor(output)
+            x = read_output(self.modules[name], output)
             if x is None:
                 raise ACTInputError(
                     f"Module {name!r} returned {type(output).__name__}, not a tensor; it cannot be hooked."
@@ -259,7 +259,7 @@ class TrajectoryFit(ForwardHooks):
                 return None
             y = x.clone()
             y[source_rows] = transport(source, module_map, 1.0)
-            return replace_first_tensor(output, y)
+            return write_output(self.modules[name], output, y)
 
         return hook
 
