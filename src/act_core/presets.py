@@ -23,6 +23,7 @@ from torch import nn
 
 from .errors import ACTInputError
 from .maps import APPLY_SPATIAL_MEAN
+from .recording import OutputOf
 
 NORM_TYPES: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.GroupNorm)
 PROTOCOLS = ("trajectory", "first_step")
@@ -68,10 +69,10 @@ class Preset:
         """The ``candidates`` of ``part`` (canonical names) this preset hooks: a module type, a path that
         matches the part's patterns and none of ``excluded``. Shared by the diffusers and ComfyUI hosts."""
 
-        def hooked(name: str, module: nn.Module) -> bool:
+        def hooked(name: str, module: nn.Module | OutputOf) -> bool:
             path = name.split(".", 1)[1]
             return (
-                isinstance(module, self.types)
+                isinstance(module, (*self.types, OutputOf))  # streams are named explicitly by the patterns
                 and any(fnmatch.fnmatchcase(path, p) for p in self.patterns[part])
                 and not any(fnmatch.fnmatchcase(path, p) for p in excluded)
             )

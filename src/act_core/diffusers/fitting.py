@@ -43,13 +43,14 @@ class SamplingSettings:
     height: int
     width: int
     negative_prompt: str | None = None
+    max_sequence_length: int | None = None  # FLUX: the T5 length
 
     @property
     def guided(self) -> bool:
         return self.guidance_scale > 1.0
 
     def as_metadata(self, scheduler: Any) -> dict:
-        return {
+        info = {
             "num_inference_steps": self.num_inference_steps,
             "guidance_scale": self.guidance_scale,
             "height": self.height,
@@ -57,6 +58,9 @@ class SamplingSettings:
             "negative_prompt": self.negative_prompt,
             "scheduler": type(scheduler).__name__,
         }
+        if self.max_sequence_length is not None:
+            info["max_sequence_length"] = self.max_sequence_length
+        return info
 
 
 def seeded_noise(shape: tuple[int, ...], seed: int, count: int) -> torch.Tensor:
@@ -70,7 +74,8 @@ def pairs_per_call(pipe: Any, num_pairs: int, settings: SamplingSettings, rows_p
     """How many prompt pairs one UNet call can take: all of them (exact) when memory allows."""
     device = pipe._execution_device
     latent_pixels = (settings.height // pipe.vae_scale_factor) * (settings.width // pipe.vae_scale_factor)
-    itemsize = torch.empty((), dtype=pipe.unet.dtype).element_size()
+    denoiser = getattr(pipe, "unet", None) or pipe.transformer
+    itemsize = torch.empty((), dtype=denoiser.dtype).element_size()
     per_pair = rows_per_pair * latent_pixels * ACTIVATION_ELEMENTS_PER_LATENT_PIXEL * itemsize
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
@@ -97,6 +102,7 @@ def _encode(pipe: Any, prompts: list[str], negative_prompt: str | None, guided: 
     return embeds, None, negative_embeds, None
 
 
+@torch.no_grad()  # no autograd graph along the trajectory: memory would grow with every step
 def run_trajectory(
     pipe: Any,
     session: TrajectoryFit,
@@ -255,6 +261,7 @@ def first_step_runner(
 ) -> Callable[[tuple[int, dict[str, torch.Tensor]]], None]:
     """``run_model((first_index, tokens))``: encode, then the first denoising steps on seeded noise."""
 
+    @torch.no_grad()  # grad mode is per thread: the lockstep workers need it set here
     def run_model(batch: tuple[int, dict[str, torch.Tensor]]) -> None:
         first_index, tokens = batch
         embeds, added = _encode_tokens(pipe, tokens, settings.height, settings.width)

@@ -54,7 +54,6 @@ from ..applying import (
 from ..errors import ACTError, ACTInputError, ACTWarning
 from ..estimators import DEFAULT_SHRINKAGE, MAX_OMEGA, ModuleEstimator
 from ..families.sdxl import (
-    PARTS,
     SDXL,
     TEXT_ENCODER,
     TEXT_ENCODER_2,
@@ -105,14 +104,23 @@ class _ModelState:
 class _UNetStepGate:
     """A UNet forward pre-hook: tells the hooks this call's noise level, CFG rows and step window.
 
-    Denoising progress is read off the timestep, ``1 - t / num_train_timesteps`` (0 at pure noise), the
-    same convention as ComfyUI's start/end percent, so no step counter has to be threaded through.
+    Denoising progress is read off the timestep, ``1 - t / timestep_scale`` (0 at pure noise; SDXL's UNet
+    gets t in [0, 1000), FLUX's transformer t / 1000 from its pipeline), the same convention as ComfyUI's
+    start/end percent, so no step counter has to be threaded through.
     All of it is per thread (``ACTHandle.set_call``).
     """
 
-    def __init__(self, handle: ACTHandle, start: float, end: float, cfg_rows: str, num_train_timesteps: int):
+    def __init__(
+        self,
+        handle: ACTHandle,
+        start: float,
+        end: float,
+        cfg_rows: str,
+        timestep_scale: float,
+        part: str = UNET,
+    ):
         self.handle, self.start, self.end = handle, start, end
-        self.cfg_rows, self.num_train_timesteps = cfg_rows, num_train_timesteps
+        self.cfg_rows, self.timestep_scale, self.part = cfg_rows, timestep_scale, part
         self.removable = None
 
     @property
@@ -120,11 +128,11 @@ class _UNetStepGate:
         return {"start": self.start, "end": self.end, "cfg_rows": self.cfg_rows}
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        sample = args[0] if args else kwargs.get("sample")
+        sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
         timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
         level, in_window = None, True
         if timestep is not None:
-            level = float(torch.as_tensor(timestep).flatten()[0]) / self.num_train_timesteps
+            level = float(torch.as_tensor(timestep).flatten()[0]) / self.timestep_scale
             progress = 1.0 - level
             in_window = self.start - 1e-6 <= progress <= self.end + 1e-6
         rows = None
@@ -140,7 +148,7 @@ class _UNetStepGate:
             if getattr(pipe, "do_classifier_free_guidance", False):
                 batch = sample.shape[0]
                 rows = slice(batch // 2, batch)  # diffusers orders a CFG batch as [uncond; cond]
-        self.handle.set_call([UNET], rows=rows, noise_level=level, in_window=in_window)
+        self.handle.set_call([self.part], rows=rows, noise_level=level, in_window=in_window)
 
 
 def _call_default(pipe: Any, name: str, fallback: Any) -> Any:
@@ -159,12 +167,51 @@ class ACTPipelineMixin:
 
     act_family = SDXL
 
+    # ------------------------------------------------------------------------------ family specifics
+    # (SDXL here; ACTFluxPipelineMixin overrides them)
+    def _act_component_modules(self, part: str, component: nn.Module) -> dict[str, nn.Module]:
+        return component_modules(part, component)
+
+    def _act_excluded(self, part: str) -> tuple[str, ...]:
+        """Module paths of ``part`` that cannot affect the image (never hooked)."""
+        if part == TEXT_ENCODER and getattr(self, TEXT_ENCODER_2, None) is not None:
+            return dead_text_encoder_paths(part, self.text_encoder.config.num_hidden_layers)
+        return ()
+
+    def _act_timestep_scale(self) -> float:
+        """What the denoiser's ``timestep`` argument is divided by to give the noise level in [0, 1]."""
+        return float(self.scheduler.config.num_train_timesteps)
+
+    def _act_first_step_runner(
+        self, settings: SamplingSettings, seed: int, statistics_steps: int, use_denoiser: bool
+    ):
+        return first_step_runner(self, settings, seed, statistics_steps, use_denoiser)
+
+    def _act_tokenize(self, prompts: list[str]) -> Any:
+        return tokenize(self, prompts)
+
+    def _act_run_trajectory(
+        self, session: TrajectoryFit, source: list[str], target: list[str], settings, **options
+    ):
+        run_trajectory(self, session, source, target, settings, **options)
+
+    def _act_rows_per_pair(self, settings: SamplingSettings, calibrate: bool) -> int:
+        return (3 if settings.guided else 2) + (1 if calibrate else 0)
+
     # ------------------------------------------------------------------------------ model parts
+    @property
+    def _act_denoiser(self) -> nn.Module | None:
+        return getattr(self, self.act_family.denoiser, None)
+
     def _act_components(self) -> dict[str, nn.Module]:
-        return {part: getattr(self, part) for part in PARTS if getattr(self, part, None) is not None}
+        return {
+            part: getattr(self, part)
+            for part in self.act_family.parts
+            if getattr(self, part, None) is not None
+        }
 
     def _act_state(self) -> _ModelState:
-        owner = getattr(self, UNET, None) or next(iter(self._act_components().values()))
+        owner = self._act_denoiser or next(iter(self._act_components().values()))
         with _STATE_LOCK:
             state = getattr(owner, _STATE_ATTR, None)
             if state is None:
@@ -184,7 +231,7 @@ class ACTPipelineMixin:
             )
         modules: dict[str, nn.Module] = {}
         for part in parts:
-            modules.update(component_modules(part, components[part]))
+            modules.update(self._act_component_modules(part, components[part]))
         return modules
 
     def act_preset_modules(
@@ -197,10 +244,7 @@ class ACTPipelineMixin:
         for part in parts:
             if part not in spec.patterns:
                 raise ACTInputError(f"Preset {spec.name!r} hooks {spec.parts}, not {part!r}.")
-            excluded: tuple[str, ...] = ()
-            if part == TEXT_ENCODER and getattr(self, TEXT_ENCODER_2, None) is not None:
-                excluded = dead_text_encoder_paths(part, self.text_encoder.config.num_hidden_layers)
-            selected.update(spec.select(part, self.act_modules([part]), excluded))
+            selected.update(spec.select(part, self.act_modules([part]), self._act_excluded(part)))
         if not selected:
             raise ACTInputError(f"Preset {spec.name!r} matched no module of this pipeline's {parts}.")
         return selected
@@ -266,7 +310,8 @@ class ACTPipelineMixin:
             check_positive_int(batch_size, "batch_size")
         self._act_check_distinct(source_prompts, target_prompts)
         modules = self.act_preset_modules(spec, parts)
-        unet_modules = {n: m for n, m in modules.items() if n.startswith(f"{UNET}.")}
+        denoiser = self.act_family.denoiser
+        unet_modules = {n: m for n, m in modules.items() if n.startswith(f"{denoiser}.")}
         text_modules = {n: m for n, m in modules.items() if n not in unet_modules}
         estimator_options = {
             "method": method or spec.method,
@@ -336,7 +381,7 @@ class ACTPipelineMixin:
         steps = _call_default(self, "num_inference_steps", 50) if steps is None else steps
         guidance = _call_default(self, "guidance_scale", 5.0) if guidance is None else guidance
         steps, guidance = check_sampling(steps, guidance)
-        native = self.unet.config.sample_size * self.vae_scale_factor if getattr(self, UNET, None) else 64
+        native = getattr(self, "default_sample_size", 8) * self.vae_scale_factor
         height, width = check_size(height or native, width or native, self.vae_scale_factor)
         if negative_prompt is not None and not isinstance(negative_prompt, str):
             raise ACTInputError(f"negative_prompt must be a string, got {type(negative_prompt).__name__}.")
@@ -395,14 +440,14 @@ class ACTPipelineMixin:
         max_lockstep_batches: int,
         progress: Callable | None,
     ) -> ACTMap:
-        use_unet = any(name.startswith(f"{UNET}.") for name in modules)
-        run_model = first_step_runner(self, settings, seed, statistics_steps, use_unet)
+        use_unet = any(name.startswith(f"{self.act_family.denoiser}.") for name in modules)
+        run_model = self._act_first_step_runner(settings, seed, statistics_steps, use_unet)
 
         def batches(prompts: list[str]) -> list[tuple[int, dict[str, torch.Tensor]]]:
             # Tokenize here, in the calling thread: tokenizers are not thread-safe, and lockstep
             # fitting runs the batches concurrently.
             return [
-                (start, tokenize(self, prompts[start : start + batch_size]))
+                (start, self._act_tokenize(prompts[start : start + batch_size]))
                 for start in range(0, len(prompts), batch_size)
             ]
 
@@ -458,7 +503,7 @@ class ACTPipelineMixin:
         pairs = max(len(source), len(target))
         source_pairs = [source[i % len(source)] for i in range(pairs)]
         target_pairs = [target[i % len(target)] for i in range(pairs)]
-        rows_per_pair = (3 if settings.guided else 2) + (1 if calibrate else 0)
+        rows_per_pair = self._act_rows_per_pair(settings, calibrate)
         per_call = batch_size or pairs_per_call(self, pairs, settings, rows_per_pair)
         estimate = ModuleEstimator(
             estimator_options["method"],
@@ -471,8 +516,7 @@ class ACTPipelineMixin:
         text_handle = apply_act(self.act_modules(text_map.parts()), text_map, 1.0) if text_map else None
         try:
             with session:
-                run_trajectory(
-                    self,
+                self._act_run_trajectory(
                     session,
                     source_pairs,
                     target_pairs,
@@ -552,10 +596,11 @@ class ACTPipelineMixin:
                 )
             self._act_remove_hooks()
             handle = apply_act(self.act_modules(act_map.parts()), act_map, strength)
-            if UNET in act_map.parts():
-                gate = _UNetStepGate(handle, start, end, cfg_rows, self.scheduler.config.num_train_timesteps)
-                gate.removable = self.unet.register_forward_pre_hook(gate, with_kwargs=True)
-                self.unet.__dict__[_GATE_ATTR] = gate
+            denoiser = self.act_family.denoiser
+            if denoiser in act_map.parts():
+                gate = _UNetStepGate(handle, start, end, cfg_rows, self._act_timestep_scale(), denoiser)
+                gate.removable = self._act_denoiser.register_forward_pre_hook(gate, with_kwargs=True)
+                self._act_denoiser.__dict__[_GATE_ATTR] = gate
             return handle
 
     def set_act_strength(self, strength: Strength) -> None:
@@ -576,7 +621,8 @@ class ACTPipelineMixin:
 
     def _act_remove_hooks(self) -> None:
         remove_act(self.act_modules())
-        gate = self.unet.__dict__.pop(_GATE_ATTR, None) if getattr(self, UNET, None) is not None else None
+        denoiser = self._act_denoiser
+        gate = denoiser.__dict__.pop(_GATE_ATTR, None) if denoiser is not None else None
         if gate is not None:
             gate.removable.remove()
 
@@ -597,7 +643,7 @@ class ACTPipelineMixin:
             handle = active_handle(modules)
             resume = None
             if handle is not None:
-                gate = getattr(self.unet, _GATE_ATTR, None) if getattr(self, UNET, None) is not None else None
+                gate = getattr(self._act_denoiser, _GATE_ATTR, None)
                 resume = (
                     handle.act_map,
                     {p: c.strength for p, c in handle.controls.items()},
@@ -614,7 +660,10 @@ class ACTPipelineMixin:
                 raise ACTInputError("No map to fuse: pass one, or enable_act(map) first.")
             strength = 1.0 if strength is None else strength
             resolve_strengths(strength, act_map.parts())
-            if UNET in act_map.parts() and act_map.metadata.get("cfg_rows", "cond") == "cond":
+            if (
+                self.act_family.denoiser in act_map.parts()
+                and act_map.metadata.get("cfg_rows", "cond") == "cond"
+            ):
                 warnings.warn(
                     "This map steers the cond rows of a CFG batch when hooked; fused weights steer every row, so "
                     "the fused image differs from the hooked one. Fit with preset 'unet_norms_foldable' for a map "
@@ -667,7 +716,17 @@ def act_pipeline(pipe: Any) -> Any:
     cls = type(pipe)
     if isinstance(pipe, ACTPipelineMixin):
         return pipe
-    act_cls = type(f"ACT{cls.__name__}", (ACTPipelineMixin, cls), {"__module__": __name__})
+    mixin = ACTPipelineMixin
+    if "Flux" in type(getattr(pipe, "transformer", None)).__name__:
+        from .flux import ACTFluxPipelineMixin
+
+        mixin = ACTFluxPipelineMixin
+    elif getattr(pipe, "unet", None) is None:
+        raise ACTInputError(
+            f"{cls.__name__} is not a supported pipeline: ACT knows SDXL / SD 1.x (a UNet) and FLUX.1 (a "
+            "FluxTransformer2DModel)."
+        )
+    act_cls = type(f"ACT{cls.__name__}", (mixin, cls), {"__module__": __name__})
     # from_pipe casts every model to ``dtype``, here a no-op; diffusers' modeling_utils then warns about
     # fp32 modules on every such cast, even when there are none ("...kept in float32: []"), so mute it.
     modeling_logger = logging.getLogger("diffusers.models.modeling_utils")

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 from ..errors import ACTInputError
 from .base import ModelFamily
+from .flux import FLUX
 from .sdxl import SDXL
 
-FAMILIES: dict[str, ModelFamily] = {SDXL.name: SDXL}
+FAMILIES: dict[str, ModelFamily] = {SDXL.name: SDXL, FLUX.name: FLUX}
 
 
 def get_family(name: str) -> ModelFamily:
@@ -20,4 +21,4 @@ def get_family(name: str) -> ModelFamily:
         raise ACTInputError(f"Unknown model family {name!r}; known: {', '.join(FAMILIES)}.") from None
 
 
-__all__ = ["FAMILIES", "SDXL", "ModelFamily", "get_family"]
+__all__ = ["FAMILIES", "FLUX", "SDXL", "ModelFamily", "get_family"]

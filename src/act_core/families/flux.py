@@ -1,0 +1,171 @@
+"""FLUX.1: parts, presets, and module names in diffusers and ComfyUI.
+
+Parts: ``transformer`` (the denoiser), ``text_encoder`` (CLIP-L: only its pooled vector reaches the
+transformer) and ``text_encoder_2`` (T5: the token sequence). Canonical names are the diffusers module
+paths, plus three *streams* that are elements of a block's tuple output rather than modules:
+
+    transformer.transformer_blocks.3:text      # a double block's text-token output
+    transformer.transformer_blocks.3:image     # its image-token output
+    transformer.single_transformer_blocks.7:joint   # a single block's output, text and image tokens
+
+diffusers (>= 0.35) returns ``(encoder_hidden_states, hidden_states)`` from both block types, so a
+single block's joint stream is its two outputs joined along tokens; ComfyUI's ``DoubleStreamBlock``
+returns ``(img, txt)`` and its ``SingleStreamBlock`` the joined tensor itself: the names below map one
+onto the other, so a map fitted in either host applies in the other. Norm presets hook the
+normalisations before each block's modulation (``AdaLayerNormZero.norm`` = ComfyUI's ``img_norm1``).
+None of FLUX's maps fold into weights (block outputs are not layer outputs with weights, and FLUX's
+LayerNorms have no affine parameters), so FLUX has no LoRA export.
+"""
+
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+from ..errors import ACTInputError
+from ..maps import APPLY_PER_ELEMENT
+from ..presets import Preset
+from ..recording import OutputOf
+from .base import ModelFamily
+
+TRANSFORMER, TEXT_ENCODER, TEXT_ENCODER_2 = "transformer", "text_encoder", "text_encoder_2"
+PARTS = (TRANSFORMER, TEXT_ENCODER, TEXT_ENCODER_2)
+TEXT, IMAGE, JOINT = "text", "image", "joint"
+_DOUBLE = re.compile(r"^transformer_blocks\.(\d+)$")
+_SINGLE = re.compile(r"^single_transformer_blocks\.(\d+)$")
+# Where diffusers' blocks put each stream, and ComfyUI's.
+DIFFUSERS_STREAMS = {TEXT: 0, IMAGE: 1, JOINT: (0, 1)}
+COMFY_DOUBLE_STREAMS = {IMAGE: 0, TEXT: 1}
+# diffusers norm path (inside a block) -> ComfyUI's.
+COMFY_NORMS = {
+    "norm1.norm": "img_norm1",
+    "norm1_context.norm": "txt_norm1",
+    "norm2": "img_norm2",
+    "norm2_context": "txt_norm2",
+}
+COMFY_SINGLE_NORM = ("norm.norm", "pre_norm")
+
+
+def _trajectory_preset(name: str, description: str, patterns: tuple[str, ...]) -> Preset:
+    return Preset(
+        name,
+        description,
+        {TRANSFORMER: patterns},
+        support="unbounded",
+        apply_mode=APPLY_PER_ELEMENT,
+        protocol="trajectory",
+        statistic="positions",
+        calibrate=True,
+        cfg_rows="all",  # FLUX.1 runs no CFG batch: every row of a transformer call is the prompt's
+        types=(nn.Module,),
+    )
+
+
+PRESETS: dict[str, Preset] = {
+    "transformer_blocks": _trajectory_preset(
+        "transformer_blocks",
+        "The output streams of every transformer block (double blocks: text and image; single blocks: the "
+        "joint stream), as the reference's FLUX setup, fitted along your sampler's trajectory.",
+        ("transformer_blocks.*:text", "transformer_blocks.*:image", "single_transformer_blocks.*:joint"),
+    ),
+    "transformer_norms": _trajectory_preset(
+        "transformer_norms",
+        "The LayerNorms before every block's modulation (both streams of the double blocks, the single "
+        "blocks'), fitted along your sampler's trajectory.",
+        (
+            "transformer_blocks.*.norm1.norm",
+            "transformer_blocks.*.norm1_context.norm",
+            "transformer_blocks.*.norm2",
+            "transformer_blocks.*.norm2_context",
+            "single_transformer_blocks.*.norm.norm",
+        ),
+    ),
+    "text_encoder_norms": Preset(
+        "text_encoder_norms",
+        "The layer norms of CLIP-L and T5 (no transformer pass while fitting: fast).",
+        {TEXT_ENCODER: ("*layer_norm*",), TEXT_ENCODER_2: ("*layer_norm*",)},
+        apply_mode=APPLY_PER_ELEMENT,
+        types=(nn.Module,),
+    ),
+}
+DEFAULT_PRESET = "transformer_blocks"
+
+
+def component_modules(part: str, component: nn.Module) -> dict[str, nn.Module | OutputOf]:
+    """Every named submodule of a diffusers FLUX component by canonical name, plus the blocks' streams."""
+    if part not in PARTS:
+        raise ACTInputError(f"Unknown FLUX part {part!r}; expected one of {PARTS}.")
+    modules: dict[str, nn.Module | OutputOf] = {}
+    for path, module in component.named_modules():
+        if not path:
+            continue
+        if (
+            part == TEXT_ENCODER
+            and not path.startswith("text_model.")
+            and not hasattr(component, "text_model")
+        ):
+            path = f"text_model.{path}"  # CLIPTextModel without text_model (transformers 5), as for SDXL
+        modules[f"{part}.{path}"] = module
+        if part != TRANSFORMER:
+            continue
+        if _DOUBLE.match(path):
+            width = _block_width(module)
+            for stream in (TEXT, IMAGE):
+                modules[f"{part}.{path}:{stream}"] = OutputOf(module, DIFFUSERS_STREAMS[stream], width)
+        elif _SINGLE.match(path):
+            width = _block_width(module)
+            modules[f"{part}.{path}:{JOINT}"] = OutputOf(module, DIFFUSERS_STREAMS[JOINT], width)
+    return modules
+
+
+def _block_width(block: nn.Module) -> int:
+    """A transformer block's stream width (its attention's inner width)."""
+    for module in block.modules():
+        if isinstance(module, nn.LayerNorm):
+            return int(module.normalized_shape[-1])
+    raise ACTInputError(f"Cannot tell the width of FLUX block {type(block).__name__}.")
+
+
+def comfy_transformer_modules(diffusion_model: nn.Module) -> dict[str, nn.Module | OutputOf]:
+    """ComfyUI's ``Flux`` model (``double_blocks`` / ``single_blocks``) under canonical names."""
+    modules: dict[str, nn.Module | OutputOf] = {}
+    for i, block in enumerate(getattr(diffusion_model, "double_blocks", [])):
+        base = f"{TRANSFORMER}.transformer_blocks.{i}"
+        width = int(block.img_norm1.normalized_shape[-1])
+        for stream, index in COMFY_DOUBLE_STREAMS.items():
+            modules[f"{base}:{stream}"] = OutputOf(block, index, width)
+        for diffusers_path, comfy_path in COMFY_NORMS.items():
+            modules[f"{base}.{diffusers_path}"] = getattr(block, comfy_path)
+    for i, block in enumerate(getattr(diffusion_model, "single_blocks", [])):
+        base = f"{TRANSFORMER}.single_transformer_blocks.{i}"
+        modules[f"{base}:{JOINT}"] = block  # ComfyUI's single block returns the joined tokens itself
+        modules[f"{base}.{COMFY_SINGLE_NORM[0]}"] = getattr(block, COMFY_SINGLE_NORM[1])
+    if not modules:
+        raise ACTInputError(
+            "This model has no double_blocks / single_blocks: it is not a ComfyUI FLUX model."
+        )
+    return modules
+
+
+def lora_key(module_name: str) -> str:
+    raise ACTInputError(
+        f"FLUX maps do not fold into weights ({module_name!r}: block outputs and FLUX's LayerNorms have no "
+        "weights to absorb them), so they cannot be exported as a LoRA; apply them with hooks."
+    )
+
+
+def is_stream(name: str) -> bool:
+    return ":" in name
+
+
+FLUX = ModelFamily(
+    name="flux",
+    parts=PARTS,
+    denoiser=TRANSFORMER,
+    presets=PRESETS,
+    default_preset=DEFAULT_PRESET,
+    noise_level="sigma (= timestep / 1000 in diffusers' FLUX pipelines): 1 = pure noise",
+    lora_key=lora_key,
+    comfy_timestep_scale=1.0,  # ComfyUI's flow model_sampling.timestep(sigma) is sigma
+)

@@ -1,0 +1,100 @@
+"""FLUX.1 through diffusers on a tiny FluxPipeline built offline (random weights)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from tiny_flux import MAX_SEQUENCE_LENGTH, build_tiny_flux
+
+from act_core import ACTMap
+from act_core.diffusers import act_pipeline
+from act_core.errors import ACTInputError
+
+SOURCE = [f"a red circle number {i}" for i in range(6)]
+TARGET = [f"a blue square, striped, number {i}" for i in range(6)]
+SAMPLING = {"num_inference_steps": 3, "height": 32, "width": 32, "max_sequence_length": MAX_SEQUENCE_LENGTH}
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory):
+    base = build_tiny_flux(tmp_path_factory.mktemp("tiny_flux"))
+    base.set_progress_bar_config(disable=True)
+    wrapped = act_pipeline(base)
+    yield wrapped
+    wrapped.disable_act()
+
+
+@pytest.fixture(scope="module")
+def block_map(pipe):
+    return pipe.fit_act(SOURCE, TARGET, progress=False, **SAMPLING)
+
+
+def generate(pipe, steps=3, seed=0):
+    return pipe(
+        "a red circle",
+        num_inference_steps=steps,
+        height=32,
+        width=32,
+        max_sequence_length=MAX_SEQUENCE_LENGTH,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="np",
+    ).images
+
+
+def test_flux_pipeline_gets_the_flux_mixin(pipe):
+    assert type(pipe).__name__ == "ACTFluxPipeline" and pipe.act_family.name == "flux"
+
+
+def test_default_preset_hooks_every_block_stream_along_the_trajectory(pipe, block_map):
+    names = list(block_map.modules)
+    assert names[:2] == ["transformer.transformer_blocks.0:text", "transformer.transformer_blocks.0:image"]
+    assert "transformer.single_transformer_blocks.1:joint" in names and len(names) == 2 * 2 + 2
+    assert len(block_map.buckets) == 3 and max(block_map.buckets) == pytest.approx(1.0)
+    meta = block_map.metadata
+    assert meta["family"] == "flux" and meta["preset"] == "transformer_blocks" and meta["cfg_rows"] == "all"
+    assert (
+        meta["sampling"]["max_sequence_length"] == MAX_SEQUENCE_LENGTH and meta["causal_strategy"] == "exact"
+    )
+    assert len(meta["calibration_gains"]) == 3
+
+
+def test_lambda_zero_is_exact_one_steers_disable_restores(pipe, block_map, tmp_path):
+    for steps in (3, 5):
+        base = generate(pipe, steps)
+        pipe.enable_act(block_map, strength=0.0)
+        assert np.array_equal(generate(pipe, steps), base)
+        pipe.set_act_strength(1.0)
+        assert np.abs(generate(pipe, steps) - base).max() > 1e-3
+        pipe.disable_act()
+        assert np.array_equal(generate(pipe, steps), base)
+    loaded = ACTMap.load(block_map.save(tmp_path / "flux.safetensors"))
+    assert loaded.equal(block_map)
+
+
+def test_norm_and_text_encoder_presets(pipe):
+    norms = pipe.fit_act(SOURCE, TARGET, preset="transformer_norms", progress=False, **SAMPLING)
+    assert "transformer.transformer_blocks.0.norm1.norm" in norms.modules
+    assert "transformer.single_transformer_blocks.0.norm.norm" in norms.modules
+    calls = []
+    handle = pipe.transformer.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        text = pipe.fit_act(SOURCE, TARGET, preset="text_encoder_norms", progress=False, **SAMPLING)
+    finally:
+        handle.remove()
+    assert calls == [] and text.parts() == ["text_encoder", "text_encoder_2"]
+    assert any(name.startswith("text_encoder_2.encoder.block.") for name in text.modules)
+    base = generate(pipe)
+    pipe.enable_act(text, strength=1.0)
+    assert np.abs(generate(pipe) - base).max() > 1e-3
+    pipe.disable_act()
+
+
+def test_flux_maps_do_not_fold_and_refuse_clearly(pipe, block_map, tmp_path):
+    from act_core.lora import export_lora
+
+    with pytest.raises(ACTInputError, match="time-aware|cannot be folded|fold"):
+        pipe.fuse_act(block_map)
+    with pytest.raises(ACTInputError, match="LoRA"):
+        export_lora(block_map, pipe, tmp_path / "x.safetensors")
+    assert pipe.act_map is None

@@ -1,0 +1,71 @@
+"""A tiny FLUX.1 pipeline built offline from configs (random weights, the tests' character tokenizer)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from tiny_sdxl import text_config, write_tokenizer
+from transformers import CLIPTextModel, T5Config, T5EncoderModel
+
+MAX_SEQUENCE_LENGTH = 16
+
+
+def build_tiny_flux(folder: Path, seed: int = 0, guidance_embeds: bool = False) -> FluxPipeline:
+    """Build, save to ``folder`` (a diffusers folder) and return a tiny FluxPipeline (2 double, 2 single blocks)."""
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=2,
+        num_single_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        guidance_embeds=guidance_embeds,
+        axes_dims_rope=(4, 6, 6),
+    )
+    vae = AutoencoderKL(
+        block_out_channels=[16, 32],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+        shift_factor=0.0,
+        scaling_factor=1.0,
+    )
+    tokenizer = write_tokenizer(folder / "tokenizer")
+    tokenizer_2 = write_tokenizer(folder / "tokenizer_2")
+    text_encoder = CLIPTextModel(text_config(len(tokenizer)))
+    text_encoder_2 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer_2),
+            d_model=32,
+            d_kv=16,
+            d_ff=64,
+            num_layers=2,
+            num_heads=2,
+            relative_attention_num_buckets=8,
+            feed_forward_proj="gated-gelu",
+            pad_token_id=1,
+            eos_token_id=1,
+        )
+    )
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        transformer=transformer,
+    )
+    for module in (transformer, vae, text_encoder, text_encoder_2):
+        module.eval()  # built from configs, they start in training mode (T5's dropout would be live)
+    pipe.save_pretrained(str(folder))
+    return pipe.to(torch.float32)
