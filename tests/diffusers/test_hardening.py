@@ -196,7 +196,13 @@ def test_case05_concurrent_generations_through_shared_modules_keep_their_own_row
     from act_core.diffusers import act_pipeline
 
     timed = pipe.fit_act(SOURCE, TARGET, num_inference_steps=2, height=32, width=32, progress=False)
+    # A second pipeline on the same models; act_pipeline gives it its own scheduler and tokenizers.
     other = act_pipeline(type(pipe).__mro__[2].from_pipe(pipe, dtype=pipe.dtype))
+    assert (
+        other.unet is pipe.unet
+        and other.scheduler is not pipe.scheduler
+        and other.tokenizer is not pipe.tokenizer
+    )
     pipe.enable_act(timed, strength=1.0)
     try:
         alone = {"cfg": generate(pipe, 5.0, batch=2), "plain": generate(other, 1.0, batch=1)}
@@ -222,6 +228,37 @@ def test_case05_concurrent_generations_through_shared_modules_keep_their_own_row
     assert errors == []
     np.testing.assert_allclose(results["cfg"], alone["cfg"], atol=1e-5)
     np.testing.assert_allclose(results["plain"], alone["plain"], atol=1e-5)
+
+
+def test_case05b_a_concurrent_call_on_the_same_pipeline_is_refused_with_the_fix(pipe):
+    started, release, out = threading.Event(), threading.Event(), {}
+
+    def slow_step(pipeline, step, t, kwargs):
+        started.set()
+        release.wait(timeout=30)
+        return kwargs
+
+    def first():
+        out["images"] = pipe(
+            "a red circle",
+            num_inference_steps=2,
+            height=32,
+            width=32,
+            output_type="np",
+            callback_on_step_end=slow_step,
+        ).images
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    try:
+        assert started.wait(timeout=30)
+        with pytest.raises(ACTError, match="own pipeline: act_pipeline"):
+            generate(pipe)
+    finally:
+        release.set()
+        thread.join()
+    assert out["images"].shape == (1, 32, 32, 3)
+    generate(pipe)  # free again once the first call has finished
 
 
 def test_case06_a_second_concurrent_fit_is_refused_and_the_first_is_unharmed(pipe):

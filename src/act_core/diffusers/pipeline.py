@@ -90,6 +90,33 @@ _ACTIVE_PIPELINE: contextvars.ContextVar[Any] = contextvars.ContextVar("act_acti
 _GATE_ATTR = "_act_step_gate"
 _STATE_ATTR = "_act_state"
 _STATE_LOCK = threading.Lock()
+# Schedulers and tokenizers keep per-call state (step index, padding settings): two generations that share
+# one (the same pipeline, or pipelines made with from_pipe) cannot run at the same time.
+_STATEFUL_PARTS = ("scheduler", "tokenizer", "tokenizer_2")
+_BUSY_LOCK = threading.Lock()
+_BUSY: set[int] = set()
+
+
+@contextlib.contextmanager
+def _claim_stateful_parts(pipe: Any) -> Iterator[None]:
+    """Refuse, with the fix, a generation whose scheduler or tokenizer another generation is using."""
+    parts = {id(obj): name for name in _STATEFUL_PARTS if (obj := getattr(pipe, name, None)) is not None}
+    with _BUSY_LOCK:
+        taken = [name for key, name in parts.items() if key in _BUSY]
+        if taken:
+            raise ACTError(
+                f"Another generation is running with this pipeline's {', '.join(taken)} (diffusers keeps "
+                "per-call state in them), so this concurrent call would corrupt both. Give each thread its "
+                "own pipeline: act_pipeline(type(pipe).from_pipe(pipe, scheduler=copy.deepcopy(pipe.scheduler), "
+                "tokenizer=copy.deepcopy(pipe.tokenizer), tokenizer_2=copy.deepcopy(pipe.tokenizer_2))); the "
+                "models (and the ACT map on them) stay shared."
+            )
+        _BUSY.update(parts)
+    try:
+        yield
+    finally:
+        with _BUSY_LOCK:
+            _BUSY.difference_update(parts)
 
 
 class _ModelState:
@@ -693,11 +720,12 @@ class ACTPipelineMixin:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         # Lets the UNet gate ask this pipeline whether the batch is a CFG batch.
-        token = _ACTIVE_PIPELINE.set(self)
-        try:
-            return super().__call__(*args, **kwargs)
-        finally:
-            _ACTIVE_PIPELINE.reset(token)
+        with _claim_stateful_parts(self):
+            token = _ACTIVE_PIPELINE.set(self)
+            try:
+                return super().__call__(*args, **kwargs)
+            finally:
+                _ACTIVE_PIPELINE.reset(token)
 
 
 def _progress_callback(progress: bool | Callable[[int, int, str], None], description: str):
@@ -710,8 +738,8 @@ def act_pipeline(pipe: Any) -> Any:
     """An ACT-enabled pipeline sharing ``pipe``'s modules (no weights reloaded, dtype kept).
 
     Built with diffusers' ``from_pipe`` on a subclass that adds ``ACTPipelineMixin`` to ``pipe``'s class.
-    The scheduler is copied (schedulers keep per-generation state, so two pipelines sharing one cannot
-    generate at the same time); the models are shared.
+    The scheduler and tokenizers are copied (they keep per-call state, so two pipelines sharing one
+    cannot generate at the same time); the models are shared.
     """
     cls = type(pipe)
     if isinstance(pipe, ACTPipelineMixin):
@@ -733,7 +761,12 @@ def act_pipeline(pipe: Any) -> Any:
     level = modeling_logger.level
     modeling_logger.setLevel(logging.ERROR)
     try:
-        wrapped = act_cls.from_pipe(pipe, dtype=pipe.dtype, scheduler=copy.deepcopy(pipe.scheduler))
+        own = {
+            name: copy.deepcopy(obj)
+            for name in _STATEFUL_PARTS
+            if (obj := getattr(pipe, name, None)) is not None
+        }
+        wrapped = act_cls.from_pipe(pipe, dtype=pipe.dtype, **own)
     finally:
         modeling_logger.setLevel(level)
     if hasattr(pipe, "_progress_bar_config"):  # from_pipe does not carry it over
