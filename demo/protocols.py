@@ -33,6 +33,7 @@ from act_core.maps import APPLY_SPATIAL_MEAN
 
 from .classifier import predict_proba
 from .evaluation import generate
+from .flux_model import MAX_SEQUENCE_LENGTH as FLUX_MAX_SEQUENCE_LENGTH
 from .paths import REPO_ROOT, load_demo_classifier, load_demo_pipeline
 from .shapes import SHAPES, STYLES, caption
 
@@ -50,6 +51,8 @@ class Model:
     classifier: Path
     steps: int
     guidance: float
+    family: str = "sdxl"
+    sampling: dict = field(default_factory=dict)  # more pipeline arguments, for fitting and generating
 
 
 MODELS = {
@@ -68,7 +71,29 @@ MODELS = {
     "d": Model(
         "d", REPO_ROOT / "models" / "shapes-sdxl-d", REPO_ROOT / "models" / "shapes-classifier-d", 30, 6.0
     ),
+    # The FLUX.1-architecture shapes model (rectified flow, no CFG batch: FLUX.1's way), shipped classifier.
+    "flux": Model(
+        "flux",
+        REPO_ROOT / "models" / "shapes-flux",
+        REPO_ROOT / "models" / "shapes-classifier",
+        20,
+        1.0,
+        family="flux",
+        sampling={"max_sequence_length": FLUX_MAX_SEQUENCE_LENGTH},
+    ),
 }
+
+
+def load_model_pipeline(model: Model):
+    """The model's diffusers pipeline, from disk only, wrapped by ``act_pipeline``."""
+    if model.family == "flux":
+        from diffusers import FluxPipeline
+
+        pipe = FluxPipeline.from_pretrained(model.path, local_files_only=True)
+        pipe.set_progress_bar_config(disable=True)
+    else:
+        pipe = load_demo_pipeline(path=model.path)
+    return act_pipeline(pipe)
 
 
 @dataclass(frozen=True)
@@ -130,6 +155,7 @@ class Protocol:
     description: str
     fit: dict = field(default_factory=dict)
     enable: dict = field(default_factory=dict)
+    families: tuple[str, ...] = ("sdxl",)  # the model families it applies to
 
 
 _NEW = PRESETS["unet_norms"]
@@ -149,35 +175,54 @@ _WITH_TEXT = replace(
     patterns={TEXT_ENCODER: ("*layer_norm*",), TEXT_ENCODER_2: ("*layer_norm*",), UNET: ("*norm*",)},
 )
 
+BOTH = ("sdxl", "flux")
 PROTOCOLS = {
     p.name: p
     for p in (
         Protocol(
             "new_default",
-            "unet_norms: steered trajectory, per step, exact causal, per element, every position, calibrated",
+            "the default (SDXL unet_norms, FLUX transformer_blocks): steered trajectory, per step, exact causal, "
+            "per element, every position, calibrated",
+            families=BOTH,
         ),
         Protocol(
             "first_default",
             "the first trajectory default: one mean per sample, no calibration",
             {"statistic": "mean", "calibrate": False},
+            families=BOTH,
         ),
-        Protocol("mean_statistic", "new default with one mean per sample", {"statistic": "mean"}),
-        Protocol("uncalibrated", "new default without the output calibration", {"calibrate": False}),
+        Protocol(
+            "mean_statistic", "new default with one mean per sample", {"statistic": "mean"}, families=BOTH
+        ),
+        Protocol(
+            "uncalibrated", "new default without the output calibration", {"calibrate": False}, families=BOTH
+        ),
         Protocol(
             "old_default",
             "unet_norms_first_step: the paper's (first step, range, spatial mean)",
             {"preset": "unet_norms_first_step"},
         ),
-        Protocol("mean", "new default with Mean-AcT", {"method": "mean"}),
-        Protocol("range_support", "new default with source [min, max] support", {"support": "range"}),
+        Protocol("mean", "new default with Mean-AcT", {"method": "mean"}, families=BOTH),
+        Protocol(
+            "range_support",
+            "new default with source [min, max] support",
+            {"support": "range"},
+            families=BOTH,
+        ),
         Protocol(
             "spatial_mean", "new default, feature maps moved by their spatial mean", {"preset": _SPATIAL}
         ),
-        Protocol("at_once", "new default fitted at once (no transport while fitting)", {"mode": "at_once"}),
+        Protocol(
+            "at_once",
+            "new default fitted at once (no transport while fitting)",
+            {"mode": "at_once"},
+            families=BOTH,
+        ),
         Protocol(
             "target_trajectory",
             "new default on the target's trajectory (teacher forcing)",
             {"trajectory": "target"},
+            families=BOTH,
         ),
         Protocol(
             "unguided_fit",
@@ -189,11 +234,13 @@ PROTOCOLS = {
             "no_guard",
             "new default with the plain Linear-AcT estimator",
             {"shrinkage": 0.0, "max_omega": 1e4},
+            families=BOTH,
         ),
         Protocol(
             "lagged",
             "new default split into calls of 4 pairs (bounded-memory fallback)",
             {"batch_size": 4},
+            families=BOTH,
         ),
         Protocol("attention_norms", "new default on transformer-block norms only", {"preset": _ATTENTION}),
         Protocol("resnet_norms", "new default on ResNet norms only", {"preset": _RESNET}),
@@ -228,6 +275,18 @@ PROTOCOLS = {
             {"preset": "unet_norms_first_step", "statistics_steps": -1},
         ),
         Protocol(
+            "flux_norms",
+            "FLUX: the LayerNorms before every block's modulation, along the trajectory",
+            {"preset": "transformer_norms"},
+            families=("flux",),
+        ),
+        Protocol(
+            "flux_text_encoders",
+            "FLUX: CLIP-L and T5 layer norms only, unbounded (no transformer)",
+            {"preset": "text_encoder_norms", "support": "unbounded"},
+            families=("flux",),
+        ),
+        Protocol(
             "foldable",
             "unet_norms_foldable (first step, one map, all rows)",
             {"preset": "unet_norms_foldable"},
@@ -252,7 +311,12 @@ def score_images(classifier, images, task: Task) -> dict[str, float]:
 
 def fit_map(pipe, model: Model, task: Task, protocol: Protocol):
     """(map, seconds): ``pipe.fit_act`` with the model's sampling settings and the protocol's options."""
-    fit = {"num_inference_steps": model.steps, "guidance_scale": model.guidance, **protocol.fit}
+    fit = {
+        "num_inference_steps": model.steps,
+        "guidance_scale": model.guidance,
+        **model.sampling,
+        **protocol.fit,
+    }
     if fit.get("statistics_steps") == -1:
         fit["statistics_steps"] = model.steps
     start = time.perf_counter()
@@ -266,7 +330,7 @@ def score_curve(
     pipe, classifier, model: Model, task: Task, act_map, enable: dict, lambdas: Sequence[float]
 ) -> dict:
     """Scores of the source prompts at every lambda (and of the prompted ceiling); pass/fail at lambda 1."""
-    gen = {"steps": model.steps, "guidance": model.guidance}
+    gen = {"steps": model.steps, "guidance": model.guidance, **model.sampling}
     ceiling = score_images(classifier, generate(pipe, list(task.target), seed=EVAL_SEED, **gen), task)
     curve = []
     pipe.enable_act(act_map, strength=0.0, **enable)
@@ -344,9 +408,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     total, done, start = len(names) * len(model_names) * len(task_names), 0, time.perf_counter()
     for model_name in model_names:
         model = MODELS[model_name]
-        pipe = act_pipeline(load_demo_pipeline(path=model.path))
+        pipe = load_model_pipeline(model)
         classifier = load_demo_classifier(model.classifier)
         for name in names:
+            if model.family not in PROTOCOLS[name].families:
+                continue
             for task_name in task_names:
                 run = evaluate(pipe, classifier, model, all_tasks[task_name], PROTOCOLS[name], LAMBDAS)
                 results[name].setdefault(model_name, {})[task_name] = run

@@ -23,8 +23,9 @@ from torch import nn
 
 from act_core.applying import ACTHandle, check_strength, folded_diffs
 from act_core.errors import ACTInputError, ACTModelMismatchError
-from act_core.families import SDXL
-from act_core.families.sdxl import UNET, comfy_clip_modules, comfy_unet_modules
+from act_core.families import FLUX, SDXL, ModelFamily, get_family
+from act_core.families.flux import comfy_transformer_modules
+from act_core.families.sdxl import comfy_clip_modules, comfy_unet_modules
 from act_core.lora import as_foldable
 from act_core.maps import ACTMap
 from act_core.validation import check_window
@@ -37,6 +38,7 @@ from .comfy_models import (
     unet_modules,
     unet_table,
 )
+from .common import transformer_options_of
 
 log = logging.getLogger("ComfyUI-ACT")
 PATCHES, HOOKS = "weight patches", "hooks"
@@ -130,6 +132,7 @@ def unet_wrapper(
     sigma_end: float | None,
     model_sampling: Any,
     cfg_rows: str = "cond",
+    family: ModelFamily = SDXL,
 ) -> Callable:
     """DIFFUSION_MODEL wrapper: per call, the rows to steer (the cond chunks, unless the map steers all
     rows), the noise level (time-aware maps) and whether the call is inside [sigma_end, sigma_start]."""
@@ -137,8 +140,7 @@ def unet_wrapper(
     def wrapper(executor, *args, **kwargs):
         handle = hooks.handle
         if handle is not None and args:
-            options = args[5] if len(args) > 5 else kwargs.get("transformer_options", {})
-            options = options if isinstance(options, dict) else {}
+            options = transformer_options_of(args, kwargs)
             enabled, rows = True, None
             if cfg_rows == "cond":
                 enabled, rows = cond_rows(options.get("cond_or_uncond"), args[0].shape[0])
@@ -148,11 +150,34 @@ def unet_wrapper(
                 sigma = float(torch.as_tensor(sigmas).max())
                 if sigma_start is not None:
                     enabled = enabled and sigma_end <= sigma <= sigma_start
-                level = float(model_sampling.timestep(torch.tensor(sigma))) / SDXL.comfy_timestep_scale
-            handle.set_call([UNET], rows=rows, noise_level=level, in_window=enabled)
+                level = float(model_sampling.timestep(torch.tensor(sigma))) / family.comfy_timestep_scale
+            handle.set_call([family.denoiser], rows=rows, noise_level=level, in_window=enabled)
         return executor(*args, **kwargs)
 
     return wrapper
+
+
+def map_family(act_map: ACTMap) -> ModelFamily:
+    """The model family a map was fitted on (its metadata; maps without it are SDXL's)."""
+    return get_family(str(act_map.metadata.get("family", SDXL.name)))
+
+
+def _denoiser_modules(model: Any, family: ModelFamily) -> tuple[dict[str, nn.Module], Any]:
+    """(canonical name -> module of the MODEL's denoiser, the UNet's name table or None)."""
+    diffusion_model = model.model.diffusion_model
+    if family is FLUX:
+        if not hasattr(diffusion_model, "double_blocks"):
+            raise ACTModelMismatchError(
+                "This ACT map was fitted on a FLUX model (its transformer), but this MODEL is not a FLUX model; "
+                "use a map fitted on this model."
+            )
+        return comfy_transformer_modules(diffusion_model), None
+    if hasattr(diffusion_model, "double_blocks"):
+        raise ACTModelMismatchError(
+            "This MODEL is a FLUX model but the ACT map was fitted on an SDXL model; fit a map on this model."
+        )
+    table = unet_table(model)
+    return unet_modules(model, table), table
 
 
 def apply_map(
@@ -181,28 +206,33 @@ def apply_map(
     parts = act_map.parts()
     tag = f"comfyui_act_{uuid.uuid4().hex[:12]}"
 
-    if UNET in parts and strength != 0.0:
+    family = map_family(act_map)
+    denoiser = family.denoiser
+    if denoiser in parts and strength != 0.0:
         if model is None:
-            raise ACTInputError("This ACT map steers the UNet: connect a MODEL.")
-        table = unet_table(model)
-        modules = unet_modules(model, table)
-        part_map = act_map.restrict(parts=[UNET])
-        check_fits(part_map, modules, "this MODEL's UNet")
+            raise ACTInputError(f"This ACT map steers the {denoiser}: connect a MODEL.")
+        modules, table = _denoiser_modules(model, family)
+        part_map = act_map.restrict(parts=[denoiser])
+        check_fits(part_map, modules, f"this MODEL's {denoiser}")
         window = start > 0.0 or end < 1.0
         patches = (
             None
-            if (window or force_hooks)
+            if (window or force_hooks or family is not SDXL)  # FLUX maps never fold (act_core.families.flux)
             else fold_patches(model, part_map, modules, lambda n: state_key(n, table))
         )
         if patches is not None:
             _add_diff_patches(model_out, patches, strength, "this MODEL")
-            how[UNET] = PATCHES
+            how[denoiser] = PATCHES
         else:
             from comfy.patcher_extension import WrappersMP
 
-            hooks = _Hooks(
-                part_map, strength, lambda patcher: comfy_unet_modules(patcher.model.diffusion_model, table)
-            )
+            def resolve(patcher: Any, table: Any = table) -> dict[str, nn.Module]:
+                diffusion_model = patcher.model.diffusion_model
+                if family is FLUX:
+                    return comfy_transformer_modules(diffusion_model)
+                return comfy_unet_modules(diffusion_model, table)
+
+            hooks = _Hooks(part_map, strength, resolve)
             sigma_start = sigma_end = None
             sampling = model.get_model_object("model_sampling")
             if window:
@@ -215,11 +245,16 @@ def apply_map(
             model_out.add_wrapper_with_key(
                 WrappersMP.DIFFUSION_MODEL,
                 tag,
-                unet_wrapper(hooks, sigma_start, sigma_end, sampling, cfg_rows),
+                unet_wrapper(hooks, sigma_start, sigma_end, sampling, cfg_rows, family),
             )
-            how[UNET] = HOOKS
+            how[denoiser] = HOOKS
 
-    te_parts = [part for part in parts if part != UNET]
+    te_parts = [part for part in parts if part != denoiser]
+    if te_parts and te_strength != 0.0 and family is FLUX:
+        raise ACTInputError(
+            "FLUX text-encoder maps apply through diffusers only for now (ComfyUI's FLUX CLIP is not mapped "
+            "yet); fit the map with the FLUX default preset 'transformer_blocks' instead."
+        )
     if te_parts and te_strength != 0.0:
         if clip is None:
             raise ACTInputError("This ACT map steers the text encoders: connect a CLIP.")
@@ -242,7 +277,7 @@ def apply_map(
     skipped = [part for part in parts if part not in how]
     if skipped:
         log.info(
-            "ACT: the map's %s part(s) left out: strength 0 (UNet %g, text encoders %g).",
+            "ACT: the map's %s part(s) left out: strength 0 (denoiser %g, text encoders %g).",
             ", ".join(skipped),
             strength,
             te_strength,

@@ -65,3 +65,16 @@ def parse_parts(text: str, preset: Preset) -> tuple[str, ...]:
 def resolve_support(support: str, method: str, preset: Preset) -> str | None:
     """'auto' means the preset's support (e.g. unbounded), else the method's default."""
     return (preset.support or None) if support == "auto" else support
+
+
+def transformer_options_of(args: tuple, kwargs: dict) -> dict:
+    """The ``transformer_options`` of a DIFFUSION_MODEL wrapper call, whatever the model's signature.
+
+    It is the last dict argument: the UNet's ``_forward(x, timesteps, context, y, control, options)`` and
+    FLUX's ``_forward(x, timestep, context, y, guidance, ref_latents, control, options)`` both end with it
+    (``control`` can be a dict too, so the first dict would be wrong).
+    """
+    options = kwargs.get("transformer_options")
+    if isinstance(options, dict):
+        return options
+    return next((arg for arg in reversed(args) if isinstance(arg, dict)), {})

@@ -6,15 +6,20 @@ from pathlib import Path
 from typing import Any
 
 from act_core.errors import ACTInputError
+from act_core.families import SDXL
 from act_core.families.sdxl import UNET
 from act_core.lora import as_foldable, export_lora
 from act_core.maps import ACTMap, part_of
 
+from .applying import map_family
 from .comfy_models import check_fits, checkpoint_shells, modules_for, state_key, unet_table
 
 
 def export_map(model: Any, clip: Any, act_map: ACTMap, path: Path, dtype: str) -> Path:
     """Write ``act_map`` as full-weight diffs against the checkpoint's own weights (not other clones')."""
+    family = map_family(act_map)
+    if family is not SDXL:
+        family.lora_key(next(iter(act_map.modules)))  # raises: says why this family has no LoRA export
     parts = act_map.parts()
     if UNET in parts and model is None:
         raise ACTInputError("This ACT map steers the UNet: connect the MODEL it was fitted on.")

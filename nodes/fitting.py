@@ -49,7 +49,7 @@ from act_core.validation import (
 )
 
 from .comfy_models import clip_modules, has_text_encoder_2, unet_modules
-from .common import parse_parts, resolve_support
+from .common import parse_parts, resolve_support, transformer_options_of
 
 log = logging.getLogger("ComfyUI-ACT")
 FIRST_STEP_SCHEDULER = "normal"  # first-step protocol: only sigma_max matters
@@ -195,7 +195,7 @@ def _session_wrapper(session: TrajectoryFit, model_sampling: Any, check: Callabl
 
     def wrapper(executor, *args, **kwargs):
         check()
-        options = args[5] if len(args) > 5 else kwargs.get("transformer_options", {})
+        options = transformer_options_of(args, kwargs)
         order = list((options or {}).get("cond_or_uncond") or [])
         batch = args[0].shape[0]
         sigma = torch.as_tensor((options or {}).get("sigmas")).flatten()[0]
@@ -471,6 +471,12 @@ def fit_map(
     """Fit an ACT map; returns (map, stats). Raises on interruption (nothing stays hooked)."""
     import comfy.model_management as mm
 
+    if model is not None and hasattr(model.model.diffusion_model, "double_blocks"):
+        raise ACTInputError(
+            "Fitting on a FLUX MODEL inside ComfyUI is not supported yet. Fit the map with diffusers "
+            "(pipe.fit_act, or act-fit --model <FLUX diffusers folder>), put it in models/act_maps and use "
+            "'Load ACT map' + 'Apply ACT': applying FLUX maps works here."
+        )
     source = parse_prompt_lines(source_text, "source")
     target = parse_prompt_lines(target_text, "target")
     check_balance(source, target)

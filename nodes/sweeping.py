@@ -6,11 +6,10 @@ from typing import Any
 
 import torch
 
-from act_core.families.sdxl import UNET
 from act_core.maps import ACTMap
 from act_core.validation import parse_lambdas
 
-from .applying import apply_map
+from .applying import apply_map, map_family
 
 
 def encode_text(clip: Any, text: str) -> list:
@@ -47,7 +46,7 @@ def sweep(
     values = parse_lambdas(lambdas)
     latent = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"])
     noise = comfy.sample.prepare_noise(latent, seed, latent_image.get("batch_index"))
-    steers_text = any(part != UNET for part in act_map.parts())
+    steers_text = any(part != map_family(act_map).denoiser for part in act_map.parts())
     try:
         import latent_preview
     except ImportError:  # outside the ComfyUI server

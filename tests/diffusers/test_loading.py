@@ -56,9 +56,19 @@ def test_folder_without_model_index(tmp_path):
 
 
 def test_unsupported_pipeline_class(tmp_path):
-    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
-    with pytest.raises(ACTModelLoadError, match="FluxPipeline.*supports StableDiffusionXLPipeline"):
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
+    with pytest.raises(
+        ACTModelLoadError, match="StableDiffusion3Pipeline.*supports StableDiffusionXLPipeline"
+    ):
         load_pipeline(tmp_path)
+
+
+def test_flux_folder_loads_as_an_act_flux_pipeline(tmp_path):
+    from tiny_flux import build_tiny_flux
+
+    build_tiny_flux(tmp_path)
+    pipe = load_pipeline(tmp_path)
+    assert type(pipe).__name__ == "ACTFluxPipeline" and pipe.act_family.name == "flux"
 
 
 def test_pickled_checkpoint_refused_without_flag(tmp_path):

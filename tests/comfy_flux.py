@@ -1,0 +1,53 @@
+"""A diffusers FLUX transformer as ComfyUI's own FLUX MODEL, through ComfyUI's diffusers key conversion.
+
+ComfyUI's ``convert_diffusers_mmdit`` maps the diffusers weights onto its ``Flux`` (double_blocks /
+single_blocks), ``detect_unet_config`` reads the architecture off them and ``model_config_from_unet_config``
+picks the supported model (FLUX.1-schnell without guidance embedding): the path its UNETLoader takes for a
+diffusers-format FLUX file. Detection hard-codes FLUX.1's full sizes (width 3072, 24 heads, ...); the tiny
+model's are taken from its diffusers config instead. ``test_comfy_flux.py`` checks it is the same model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from comfy_support import setup_comfy
+
+
+def load_flux_transformer(transformer: torch.nn.Module) -> Any:
+    """A float32 CPU ModelPatcher of ComfyUI's FLUX with ``transformer``'s weights."""
+    setup_comfy()
+    import comfy.model_detection
+    import comfy.model_management as mm
+    import comfy.model_patcher
+
+    # Copies: the conversion rewrites some tensors in place (FLUX's final scale/shift swap), which would
+    # otherwise change the diffusers model's own parameters.
+    weights = {
+        key: value.detach().to(torch.float32, copy=True) for key, value in transformer.state_dict().items()
+    }
+    state = comfy.model_detection.convert_diffusers_mmdit(weights, "")
+    config = comfy.model_detection.detect_unet_config(state, "")
+    ours = transformer.config
+    heads, head_dim = ours.num_attention_heads, ours.attention_head_dim
+    config.update(
+        hidden_size=heads * head_dim,
+        num_heads=heads,
+        context_in_dim=ours.joint_attention_dim,
+        out_channels=(ours.out_channels or ours.in_channels) // 4,
+        axes_dim=list(ours.axes_dims_rope),
+        mlp_ratio=state["double_blocks.0.img_mlp.0.weight"].shape[0] / (heads * head_dim),
+    )
+    model_config = comfy.model_detection.model_config_from_unet_config(config, state)
+    if model_config is None:
+        raise RuntimeError(f"ComfyUI does not recognise this transformer ({config})")
+    model_config.set_inference_dtype(torch.float32, None)
+    base = model_config.get_model(state)
+    missing, unexpected = base.diffusion_model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"weights do not fit: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    base.eval()
+    return comfy.model_patcher.ModelPatcher(
+        base, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device()
+    )

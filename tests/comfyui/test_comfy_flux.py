@@ -1,0 +1,166 @@
+"""FLUX maps in real ComfyUI: a map fitted in diffusers steers ComfyUI's own FLUX model exactly as it steers
+the diffusers transformer (skipped without COMFYUI_PATH)."""
+
+from __future__ import annotations
+
+import comfy_support as cs  # noqa: E402
+import pytest
+import torch
+from comfy_support import comfyui  # noqa: E402,F401  (session fixture)
+from tiny_flux import MAX_SEQUENCE_LENGTH, build_tiny_flux
+
+pytestmark = cs.requires_comfyui
+
+SOURCE = [f"a red circle number {i}" for i in range(6)]
+TARGET = [f"a blue square, striped, number {i}" for i in range(6)]
+LATENT = (1, 4, 8, 8)  # ComfyUI's FLUX latent (4 channels for the tiny VAE), 2x2 patches: 16 image tokens
+
+
+@pytest.fixture(scope="module")
+def flux(comfyui, tmp_path_factory):  # noqa: F811
+    import comfy_flux
+
+    from act_core.diffusers import act_pipeline
+
+    pipe = act_pipeline(build_tiny_flux(tmp_path_factory.mktemp("tiny_flux")))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, comfy_flux.load_flux_transformer(pipe.transformer)
+
+
+@pytest.fixture(scope="module")
+def flux_maps(flux):
+    import warnings
+
+    pipe, _ = flux
+    sampling = {
+        "num_inference_steps": 3,
+        "height": 32,
+        "width": 32,
+        "max_sequence_length": MAX_SEQUENCE_LENGTH,
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tests' tokenizer does not know these words
+        return {
+            preset: pipe.fit_act(SOURCE, TARGET, preset=preset, progress=False, **sampling)
+            for preset in ("transformer_blocks", "transformer_norms")
+        }
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    generator = torch.Generator().manual_seed(0)
+    return {
+        "x": torch.randn(LATENT, generator=generator),
+        "context": torch.randn(1, MAX_SEQUENCE_LENGTH, 32, generator=generator),
+        "pooled": torch.randn(1, 32, generator=generator),
+    }
+
+
+def diffusers_velocity(pipe, inputs, sigma: float) -> torch.Tensor:
+    """The diffusers transformer's output at noise level ``sigma``, unpacked to ComfyUI's latent layout."""
+    batch, channels, height, width = LATENT
+    with torch.no_grad():
+        packed = pipe._pack_latents(inputs["x"], batch, channels, height, width)
+        ids = pipe._prepare_latent_image_ids(batch, height // 2, width // 2, "cpu", torch.float32)
+        out = pipe.transformer(
+            hidden_states=packed,
+            timestep=torch.tensor([sigma]),
+            pooled_projections=inputs["pooled"],
+            encoder_hidden_states=inputs["context"],
+            txt_ids=torch.zeros(MAX_SEQUENCE_LENGTH, 3),
+            img_ids=ids,
+            return_dict=False,
+        )[0]
+    return pipe._unpack_latents(
+        out, height * pipe.vae_scale_factor, width * pipe.vae_scale_factor, pipe.vae_scale_factor
+    )
+
+
+def comfy_velocity(patcher, inputs, sigma: float) -> torch.Tensor:
+    """ComfyUI's FLUX output for the same inputs, called as its samplers call it (wrappers, sigmas)."""
+    import comfy.model_management as mm
+    import comfy.patcher_extension
+
+    mm.load_models_gpu([patcher])  # patches this clone in (its ACT hooks are injected on load)
+    options = {
+        "wrappers": comfy.patcher_extension.copy_nested_dicts(patcher.wrappers),
+        "sigmas": torch.tensor([sigma]),
+        "cond_or_uncond": [0],
+    }
+    t = torch.tensor([sigma])
+    with torch.no_grad():
+        denoised = patcher.model.apply_model(
+            inputs["x"], t, c_crossattn=inputs["context"], y=inputs["pooled"], transformer_options=options
+        )
+    return (inputs["x"] - denoised) / sigma  # ComfyUI's flow models return x - sigma * velocity
+
+
+def test_comfyui_flux_is_the_same_model(flux, inputs):
+    pipe, model = flux
+    for sigma in (1.0, 0.55):
+        torch.testing.assert_close(
+            comfy_velocity(model, inputs, sigma),
+            diffusers_velocity(pipe, inputs, sigma),
+            rtol=1e-4,
+            atol=1e-4,
+        )
+
+
+@pytest.mark.parametrize("preset", ["transformer_blocks", "transformer_norms"])
+def test_a_diffusers_fitted_flux_map_steers_comfyui_flux_as_diffusers(
+    nodes_pack, flux, flux_maps, inputs, preset
+):
+    pipe, model = flux
+    act_map = flux_maps[preset]
+    assert len(act_map.buckets) == 3
+    sigma = 0.55  # between two of the map's noise levels: both hosts interpolate the same way
+    plain = comfy_velocity(model, inputs, sigma)
+    steered_model, _ = nodes_pack["ACTApply"].apply(model, None, act_map, 1.0)
+    steered = comfy_velocity(steered_model, inputs, sigma)
+    pipe.enable_act(act_map, strength=1.0)
+    try:
+        expected = diffusers_velocity(pipe, inputs, sigma)
+    finally:
+        pipe.disable_act()
+    assert (steered - plain).abs().max() > 1e-3
+    torch.testing.assert_close(steered, expected, rtol=1e-4, atol=1e-4)
+    # The input MODEL is untouched: loading it again gives the plain output, with no ACT hooks left.
+    torch.testing.assert_close(comfy_velocity(model, inputs, sigma), plain, rtol=0, atol=0)
+    hooked = [n for n, m in model.model.diffusion_model.named_modules() if hasattr(m, "_act_handle")]
+    assert hooked == []
+
+
+def test_strength_zero_adds_nothing_and_wrong_family_maps_are_refused(nodes_pack, flux, flux_maps):
+    from act_core.errors import ACTInputError, ACTModelMismatchError
+
+    _, model = flux
+    act_map = flux_maps["transformer_blocks"]
+    same, _ = nodes_pack["ACTApply"].apply(model, None, act_map, 0.0)
+    assert not same.wrappers and not same.injections
+    tiny_sdxl, tiny_clip = cs.build_tiny_sdxl(seed=0)
+    with pytest.raises(ACTModelMismatchError, match="transformer"):
+        nodes_pack["ACTApply"].apply(tiny_sdxl, tiny_clip, act_map, 1.0)
+    with pytest.raises(ACTInputError, match="LoRA"):
+        nodes_pack["ACTExportLoRA"].export(model, None, act_map, "flux_map", "fp32", False)
+    with pytest.raises(ACTInputError, match="not supported yet"):
+        nodes_pack["ACTFitMap"].fit(
+            model,
+            None,
+            source_prompts="a red circle\na blue circle",
+            target_prompts="a red square\na blue square",
+            preset="unet_norms",
+            parts="",
+            method="linear",
+            support="auto",
+            mode="preset",
+            fit_seed=0,
+            width=64,
+            height=64,
+            steps=3,
+            batch_size=2,
+        )
+
+
+@pytest.fixture(scope="module")
+def nodes_pack(comfyui):  # noqa: F811
+    return cs.node_callers(cs.load_node_pack())
