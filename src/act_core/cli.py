@@ -143,6 +143,19 @@ def choose_threads(pipe: Any, requested: int | None) -> int:
     return requested
 
 
+def model_family(model: str) -> Any:
+    """The model family of ``--model`` from its ``model_index.json`` (no torch): FLUX folders are FLUX's,
+    everything else (folders, single files, cached ids) is checked as SDXL until it loads."""
+    from .families import FLUX, SDXL
+
+    index = Path(os.path.expanduser(str(model))) / "model_index.json"
+    try:
+        name = json.loads(index.read_text(encoding="utf-8")).get("_class_name", "")
+    except (OSError, ValueError):
+        return SDXL
+    return FLUX if name.startswith("Flux") else SDXL
+
+
 def load_model(args: argparse.Namespace) -> Any:
     """The ACT pipeline for ``--model`` (local only; see ``act_core.diffusers.loading``)."""
     import torch
@@ -206,9 +219,16 @@ def cmd_fit(args: argparse.Namespace) -> int:
     target = check_prompts(gather_prompts(args.target, args.target_prompt, "target"), "target")
     check_balance(source, target)
     from .estimators import validate_support  # the checks above ran before torch loads
-    from .families import SDXL
 
-    spec = SDXL.preset(args.preset)  # fail before loading the model, not a minute later
+    family = model_family(args.model)
+    args.preset = args.preset or family.default_preset
+    spec = family.preset(args.preset)  # fail before loading the model, not a minute later
+    if family.name == "flux" and args.negative_prompt:
+        raise CLIError(
+            "FLUX.1 samples without a CFG batch, so --negative-prompt has no effect there; drop it."
+        )
+    if family.name != "flux" and args.max_sequence_length is not None:
+        raise CLIError("--max-sequence-length is FLUX's (its T5 prompt length); this model is not FLUX.")
     if args.support is not None:
         validate_support(args.support)
     if args.statistics_steps != 1 and spec.protocol != "first_step":
@@ -234,6 +254,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         negative_prompt=args.negative_prompt,
         statistics_steps=args.statistics_steps,
         progress=_progress_enabled(args),
+        **({"max_sequence_length": args.max_sequence_length} if args.max_sequence_length else {}),
     )
     act_map = act_map.with_metadata({"model_source": str(args.model)})
     act_map.save(output)
@@ -465,9 +486,10 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--target-prompt", action="append", metavar="TEXT", help="a target prompt (repeatable)")
     fit.add_argument(
         "--preset",
-        default="unet_norms",
-        help="which modules and how (default unet_norms: time-aware maps along your sampler's trajectory; "
-        "unet_norms_first_step is the paper's protocol; act_core.families.sdxl lists them all)",
+        default=None,
+        help="which modules and how (default: the model's; SDXL unet_norms, time-aware maps along your "
+        "sampler's trajectory; unet_norms_first_step is the paper's protocol; FLUX transformer_blocks; "
+        "act_core/families/ lists them all)",
     )
     fit.add_argument(
         "--method", choices=("linear", "mean", "gaussian"), default=None, help="default: the preset's"
@@ -499,6 +521,12 @@ def build_parser() -> argparse.ArgumentParser:
     sampling.add_argument("--height", type=int, default=None, help="default: the model's native size")
     sampling.add_argument("--width", type=int, default=None)
     sampling.add_argument("--negative-prompt", default=None, help="the negative prompt you generate with")
+    sampling.add_argument(
+        "--max-sequence-length",
+        type=int,
+        default=None,
+        help="FLUX only: the T5 prompt length you sample with (FluxPipeline's default 512)",
+    )
     fit.add_argument(
         "--statistics-steps",
         type=int,

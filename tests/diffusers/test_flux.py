@@ -98,3 +98,18 @@ def test_flux_maps_do_not_fold_and_refuse_clearly(pipe, block_map, tmp_path):
     with pytest.raises(ACTInputError, match="LoRA"):
         export_lora(block_map, pipe, tmp_path / "x.safetensors")
     assert pipe.act_map is None
+
+
+def test_cli_fits_a_flux_folder_with_the_flux_default(tmp_path, capsys):
+    from act_core.cli import main
+
+    build_tiny_flux(tmp_path / "flux")
+    common = ["fit", "--model", str(tmp_path / "flux"), "--steps", "2", "--height", "32", "--width", "32"]
+    prompts = ["--source-prompt", "a red circle", "--source-prompt", "a blue circle"]
+    prompts += ["--target-prompt", "a red square", "--target-prompt", "a blue square"]
+    out = tmp_path / "map.safetensors"
+    assert main([*common, *prompts, "--max-sequence-length", "16", "--output", str(out), "-q"]) == 0
+    fitted = ACTMap.load(out)
+    assert fitted.metadata["preset"] == "transformer_blocks" and fitted.metadata["family"] == "flux"
+    assert main([*common, *prompts, "--negative-prompt", "blurry", "--output", str(out), "-q"]) == 2
+    assert "without a CFG batch" in capsys.readouterr().err
