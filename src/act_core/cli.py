@@ -16,12 +16,13 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from ._version import __version__
-from .errors import ACTError, ACTInputError
+from .errors import ACTError, ACTInputError, ACTWarning
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -162,7 +163,7 @@ def load_model(args: argparse.Namespace) -> Any:
 
     from .diffusers.loading import load_pipeline
 
-    _QUIET.quiet(args.quiet)
+    _QUIET.quiet()
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     _status(args, f"Loading {args.model} ({args.dtype}, {device})")
@@ -174,7 +175,8 @@ def load_model(args: argparse.Namespace) -> Any:
 
 
 class _QuietLibraries:
-    """Hide diffusers/transformers warnings (noise for a CLI user; errors stay), restored on exit.
+    """Hide diffusers/transformers warnings and loading bars (noise for a CLI user; errors stay), restored
+    on exit.
 
     Restoring matters when ``main`` runs in-process (tests, notebooks): logging state is global.
     """
@@ -182,15 +184,14 @@ class _QuietLibraries:
     def __init__(self) -> None:
         self.saved: list[tuple[Any, int, bool]] = []
 
-    def quiet(self, no_progress: bool) -> None:
+    def quiet(self) -> None:
         from diffusers.utils import logging as diffusers_logging
         from transformers.utils import logging as transformers_logging
 
         for library in (diffusers_logging, transformers_logging):
             self.saved.append((library, library.get_verbosity(), library.is_progress_bar_enabled()))
             library.set_verbosity_error()
-            if no_progress:
-                library.disable_progress_bar()
+            library.disable_progress_bar()  # their loading bars repeat our "Loading ..." line
 
     def restore(self) -> None:
         for library, verbosity, progress in reversed(self.saved):
@@ -593,7 +594,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.handler(args)
+        with warnings.catch_warnings():
+            show = warnings.showwarning
+
+            def one_line(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001
+                if issubclass(category, ACTWarning):  # ours are for the user: no source line
+                    print(f"act {args.command}: warning: {message}", file=sys.stderr)
+                else:
+                    show(message, category, filename, lineno, file, line)
+
+            warnings.showwarning = one_line
+            return args.handler(args)
     except ACTError as error:
         print(f"act {args.command}: error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
