@@ -5,14 +5,18 @@ every step. With the 20-40 step, guided samplers people use, first-step statisti
 statistics pooled over all steps break images (docs/protocol.md). Here the host runs its own sampler
 (its scheduler, steps, guidance) on a batch laid out in rows:
 
-    [uncond rows (CFG), target-prompt rows, source-prompt rows]      all on the SAME latents
+    [uncond rows (CFG), target-prompt rows, source-prompt rows, (calibrate) plain source rows]
+                                                                    all on the SAME latents
 
 and tells the session, before every model call, the call's noise level and which rows are which. At
 every hooked module the session pools the source and the target rows of that call, fits the module's
 map for this noise level and (``mode="causal"``) transports the source rows at once, before the
 forward goes on: module k is fitted on inputs that the maps of modules 1..k-1 already moved, exactly
 as the paper's causal estimation, in one pass and without threads. One map per denoising step is kept,
-keyed by the step's noise level (``ACTMap.buckets``).
+keyed by the step's noise level (``ACTMap.buckets``). With ``calibrate`` the plain source rows (the
+same prompts, never transported) tell how far the transport moved the model output; the host scales
+the step's maps by ``calibration_gain`` (``TrajectoryFit.scale_step``) so lambda = 1 moves the output as
+far as the target prompt does.
 
 Which latents the rows share is the host's choice (``trajectory`` in the map's metadata):
 
