@@ -9,7 +9,7 @@ from comfy_api.latest import ComfyExtension, io
 from typing_extensions import override
 
 from act_core.errors import ACTInputError
-from act_core.families import SDXL
+from act_core.families import FLUX, SDXL
 from act_core.maps import ACTMap
 
 from .common import (
@@ -32,7 +32,12 @@ from .common import (
 from .folders import FOLDER, list_maps, map_path, write_into_folder
 
 ActMap = io.Custom(ACT_MAP)
-_PRESET_HELP = "; ".join(f"{name}: {preset.description}" for name, preset in SDXL.presets.items())
+_PRESET_HELP = " ".join(
+    f"{family.name.upper()} presets: "
+    + "; ".join(f"{name}: {preset.description}" for name, preset in family.presets.items())
+    + "."
+    for family in (SDXL, FLUX)
+)
 
 
 def _sampler_choices() -> tuple[list[str], list[str]]:
@@ -132,7 +137,9 @@ class ACTFitMap(io.ComfyNode):
             ),
             inputs=[
                 io.Model.Input(
-                    "model", tooltip="The diffusion model (SD 1.x / SDXL UNet) to fit the map on."
+                    "model",
+                    tooltip="The diffusion model to fit the map on: an SD 1.x / SDXL UNet, or FLUX.1 (use a FLUX "
+                    "preset: transformer_blocks or transformer_norms, cfg 1).",
                 ),
                 io.Clip.Input(
                     "clip",
@@ -155,7 +162,8 @@ class ACTFitMap(io.ComfyNode):
                     "preset",
                     options=PRESET_NAMES,
                     default=DEFAULT_PRESET,
-                    tooltip="Which modules are hooked and how. " + _PRESET_HELP,
+                    tooltip="Which modules are hooked and how (the preset must belong to the MODEL's family). "
+                    + _PRESET_HELP,
                 ),
                 io.String.Input(
                     "parts",

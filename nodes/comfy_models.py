@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from act_core.errors import ACTModelMismatchError
+from act_core.families import FLUX, SDXL, ModelFamily
 from act_core.families.sdxl import (
     TEXT_ENCODER,
     TEXT_ENCODER_2,
@@ -24,6 +25,11 @@ from act_core.families.sdxl import (
     unet_module_table,
 )
 from act_core.maps import ACTMap, part_of
+
+
+def denoiser_family(model: Any) -> ModelFamily:
+    """The family of a ComfyUI MODEL's denoiser: FLUX (``double_blocks`` / ``single_blocks``) or SDXL."""
+    return FLUX if hasattr(model.model.diffusion_model, "double_blocks") else SDXL
 
 
 def unet_table(model: Any) -> dict[str, str]:

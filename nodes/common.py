@@ -6,12 +6,13 @@ Input checks live in ``act_core.validation`` (one layer for the nodes, the mixin
 from __future__ import annotations
 
 from act_core.errors import ACTInputError
-from act_core.families import SDXL
+from act_core.families import FLUX, SDXL, ModelFamily
 from act_core.presets import Preset
 
 CATEGORY = "ACT"
 ACT_MAP = "ACT_MAP"
-PRESET_NAMES = list(SDXL.presets)
+# SDXL's presets, then FLUX's own (the Fit node looks the name up in the MODEL's family).
+PRESET_NAMES = list(dict.fromkeys([*SDXL.presets, *FLUX.presets]))
 DEFAULT_PRESET = SDXL.default_preset
 METHODS = ["linear", "mean", "gaussian"]
 SUPPORTS = ["auto", "range", "unbounded", "q0.5-99.5", "q1-99", "q5-95", "q10-90", "q25-75", "q40-60"]
@@ -43,15 +44,15 @@ DEFAULT_TARGET_PROMPTS = "\n".join(
 )
 
 
-def parse_parts(text: str, preset: Preset) -> tuple[str, ...]:
+def parse_parts(text: str, preset: Preset, family: ModelFamily = SDXL) -> tuple[str, ...]:
     """A comma-separated subset of the preset's parts; blank means all of them."""
     wanted = [p.strip() for p in (text or "").replace(";", ",").split(",") if p.strip()]
     if not wanted:
         return preset.parts
-    unknown = [p for p in wanted if p not in SDXL.parts]
+    unknown = [p for p in wanted if p not in family.parts]
     if unknown:
         raise ACTInputError(
-            f"Unknown part(s) {unknown}; parts are {', '.join(SDXL.parts)} (comma-separated)."
+            f"Unknown part(s) {unknown}; parts are {', '.join(family.parts)} (comma-separated)."
         )
     outside = [p for p in wanted if p not in preset.parts]
     if outside:

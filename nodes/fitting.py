@@ -31,8 +31,9 @@ import torch
 from act_core._version import __version__
 from act_core.errors import ACTError, ACTInputError, ACTWarning
 from act_core.estimators import ModuleEstimator
-from act_core.families import SDXL
-from act_core.families.sdxl import TEXT_ENCODER, UNET, dead_text_encoder_paths
+from act_core.families import FLUX, SDXL, ModelFamily
+from act_core.families.flux import comfy_transformer_modules
+from act_core.families.sdxl import TEXT_ENCODER, dead_text_encoder_paths
 from act_core.fitting import fit_with_stats
 from act_core.maps import ACTMap, part_of
 from act_core.recording import token_mask_hooks
@@ -48,7 +49,7 @@ from act_core.validation import (
     unknown_words,
 )
 
-from .comfy_models import clip_modules, has_text_encoder_2, unet_modules
+from .comfy_models import clip_modules, denoiser_family, has_text_encoder_2, unet_modules
 from .common import parse_parts, resolve_support, transformer_options_of
 
 log = logging.getLogger("ComfyUI-ACT")
@@ -69,14 +70,39 @@ class _Captured(Exception):
         self.args, self.kwargs = args, kwargs
 
 
-def select_modules(model: Any, clip: Any, preset_name: str, parts_text: str) -> tuple[dict, tuple[str, ...]]:
+def family_preset(family: ModelFamily, preset_name: str) -> Any:
+    """The preset ``preset_name`` of the MODEL's family, or an error that names the family's presets."""
+    if preset_name not in family.presets:
+        others = [f.name.upper() for f in (SDXL, FLUX) if f is not family and preset_name in f.presets]
+        raise ACTInputError(
+            f"Preset {preset_name!r} is not a {family.name.upper()} preset"
+            + (f" (it is for {others[0]} models)" if others else "")
+            + f"; this MODEL is {family.name.upper()}: choose one of {', '.join(family.presets)} "
+            f"(default {family.default_preset})."
+        )
+    return family.preset(preset_name)
+
+
+def select_modules(
+    model: Any, clip: Any, preset_name: str, parts_text: str, family: ModelFamily = SDXL
+) -> tuple[dict, tuple[str, ...]]:
     """The modules a preset hooks on this MODEL/CLIP (canonical names), and the parts used."""
-    spec = SDXL.preset(preset_name)
-    parts = parse_parts(parts_text, spec)
+    spec = family_preset(family, preset_name)
+    parts = parse_parts(parts_text, spec, family)
     selected = {}
     for part in parts:
-        if part == UNET:
-            candidates = unet_modules(model)
+        if part == family.denoiser:
+            candidates = (
+                comfy_transformer_modules(model.model.diffusion_model)
+                if family is FLUX
+                else unet_modules(model)
+            )
+        elif family is FLUX:
+            raise ACTInputError(
+                f"Preset {preset_name!r} fits FLUX's text encoders ({part}), which the Fit ACT map node does not "
+                "support yet; use a transformer preset (transformer_blocks, transformer_norms), or fit text-encoder "
+                "maps with diffusers (pipe.fit_act)."
+            )
         else:
             candidates = {n: m for n, m in clip_modules(clip).items() if part_of(n) == part}
             if not candidates:
@@ -190,7 +216,9 @@ def _rows_of(cond_or_uncond: Sequence[int], batch: int, index: int) -> torch.Ten
     return torch.cat([torch.arange(k * size, (k + 1) * size) for k in rows])
 
 
-def _session_wrapper(session: TrajectoryFit, model_sampling: Any, check: Callable[[], None]) -> Callable:
+def _session_wrapper(
+    session: TrajectoryFit, model_sampling: Any, check: Callable[[], None], timestep_scale: float
+) -> Callable:
     """DIFFUSION_MODEL wrapper: one ``session.call`` per UNet call, with this call's rows and noise level."""
 
     def wrapper(executor, *args, **kwargs):
@@ -199,7 +227,7 @@ def _session_wrapper(session: TrajectoryFit, model_sampling: Any, check: Callabl
         order = list((options or {}).get("cond_or_uncond") or [])
         batch = args[0].shape[0]
         sigma = torch.as_tensor((options or {}).get("sigmas")).flatten()[0]
-        level = float(model_sampling.timestep(sigma)) / SDXL.comfy_timestep_scale
+        level = float(model_sampling.timestep(sigma)) / timestep_scale
         level = min(1.0, max(0.0, level))
         source, target = _rows_of(order, batch, SOURCE_COND), _rows_of(order, batch, TARGET_COND)
         if source is None and target is None:
@@ -231,8 +259,9 @@ def fit_trajectory(
     calibrate: bool,
     check: Callable[[], None],
     progress: Progress | None,
+    family: ModelFamily = SDXL,
 ) -> ACTMap:
-    """Sample the prompt pairs with ComfyUI's sampler and fit the UNet maps along the way."""
+    """Sample the prompt pairs with ComfyUI's sampler and fit the denoiser's maps along the way."""
     import comfy.model_management as mm
     import comfy.patcher_extension
     import comfy.sample
@@ -258,7 +287,7 @@ def fit_trajectory(
     patched.add_wrapper_with_key(
         comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL,
         "comfyui_act_fit",
-        _session_wrapper(session, model_sampling, check),
+        _session_wrapper(session, model_sampling, check, family.comfy_timestep_scale),
     )
     guider = _FitGuider.build(patched, session, calibrate)
     guider.set_conds(positive, negative)
@@ -471,22 +500,17 @@ def fit_map(
     """Fit an ACT map; returns (map, stats). Raises on interruption (nothing stays hooked)."""
     import comfy.model_management as mm
 
-    if model is not None and hasattr(model.model.diffusion_model, "double_blocks"):
-        raise ACTInputError(
-            "Fitting on a FLUX MODEL inside ComfyUI is not supported yet. Fit the map with diffusers "
-            "(pipe.fit_act, or act-fit --model <FLUX diffusers folder>), put it in models/act_maps and use "
-            "'Load ACT map' + 'Apply ACT': applying FLUX maps works here."
-        )
+    family = denoiser_family(model) if model is not None else SDXL
     source = parse_prompt_lines(source_text, "source")
     target = parse_prompt_lines(target_text, "target")
     check_balance(source, target)
     check_size(height, width)
     steps, cfg = check_sampling(steps, cfg)
     check_positive_int(batch_size, "batch_size")
-    spec = SDXL.preset(preset)
+    spec = family_preset(family, preset)
     mode = spec.mode if mode == "preset" else mode
-    modules, used_parts = select_modules(model, clip, preset, parts)
-    uses_unet = any(part_of(name) == UNET for name in modules)
+    modules, used_parts = select_modules(model, clip, preset, parts, family)
+    uses_unet = any(part_of(name) == family.denoiser for name in modules)
     if clip is not None:
         check_prompt_sets(source, target, _token_keys(clip, source), _token_keys(clip, target))
         words = unknown_words(_hf_tokenizer(clip), source + target)
@@ -506,9 +530,9 @@ def fit_map(
     protocol = spec.protocol if uses_unet else "text_encoders_only"
     sampling = {"width": width, "height": height, "steps": steps}
     if protocol == "trajectory":
-        if any(part_of(name) != UNET for name in modules):
+        if any(part_of(name) != family.denoiser for name in modules):
             raise ACTInputError(
-                f"Preset {preset!r} mixes text-encoder and UNet modules with the trajectory protocol, which the "
+                f"Preset {preset!r} mixes text-encoder and denoiser modules with the trajectory protocol, which the "
                 "Fit ACT map node does not support; fit the parts separately."
             )
         if not isinstance(negative_prompt, str):
@@ -543,6 +567,7 @@ def fit_map(
                 calibrate=spec.calibrate,
                 check=check,
                 progress=progress,
+                family=family,
             )
         stats = None
     else:
@@ -568,7 +593,7 @@ def fit_map(
         if uses_unet:
             sampling.update({"statistics_steps": 1, "guidance": "off (cond branch)"})
     metadata = fit_metadata(
-        family=SDXL.name,
+        family=family.name,
         preset=preset,
         protocol=protocol,
         source=source,

@@ -44,6 +44,9 @@ def load_flux_transformer(transformer: torch.nn.Module) -> Any:
         raise RuntimeError(f"ComfyUI does not recognise this transformer ({config})")
     model_config.set_inference_dtype(torch.float32, None)
     base = model_config.get_model(state)
+    # ComfyUI's FLUX latent format says 16 channels (FLUX.1's VAE); the tiny VAE has in_channels / 4. Empty
+    # latents (the Fit node's, EmptyLatentImage's) take their channel count from here.
+    base.latent_format.latent_channels = (ours.in_channels) // 4
     missing, unexpected = base.diffusion_model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise RuntimeError(f"weights do not fit: missing {missing[:3]}, unexpected {unexpected[:3]}")
@@ -51,3 +54,38 @@ def load_flux_transformer(transformer: torch.nn.Module) -> Any:
     return comfy.model_patcher.ModelPatcher(
         base, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device()
     )
+
+
+# Tiny widths matching tests/tiny_flux.py's transformer (joint_attention_dim 32, pooled_projection_dim 32).
+TINY_FLUX_CLIP_L = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_attention_heads": 2,
+    "num_hidden_layers": 2,
+}
+TINY_FLUX_T5 = {"d_model": 32, "d_kv": 16, "d_ff": 64, "num_heads": 2, "num_layers": 2}
+
+
+def build_flux_clip(seed: int = 0) -> Any:
+    """ComfyUI's own FLUX text encoders (clip_l + t5xxl, ``comfy.text_encoders.flux``) at tiny widths, random
+    weights, with ComfyUI's real CLIP and T5 tokenizers: what a FLUX checkpoint's CLIP output is, small."""
+    setup_comfy()
+    import comfy.sd
+    import comfy.supported_models_base
+    import comfy.text_encoders.flux
+    from comfy_support import init_weights
+
+    target = comfy.supported_models_base.ClipTarget(
+        comfy.text_encoders.flux.FluxTokenizer, comfy.text_encoders.flux.FluxClipModel
+    )
+    clip = comfy.sd.CLIP(
+        target,
+        model_options={
+            "dtype": torch.float32,
+            "clip_l_model_config": dict(TINY_FLUX_CLIP_L),
+            "t5xxl_model_config": dict(TINY_FLUX_T5),
+        },
+    )
+    init_weights(clip.cond_stage_model, seed + 1)
+    clip.cond_stage_model.eval()
+    return clip

@@ -142,23 +142,72 @@ def test_strength_zero_adds_nothing_and_wrong_family_maps_are_refused(nodes_pack
         nodes_pack["ACTApply"].apply(tiny_sdxl, tiny_clip, act_map, 1.0)
     with pytest.raises(ACTInputError, match="LoRA"):
         nodes_pack["ACTExportLoRA"].export(model, None, act_map, "flux_map", "fp32", False)
-    with pytest.raises(ACTInputError, match="not supported yet"):
-        nodes_pack["ACTFitMap"].fit(
-            model,
-            None,
-            source_prompts="a red circle\na blue circle",
-            target_prompts="a red square\na blue square",
-            preset="unet_norms",
-            parts="",
-            method="linear",
-            support="auto",
-            mode="preset",
-            fit_seed=0,
-            width=64,
-            height=64,
-            steps=3,
-            batch_size=2,
+    with pytest.raises(ACTInputError, match="not a FLUX preset.*transformer_blocks"):
+        fit_flux(nodes_pack, model, None, preset="unet_norms")
+
+
+def fit_flux(nodes_pack, model, clip, preset="transformer_blocks", **options):
+    """The Fit ACT map node on a FLUX MODEL: 4 prompt pairs, 3 steps, cfg 1 (FLUX.1 runs no CFG batch)."""
+    return nodes_pack["ACTFitMap"].fit(
+        model,
+        clip,
+        source_prompts="\n".join(f"a red circle number {i}" for i in range(4)),
+        target_prompts="\n".join(f"a blue square, striped, number {i}" for i in range(4)),
+        preset=preset,
+        parts="",
+        method="linear",
+        support="auto",
+        mode="preset",
+        fit_seed=0,
+        width=64,
+        height=64,
+        steps=3,
+        batch_size=4,
+        cfg=1.0,
+        **options,
+    )[0]
+
+
+@pytest.fixture(scope="module")
+def flux_clip(comfyui):  # noqa: F811
+    import comfy_flux
+
+    return comfy_flux.build_flux_clip(seed=0)
+
+
+@pytest.mark.parametrize("preset", ["transformer_blocks", "transformer_norms"])
+def test_the_fit_node_fits_on_comfyui_flux_and_the_map_steers_ksampler_and_diffusers(
+    nodes_pack, flux, flux_clip, inputs, preset, caplog
+):
+    """Fit ACT map samples with ComfyUI's own sampler on its FLUX MODEL; the map steers KSampler's output,
+    adds nothing at strength 0, and applies to the diffusers transformer with every module matched."""
+    pipe, model = flux
+    act_map = fit_flux(nodes_pack, model, flux_clip, preset=preset)
+    assert act_map.metadata["family"] == "flux" and act_map.metadata["host"] == "comfyui"
+    assert len(act_map.buckets) == 3 and len(act_map.metadata["calibration_gains"]) == 3
+    assert set(act_map.modules) == set(pipe.act_preset_modules(preset))  # diffusers' names, all of them
+
+    def sample(patcher):
+        return cs.sample_tiny(
+            patcher, flux_clip, "a red circle number 9", seed=3, steps=3, cfg=1.0, size=(8, 8)
         )
+
+    caplog.set_level("INFO", logger="ComfyUI-ACT")
+    plain = sample(model)
+    at_zero, _ = nodes_pack["ACTApply"].apply(model, flux_clip, act_map, 0.0)
+    caplog.clear()  # strength 0 logs that it leaves the transformer out; strength 1 must hook all of it
+    steered, _ = nodes_pack["ACTApply"].apply(model, flux_clip, act_map, 1.0)
+    assert torch.equal(sample(at_zero), plain)
+    assert (sample(steered) - plain).abs().max() > 1e-3
+    torch.testing.assert_close(sample(model), plain, rtol=0, atol=0)  # the input MODEL is untouched
+    assert "ACT applied" in caplog.text and "left out" not in caplog.text  # every map module hooked
+    # Portable: the same map steers the diffusers FLUX transformer.
+    pipe.enable_act(act_map, strength=1.0)
+    try:
+        moved = diffusers_velocity(pipe, inputs, 0.55)
+    finally:
+        pipe.disable_act()
+    assert (moved - diffusers_velocity(pipe, inputs, 0.55)).abs().max() > 1e-3
 
 
 @pytest.fixture(scope="module")

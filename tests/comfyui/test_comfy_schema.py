@@ -81,6 +81,7 @@ def test_node_contract(classes, node_id):
 
 
 def test_specific_inputs(classes):
+    from act_core.families.flux import PRESETS as FLUX_PRESETS
     from act_core.families.sdxl import PRESETS
 
     fit = classes["ACTFitMap"].INPUT_TYPES()
@@ -88,7 +89,8 @@ def test_specific_inputs(classes):
     assert required["source_prompts"][0] == "STRING" and required["source_prompts"][1]["multiline"] is True
     assert required["target_prompts"][1]["multiline"] is True
     assert (
-        required["preset"][1]["options"] == list(PRESETS) and required["preset"][1]["default"] == "unet_norms"
+        required["preset"][1]["options"] == list(dict.fromkeys([*PRESETS, *FLUX_PRESETS]))
+        and required["preset"][1]["default"] == "unet_norms"
     )
     assert required["method"][1]["options"] == ["linear", "mean", "gaussian"]
     assert required["mode"][1]["options"] == ["preset", "causal", "at_once"]
