@@ -32,10 +32,10 @@ MAX_SEQUENCE_LENGTH = 16
 class FluxDemoConfig:
     """Sizes of the tiny FLUX; the defaults are the shipped ``models/shapes-flux``."""
 
-    double_blocks: int = 2
-    single_blocks: int = 4
-    heads: int = 4
-    head_dim: int = 16  # inner width 64
+    double_blocks: int = 3
+    single_blocks: int = 5
+    heads: int = 5
+    head_dim: int = 16  # inner width 80
     rope_axes: tuple[int, int, int] = (4, 6, 6)  # sums to head_dim
     clip_hidden: int = 32
     clip_layers: int = 3

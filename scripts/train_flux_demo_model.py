@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train the shipped tiny FLUX.1-architecture shapes model (``models/shapes-flux``) from scratch.
 
-    python scripts/train_flux_demo_model.py            # full run, ~20 CPU minutes on one core
+    python scripts/train_flux_demo_model.py            # full run, ~35 CPU minutes on one core
     python scripts/train_flux_demo_model.py --smoke    # seconds; writes to outputs/flux_train_smoke/
 
 Rectified flow on the same procedural shapes as the SDXL demo model, in the latent space of the shipped
@@ -51,7 +51,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     cfg = FluxDemoConfig()
-    tc = TrainConfig(seed=args.seed, unet_steps=3000, unet_lr=5e-4, cond_dropout=0.1)
+    tc = TrainConfig(seed=args.seed, unet_steps=4000, unet_lr=5e-4, cond_dropout=0.1)
     eval_steps, guidances, repeats = 20, (1.0, 3.0), 2
     if args.smoke:
         tc = TrainConfig(seed=args.seed, unet_steps=3, latent_pool=128, checkpoint_every=2)
