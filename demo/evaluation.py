@@ -83,7 +83,13 @@ GRID_PROMPTS: tuple[str, ...] = (
 
 
 def sample_grid(
-    pipe, path: str | Path, prompts=GRID_PROMPTS, n_seeds: int = 8, seed: int = 0, **gen_kwargs
+    pipe,
+    path: str | Path,
+    prompts=GRID_PROMPTS,
+    n_seeds: int = 8,
+    seed: int = 0,
+    title: str = "shapes-sdxl",
+    **gen_kwargs,
 ) -> Path:
     """A PNG with one row per prompt (label on the left) and one column per seed."""
     import matplotlib
@@ -103,9 +109,7 @@ def sample_grid(
             if c == 0:
                 ax.set_ylabel(prompt, rotation=0, ha="right", va="center", fontsize=9)
     steps, guidance = gen_kwargs.get("steps", DEFAULT_STEPS), gen_kwargs.get("guidance", DEFAULT_GUIDANCE)
-    fig.suptitle(
-        f"shapes-sdxl samples ({steps} Euler steps, guidance {guidance}, seeds {seed}..)", fontsize=10
-    )
+    fig.suptitle(f"{title} samples ({steps} Euler steps, guidance {guidance}, seeds {seed}..)", fontsize=10)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -35,7 +35,7 @@ from .classifier import predict_proba
 from .evaluation import generate
 from .flux_model import MAX_SEQUENCE_LENGTH as FLUX_MAX_SEQUENCE_LENGTH
 from .paths import REPO_ROOT, load_demo_classifier, load_demo_pipeline
-from .shapes import SHAPES, STYLES, caption
+from .shapes import IMAGE_SIZE, SHAPES, STYLES, caption
 
 FIT_SEED, EVAL_SEED = 0, 10_000
 LAMBDAS = (0.0, 0.5, 1.0, 1.5)
@@ -91,6 +91,8 @@ def load_model_pipeline(model: Model):
 
         pipe = FluxPipeline.from_pretrained(model.path, local_files_only=True)
         pipe.set_progress_bar_config(disable=True)
+        # FluxPipeline's default size is 1024 px (a fixed default_sample_size of 128); the model draws 32 px.
+        pipe.default_sample_size = IMAGE_SIZE // pipe.vae_scale_factor
     else:
         pipe = load_demo_pipeline(path=model.path)
     return act_pipeline(pipe)

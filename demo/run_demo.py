@@ -1,11 +1,13 @@
-"""The main job: ACT on the two shipped shapes models, old and new protocols side by side.
+"""The main job: ACT on the shipped shapes models, old and new protocols side by side.
 
-For each shipped model (``shapes-sdxl``, sampled with 20 Euler steps at guidance 3, and ``shapes-sdxl-b``,
-trained independently here and sampled with 25 steps at guidance 4) and each task (style solid -> striped,
-colour green -> purple, colour red -> yellow, negation: remove the "striped" the prompt asks for), a map
-is fitted with ``pipe.fit_act`` for each protocol (the new default, the paper's first-step protocol,
-text encoders only), applied with ``pipe.enable_act`` at lambda 0 ... 2, and the model's own attribute
-classifier scores the images (the role the paper gives CLIP scores). Writes to the output folder:
+For each model (default: ``shapes-sdxl``, 20 Euler steps at guidance 3; ``shapes-sdxl-b``, trained
+independently here, 25 steps at guidance 4; ``shapes-flux``, the FLUX.1-architecture model, 20 steps, no
+CFG) and each task (style solid -> striped, colour green -> purple, colour red -> yellow, negation: remove
+the "striped" the prompt asks for), a map is fitted with ``pipe.fit_act`` for each protocol of the model's
+family (SDXL: the default, the paper's first-step protocol, text encoders only; FLUX: the default
+``transformer_blocks``, ``transformer_norms``, text encoders only), applied with ``pipe.enable_act`` at
+lambda 0 ... 2, and the model's attribute classifier scores the images (the role the paper gives CLIP
+scores). Writes to the output folder:
 
 * ``table.md`` and ``results.json``: effect (the share of the way from lambda 0 to the target written
   in the prompt) and shape accuracy per lambda;
@@ -23,14 +25,17 @@ from pathlib import Path
 
 import torch
 
-from act_core.diffusers import act_pipeline
 from act_core.progress import Progress
 
-from .paths import REPO_ROOT, load_demo_classifier, load_demo_pipeline
-from .protocols import EVAL_SEED, MODELS, PROTOCOLS, fit_map, score_curve, tasks
+from .paths import REPO_ROOT, load_demo_classifier
+from .protocols import EVAL_SEED, MODELS, PROTOCOLS, fit_map, load_model_pipeline, score_curve, tasks
 
 LAMBDAS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
-MAIN_PROTOCOLS = ("new_default", "old_default", "text_encoder_norms")
+MAIN_PROTOCOLS = {  # per model family; the first is the default, whose sweep grids are written
+    "sdxl": ("new_default", "old_default", "text_encoder_norms"),
+    "flux": ("new_default", "flux_norms", "flux_text_encoders"),
+}
+MAIN_MODELS = ("shipped", "b", "flux")
 GRID_ROWS = 4
 
 
@@ -96,6 +101,7 @@ def write_sweep(pipe, act_map, model, task, lambdas, out: Path) -> Path:
         seed=EVAL_SEED,
         num_inference_steps=model.steps,
         guidance_scale=model.guidance,
+        **model.sampling,
     )
     info = {"model": model.name, "task": task.name, "lambdas": list(lambdas), "seed": EVAL_SEED}
     return save_grid(grid, out / f"sweep_{model.name}_{task.name}.png", info)
@@ -104,7 +110,12 @@ def write_sweep(pipe, act_map, model, task, lambdas, out: Path) -> Path:
 def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m demo", description=__doc__.splitlines()[0])
     parser.add_argument("--output", type=Path, default=REPO_ROOT / "outputs" / "demo", help="output folder")
-    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated: shipped, b")
+    parser.add_argument(
+        "--models",
+        default=",".join(MAIN_MODELS),
+        help=f"comma-separated, of {', '.join(MODELS)} (default {','.join(MAIN_MODELS)}; c and d: the protocol "
+        "study's other models)",
+    )
     parser.add_argument(
         "--quick", action="store_true", help="the shipped model, style only, the default only"
     )
@@ -122,21 +133,25 @@ def main(argv: Sequence[str] | None = None) -> dict:
         parser.error(f"unknown model(s) {unknown}; choose from {', '.join(MODELS)}")
     all_tasks = tasks()
     task_names = ["style"] if args.quick else list(all_tasks)
-    protocols = ["new_default"] if args.quick else list(MAIN_PROTOCOLS)
+
+    def protocols_of(model_name: str) -> list[str]:
+        return ["new_default"] if args.quick else list(MAIN_PROTOCOLS[MODELS[model_name].family])
+
     # one unit of work per fit + lambda, and per sweep-grid cell
-    units = (
-        len(model_names) * len(task_names) * (len(protocols) * (1 + len(LAMBDAS)) + GRID_ROWS * len(LAMBDAS))
+    units = sum(
+        len(task_names) * (len(protocols_of(m)) * (1 + len(LAMBDAS)) + GRID_ROWS * len(LAMBDAS))
+        for m in model_names
     )
     progress, done = Progress("main job", interval=10.0), 0
     start = time.perf_counter()
     results: dict = {}
     for model_name in model_names:
         model = MODELS[model_name]
-        pipe = act_pipeline(load_demo_pipeline(path=model.path))
+        pipe = load_model_pipeline(model)
         classifier = load_demo_classifier(model.classifier)
         for task_name in task_names:
             task = all_tasks[task_name]
-            for name in protocols:
+            for name in protocols_of(model_name):
                 protocol = PROTOCOLS[name]
                 progress(done, units, f"{model_name} {task_name}: fit {name}")
                 act_map, seconds = fit_map(pipe, model, task, protocol)

@@ -89,7 +89,14 @@ def main() -> None:
     extra = {"max_sequence_length": MAX_SEQUENCE_LENGTH, "height": 32, "width": 32}
     if best > 1.0:
         extra.update(true_cfg_scale=best, negative_prompt="")
-    sample_grid(pipe, args.samples_png, steps=eval_steps, guidance=1.0, **extra)
+    sample_grid(
+        pipe,
+        args.samples_png,
+        title=f"shapes-flux (true CFG {best:g})",
+        steps=eval_steps,
+        guidance=1.0,
+        **extra,
+    )
     times["eval_s"] = time.time() - t
     info = {
         "command": " ".join(["python", *sys.argv]),

@@ -407,12 +407,35 @@ class ACTTestTinySDXL:
         return comfy_support.build_tiny_sdxl(seed=seed)
 
 
-NODE_CLASS_MAPPINGS = {{"ACTTestTinySDXL": ACTTestTinySDXL}}
+class ACTTestTinyFlux:
+    # ComfyUI's FLUX at tiny widths (tests/comfy_flux.py) with its own FLUX CLIP: (MODEL, CLIP).
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {{"required": {{"seed": ("INT", {{"default": 0, "min": 0, "max": 2**31 - 1}})}}}}
+
+    RETURN_TYPES = ("MODEL", "CLIP")
+    FUNCTION = "build"
+    CATEGORY = "ACT/tests"
+
+    def build(self, seed):
+        import tempfile
+        from pathlib import Path
+
+        import comfy_flux
+        import tiny_flux
+
+        pipe = tiny_flux.build_tiny_flux(Path(tempfile.mkdtemp(prefix="act_tiny_flux_")), seed=seed)
+        return comfy_flux.load_flux_transformer(pipe.transformer), comfy_flux.build_flux_clip(seed)
+
+
+NODE_CLASS_MAPPINGS = {{"ACTTestTinySDXL": ACTTestTinySDXL, "ACTTestTinyFlux": ACTTestTinyFlux}}
 """
 
 
 def write_tiny_model_pack(parent: str | os.PathLike) -> Path:
-    """Write the test-only pack (node ``ACTTestTinySDXL``: seed -> MODEL, CLIP) under ``parent``; returns its
+    """Write the test-only pack (nodes ``ACTTestTinySDXL`` and ``ACTTestTinyFlux``: seed -> MODEL, CLIP) under
+    ``parent``; returns its
     folder, to pass in ``ComfyServer(node_packs={..., TINY_PACK_NAME: path})``. The tiny MODEL is
     float32 and 4-channel, so EmptyLatentImage -> KSampler -> SaveLatent runs (latent side = pixels / 8;
     keep it a multiple of 4). There is no VAE: decode nothing."""

@@ -38,11 +38,52 @@ def _links_to(api, node_ids, slot=None):
     ]
 
 
+FLUX_LOADERS = {"UNETLoader", "DualCLIPLoader", "VAELoader"}
+
+
+def model_loaders(api) -> set[str]:
+    """The model-file loaders of a template: an SDXL checkpoint, or FLUX's model, CLIP and VAE files."""
+    return {node["class_type"] for node in api.values()} & ({"CheckpointLoaderSimple"} | FLUX_LOADERS)
+
+
+def tiny_flux_prompt(api):
+    """A FLUX template with the tiny ComfyUI FLUX (and its CLIP) in place of the model files, latents saved."""
+    ids = {node["class_type"]: nid for nid, node in api.items() if node["class_type"] in FLUX_LOADERS}
+    assert set(ids) == FLUX_LOADERS, "a FLUX template loads a model, a CLIP pair and a VAE"
+    unet, clip, vae = ids["UNETLoader"], ids["DualCLIPLoader"], ids["VAELoader"]
+    api[unet] = {"class_type": "ACTTestTinyFlux", "inputs": {"seed": 0}}
+    for node in api.values():
+        for key, value in node["inputs"].items():
+            if value == [clip, 0]:
+                node["inputs"][key] = [unet, 1]
+    decoders = _links_to(api, [vae])
+    for nid in decoders:
+        assert api[nid]["class_type"] == "VAEDecode"
+        api[nid] = {
+            "class_type": "SaveLatent",
+            "inputs": {"samples": api[nid]["inputs"]["samples"], "filename_prefix": f"latents/wf_{nid}"},
+        }
+    for nid in _links_to(api, decoders):
+        del api[nid]
+    del api[clip], api[vae]
+    for node in api.values():
+        inputs = node["inputs"]
+        if node["class_type"] == "ACTFitMap":
+            inputs.update(width=64, height=64, steps=2, batch_size=4)
+        elif node["class_type"] == "EmptySD3LatentImage":
+            inputs.update(width=64, height=64)
+        elif node["class_type"] in ("KSampler", "ACTSweep"):
+            inputs["steps"] = 2
+    return api
+
+
 def tiny_prompt(api):
-    """The API prompt with the tiny SDXL in place of the checkpoint, latents saved instead of images."""
+    """The API prompt with the tiny SDXL (or FLUX) in place of the model files, latents saved instead of images."""
     api = json.loads(json.dumps(api))
+    if model_loaders(api) == FLUX_LOADERS:
+        return tiny_flux_prompt(api)
     checkpoints = [nid for nid, node in api.items() if node["class_type"] == "CheckpointLoaderSimple"]
-    assert checkpoints, "every template starts from an SDXL checkpoint"
+    assert checkpoints, "every template starts from an SDXL checkpoint or FLUX's model files"
     for nid in checkpoints:
         api[nid] = {"class_type": "ACTTestTinySDXL", "inputs": {"seed": 0}}
     decoders = _links_to(api, checkpoints, slot=2)
@@ -120,7 +161,7 @@ def test_pack_loads_in_the_server_with_templates(comfy_server):  # noqa: F811
 
 
 @pytest.mark.parametrize("name", WORKFLOWS)
-def test_template_validates_except_for_the_missing_checkpoint(comfy_server, saved_map, name):  # noqa: F811
+def test_template_validates_except_for_the_missing_model_files(comfy_server, saved_map, name):  # noqa: F811
     api = comfy_server.ui_to_api(_workflow(name))
     assert {node["class_type"] for node in api.values()} & OUR_NODES
     # ComfyUI answers 400 when no output node validates, else queues the valid outputs and lists node_errors
@@ -129,7 +170,7 @@ def test_template_validates_except_for_the_missing_checkpoint(comfy_server, save
     )
     assert status in (200, 400), body
     errors = body["node_errors"]
-    assert {api[nid]["class_type"] for nid in errors} == {"CheckpointLoaderSimple"}, errors
+    assert {api[nid]["class_type"] for nid in errors} == model_loaders(api), errors
     assert all(e["type"] == "value_not_in_list" for entry in errors.values() for e in entry["errors"])
     if status == 200:  # e.g. the map summary preview alone: let it finish
         assert comfy_server.wait(body["prompt_id"], timeout=300).ok
@@ -148,6 +189,21 @@ def test_style_slider_workflow_runs(comfy_server):  # noqa: F811
     assert any(text.startswith("ACT map: 51 modules") for text in _texts(result).values())
     act_map = ACTMap.load(target)
     assert act_map.metadata["preset"] == "unet_norms" and act_map.metadata["num_source_prompts"] == 16
+
+
+def test_flux_style_slider_workflow_runs(comfy_server):  # noqa: F811
+    """The FLUX template fits on ComfyUI's FLUX with its sampler and samples the steered model."""
+    from act_core.maps import ACTMap
+
+    srv = comfy_server
+    api = tiny_prompt(srv.ui_to_api(_workflow("act_flux_fit_apply_style_slider")))
+    result = srv.run(api, timeout=600)
+    assert result.ok, result.error
+    (latent,) = _latents(srv, result).values()
+    assert latent.shape == (1, 4, 8, 8) and bool(latent.isfinite().all())
+    act_map = ACTMap.load(srv.models_dir("act_maps") / "flux_watercolor_style.safetensors")
+    assert act_map.metadata["family"] == "flux" and act_map.metadata["preset"] == "transformer_blocks"
+    assert act_map.metadata["sampling"]["cfg"] == 1 and len(act_map.buckets) == 2
 
 
 def test_lambda_sweep_workflow_runs_and_lambda_zero_is_the_plain_model(comfy_server, saved_map):  # noqa: F811
