@@ -89,13 +89,12 @@ def load_model_pipeline(model: Model):
     if model.family == "flux":
         from diffusers import FluxPipeline
 
-        pipe = FluxPipeline.from_pretrained(model.path, local_files_only=True)
+        pipe = act_pipeline(FluxPipeline.from_pretrained(model.path, local_files_only=True))
         pipe.set_progress_bar_config(disable=True)
         # FluxPipeline's default size is 1024 px (a fixed default_sample_size of 128); the model draws 32 px.
         pipe.default_sample_size = IMAGE_SIZE // pipe.vae_scale_factor
-    else:
-        pipe = load_demo_pipeline(path=model.path)
-    return act_pipeline(pipe)
+        return pipe
+    return act_pipeline(load_demo_pipeline(path=model.path))
 
 
 @dataclass(frozen=True)
