@@ -28,6 +28,7 @@ import torch
 
 from act_core.diffusers import act_pipeline
 from act_core.errors import ACTWarning
+from act_core.families.flux import PRESETS as FLUX_PRESETS
 from act_core.families.sdxl import PRESETS, TEXT_ENCODER, TEXT_ENCODER_2, UNET
 from act_core.maps import APPLY_SPATIAL_MEAN
 
@@ -177,6 +178,13 @@ _WITH_TEXT = replace(
 )
 
 BOTH = ("sdxl", "flux")
+
+
+def _flux_streams(*patterns: str):
+    """The FLUX default preset on other transformer modules (block streams, ``proj_out``)."""
+    return replace(FLUX_PRESETS["transformer_blocks"], name="flux_custom", patterns={"transformer": patterns})
+
+
 PROTOCOLS = {
     p.name: p
     for p in (
@@ -279,6 +287,37 @@ PROTOCOLS = {
             "flux_norms",
             "FLUX: the LayerNorms before every block's modulation, along the trajectory",
             {"preset": "transformer_norms"},
+            families=("flux",),
+        ),
+        Protocol(
+            "flux_image_streams",
+            "FLUX: transformer_blocks without the double blocks' text stream (image and joint streams)",
+            {"preset": _flux_streams("transformer_blocks.*:image", "single_transformer_blocks.*:joint")},
+            families=("flux",),
+        ),
+        Protocol(
+            "flux_text_stream",
+            "FLUX: the double blocks' text stream only",
+            {"preset": _flux_streams("transformer_blocks.*:text")},
+            families=("flux",),
+        ),
+        Protocol(
+            "flux_with_output",
+            "FLUX: transformer_blocks + the transformer's output projection (proj_out)",
+            {
+                "preset": _flux_streams(
+                    "transformer_blocks.*:text",
+                    "transformer_blocks.*:image",
+                    "single_transformer_blocks.*:joint",
+                    "proj_out",
+                )
+            },
+            families=("flux",),
+        ),
+        Protocol(
+            "flux_output_only",
+            "FLUX: the output projection (proj_out) only",
+            {"preset": _flux_streams("proj_out")},
             families=("flux",),
         ),
         Protocol(
@@ -395,7 +434,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="the old and new defaults only")
     parser.add_argument("--output", type=Path, default=REPO_ROOT / "outputs" / "protocols")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--lambdas",
+        default=",".join(f"{lam:g}" for lam in LAMBDAS),
+        help="comma-separated strengths to score; must include 0 (the plain model) and 1 (pass/fail)",
+    )
     args = parser.parse_args(argv)
+    lambdas = tuple(float(x) for x in args.lambdas.split(","))
+    if 0.0 not in lambdas[:1] or 1.0 not in lambdas:
+        parser.error("--lambdas must start with 0 and include 1")
     torch.set_num_threads(args.threads)
     names = (
         ["new_default", "old_default"]
@@ -415,7 +462,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             if model.family not in PROTOCOLS[name].families:
                 continue
             for task_name in task_names:
-                run = evaluate(pipe, classifier, model, all_tasks[task_name], PROTOCOLS[name], LAMBDAS)
+                run = evaluate(pipe, classifier, model, all_tasks[task_name], PROTOCOLS[name], lambdas)
                 results[name].setdefault(model_name, {})[task_name] = run
                 done += 1
                 elapsed = time.perf_counter() - start

@@ -1,0 +1,60 @@
+"""The shipped FLUX.1-architecture shapes model: loads offline as a plain FluxPipeline, draws what it is asked,
+and the default ACT fit steers it (trends with generous margins; docs/protocol.md has the measured table)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+from diffusers import FluxPipeline
+
+from demo.evaluation import generate
+from demo.paths import REPO_ROOT, load_demo_classifier
+from demo.protocols import MODELS, load_model_pipeline, score_curve, score_images, tasks
+
+FLUX_MODEL = MODELS["flux"]
+
+
+@pytest.fixture(scope="module")
+def flux():
+    torch.set_num_threads(1)
+    return load_model_pipeline(FLUX_MODEL), load_demo_classifier(FLUX_MODEL.classifier)
+
+
+def test_shipped_flux_folder_is_small_and_a_plain_diffusers_folder():
+    folder = REPO_ROOT / "models" / "shapes-flux"
+    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    assert size < 5 * 2**20, size
+    pipe = FluxPipeline.from_pretrained(folder, local_files_only=True)  # no ACT, no demo code needed
+    assert type(pipe.transformer).__name__ == "FluxTransformer2DModel"
+
+
+def test_flux_samples_follow_the_prompt(flux):
+    pipe, classifier = flux
+    task = tasks()["colour_red_yellow"]
+    subset = replace(task, target=task.target[:12], shapes=task.shapes[:12])
+    images = generate(pipe, list(subset.target), steps=FLUX_MODEL.steps, guidance=1.0, **FLUX_MODEL.sampling)
+    assert images.shape == (12, 32, 32, 3)
+    scores = score_images(classifier, images, subset)  # "a yellow <shape>": yellow, and that shape
+    assert scores["score"] > 0.8 and scores["shape"] >= 0.75, scores
+
+
+@pytest.mark.slow
+def test_default_fit_steers_the_flux_model_red_to_yellow(flux):
+    pipe, classifier = flux
+    task = tasks()["colour_red_yellow"]
+    act_map = pipe.fit_act(
+        list(task.source),
+        list(task.target),
+        num_inference_steps=FLUX_MODEL.steps,
+        guidance_scale=1.0,
+        progress=False,
+        **FLUX_MODEL.sampling,
+    )
+    assert act_map.metadata["preset"] == "transformer_blocks" and len(act_map.buckets) == FLUX_MODEL.steps
+    subset = slice(0, 24, 2)
+    small = replace(task, source=task.source[subset], target=task.target[subset], shapes=task.shapes[subset])
+    curve = score_curve(pipe, classifier, FLUX_MODEL, small, act_map, {}, (0.0, 1.0))["curve"]
+    assert curve[0]["score"] < 0.2 and curve[1]["effect"] > 0.7, curve
+    assert curve[1]["shape"] >= 0.75, curve
