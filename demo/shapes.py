@@ -78,7 +78,7 @@ DRAW_STYLES: dict[str, DrawStyle] = {
         dot_radius=1.3,
         outline_px=2.6,
     ),
-    # The third, held-out model's data: warm grey background, another palette, vertical stripes, big dots.
+    # The third model's data: warm grey background, another palette, vertical stripes, big dots.
     "c": DrawStyle(
         background=(232, 228, 220),
         palette={

@@ -80,7 +80,8 @@ VARIANTS = {
         25,
         (2.0, 4.0, 6.0),
     ),
-    # Held out: never used to choose ACT's protocol, only to check it (docs/protocol.md).
+    # Trained held out; it exposed the first trajectory default and then helped choose the revised one
+    # (docs/protocol.md).
     "c": Variant(
         2,
         DemoModelConfig(
