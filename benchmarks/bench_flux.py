@@ -26,12 +26,11 @@ import statistics
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from bench_sdxl import HookSelfTime, load, log, rss_gib, write_tokenizer
+from bench_sdxl import HookSelfTime, Variant, interleaved_rounds, load, log, rss_gib, write_tokenizer
 from tables import table
 
 from act_core.diffusers.pipeline import act_pipeline
@@ -175,26 +174,11 @@ def bench_steps(pipe: Any, maps: dict[str, Any], size: int, sequence: int, round
             _ACTIVE_PIPELINE.reset(token)
         return elapsed, hooks.seconds
 
-    variants: list[tuple[str, Callable[[], None], Callable[[], None]]] = [
-        ("base (no ACT)", lambda: None, lambda: None)
-    ]
+    variants: list[Variant] = [("base (no ACT)", lambda: None, lambda: None)]
     for preset, act_map in maps.items():
         variants.append((f"hook: {preset}", lambda m=act_map: pipe.enable_act(m, 1.0), pipe.disable_act))
-    times: dict[str, list[float]] = {name: [] for name, _, _ in variants}
-    inside: dict[str, list[float]] = {name: [] for name, _, _ in variants}
     log(f"timing transformer steps: {len(variants)} variants x {rounds} rounds, interleaved ({load()})")
-    for _name, setup, teardown in variants:  # warm-up, also checks every variant runs
-        setup()
-        step()
-        teardown()
-    for round_index in range(rounds):
-        shift = round_index % len(variants)
-        for name, setup, teardown in variants[shift:] + variants[:shift]:
-            setup()
-            elapsed, hooked = step()
-            times[name].append(elapsed)
-            inside[name].append(hooked)
-            teardown()
+    times, inside = interleaved_rounds(variants, step, rounds)
     base = times[variants[0][0]]
     rows = []
     for name, _, _ in variants:

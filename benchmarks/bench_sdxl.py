@@ -352,6 +352,31 @@ class HookSelfTime:
             cls.__call__ = original
 
 
+Variant = tuple[str, Callable[[], None], Callable[[], None]]  # name, set up, tear down
+
+
+def interleaved_rounds(
+    variants: list[Variant], step: Callable[[], tuple[float, float]], rounds: int
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """(step seconds, seconds inside hooks) per variant: a warm-up of each, then ``rounds`` rounds with the
+    order rotated, so machine noise from other processes hits every variant alike."""
+    times: dict[str, list[float]] = {name: [] for name, _, _ in variants}
+    inside: dict[str, list[float]] = {name: [] for name, _, _ in variants}
+    for _name, setup, teardown in variants:  # warm-up, also checks every variant runs
+        setup()
+        step()
+        teardown()
+    for round_index in range(rounds):
+        shift = round_index % len(variants)
+        for name, setup, teardown in variants[shift:] + variants[:shift]:
+            setup()
+            elapsed, hooked = step()
+            times[name].append(elapsed)
+            inside[name].append(hooked)
+            teardown()
+    return times, inside
+
+
 def bench_steps(pipe: Any, paper_map: Any, foldable_map: Any, timed_map: Any, size: int, rounds: int) -> None:
     """UNet steps on a CFG batch [uncond; cond] (batch 2), as a pipeline runs them."""
     from act_core.diffusers.pipeline import _ACTIVE_PIPELINE
@@ -382,28 +407,15 @@ def bench_steps(pipe: Any, paper_map: Any, foldable_map: Any, timed_map: Any, si
             _ACTIVE_PIPELINE.reset(token)
         return elapsed, hooks.seconds
 
-    variants: list[tuple[str, Callable[[], None], Callable[[], None]]] = [
+    variants: list[Variant] = [
         ("base (no ACT)", lambda: None, lambda: None),
         ("hook: time-aware map (default)", lambda: pipe.enable_act(timed_map, 1.0), pipe.disable_act),
         ("hook: paper map", lambda: pipe.enable_act(paper_map, 1.0), pipe.disable_act),
         ("hook: foldable map", lambda: pipe.enable_act(foldable_map, 1.0), pipe.disable_act),
         ("fused: foldable map", lambda: pipe.fuse_act(foldable_map, 1.0), pipe.unfuse_act),
     ]
-    times: dict[str, list[float]] = {name: [] for name, _, _ in variants}
-    self_times: dict[str, list[float]] = {name: [] for name, _, _ in variants}
     log(f"timing UNet steps: {len(variants)} variants x {rounds} rounds, interleaved ({load()})")
-    for _name, setup, teardown in variants:  # warm-up, also checks every variant runs
-        setup()
-        step()
-        teardown()
-    for round_index in range(rounds):
-        shift = round_index % len(variants)
-        for name, setup, teardown in variants[shift:] + variants[:shift]:
-            setup()
-            elapsed, inside = step()
-            times[name].append(elapsed)
-            self_times[name].append(inside)
-            teardown()
+    times, self_times = interleaved_rounds(variants, step, rounds)
     base_name = variants[0][0]
     base, base_min = statistics.median(times[base_name]), min(times[base_name])
     rows = []

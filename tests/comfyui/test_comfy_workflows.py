@@ -46,47 +46,8 @@ def model_loaders(api) -> set[str]:
     return {node["class_type"] for node in api.values()} & ({"CheckpointLoaderSimple"} | FLUX_LOADERS)
 
 
-def tiny_flux_prompt(api):
-    """A FLUX template with the tiny ComfyUI FLUX (and its CLIP) in place of the model files, latents saved."""
-    ids = {node["class_type"]: nid for nid, node in api.items() if node["class_type"] in FLUX_LOADERS}
-    assert set(ids) == FLUX_LOADERS, "a FLUX template loads a model, a CLIP pair and a VAE"
-    unet, clip, vae = ids["UNETLoader"], ids["DualCLIPLoader"], ids["VAELoader"]
-    api[unet] = {"class_type": "ACTTestTinyFlux", "inputs": {"seed": 0}}
-    for node in api.values():
-        for key, value in node["inputs"].items():
-            if value == [clip, 0]:
-                node["inputs"][key] = [unet, 1]
-    decoders = _links_to(api, [vae])
-    for nid in decoders:
-        assert api[nid]["class_type"] == "VAEDecode"
-        api[nid] = {
-            "class_type": "SaveLatent",
-            "inputs": {"samples": api[nid]["inputs"]["samples"], "filename_prefix": f"latents/wf_{nid}"},
-        }
-    for nid in _links_to(api, decoders):
-        del api[nid]
-    del api[clip], api[vae]
-    for node in api.values():
-        inputs = node["inputs"]
-        if node["class_type"] == "ACTFitMap":
-            inputs.update(width=64, height=64, steps=2, batch_size=4)
-        elif node["class_type"] == "EmptySD3LatentImage":
-            inputs.update(width=64, height=64)
-        elif node["class_type"] in ("KSampler", "ACTSweep"):
-            inputs["steps"] = 2
-    return api
-
-
-def tiny_prompt(api):
-    """The API prompt with the tiny SDXL (or FLUX) in place of the model files, latents saved instead of images."""
-    api = json.loads(json.dumps(api))
-    if model_loaders(api) == FLUX_LOADERS:
-        return tiny_flux_prompt(api)
-    checkpoints = [nid for nid, node in api.items() if node["class_type"] == "CheckpointLoaderSimple"]
-    assert checkpoints, "every template starts from an SDXL checkpoint or FLUX's model files"
-    for nid in checkpoints:
-        api[nid] = {"class_type": "ACTTestTinySDXL", "inputs": {"seed": 0}}
-    decoders = _links_to(api, checkpoints, slot=2)
+def save_latents_and_shrink(api, decoders, size: int, empty_latent: str):
+    """Decoders become SaveLatent (the tiny models have no VAE), their image outputs go, sizes/steps shrink."""
     for nid in decoders:
         assert api[nid]["class_type"] == "VAEDecode"
         api[nid] = {
@@ -98,12 +59,39 @@ def tiny_prompt(api):
     for node in api.values():
         inputs = node["inputs"]
         if node["class_type"] == "ACTFitMap":
-            inputs.update(width=128, height=128, steps=2, batch_size=4)
-        elif node["class_type"] == "EmptyLatentImage":
-            inputs.update(width=128, height=128)
+            inputs.update(width=size, height=size, steps=2, batch_size=4)
+        elif node["class_type"] == empty_latent:
+            inputs.update(width=size, height=size)
         elif node["class_type"] in ("KSampler", "ACTSweep"):
             inputs["steps"] = 2
     return api
+
+
+def tiny_flux_prompt(api):
+    """A FLUX template with the tiny ComfyUI FLUX (and its CLIP) in place of the model files, latents saved."""
+    ids = {node["class_type"]: nid for nid, node in api.items() if node["class_type"] in FLUX_LOADERS}
+    assert set(ids) == FLUX_LOADERS, "a FLUX template loads a model, a CLIP pair and a VAE"
+    unet, clip, vae = ids["UNETLoader"], ids["DualCLIPLoader"], ids["VAELoader"]
+    api[unet] = {"class_type": "ACTTestTinyFlux", "inputs": {"seed": 0}}
+    for node in api.values():
+        for key, value in node["inputs"].items():
+            if value == [clip, 0]:
+                node["inputs"][key] = [unet, 1]
+    decoders = _links_to(api, [vae])
+    del api[clip], api[vae]
+    return save_latents_and_shrink(api, decoders, 64, "EmptySD3LatentImage")
+
+
+def tiny_prompt(api):
+    """The API prompt with the tiny SDXL (or FLUX) in place of the model files, latents saved instead of images."""
+    api = json.loads(json.dumps(api))
+    if model_loaders(api) == FLUX_LOADERS:
+        return tiny_flux_prompt(api)
+    checkpoints = [nid for nid, node in api.items() if node["class_type"] == "CheckpointLoaderSimple"]
+    assert checkpoints, "every template starts from an SDXL checkpoint or FLUX's model files"
+    for nid in checkpoints:
+        api[nid] = {"class_type": "ACTTestTinySDXL", "inputs": {"seed": 0}}
+    return save_latents_and_shrink(api, _links_to(api, checkpoints, slot=2), 128, "EmptyLatentImage")
 
 
 def _latents(srv, result):
