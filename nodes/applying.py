@@ -34,9 +34,8 @@ from .comfy_models import (
     check_fits,
     checkpoint_shells,
     clip_modules,
+    denoiser_modules,
     state_key,
-    unet_modules,
-    unet_table,
 )
 from .common import transformer_options_of
 
@@ -162,24 +161,6 @@ def map_family(act_map: ACTMap) -> ModelFamily:
     return get_family(str(act_map.metadata.get("family", SDXL.name)))
 
 
-def _denoiser_modules(model: Any, family: ModelFamily) -> tuple[dict[str, nn.Module], Any]:
-    """(canonical name -> module of the MODEL's denoiser, the UNet's name table or None)."""
-    diffusion_model = model.model.diffusion_model
-    if family is FLUX:
-        if not hasattr(diffusion_model, "double_blocks"):
-            raise ACTModelMismatchError(
-                "This ACT map was fitted on a FLUX model (its transformer), but this MODEL is not a FLUX model; "
-                "use a map fitted on this model."
-            )
-        return comfy_transformer_modules(diffusion_model), None
-    if hasattr(diffusion_model, "double_blocks"):
-        raise ACTModelMismatchError(
-            "This MODEL is a FLUX model but the ACT map was fitted on an SDXL model; fit a map on this model."
-        )
-    table = unet_table(model)
-    return unet_modules(model, table), table
-
-
 def apply_map(
     model: Any,
     clip: Any,
@@ -211,7 +192,7 @@ def apply_map(
     if denoiser in parts and strength != 0.0:
         if model is None:
             raise ACTInputError(f"This ACT map steers the {denoiser}: connect a MODEL.")
-        modules, table = _denoiser_modules(model, family)
+        modules, table = denoiser_modules(model, family)
         part_map = act_map.restrict(parts=[denoiser])
         check_fits(part_map, modules, f"this MODEL's {denoiser}")
         window = start > 0.0 or end < 1.0

@@ -14,6 +14,7 @@ from torch import nn
 
 from act_core.errors import ACTModelMismatchError
 from act_core.families import FLUX, SDXL, ModelFamily
+from act_core.families.flux import comfy_transformer_modules
 from act_core.families.sdxl import (
     TEXT_ENCODER,
     TEXT_ENCODER_2,
@@ -30,6 +31,24 @@ from act_core.maps import ACTMap, part_of
 def denoiser_family(model: Any) -> ModelFamily:
     """The family of a ComfyUI MODEL's denoiser: FLUX (``double_blocks`` / ``single_blocks``) or SDXL."""
     return FLUX if hasattr(model.model.diffusion_model, "double_blocks") else SDXL
+
+
+def denoiser_modules(model: Any, family: ModelFamily) -> tuple[dict[str, nn.Module], Any]:
+    """(canonical name -> module of the MODEL's denoiser, the UNet's name table or None)."""
+    diffusion_model = model.model.diffusion_model
+    if family is FLUX:
+        if denoiser_family(model) is not FLUX:
+            raise ACTModelMismatchError(
+                "This ACT map was fitted on a FLUX model (its transformer), but this MODEL is not a FLUX model; "
+                "use a map fitted on this model."
+            )
+        return comfy_transformer_modules(diffusion_model), None
+    if denoiser_family(model) is FLUX:
+        raise ACTModelMismatchError(
+            "This MODEL is a FLUX model but the ACT map was fitted on an SDXL model; fit a map on this model."
+        )
+    table = unet_table(model)
+    return unet_modules(model, table), table
 
 
 def unet_table(model: Any) -> dict[str, str]:

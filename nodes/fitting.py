@@ -32,7 +32,6 @@ from act_core._version import __version__
 from act_core.errors import ACTError, ACTInputError, ACTWarning
 from act_core.estimators import ModuleEstimator
 from act_core.families import FLUX, SDXL, ModelFamily
-from act_core.families.flux import comfy_transformer_modules
 from act_core.families.sdxl import TEXT_ENCODER, dead_text_encoder_paths
 from act_core.fitting import fit_with_stats
 from act_core.maps import ACTMap, part_of
@@ -49,7 +48,7 @@ from act_core.validation import (
     unknown_words,
 )
 
-from .comfy_models import clip_modules, denoiser_family, has_text_encoder_2, unet_modules
+from .comfy_models import clip_modules, denoiser_family, denoiser_modules, has_text_encoder_2
 from .common import parse_parts, resolve_support, transformer_options_of
 
 log = logging.getLogger("ComfyUI-ACT")
@@ -92,11 +91,7 @@ def select_modules(
     selected = {}
     for part in parts:
         if part == family.denoiser:
-            candidates = (
-                comfy_transformer_modules(model.model.diffusion_model)
-                if family is FLUX
-                else unet_modules(model)
-            )
+            candidates, _ = denoiser_modules(model, family)
         elif family is FLUX:
             raise ACTInputError(
                 f"Preset {preset_name!r} fits FLUX's text encoders ({part}), which the Fit ACT map node does not "

@@ -387,14 +387,16 @@ class ComfyServer:
 TINY_PACK_NAME = "act_test_tiny_models"
 _TINY_PACK_INIT = """\
 # Test-only ComfyUI node pack written by tests/comfy_server.py: the tiny random SDXL of
-# tests/comfy_support.py as (MODEL, CLIP), so server tests need no checkpoint file.
+# tests/comfy_support.py and the tiny FLUX of tests/comfy_flux.py as (MODEL, CLIP), so server tests need
+# no checkpoint file.
 import sys
 
 sys.path.insert(0, {tests_dir!r})
 import comfy_support  # noqa: E402
 
 
-class ACTTestTinySDXL:
+class _TinyModelNode:
+    # seed -> (MODEL, CLIP): what the tiny-model nodes share
     @classmethod
     def INPUT_TYPES(cls):
         return {{"required": {{"seed": ("INT", {{"default": 0, "min": 0, "max": 2**31 - 1}})}}}}
@@ -403,21 +405,14 @@ class ACTTestTinySDXL:
     FUNCTION = "build"
     CATEGORY = "ACT/tests"
 
+
+class ACTTestTinySDXL(_TinyModelNode):
     def build(self, seed):
         return comfy_support.build_tiny_sdxl(seed=seed)
 
 
-class ACTTestTinyFlux:
-    # ComfyUI's FLUX at tiny widths (tests/comfy_flux.py) with its own FLUX CLIP: (MODEL, CLIP).
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {{"required": {{"seed": ("INT", {{"default": 0, "min": 0, "max": 2**31 - 1}})}}}}
-
-    RETURN_TYPES = ("MODEL", "CLIP")
-    FUNCTION = "build"
-    CATEGORY = "ACT/tests"
-
+class ACTTestTinyFlux(_TinyModelNode):
+    # ComfyUI's FLUX at tiny widths (tests/comfy_flux.py) with its own FLUX CLIP.
     def build(self, seed):
         import tempfile
         from pathlib import Path
