@@ -182,7 +182,9 @@ BOTH = ("sdxl", "flux")
 
 def _flux_streams(*patterns: str):
     """The FLUX default preset on other transformer modules (block streams, ``proj_out``)."""
-    return replace(FLUX_PRESETS["transformer_blocks"], name="flux_custom", patterns={"transformer": patterns})
+    return replace(
+        FLUX_PRESETS["pooled_text_and_blocks"], name="flux_custom", patterns={"transformer": patterns}
+    )
 
 
 PROTOCOLS = {
@@ -190,7 +192,7 @@ PROTOCOLS = {
     for p in (
         Protocol(
             "new_default",
-            "the default (SDXL unet_norms, FLUX transformer_blocks): steered trajectory, per step, exact causal, "
+            "the default (SDXL unet_norms, FLUX pooled_text_and_blocks): steered trajectory, per step, exact causal, "
             "per element, every position, calibrated",
             families=BOTH,
         ),
@@ -318,6 +320,33 @@ PROTOCOLS = {
             "flux_output_only",
             "FLUX: the output projection (proj_out) only",
             {"preset": _flux_streams("proj_out")},
+            families=("flux",),
+        ),
+        Protocol(
+            "flux_blocks",
+            "FLUX: the block output streams only (transformer_blocks, the reference's modules; the first default)",
+            {"preset": "transformer_blocks"},
+            families=("flux",),
+        ),
+        Protocol(
+            "flux_pooled_norms",
+            "FLUX: the pooled-text projection + the LayerNorms before every block's modulation",
+            {
+                "preset": _flux_streams(
+                    "time_text_embed.text_embedder",
+                    "transformer_blocks.*.norm1.norm",
+                    "transformer_blocks.*.norm1_context.norm",
+                    "transformer_blocks.*.norm2",
+                    "transformer_blocks.*.norm2_context",
+                    "single_transformer_blocks.*.norm.norm",
+                )
+            },
+            families=("flux",),
+        ),
+        Protocol(
+            "flux_pooled_only",
+            "FLUX: the pooled-text projection only (time_text_embed.text_embedder: the modulation's text part)",
+            {"preset": _flux_streams("time_text_embed.text_embedder")},
             families=("flux",),
         ),
         Protocol(

@@ -234,7 +234,7 @@ def apply_map(
     if te_parts and te_strength != 0.0 and family is FLUX:
         raise ACTInputError(
             "FLUX text-encoder maps apply through diffusers only for now (ComfyUI's FLUX CLIP is not mapped "
-            "yet); fit the map with the FLUX default preset 'transformer_blocks' instead."
+            "yet); fit the map with the FLUX default preset 'pooled_text_and_blocks' instead."
         )
     if te_parts and te_strength != 0.0:
         if clip is None:

@@ -1,12 +1,17 @@
 #!/usr/bin/env python
 """Train the shipped tiny FLUX.1-architecture shapes model (``models/shapes-flux``) from scratch.
 
-    python scripts/train_flux_demo_model.py            # full run, ~35 CPU minutes on one core
-    python scripts/train_flux_demo_model.py --smoke    # seconds; writes to outputs/flux_train_smoke/
+    python scripts/train_flux_demo_model.py               # full run, ~20 CPU minutes on one core
+    python scripts/train_flux_demo_model.py --variant b   # the second FLUX model (models/shapes-flux-b)
+    python scripts/train_flux_demo_model.py --smoke       # seconds; writes to outputs/flux_train_smoke/
 
 Rectified flow on the same procedural shapes as the SDXL demo model, in the latent space of the shipped
 SDXL demo model's VAE, with the caption tokenizer for both text encoders (``demo/flux_model.py``). The
 shipped attribute classifier scores its samples. Checkpoints go to --work-dir; rerunning resumes.
+
+The second model (``--variant b``) exists so that FLUX defaults are not tuned to the first: another seed,
+the SDXL model b's data (palette, diagonal stripes) and VAE, other sizes (2 double + 6 single blocks, width
+96), more captions naming the style, and sampled with 25 steps; its classifier is ``shapes-classifier-b``.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import json
 import shutil
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,9 +33,36 @@ from diffusers import AutoencoderKL, FluxPipeline  # noqa: E402
 from demo.evaluation import sample_accuracy, sample_grid  # noqa: E402
 from demo.export import folder_size, replace_dir  # noqa: E402
 from demo.flux_model import MAX_SEQUENCE_LENGTH, FluxDemoConfig, flux_pool, save_flux_dir, train_transformer  # noqa: E402
-from demo.paths import CLASSIFIER_PATH, DEMO_MODEL_PATH, load_demo_classifier  # noqa: E402
+from demo.paths import load_demo_classifier  # noqa: E402
 from demo.tokenizer import save_tokenizer  # noqa: E402
 from demo.training import Checkpointer, TrainConfig  # noqa: E402
+
+
+@dataclass(frozen=True)
+class FluxVariant:
+    """One trained FLUX model: seed, sizes, data, VAE, classifier, outputs, how it is sampled."""
+
+    seed: int
+    model: FluxDemoConfig
+    train: dict = field(default_factory=dict)
+    suffix: str = ""
+    vae_model: str = "shapes-sdxl"
+    classifier: str = "shapes-classifier"
+    eval_steps: int = 20
+
+
+VARIANTS = {
+    "shipped": FluxVariant(4, FluxDemoConfig()),
+    "b": FluxVariant(
+        5,
+        FluxDemoConfig(double_blocks=2, single_blocks=6, heads=6, clip_hidden=48, t5_layers=3),
+        {"draw_style": "b", "cond_dropout": 0.15, "explicit_style_prob": 0.5},
+        "-b",
+        "shapes-sdxl-b",
+        "shapes-classifier-b",
+        25,
+    ),
+}
 
 
 def log(message: str) -> None:
@@ -41,20 +73,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--out", type=Path, default=REPO / "models" / "shapes-flux")
-    parser.add_argument("--work-dir", type=Path, default=REPO / "outputs" / "flux_train")
-    parser.add_argument(
-        "--samples-png", type=Path, default=REPO / "docs" / "images" / "demo_samples_flux.png"
-    )
-    parser.add_argument("--seed", type=int, default=4)
+    parser.add_argument("--variant", choices=sorted(VARIANTS), default="shipped")
+    parser.add_argument("--out", type=Path, default=None, help="default: models/shapes-flux<suffix>")
+    parser.add_argument("--work-dir", type=Path, default=None, help="default: outputs/flux_train<suffix>")
+    parser.add_argument("--samples-png", type=Path, default=None)
+    parser.add_argument("--seed", type=int, default=None, help="override the variant's seed")
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    cfg = FluxDemoConfig()
-    tc = TrainConfig(seed=args.seed, unet_steps=4000, unet_lr=5e-4, cond_dropout=0.1)
-    eval_steps, guidances, repeats = 20, (1.0, 3.0), 2
+    variant = VARIANTS[args.variant]
+    suffix = variant.suffix
+    args.out = args.out or REPO / "models" / f"shapes-flux{suffix}"
+    args.work_dir = args.work_dir or REPO / "outputs" / f"flux_train{suffix}"
+    args.samples_png = args.samples_png or REPO / "docs" / "images" / f"demo_samples_flux{suffix}.png"
+    args.seed = variant.seed if args.seed is None else args.seed
+    cfg = variant.model
+    train = {"unet_steps": 4000, "unet_lr": 5e-4, "cond_dropout": 0.1, **variant.train}
+    tc = TrainConfig(seed=args.seed, **train)
+    eval_steps, guidances, repeats = variant.eval_steps, (1.0, 3.0), 2
     if args.smoke:
-        tc = TrainConfig(seed=args.seed, unet_steps=3, latent_pool=128, checkpoint_every=2)
+        tc = TrainConfig(
+            seed=args.seed, **{**train, "unet_steps": 3, "latent_pool": 128, "checkpoint_every": 2}
+        )
         root = REPO / "outputs" / "flux_train_smoke"
         args.out, args.work_dir, args.samples_png = root / "shapes-flux", root / "work", root / "samples.png"
         eval_steps, guidances, repeats = 2, (1.0,), 1
@@ -63,7 +103,8 @@ def main() -> None:
     log(f"train {asdict(tc)}")
     times = {}
     start = time.time()
-    vae = AutoencoderKL.from_pretrained(DEMO_MODEL_PATH / "vae", local_files_only=True).float().eval()
+    vae_path = REPO / "models" / variant.vae_model / "vae"
+    vae = AutoencoderKL.from_pretrained(vae_path, local_files_only=True).float().eval()
     tokenizer = save_tokenizer(args.work_dir / "tokenizer")
     pool = ckpt.load("pool")
     if pool is None:
@@ -75,7 +116,7 @@ def main() -> None:
     tmp = save_flux_dir(args.out, vae, transformer, clip, t5, tokenizer, scaling)
     pipe = FluxPipeline.from_pretrained(tmp, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
-    classifier = load_demo_classifier(CLASSIFIER_PATH)
+    classifier = load_demo_classifier(REPO / "models" / variant.classifier)
     results = {}
     t = time.time()
     for true_cfg in guidances:
@@ -92,7 +133,7 @@ def main() -> None:
     sample_grid(
         pipe,
         args.samples_png,
-        title=f"shapes-flux (true CFG {best:g})",
+        title=f"shapes-flux{suffix} (true CFG {best:g})",
         steps=eval_steps,
         guidance=1.0,
         **extra,
@@ -100,13 +141,14 @@ def main() -> None:
     times["eval_s"] = time.time() - t
     info = {
         "command": " ".join(["python", *sys.argv]),
+        "variant": args.variant,
         "model_config": asdict(cfg),
         "train_config": asdict(tc),
         "parameters": {
             name: sum(p.numel() for p in m.parameters())
             for name, m in (("transformer", transformer), ("text_encoder", clip), ("text_encoder_2", t5))
         },
-        "vae": "the shipped shapes-sdxl VAE, scaling_factor refitted",
+        "vae": f"the {variant.vae_model} VAE, scaling_factor refitted",
         "vae_scaling_factor": scaling,
         "wall_time_s": {k: round(v, 1) for k, v in times.items()},
         "sample_accuracy": results,

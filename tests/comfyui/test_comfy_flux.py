@@ -42,7 +42,7 @@ def flux_maps(flux):
         warnings.simplefilter("ignore")  # the tests' tokenizer does not know these words
         return {
             preset: pipe.fit_act(SOURCE, TARGET, preset=preset, progress=False, **sampling)
-            for preset in ("transformer_blocks", "transformer_norms")
+            for preset in ("pooled_text_and_blocks", "transformer_blocks", "transformer_norms")
         }
 
 
@@ -106,7 +106,7 @@ def test_comfyui_flux_is_the_same_model(flux, inputs):
         )
 
 
-@pytest.mark.parametrize("preset", ["transformer_blocks", "transformer_norms"])
+@pytest.mark.parametrize("preset", ["pooled_text_and_blocks", "transformer_blocks", "transformer_norms"])
 def test_a_diffusers_fitted_flux_map_steers_comfyui_flux_as_diffusers(
     nodes_pack, flux, flux_maps, inputs, preset
 ):
@@ -134,7 +134,7 @@ def test_strength_zero_adds_nothing_and_wrong_family_maps_are_refused(nodes_pack
     from act_core.errors import ACTInputError, ACTModelMismatchError
 
     _, model = flux
-    act_map = flux_maps["transformer_blocks"]
+    act_map = flux_maps["pooled_text_and_blocks"]
     same, _ = nodes_pack["ACTApply"].apply(model, None, act_map, 0.0)
     assert not same.wrappers and not same.injections
     tiny_sdxl, tiny_clip = cs.build_tiny_sdxl(seed=0)
@@ -142,11 +142,11 @@ def test_strength_zero_adds_nothing_and_wrong_family_maps_are_refused(nodes_pack
         nodes_pack["ACTApply"].apply(tiny_sdxl, tiny_clip, act_map, 1.0)
     with pytest.raises(ACTInputError, match="LoRA"):
         nodes_pack["ACTExportLoRA"].export(model, None, act_map, "flux_map", "fp32", False)
-    with pytest.raises(ACTInputError, match="not a FLUX preset.*transformer_blocks"):
+    with pytest.raises(ACTInputError, match="not a FLUX preset.*pooled_text_and_blocks"):
         fit_flux(nodes_pack, model, None, preset="unet_norms")
 
 
-def fit_flux(nodes_pack, model, clip, preset="transformer_blocks", **options):
+def fit_flux(nodes_pack, model, clip, preset="pooled_text_and_blocks", **options):
     """The Fit ACT map node on a FLUX MODEL: 4 prompt pairs, 3 steps, cfg 1 (FLUX.1 runs no CFG batch)."""
     return nodes_pack["ACTFitMap"].fit(
         model,
@@ -175,7 +175,7 @@ def flux_clip(comfyui):  # noqa: F811
     return comfy_flux.build_flux_clip(seed=0)
 
 
-@pytest.mark.parametrize("preset", ["transformer_blocks", "transformer_norms"])
+@pytest.mark.parametrize("preset", ["pooled_text_and_blocks", "transformer_norms"])
 def test_the_fit_node_fits_on_comfyui_flux_and_the_map_steers_ksampler_and_diffusers(
     nodes_pack, flux, flux_clip, inputs, preset, caplog
 ):

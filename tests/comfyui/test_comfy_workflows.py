@@ -190,7 +190,7 @@ def test_flux_style_slider_workflow_runs(comfy_server):  # noqa: F811
     (latent,) = _latents(srv, result).values()
     assert latent.shape == (1, 4, 8, 8) and bool(latent.isfinite().all())
     act_map = ACTMap.load(srv.models_dir("act_maps") / "flux_watercolor_style.safetensors")
-    assert act_map.metadata["family"] == "flux" and act_map.metadata["preset"] == "transformer_blocks"
+    assert act_map.metadata["family"] == "flux" and act_map.metadata["preset"] == "pooled_text_and_blocks"
     assert act_map.metadata["sampling"]["cfg"] == 1 and len(act_map.buckets) == 2
 
 

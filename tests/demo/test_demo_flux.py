@@ -52,7 +52,7 @@ def test_default_fit_steers_the_flux_model_red_to_yellow(flux):
         progress=False,
         **FLUX_MODEL.sampling,
     )
-    assert act_map.metadata["preset"] == "transformer_blocks" and len(act_map.buckets) == FLUX_MODEL.steps
+    assert act_map.metadata["preset"] == "pooled_text_and_blocks" and len(act_map.buckets) == FLUX_MODEL.steps
     subset = slice(0, 24, 2)
     small = replace(task, source=task.source[subset], target=task.target[subset], shapes=task.shapes[subset])
     curve = score_curve(pipe, classifier, FLUX_MODEL, small, act_map, {}, (0.0, 1.0))["curve"]

@@ -46,13 +46,19 @@ def test_flux_pipeline_gets_the_flux_mixin(pipe):
     assert type(pipe).__name__ == "ACTFluxPipeline" and pipe.act_family.name == "flux"
 
 
-def test_default_preset_hooks_every_block_stream_along_the_trajectory(pipe, block_map):
+def test_default_preset_hooks_the_pooled_text_and_every_block_stream_along_the_trajectory(pipe, block_map):
     names = list(block_map.modules)
-    assert names[:2] == ["transformer.transformer_blocks.0:text", "transformer.transformer_blocks.0:image"]
-    assert "transformer.single_transformer_blocks.1:joint" in names and len(names) == 2 * 2 + 2
+    assert names[:3] == [
+        "transformer.time_text_embed.text_embedder",
+        "transformer.transformer_blocks.0:text",
+        "transformer.transformer_blocks.0:image",
+    ]
+    assert "transformer.single_transformer_blocks.1:joint" in names and len(names) == 1 + 2 * 2 + 2
     assert len(block_map.buckets) == 3 and max(block_map.buckets) == pytest.approx(1.0)
     meta = block_map.metadata
-    assert meta["family"] == "flux" and meta["preset"] == "transformer_blocks" and meta["cfg_rows"] == "all"
+    assert (
+        meta["family"] == "flux" and meta["preset"] == "pooled_text_and_blocks" and meta["cfg_rows"] == "all"
+    )
     assert (
         meta["sampling"]["max_sequence_length"] == MAX_SEQUENCE_LENGTH and meta["causal_strategy"] == "exact"
     )
@@ -110,6 +116,6 @@ def test_cli_fits_a_flux_folder_with_the_flux_default(tmp_path, capsys):
     out = tmp_path / "map.safetensors"
     assert main([*common, *prompts, "--max-sequence-length", "16", "--output", str(out), "-q"]) == 0
     fitted = ACTMap.load(out)
-    assert fitted.metadata["preset"] == "transformer_blocks" and fitted.metadata["family"] == "flux"
+    assert fitted.metadata["preset"] == "pooled_text_and_blocks" and fitted.metadata["family"] == "flux"
     assert main([*common, *prompts, "--negative-prompt", "blurry", "--output", str(out), "-q"]) == 2
     assert "without a CFG batch" in capsys.readouterr().err

@@ -1,8 +1,13 @@
 """FLUX.1: parts, presets, and module names in diffusers and ComfyUI.
 
 Parts: ``transformer`` (the denoiser), ``text_encoder`` (CLIP-L: only its pooled vector reaches the
-transformer) and ``text_encoder_2`` (T5: the token sequence). Canonical names are the diffusers module
-paths, plus three *streams* that are elements of a block's tuple output rather than modules:
+transformer) and ``text_encoder_2`` (T5: the token sequence). The prompt reaches the transformer by two
+routes: T5's tokens through the blocks' text stream, and CLIP's pooled vector through
+``time_text_embed.text_embedder`` (ComfyUI's ``vector_in``) into every block's modulation. The default
+preset hooks both, because a model may carry an attribute by either one (docs/protocol.md: the shapes
+FLUX models draw stripes from the pooled vector, colours from the tokens). Canonical names are the
+diffusers module paths, plus three *streams* that are elements of a block's tuple output rather than
+modules:
 
     transformer.transformer_blocks.3:text      # a double block's text-token output
     transformer.transformer_blocks.3:image     # its image-token output
@@ -45,6 +50,13 @@ COMFY_NORMS = {
     "norm2_context": "txt_norm2",
 }
 COMFY_SINGLE_NORM = ("norm.norm", "pre_norm")
+# The pooled-text projection: diffusers' path in the transformer -> ComfyUI's module (same output).
+POOLED_TEXT = ("time_text_embed.text_embedder", "vector_in")
+BLOCK_STREAMS = (
+    "transformer_blocks.*:text",
+    "transformer_blocks.*:image",
+    "single_transformer_blocks.*:joint",
+)
 
 
 def _trajectory_preset(name: str, description: str, patterns: tuple[str, ...]) -> Preset:
@@ -63,11 +75,18 @@ def _trajectory_preset(name: str, description: str, patterns: tuple[str, ...]) -
 
 
 PRESETS: dict[str, Preset] = {
+    "pooled_text_and_blocks": _trajectory_preset(
+        "pooled_text_and_blocks",
+        "The pooled-text projection that feeds every block's modulation (time_text_embed.text_embedder) and "
+        "the output streams of every transformer block, fitted along your sampler's trajectory: both routes "
+        "by which a prompt reaches the transformer.",
+        (POOLED_TEXT[0], *BLOCK_STREAMS),
+    ),
     "transformer_blocks": _trajectory_preset(
         "transformer_blocks",
         "The output streams of every transformer block (double blocks: text and image; single blocks: the "
         "joint stream), as the reference's FLUX setup, fitted along your sampler's trajectory.",
-        ("transformer_blocks.*:text", "transformer_blocks.*:image", "single_transformer_blocks.*:joint"),
+        BLOCK_STREAMS,
     ),
     "transformer_norms": _trajectory_preset(
         "transformer_norms",
@@ -89,7 +108,7 @@ PRESETS: dict[str, Preset] = {
         types=(nn.Module,),
     ),
 }
-DEFAULT_PRESET = "transformer_blocks"
+DEFAULT_PRESET = "pooled_text_and_blocks"
 
 
 def component_modules(part: str, component: nn.Module) -> dict[str, nn.Module | OutputOf]:
@@ -130,6 +149,8 @@ def _block_width(block: nn.Module) -> int:
 def comfy_transformer_modules(diffusion_model: nn.Module) -> dict[str, nn.Module | OutputOf]:
     """ComfyUI's ``Flux`` model (``double_blocks`` / ``single_blocks``) under canonical names."""
     modules: dict[str, nn.Module | OutputOf] = {}
+    if hasattr(diffusion_model, POOLED_TEXT[1]):
+        modules[f"{TRANSFORMER}.{POOLED_TEXT[0]}"] = getattr(diffusion_model, POOLED_TEXT[1])
     for i, block in enumerate(getattr(diffusion_model, "double_blocks", [])):
         base = f"{TRANSFORMER}.transformer_blocks.{i}"
         width = int(block.img_norm1.normalized_shape[-1])
