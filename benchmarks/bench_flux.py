@@ -13,7 +13,7 @@ fp32, so by default the depth is cut to 2 + 4 blocks: ACT's hook work and the bl
 one block at a time, so the share per step is what the full model would show (the embedders and the
 final layer, unhooked, are a smaller share at full depth). The text encoders are tiny (their width
 matches the transformer's inputs); only the transformer step is timed. Maps are fitted with
-``pipe.fit_act`` (the default ``transformer_blocks`` preset and ``transformer_norms``), then step times
+``pipe.fit_act`` (the default ``pooled_text_and_blocks`` preset, the reference's ``transformer_blocks`` and ``transformer_norms``), then step times
 of base and hooked variants are interleaved round by round; "in hooks" is measured directly by timing
 the hook calls.
 """
@@ -116,7 +116,7 @@ def build_pipeline(quick: bool, double: int, single: int) -> Any:
 
 def fit_maps(pipe: Any, size: int, steps: int, sequence: int) -> dict[str, Any]:
     maps, rows = {}, []
-    for preset in ("transformer_blocks", "transformer_norms"):
+    for preset in ("pooled_text_and_blocks", "transformer_blocks", "transformer_norms"):
         start = time.perf_counter()
         maps[preset] = pipe.fit_act(
             SOURCE,
@@ -160,7 +160,7 @@ def bench_steps(pipe: Any, maps: dict[str, Any], size: int, sequence: int, round
         "img_ids": pipe._prepare_latent_image_ids(1, latent // 2, latent // 2, "cpu", torch.float32),
         "return_dict": False,
     }
-    levels = sorted(maps["transformer_blocks"].buckets)
+    levels = sorted(maps["pooled_text_and_blocks"].buckets)
     timestep = torch.tensor([(levels[0] + levels[1]) / 2])  # between two buckets: the hooks interpolate
 
     def step() -> tuple[float, float]:

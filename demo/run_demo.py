@@ -2,10 +2,10 @@
 
 For each model (default: ``shapes-sdxl``, 20 Euler steps at guidance 3; ``shapes-sdxl-b``, trained
 independently here, 25 steps at guidance 4; ``shapes-flux``, the FLUX.1-architecture model, 20 steps, no
-CFG) and each task (style solid -> striped, colour green -> purple, colour red -> yellow, negation: remove
+CFG; ``shapes-flux-b``, a second FLUX model trained independently, 25 steps) and each task (style solid -> striped, colour green -> purple, colour red -> yellow, negation: remove
 the "striped" the prompt asks for), a map is fitted with ``pipe.fit_act`` for each protocol of the model's
 family (SDXL: the default, the paper's first-step protocol, text encoders only; FLUX: the default
-``transformer_blocks``, ``transformer_norms``, text encoders only), applied with ``pipe.enable_act`` at
+``pooled_text_and_blocks``, the reference's ``transformer_blocks``, text encoders only), applied with ``pipe.enable_act`` at
 lambda 0 ... 2, and the model's attribute classifier scores the images (the role the paper gives CLIP
 scores). Writes to the output folder:
 
@@ -33,9 +33,9 @@ from .protocols import EVAL_SEED, MODELS, PROTOCOLS, fit_map, load_model_pipelin
 LAMBDAS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
 MAIN_PROTOCOLS = {  # per model family; the first is the default, whose sweep grids are written
     "sdxl": ("new_default", "old_default", "text_encoder_norms"),
-    "flux": ("new_default", "flux_norms", "flux_text_encoders"),
+    "flux": ("new_default", "flux_blocks", "flux_text_encoders"),
 }
-MAIN_MODELS = ("shipped", "b", "flux")
+MAIN_MODELS = ("shipped", "b", "flux", "flux-b")
 GRID_ROWS = 4
 
 

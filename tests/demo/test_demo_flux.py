@@ -17,13 +17,28 @@ FLUX_MODEL = MODELS["flux"]
 
 
 @pytest.fixture(scope="module")
-def flux():
+def flux_models():
+    """Both shipped FLUX models, loaded once each: name -> (pipeline, classifier)."""
     torch.set_num_threads(1)
-    return load_model_pipeline(FLUX_MODEL), load_demo_classifier(FLUX_MODEL.classifier)
+    cache: dict = {}
+
+    def get(name: str):
+        if name not in cache:
+            model = MODELS[name]
+            cache[name] = load_model_pipeline(model), load_demo_classifier(model.classifier)
+        return cache[name]
+
+    return get
 
 
-def test_shipped_flux_folder_is_small_and_a_plain_diffusers_folder():
-    folder = REPO_ROOT / "models" / "shapes-flux"
+@pytest.fixture(scope="module")
+def flux(flux_models):
+    return flux_models("flux")
+
+
+@pytest.mark.parametrize("folder_name", ["shapes-flux", "shapes-flux-b"])
+def test_shipped_flux_folders_are_small_and_plain_diffusers_folders(folder_name):
+    folder = REPO_ROOT / "models" / folder_name
     size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
     assert size < 5 * 2**20, size
     pipe = FluxPipeline.from_pretrained(folder, local_files_only=True)  # no ACT, no demo code needed
@@ -41,20 +56,25 @@ def test_flux_samples_follow_the_prompt(flux):
 
 
 @pytest.mark.slow
-def test_default_fit_steers_the_flux_model_red_to_yellow(flux):
-    pipe, classifier = flux
-    task = tasks()["colour_red_yellow"]
+@pytest.mark.parametrize("model_name", ["flux", "flux-b"])
+@pytest.mark.parametrize("task_name", ["colour_red_yellow", "style"])
+def test_default_fit_steers_both_flux_models(flux_models, model_name, task_name):
+    """Colour reaches FLUX through T5's tokens, stripes through CLIP's pooled vector: the default hooks both."""
+    model = MODELS[model_name]
+    pipe, classifier = flux_models(model_name)
+    task = tasks()[task_name]
+    subset = slice(0, 24, 2)
+    small = replace(task, source=task.source[subset], target=task.target[subset], shapes=task.shapes[subset])
     act_map = pipe.fit_act(
         list(task.source),
         list(task.target),
-        num_inference_steps=FLUX_MODEL.steps,
+        num_inference_steps=model.steps,
         guidance_scale=1.0,
         progress=False,
-        **FLUX_MODEL.sampling,
+        **model.sampling,
     )
-    assert act_map.metadata["preset"] == "pooled_text_and_blocks" and len(act_map.buckets) == FLUX_MODEL.steps
-    subset = slice(0, 24, 2)
-    small = replace(task, source=task.source[subset], target=task.target[subset], shapes=task.shapes[subset])
-    curve = score_curve(pipe, classifier, FLUX_MODEL, small, act_map, {}, (0.0, 1.0))["curve"]
+    assert act_map.metadata["preset"] == "pooled_text_and_blocks" and len(act_map.buckets) == model.steps
+    assert "transformer.time_text_embed.text_embedder" in act_map.modules
+    curve = score_curve(pipe, classifier, model, small, act_map, {}, (0.0, 1.0))["curve"]
     assert curve[0]["score"] < 0.2 and curve[1]["effect"] > 0.7, curve
     assert curve[1]["shape"] >= 0.75, curve
