@@ -427,6 +427,7 @@ def score_curve(
     at_one = next(p for p in curve if p["lambda"] == 1.0)
     return {
         "ceiling": ceiling["score"],
+        "ceiling_shape": ceiling["shape"],
         "curve": curve,
         "modules": len(act_map),
         "buckets": None if act_map.buckets is None else len(act_map.buckets),
