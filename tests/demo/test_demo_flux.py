@@ -79,3 +79,14 @@ def test_default_fit_steers_both_flux_models(flux_models, model_name, task_name)
     assert curve[0]["score"] < 0.2 and curve[1]["effect"] > 0.7, curve
     # flux-b draws shapes less reliably (0.6 without CFG): shapes are kept relative to its plain samples
     assert curve[1]["shape"] >= min(0.75, curve[0]["shape"] - 0.15), curve
+
+
+@pytest.mark.slow
+def test_flux_routes_finds_the_stripes_in_the_pooled_vector():
+    """The route study behind the FLUX default: shapes-flux draws stripes from CLIP's pooled vector."""
+    from demo.flux_routes import main as flux_routes
+
+    rows = {row["case"]: row for row in flux_routes(["--models", "flux", "--tasks", "style"])}
+    assert rows["source prompt"]["score"] < 0.1 and rows["target prompt"]["score"] > 0.8, rows
+    assert rows["source tokens, target pooled"]["score"] > 0.7, rows
+    assert rows["target tokens, source pooled"]["score"] < 0.1, rows
