@@ -25,7 +25,7 @@ from act_core.applying import ACTHandle, check_strength, folded_diffs
 from act_core.errors import ACTInputError, ACTModelMismatchError
 from act_core.families import FLUX, SDXL, ModelFamily, get_family
 from act_core.families.flux import comfy_transformer_modules
-from act_core.families.sdxl import comfy_clip_modules, comfy_unet_modules
+from act_core.families.sdxl import comfy_unet_modules
 from act_core.lora import as_foldable
 from act_core.maps import ACTMap
 from act_core.validation import check_window
@@ -34,6 +34,7 @@ from .comfy_models import (
     check_fits,
     checkpoint_shells,
     clip_modules,
+    comfy_clip_modules,
     denoiser_modules,
     state_key,
 )
@@ -231,27 +232,27 @@ def apply_map(
             how[denoiser] = HOOKS
 
     te_parts = [part for part in parts if part != denoiser]
-    if te_parts and te_strength != 0.0 and family is FLUX:
-        raise ACTInputError(
-            "FLUX text-encoder maps apply through diffusers only for now (ComfyUI's FLUX CLIP is not mapped "
-            "yet); fit the map with the FLUX default preset 'pooled_text_and_blocks' instead."
-        )
     if te_parts and te_strength != 0.0:
         if clip is None:
             raise ACTInputError("This ACT map steers the text encoders: connect a CLIP.")
-        modules = clip_modules(clip)
+        modules = clip_modules(clip, family)
         part_map = act_map.restrict(parts=te_parts)
         check_fits(part_map, modules, "this CLIP")
         patches = (
             None
-            if force_hooks
+            # FLUX's text-encoder maps never fold (T5's RMSNorm has no bias): hooks, as on its transformer.
+            if force_hooks or family is not SDXL
             else fold_patches(clip.patcher, part_map, modules, lambda n: state_key(n, None))
         )
         if patches is not None:
             _add_diff_patches(clip_out.patcher, patches, te_strength, "this CLIP")
             label = PATCHES
         else:
-            hooks = _Hooks(part_map, te_strength, lambda patcher: comfy_clip_modules(patcher.model))
+
+            def resolve_clip(patcher: Any) -> dict[str, nn.Module]:
+                return comfy_clip_modules(patcher.model, family)
+
+            hooks = _Hooks(part_map, te_strength, resolve_clip)
             clip_out.patcher.set_injections(tag, [hooks.injection()])
             label = HOOKS
         how.update({part: label for part in te_parts})

@@ -6,21 +6,20 @@ ComfyUI is imported lazily inside the functions: this module must import without
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
 from act_core.errors import ACTModelMismatchError
-from act_core.families import FLUX, SDXL, ModelFamily
+from act_core.families import FLUX, SDXL, ModelFamily, flux, sdxl
 from act_core.families.flux import comfy_transformer_modules
 from act_core.families.sdxl import (
     TEXT_ENCODER,
     TEXT_ENCODER_2,
     UNET,
     comfy_clip_key,
-    comfy_clip_modules,
     comfy_unet_key,
     comfy_unet_modules,
     unet_module_table,
@@ -64,9 +63,21 @@ def unet_modules(model: Any, table: Mapping[str, str] | None = None) -> dict[str
     return comfy_unet_modules(model.model.diffusion_model, table if table is not None else unet_table(model))
 
 
-def clip_modules(clip: Any) -> dict[str, nn.Module]:
+# Each family's map of ComfyUI's CLIP (``CLIP.cond_stage_model``) onto its canonical text-encoder names.
+CLIP_MODULES: dict[str, Callable[[nn.Module], dict[str, nn.Module]]] = {
+    SDXL.name: sdxl.comfy_clip_modules,
+    FLUX.name: flux.comfy_clip_modules,
+}
+
+
+def comfy_clip_modules(cond_stage_model: nn.Module, family: ModelFamily = SDXL) -> dict[str, nn.Module]:
+    """Canonical name -> module of ComfyUI text encoders (``CLIP.cond_stage_model``) as ``family`` names them."""
+    return CLIP_MODULES[family.name](cond_stage_model)
+
+
+def clip_modules(clip: Any, family: ModelFamily = SDXL) -> dict[str, nn.Module]:
     """Canonical name -> module of the text encoders of a CLIP (``clip.cond_stage_model``)."""
-    return comfy_clip_modules(clip.cond_stage_model)
+    return comfy_clip_modules(clip.cond_stage_model, family)
 
 
 def has_text_encoder_2(clip: Any) -> bool:

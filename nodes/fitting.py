@@ -92,14 +92,8 @@ def select_modules(
     for part in parts:
         if part == family.denoiser:
             candidates, _ = denoiser_modules(model, family)
-        elif family is FLUX:
-            raise ACTInputError(
-                f"Preset {preset_name!r} fits FLUX's text encoders ({part}), which the Fit ACT map node does not "
-                "support yet; use a transformer preset (transformer_blocks, transformer_norms), or fit text-encoder "
-                "maps with diffusers (pipe.fit_act)."
-            )
         else:
-            candidates = {n: m for n, m in clip_modules(clip).items() if part_of(n) == part}
+            candidates = {n: m for n, m in clip_modules(clip, family).items() if part_of(n) == part}
             if not candidates:
                 raise ACTInputError(
                     f"This CLIP has no {part} (ComfyUI's {'clip_l' if part == TEXT_ENCODER else 'clip_g'}); "

@@ -89,3 +89,50 @@ def build_flux_clip(seed: int = 0) -> Any:
     init_weights(clip.cond_stage_model, seed + 1)
     clip.cond_stage_model.eval()
     return clip
+
+
+def flux_clip_like(pipe: Any, seed: int = 0) -> Any:
+    """ComfyUI's FLUX CLIP with the sizes of a diffusers FluxPipeline's text encoders, and their norm weights
+    loaded through ComfyUI's own per-encoder loaders (``clip_l.load_sd`` / ``t5xxl.load_sd``, keyed by the
+    transformers module paths as real checkpoints are). Other weights stay random: the tiny pipeline's
+    vocabularies and position tables are not ComfyUI's, so only the norms are the same modules."""
+    setup_comfy()
+    import comfy.sd
+    import comfy.supported_models_base
+    import comfy.text_encoders.flux
+    from comfy_support import init_weights
+
+    clip_config, t5_config = pipe.text_encoder.config, pipe.text_encoder_2.config
+    target = comfy.supported_models_base.ClipTarget(
+        comfy.text_encoders.flux.FluxTokenizer, comfy.text_encoders.flux.FluxClipModel
+    )
+    clip = comfy.sd.CLIP(
+        target,
+        model_options={
+            "dtype": torch.float32,
+            "clip_l_model_config": {
+                key: getattr(clip_config, key)
+                for key in ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers")
+            },
+            "t5xxl_model_config": {
+                key: getattr(t5_config, key) for key in ("d_model", "d_kv", "d_ff", "num_heads", "num_layers")
+            },
+        },
+    )
+    init_weights(clip.cond_stage_model, seed + 1)
+    norms = {
+        "clip_l": {
+            (key if key.startswith("text_model.") else f"text_model.{key}"): value
+            for key, value in pipe.text_encoder.state_dict().items()
+            if "layer_norm" in key
+        },
+        "t5xxl": {
+            key: value for key, value in pipe.text_encoder_2.state_dict().items() if "layer_norm" in key
+        },
+    }
+    for name, weights in norms.items():
+        missing, unexpected = getattr(clip.cond_stage_model, name).load_sd(weights)
+        if unexpected or not weights:
+            raise RuntimeError(f"{name}: the norm weights do not fit ({unexpected[:3]})")
+    clip.cond_stage_model.eval()
+    return clip

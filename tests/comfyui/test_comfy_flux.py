@@ -130,7 +130,9 @@ def test_a_diffusers_fitted_flux_map_steers_comfyui_flux_as_diffusers(
     assert hooked == []
 
 
-def test_strength_zero_adds_nothing_and_wrong_family_maps_are_refused(nodes_pack, flux, flux_maps):
+def test_strength_zero_adds_nothing_and_wrong_family_maps_are_refused(
+    nodes_pack, flux, flux_maps, flux_text_map
+):
     from act_core.errors import ACTInputError, ACTModelMismatchError
 
     _, model = flux
@@ -140,6 +142,8 @@ def test_strength_zero_adds_nothing_and_wrong_family_maps_are_refused(nodes_pack
     tiny_sdxl, tiny_clip = cs.build_tiny_sdxl(seed=0)
     with pytest.raises(ACTModelMismatchError, match="transformer"):
         nodes_pack["ACTApply"].apply(tiny_sdxl, tiny_clip, act_map, 1.0)
+    with pytest.raises(ACTModelMismatchError, match="does not fit this CLIP"):  # not a FLUX CLIP: no T5
+        nodes_pack["ACTApply"].apply(None, tiny_clip, flux_text_map, 1.0)
     with pytest.raises(ACTInputError, match="LoRA"):
         nodes_pack["ACTExportLoRA"].export(model, None, act_map, "flux_map", "fp32", False)
     with pytest.raises(ACTInputError, match="not a FLUX preset.*pooled_text_and_blocks"):
@@ -213,3 +217,134 @@ def test_the_fit_node_fits_on_comfyui_flux_and_the_map_steers_ksampler_and_diffu
 @pytest.fixture(scope="module")
 def nodes_pack(comfyui):  # noqa: F811
     return cs.node_callers(cs.load_node_pack())
+
+
+@pytest.fixture(scope="module")
+def flux_text_map(flux):
+    import warnings
+
+    pipe, _ = flux
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tests' tokenizer does not know these words
+        return pipe.fit_act(
+            SOURCE,
+            TARGET,
+            preset="text_encoder_norms",
+            support="unbounded",
+            progress=False,
+            max_sequence_length=MAX_SEQUENCE_LENGTH,
+        )
+
+
+def test_a_diffusers_fitted_flux_text_encoder_map_steers_comfyui_flux_clip_as_diffusers(
+    nodes_pack, flux, flux_text_map, caplog
+):
+    """A ``text_encoder_norms`` map fitted on the diffusers FluxPipeline applies to ComfyUI's FLUX CLIP
+    (CLIP-L and T5) with its own text-encoder strength, every module hooked.
+
+    The tiny hosts do not encode the same tokens (the diffusers pipeline has the tests' character
+    tokenizer, ComfyUI its real CLIP / T5 tokenizers and vocabularies), so the two hosts' conditionings
+    cannot be compared; instead each hooked module's output transform is: the same input through the
+    module in both hosts, the norm weights being the same (``comfy_flux.flux_clip_like``)."""
+    import comfy.model_management as mm
+    import comfy_flux
+
+    from act_core.families.flux import comfy_clip_modules, component_modules
+
+    pipe, _ = flux
+    act_map = flux_text_map
+    assert act_map.metadata["family"] == "flux" and act_map.parts() == ["text_encoder", "text_encoder_2"]
+    assert any(n.startswith("text_encoder.text_model.encoder.layers.") for n in act_map.modules)
+    assert "text_encoder_2.encoder.block.0.layer.0.layer_norm" in act_map.modules
+    assert "text_encoder_2.encoder.final_layer_norm" in act_map.modules
+    clip = comfy_flux.flux_clip_like(pipe)
+    comfy_modules = comfy_clip_modules(clip.cond_stage_model)
+    # ComfyUI's module of each canonical name, spelled out here independently of the family's name map.
+    encoders = {"text_encoder": "clip_l", "text_encoder_2": "t5xxl"}
+    comfy_paths = {
+        name: f"{encoders[name.partition('.')[0]]}.transformer.{name.partition('.')[2]}"
+        for name in act_map.modules
+    }
+    assert all(
+        comfy_modules[name] is clip.cond_stage_model.get_submodule(path) for name, path in comfy_paths.items()
+    )
+    diffusers_modules = {
+        **component_modules("text_encoder", pipe.text_encoder),
+        **component_modules("text_encoder_2", pipe.text_encoder_2),
+    }
+    prompt = "a red circle number 9"
+    apply = nodes_pack["ACTApply"].apply
+
+    def conditioning(clip):
+        ((cond, extra),) = cs.encode(clip, prompt)
+        return cond, extra["pooled_output"]
+
+    def hooked():
+        return {n for n, m in comfy_modules.items() if hasattr(m, "_act_handle")}
+
+    plain = conditioning(clip)
+    # Strength 0 (or text-encoder strength 0) adds nothing at all: no injection, the plain conditioning.
+    _, at_zero = apply(None, clip, act_map, 0.0)
+    _, te_zero = apply(None, clip, act_map, 1.0, True, 0.0)
+    for same in (at_zero, te_zero):
+        assert not same.patcher.injections
+        for got, want in zip(conditioning(same), plain, strict=True):
+            assert torch.equal(got, want)
+    # Text-encoder strength 1 (strength 0: the map has no transformer part anyway) hooks every map module.
+    caplog.set_level("INFO", logger="ComfyUI-ACT")
+    caplog.clear()
+    _, steered = apply(None, clip, act_map, 0.0, True, 1.0)
+    steered_cond = conditioning(steered)
+    assert hooked() == set(act_map.modules)
+    assert "left out" not in caplog.text
+    for got, want in zip(steered_cond, plain, strict=True):  # T5's tokens and CLIP-L's pooled vector
+        assert (got - want).abs().max() > 1e-3
+
+    # Each module's output transform, the same input through both hosts' module with the map applied.
+    generator = torch.Generator().manual_seed(0)
+    inputs = {name: torch.randn(2, 5, 32, generator=generator) for name in act_map.modules}
+    with torch.no_grad():
+        mm.load_models_gpu([clip.patcher])  # the plain CLIP: no ACT hooks
+        assert hooked() == set()
+        comfy_plain = {name: comfy_modules[name](x) for name, x in inputs.items()}
+        mm.load_models_gpu([steered.patcher])
+        assert hooked() == set(act_map.modules)
+        comfy_steered = {name: comfy_modules[name](x) for name, x in inputs.items()}
+        diffusers_plain = {name: diffusers_modules[name](x) for name, x in inputs.items()}
+        pipe.enable_act(act_map, strength=1.0)
+        try:
+            diffusers_steered = {name: diffusers_modules[name](x) for name, x in inputs.items()}
+        finally:
+            pipe.disable_act()
+    for name in act_map.modules:
+        torch.testing.assert_close(comfy_plain[name], diffusers_plain[name], rtol=1e-5, atol=1e-5)
+        assert (diffusers_steered[name] - diffusers_plain[name]).abs().max() > 1e-3, name
+        torch.testing.assert_close(comfy_steered[name], diffusers_steered[name], rtol=1e-5, atol=1e-5)
+    # The input CLIP is untouched: loaded again, it encodes the plain conditioning with no hooks left.
+    for got, want in zip(conditioning(clip), plain, strict=True):
+        assert torch.equal(got, want)
+    assert hooked() == set()
+
+
+def test_the_fit_node_fits_a_flux_text_encoder_map_on_comfyui_flux_clip(nodes_pack, flux, caplog):
+    """Fit ACT map with a text-encoder preset on a FLUX MODEL + FLUX CLIP records ComfyUI's CLIP-L and T5
+    under diffusers' names (so the map also applies to the diffusers pipeline), and Apply ACT steers the
+    conditioning with it at its own text-encoder strength."""
+    import comfy_flux
+
+    pipe, model = flux
+    clip = comfy_flux.flux_clip_like(pipe)
+    act_map = fit_flux(nodes_pack, model, clip, preset="text_encoder_norms")
+    assert act_map.metadata["family"] == "flux" and act_map.metadata["host"] == "comfyui"
+    assert act_map.parts() == ["text_encoder", "text_encoder_2"]
+    assert set(act_map.modules) == set(pipe.act_preset_modules("text_encoder_norms"))
+    plain = cs.encode(clip, "a red circle number 9")[0]
+    caplog.set_level("INFO", logger="ComfyUI-ACT")
+    caplog.clear()
+    _, steered = nodes_pack["ACTApply"].apply(None, clip, act_map, 0.0, True, 1.0)
+    (cond, extra) = cs.encode(steered, "a red circle number 9")[0]
+    assert (cond - plain[0]).abs().max() > 1e-3
+    assert (extra["pooled_output"] - plain[1]["pooled_output"]).abs().max() > 1e-3
+    assert "left out" not in caplog.text
+    pipe.enable_act(act_map, strength=1.0)  # diffusers takes the ComfyUI-fitted map: every module matches
+    pipe.disable_act()

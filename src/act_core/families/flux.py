@@ -20,6 +20,13 @@ onto the other, so a map fitted in either host applies in the other. Norm preset
 normalisations before each block's modulation (``AdaLayerNormZero.norm`` = ComfyUI's ``img_norm1``).
 None of FLUX's maps fold into weights (block outputs are not layer outputs with weights, and FLUX's
 LayerNorms have no affine parameters), so FLUX has no LoRA export.
+
+Text encoders: ComfyUI's FLUX CLIP (``CLIP.cond_stage_model``, a ``FluxClipModel``) holds CLIP-L as
+``clip_l`` and T5 as ``t5xxl``; their ``.transformer`` modules have the transformers module paths
+(``text_model.encoder.layers.0.layer_norm1``; ``encoder.block.0.layer.0.layer_norm``,
+``encoder.final_layer_norm``), so ``text_encoder.<path>`` is ``clip_l.transformer.<path>`` and
+``text_encoder_2.<path>`` is ``t5xxl.transformer.<path>``. T5's RMSNorm has no bias, so these maps do not
+fold either: ComfyUI applies them with hooks.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ import re
 
 from torch import nn
 
-from ..errors import ACTInputError
+from ..errors import ACTInputError, ACTModelMismatchError
 from ..maps import APPLY_PER_ELEMENT
 from ..presets import Preset
 from ..recording import OutputOf
@@ -52,6 +59,10 @@ COMFY_NORMS = {
 COMFY_SINGLE_NORM = ("norm.norm", "pre_norm")
 # The pooled-text projection: diffusers' path in the transformer -> ComfyUI's module (same output).
 POOLED_TEXT = ("time_text_embed.text_embedder", "vector_in")
+# Text-encoder part -> the encoder's attribute on ComfyUI's FluxClipModel (its ``.transformer`` has the
+# transformers module paths).
+COMFY_CLIP_PARTS = {TEXT_ENCODER: "clip_l", TEXT_ENCODER_2: "t5xxl"}
+CLIP_TEXT_MODEL_PREFIX = "text_model."
 BLOCK_STREAMS = (
     "transformer_blocks.*:text",
     "transformer_blocks.*:image",
@@ -165,6 +176,30 @@ def comfy_transformer_modules(diffusion_model: nn.Module) -> dict[str, nn.Module
     if not modules:
         raise ACTInputError(
             "This model has no double_blocks / single_blocks: it is not a ComfyUI FLUX model."
+        )
+    return modules
+
+
+def comfy_clip_modules(cond_stage_model: nn.Module) -> dict[str, nn.Module]:
+    """ComfyUI's FLUX text encoders (``CLIP.cond_stage_model``: ``clip_l`` / ``t5xxl``) under canonical names.
+
+    ``clip_l.transformer.text_model.*`` is ``text_encoder.text_model.*`` (its ``text_projection`` is not a
+    FLUX module: FLUX takes the unprojected pooled vector) and ``t5xxl.transformer.*`` is
+    ``text_encoder_2.*``. An encoder the CLIP lacks is left out (the map's compatibility check names it).
+    """
+    modules: dict[str, nn.Module] = {}
+    for part, clip_name in COMFY_CLIP_PARTS.items():
+        transformer = getattr(getattr(cond_stage_model, clip_name, None), "transformer", None)
+        if not isinstance(transformer, nn.Module):
+            continue
+        for path, module in transformer.named_modules():
+            if not path or (part == TEXT_ENCODER and not path.startswith(CLIP_TEXT_MODEL_PREFIX)):
+                continue
+            modules[f"{part}.{path}"] = module
+    if not modules:
+        raise ACTModelMismatchError(
+            f"This CLIP ({type(cond_stage_model).__name__}) has neither FLUX text encoder (clip_l, t5xxl): "
+            "connect a FLUX CLIP (e.g. DualCLIPLoader with type 'flux', or the FLUX checkpoint's CLIP)."
         )
     return modules
 
