@@ -119,3 +119,36 @@ def test_cli_fits_a_flux_folder_with_the_flux_default(tmp_path, capsys):
     assert fitted.metadata["preset"] == "pooled_text_and_blocks" and fitted.metadata["family"] == "flux"
     assert main([*common, *prompts, "--negative-prompt", "blurry", "--output", str(out), "-q"]) == 2
     assert "without a CFG batch" in capsys.readouterr().err
+
+
+def test_flux_dev_style_guidance_embedding_fits_and_steers(tmp_path):
+    """FLUX.1-dev embeds guidance (``CombinedTimestepGuidanceTextProjEmbeddings``) instead of running a CFG
+    batch: the default preset still finds the pooled-text projection, fits at the dev guidance, and steers;
+    strength 0 is the plain pipeline bit for bit and disable restores it."""
+    base = build_tiny_flux(tmp_path / "dev", seed=1, guidance_embeds=True)
+    base.set_progress_bar_config(disable=True)
+    assert type(base.transformer.time_text_embed).__name__ == "CombinedTimestepGuidanceTextProjEmbeddings"
+    dev = act_pipeline(base)
+    settings = {**SAMPLING, "guidance_scale": 3.5}
+    with pytest.warns(Warning):  # the tests' tokenizer does not know these words
+        act_map = dev.fit_act(SOURCE, TARGET, progress=False, **settings)
+    assert "transformer.time_text_embed.text_embedder" in act_map.modules
+    assert act_map.metadata["sampling"]["guidance_scale"] == 3.5 and len(act_map.buckets) == 3
+
+    def image():
+        return dev(
+            "a red circle",
+            generator=torch.Generator().manual_seed(0),
+            output_type="np",
+            **settings,
+        ).images
+
+    plain = image()
+    dev.enable_act(act_map, strength=0.0)
+    at_zero = image()
+    dev.set_act_strength(1.0)
+    steered = image()
+    dev.disable_act()
+    assert np.array_equal(at_zero, plain)
+    assert np.abs(steered - plain).max() > 1e-3
+    assert np.array_equal(image(), plain)
