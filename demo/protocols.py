@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from act_core.diffusers import act_pipeline
 from act_core.errors import ACTWarning
@@ -175,6 +176,13 @@ _NEW = PRESETS["unet_norms"]
 _ATTENTION = replace(_NEW, name="unet_attention_norms", patterns={UNET: ("*transformer_blocks.*.norm*",)})
 _RESNET = replace(_NEW, name="unet_resnet_norms", patterns={UNET: ("*resnets.*.norm*",)})
 _NO_OUT = replace(_NEW, name="unet_norms_but_out", patterns={UNET: ("*blocks.*norm*",)})
+# SDXL's pooled-text route: add_embedding (pooled CLIP-G + size ids) is added to the time embedding.
+_WITH_POOLED = replace(
+    _NEW,
+    name="unet_norms_and_pooled",
+    patterns={UNET: ("*norm*", "add_embedding")},
+    types=(*_NEW.types, nn.Module),
+)
 _SPATIAL = replace(_NEW, name="unet_norms_spatial_mean", apply_mode=APPLY_SPATIAL_MEAN)
 _WITH_OUT = replace(
     _NEW,
@@ -295,6 +303,12 @@ PROTOCOLS = {
             "first_step_all_steps",
             "paper's preset, statistics pooled over every step",
             {"preset": "unet_norms_first_step", "statistics_steps": -1},
+        ),
+        Protocol(
+            "sdxl_with_pooled",
+            "SDXL: the default + the pooled-text projection (add_embedding), as FLUX's default hooks its own",
+            {"preset": _WITH_POOLED},
+            families=("sdxl",),
         ),
         Protocol(
             "flux_norms",
