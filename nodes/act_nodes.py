@@ -139,7 +139,7 @@ class ACTFitMap(io.ComfyNode):
                 io.Model.Input(
                     "model",
                     tooltip="The diffusion model to fit the map on: an SD 1.x / SDXL UNet, or FLUX.1 (use a FLUX "
-                    "preset: transformer_blocks or transformer_norms, cfg 1).",
+                    "preset: pooled_text_and_blocks (the default), transformer_blocks or transformer_norms; cfg 1).",
                 ),
                 io.Clip.Input(
                     "clip",

@@ -489,7 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--preset",
         default=None,
         help="which modules and how (default: the model's; SDXL unet_norms, time-aware maps along your "
-        "sampler's trajectory; unet_norms_first_step is the paper's protocol; FLUX transformer_blocks; "
+        "sampler's trajectory; unet_norms_first_step is the paper's protocol; FLUX pooled_text_and_blocks; "
         "act_core/families/ lists them all)",
     )
     fit.add_argument(
