@@ -449,13 +449,29 @@ def score_curve(
     }
 
 
+def fewer_pairs(task: Task, pairs: int | None) -> Task:
+    """The task with ``pairs`` of its prompt pairs, evenly spaced (every shape and colour kept in turn)."""
+    if pairs is None or pairs >= len(task.source):
+        return task
+    index = [round(i * (len(task.source) - 1) / max(1, pairs - 1)) for i in range(pairs)]
+    pick = lambda items: tuple(items[i] for i in index)  # noqa: E731
+    return replace(task, source=pick(task.source), target=pick(task.target), shapes=pick(task.shapes))
+
+
 def evaluate(
-    pipe, classifier, model: Model, task: Task, protocol: Protocol, lambdas: Sequence[float]
+    pipe,
+    classifier,
+    model: Model,
+    task: Task,
+    protocol: Protocol,
+    lambdas: Sequence[float],
+    fit_pairs: int | None = None,
 ) -> dict:
-    """Fit, then score every lambda (and the prompted ceiling), for one model x task x protocol."""
-    act_map, seconds = fit_map(pipe, model, task, protocol)
+    """Fit (on ``fit_pairs`` of the pairs, default all), then score every lambda and the prompted ceiling on
+    all of the task's prompts, for one model x task x protocol."""
+    act_map, seconds = fit_map(pipe, model, fewer_pairs(task, fit_pairs), protocol)
     curve = score_curve(pipe, classifier, model, task, act_map, protocol.enable, lambdas)
-    return {**curve, "fit_seconds": seconds}
+    return {**curve, "fit_seconds": seconds, "fit_pairs": fit_pairs or len(task.source)}
 
 
 def markdown(results: dict, models: Sequence[str], task_names: Sequence[str]) -> str:
@@ -487,6 +503,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
         help="comma-separated: shipped, b, c, d, flux, flux-b (d, flux-b: held out)",
     )
     parser.add_argument("--tasks", default=",".join(tasks()))
+    parser.add_argument(
+        "--fit-pairs",
+        type=int,
+        default=None,
+        help="fit on this many of the 24 prompt pairs (evenly spaced); score on all of them",
+    )
     parser.add_argument("--only", default=None, help="comma-separated protocol names")
     parser.add_argument("--quick", action="store_true", help="the old and new defaults only")
     parser.add_argument("--output", type=Path, default=REPO_ROOT / "outputs" / "protocols")
@@ -500,6 +522,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     lambdas = tuple(float(x) for x in args.lambdas.split(","))
     if 0.0 not in lambdas[:1] or 1.0 not in lambdas:
         parser.error("--lambdas must start with 0 and include 1")
+    if args.fit_pairs is not None and args.fit_pairs < 2:
+        parser.error("--fit-pairs must be at least 2")
     torch.set_num_threads(args.threads)
     names = (
         ["new_default", "old_default"]
@@ -519,7 +543,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
             if model.family not in PROTOCOLS[name].families:
                 continue
             for task_name in task_names:
-                run = evaluate(pipe, classifier, model, all_tasks[task_name], PROTOCOLS[name], lambdas)
+                run = evaluate(
+                    pipe, classifier, model, all_tasks[task_name], PROTOCOLS[name], lambdas, args.fit_pairs
+                )
                 results[name].setdefault(model_name, {})[task_name] = run
                 done += 1
                 elapsed = time.perf_counter() - start
