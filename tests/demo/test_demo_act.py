@@ -49,3 +49,19 @@ def test_default_map_fitted_at_25_steps_steers_at_12_25_and_40(demo, style, step
     assert striped[0] < 0.1 and striped[2] > 0.6, striped
     assert striped[0] <= striped[1] + 0.05 and striped[1] <= striped[2] + 0.05, striped  # grows with lambda
     assert scores[2]["shape"] >= 0.75, scores
+
+
+def test_fewer_pairs_keeps_evenly_spaced_aligned_pairs_and_refuses_too_few():
+    from demo.protocols import fewer_pairs, main
+
+    task = tasks()["style"]
+    six = fewer_pairs(task, 6)
+    assert len(six.source) == len(six.target) == len(six.shapes) == 6
+    assert six.source[0] == task.source[0] and six.source[-1] == task.source[-1]
+    for source, target, shape in zip(six.source, six.target, six.shapes, strict=True):
+        i = task.source.index(source)
+        assert task.target[i] == target and task.shapes[i] == shape
+    assert len(set(six.shapes)) > 1  # spread over shapes, not the first six of one
+    assert fewer_pairs(task, None) is task and fewer_pairs(task, 100) is task
+    with pytest.raises(SystemExit):
+        main(["--fit-pairs", "1", "--models", "shipped", "--only", "new_default"])
