@@ -138,8 +138,8 @@ class ACTFitMap(io.ComfyNode):
             inputs=[
                 io.Model.Input(
                     "model",
-                    tooltip="The diffusion model to fit the map on: an SD 1.x / SDXL UNet, or FLUX.1 (use a FLUX "
-                    "preset: pooled_text_and_blocks (the default), transformer_blocks or transformer_norms; cfg 1).",
+                    tooltip="The diffusion model to fit the map on: an SD 1.x / SDXL UNet, or FLUX.1 (preset default "
+                    "picks the family's own; cfg 1 for FLUX).",
                 ),
                 io.Clip.Input(
                     "clip",
@@ -162,8 +162,9 @@ class ACTFitMap(io.ComfyNode):
                     "preset",
                     options=PRESET_NAMES,
                     default=DEFAULT_PRESET,
-                    tooltip="Which modules are hooked and how (the preset must belong to the MODEL's family). "
-                    + _PRESET_HELP,
+                    tooltip="Which modules are hooked and how: default = the MODEL family's default "
+                    f"(SDXL {SDXL.default_preset}, FLUX {FLUX.default_preset}); others must belong to the MODEL's "
+                    "family. " + _PRESET_HELP,
                 ),
                 io.String.Input(
                     "parts",

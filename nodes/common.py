@@ -12,8 +12,10 @@ from act_core.presets import Preset
 CATEGORY = "ACT"
 ACT_MAP = "ACT_MAP"
 # SDXL's presets, then FLUX's own (the Fit node looks the name up in the MODEL's family).
-PRESET_NAMES = list(dict.fromkeys([*SDXL.presets, *FLUX.presets]))
-DEFAULT_PRESET = SDXL.default_preset
+# "default": the MODEL family's own default preset, so one Fit node works on SDXL and FLUX alike.
+FAMILY_DEFAULT_PRESET = "default"
+PRESET_NAMES = [FAMILY_DEFAULT_PRESET, *dict.fromkeys([*SDXL.presets, *FLUX.presets])]
+DEFAULT_PRESET = FAMILY_DEFAULT_PRESET
 METHODS = ["linear", "mean", "gaussian"]
 SUPPORTS = ["auto", "range", "unbounded", "q0.5-99.5", "q1-99", "q5-95", "q10-90", "q25-75", "q40-60"]
 # "preset": the preset's own mode (causal except text_encoder_and_unet_norms).

@@ -49,7 +49,7 @@ from act_core.validation import (
 )
 
 from .comfy_models import clip_modules, denoiser_family, denoiser_modules, has_text_encoder_2
-from .common import parse_parts, resolve_support, transformer_options_of
+from .common import FAMILY_DEFAULT_PRESET, parse_parts, resolve_support, transformer_options_of
 
 log = logging.getLogger("ComfyUI-ACT")
 FIRST_STEP_SCHEDULER = "normal"  # first-step protocol: only sigma_max matters
@@ -70,7 +70,10 @@ class _Captured(Exception):
 
 
 def family_preset(family: ModelFamily, preset_name: str) -> Any:
-    """The preset ``preset_name`` of the MODEL's family, or an error that names the family's presets."""
+    """The preset ``preset_name`` of the MODEL's family ("default": the family's default), or an error that
+    names the family's presets."""
+    if preset_name == FAMILY_DEFAULT_PRESET:
+        preset_name = family.default_preset
     if preset_name not in family.presets:
         others = [f.name.upper() for f in (SDXL, FLUX) if f is not family and preset_name in f.presets]
         raise ACTInputError(
@@ -583,7 +586,7 @@ def fit_map(
             sampling.update({"statistics_steps": 1, "guidance": "off (cond branch)"})
     metadata = fit_metadata(
         family=family.name,
-        preset=preset,
+        preset=spec.name,
         protocol=protocol,
         source=source,
         target=target,

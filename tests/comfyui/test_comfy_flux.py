@@ -179,7 +179,7 @@ def flux_clip(comfyui):  # noqa: F811
     return comfy_flux.build_flux_clip(seed=0)
 
 
-@pytest.mark.parametrize("preset", ["pooled_text_and_blocks", "transformer_norms"])
+@pytest.mark.parametrize("preset", ["default", "transformer_norms"])
 def test_the_fit_node_fits_on_comfyui_flux_and_the_map_steers_ksampler_and_diffusers(
     nodes_pack, flux, flux_clip, inputs, preset, caplog
 ):
@@ -189,7 +189,9 @@ def test_the_fit_node_fits_on_comfyui_flux_and_the_map_steers_ksampler_and_diffu
     act_map = fit_flux(nodes_pack, model, flux_clip, preset=preset)
     assert act_map.metadata["family"] == "flux" and act_map.metadata["host"] == "comfyui"
     assert len(act_map.buckets) == 3 and len(act_map.metadata["calibration_gains"]) == 3
-    assert set(act_map.modules) == set(pipe.act_preset_modules(preset))  # diffusers' names, all of them
+    resolved = "pooled_text_and_blocks" if preset == "default" else preset  # "default": FLUX's own default
+    assert act_map.metadata["preset"] == resolved
+    assert set(act_map.modules) == set(pipe.act_preset_modules(resolved))  # diffusers' names, all of them
 
     def sample(patcher):
         return cs.sample_tiny(

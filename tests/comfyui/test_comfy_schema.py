@@ -89,8 +89,8 @@ def test_specific_inputs(classes):
     assert required["source_prompts"][0] == "STRING" and required["source_prompts"][1]["multiline"] is True
     assert required["target_prompts"][1]["multiline"] is True
     assert (
-        required["preset"][1]["options"] == list(dict.fromkeys([*PRESETS, *FLUX_PRESETS]))
-        and required["preset"][1]["default"] == "unet_norms"
+        required["preset"][1]["options"] == ["default", *dict.fromkeys([*PRESETS, *FLUX_PRESETS])]
+        and required["preset"][1]["default"] == "default"
     )
     assert required["method"][1]["options"] == ["linear", "mean", "gaussian"]
     assert required["mode"][1]["options"] == ["preset", "causal", "at_once"]

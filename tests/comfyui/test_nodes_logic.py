@@ -237,3 +237,17 @@ def test_workflow_prompts_are_balanced(pack):
                 target = validation.parse_prompt_lines(node["widgets_values"][1], "target")
                 validation.check_balance(source, target)
                 assert len(source) >= 8
+
+
+def test_the_default_preset_option_is_each_familys_own_default(pack):
+    """The Fit node's "default" preset works on SDXL and FLUX MODELs alike; a wrong family's preset is named."""
+    from act_core.errors import ACTInputError
+    from act_core.families import FLUX, SDXL
+
+    fitting = importlib.import_module(pack.__name__ + ".nodes.fitting")
+    common = importlib.import_module(pack.__name__ + ".nodes.common")
+    assert common.DEFAULT_PRESET == "default" == common.PRESET_NAMES[0]
+    assert fitting.family_preset(SDXL, "default").name == SDXL.default_preset == "unet_norms"
+    assert fitting.family_preset(FLUX, "default").name == FLUX.default_preset == "pooled_text_and_blocks"
+    with pytest.raises(ACTInputError, match="it is for SDXL models.*default pooled_text_and_blocks"):
+        fitting.family_preset(FLUX, "unet_norms")
