@@ -145,16 +145,18 @@ def choose_threads(pipe: Any, requested: int | None) -> int:
 
 
 def model_family(model: str) -> Any:
-    """The model family of ``--model`` from its ``model_index.json`` (no torch): FLUX folders are FLUX's,
-    everything else (folders, single files, cached ids) is checked as SDXL until it loads."""
-    from .families import FLUX, SDXL
+    """The model family of ``--model`` from its ``model_index.json`` (no torch): FLUX and SD3 folders are
+    theirs, everything else (folders, single files, cached ids) is checked as SDXL until it loads."""
+    from .families import FLUX, SD3, SDXL
 
     index = Path(os.path.expanduser(str(model))) / "model_index.json"
     try:
         name = json.loads(index.read_text(encoding="utf-8")).get("_class_name", "")
     except (OSError, ValueError):
         return SDXL
-    return FLUX if name.startswith("Flux") else SDXL
+    if name.startswith("Flux"):
+        return FLUX
+    return SD3 if name.startswith("StableDiffusion3") else SDXL
 
 
 def load_model(args: argparse.Namespace) -> Any:
@@ -228,8 +230,10 @@ def cmd_fit(args: argparse.Namespace) -> int:
         raise CLIError(
             "FLUX.1 samples without a CFG batch, so --negative-prompt has no effect there; drop it."
         )
-    if family.name != "flux" and args.max_sequence_length is not None:
-        raise CLIError("--max-sequence-length is FLUX's (its T5 prompt length); this model is not FLUX.")
+    if family.name not in ("flux", "sd3") and args.max_sequence_length is not None:
+        raise CLIError(
+            "--max-sequence-length is FLUX's and SD3's (their T5 prompt length); this model is neither."
+        )
     if args.support is not None:
         validate_support(args.support)
     if args.statistics_steps != 1 and spec.protocol != "first_step":
@@ -526,7 +530,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-sequence-length",
         type=int,
         default=None,
-        help="FLUX only: the T5 prompt length you sample with (FluxPipeline's default 512)",
+        help="FLUX and SD3 only: the T5 prompt length you sample with (FluxPipeline's default 512, SD3's 256)",
     )
     fit.add_argument(
         "--statistics-steps",

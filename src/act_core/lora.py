@@ -23,7 +23,7 @@ from torch import nn
 from ._version import __version__
 from .applying import Strength, check_strength, folded_diffs
 from .errors import ACTInputError
-from .families import SDXL, ModelFamily
+from .families import SDXL, ModelFamily, get_family
 from .files import atomic_write
 from .maps import APPLY_PER_ELEMENT, APPLY_SPATIAL_MEAN, ACTMap
 
@@ -99,6 +99,10 @@ def lora_state_dict(
     ``modules`` is the model's canonical name -> module mapping (``pipe.act_modules()``) or an ACT
     pipeline; the diffs need the current weights, since the weight diff is ``lam * (omega - 1) * W``.
     """
+    if act_map.metadata.get("family"):
+        family = get_family(act_map.metadata["family"])  # the map says which family's keys it needs
+    for name in act_map.modules:
+        family.lora_key(name)  # families whose maps never fold (FLUX, SD3) refuse here, saying why
     modules = _modules_of(modules, act_map)
     foldable = as_foldable(act_map, modules)
     diffs = folded_diffs(modules, foldable, strength)

@@ -56,9 +56,9 @@ def test_folder_without_model_index(tmp_path):
 
 
 def test_unsupported_pipeline_class(tmp_path):
-    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableCascadeCombinedPipeline"}))
     with pytest.raises(
-        ACTModelLoadError, match="StableDiffusion3Pipeline.*supports StableDiffusionXLPipeline"
+        ACTModelLoadError, match="StableCascadeCombinedPipeline.*supports StableDiffusionXLPipeline"
     ):
         load_pipeline(tmp_path)
 

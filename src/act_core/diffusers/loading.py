@@ -18,7 +18,12 @@ import torch
 from ..errors import ACTError
 from .pipeline import act_pipeline
 
-SUPPORTED_PIPELINES = ("StableDiffusionXLPipeline", "StableDiffusionPipeline", "FluxPipeline")
+SUPPORTED_PIPELINES = (
+    "StableDiffusionXLPipeline",
+    "StableDiffusionPipeline",
+    "FluxPipeline",
+    "StableDiffusion3Pipeline",
+)
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 # diffusers' single-file model types -> the pipeline class that ACT supports for them.
@@ -45,7 +50,7 @@ def load_pipeline(
     variant: str | None = None,
     device: str | torch.device | None = None,
 ) -> Any:
-    """An ACT-enabled SDXL, SD 1.5 or FLUX.1 pipeline (``act_pipeline``) from local files only.
+    """An ACT-enabled SDXL, SD 1.5, FLUX.1 or SD3 pipeline (``act_pipeline``) from local files only.
 
     ``model`` is a diffusers folder (with ``model_index.json``), a single-file checkpoint
     (``.safetensors``; pickled ``.ckpt`` only with ``allow_pickle=True``), or a hub id already in the
@@ -108,7 +113,7 @@ def _pipeline_class(name: str, what: str) -> type:
     if name not in SUPPORTED_PIPELINES:
         raise ACTModelLoadError(
             f"{what} is a {name or 'unknown pipeline'}; ACT's diffusers integration supports "
-            f"{', '.join(SUPPORTED_PIPELINES)} (SDXL, SD 1.x/2.x, FLUX.1 as a diffusers folder). Use one of "
+            f"{', '.join(SUPPORTED_PIPELINES)} (SDXL, SD 1.x/2.x, FLUX.1, SD3 as a diffusers folder). Use one of "
             "those models."
         )
     return getattr(diffusers, name)

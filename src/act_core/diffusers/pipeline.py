@@ -687,8 +687,10 @@ class ACTPipelineMixin:
                 raise ACTInputError("No map to fuse: pass one, or enable_act(map) first.")
             strength = 1.0 if strength is None else strength
             resolve_strengths(strength, act_map.parts())
+            time_aware = act_map.buckets is not None and len(act_map.buckets) > 1  # fold_act refuses these
             if (
-                self.act_family.denoiser in act_map.parts()
+                not time_aware
+                and self.act_family.denoiser in act_map.parts()
                 and act_map.metadata.get("cfg_rows", "cond") == "cond"
             ):
                 warnings.warn(
@@ -745,14 +747,19 @@ def act_pipeline(pipe: Any) -> Any:
     if isinstance(pipe, ACTPipelineMixin):
         return pipe
     mixin = ACTPipelineMixin
-    if "Flux" in type(getattr(pipe, "transformer", None)).__name__:
+    transformer_class = type(getattr(pipe, "transformer", None)).__name__
+    if "Flux" in transformer_class:
         from .flux import ACTFluxPipelineMixin
 
         mixin = ACTFluxPipelineMixin
+    elif transformer_class == "SD3Transformer2DModel":
+        from .sd3 import ACTSD3PipelineMixin
+
+        mixin = ACTSD3PipelineMixin
     elif getattr(pipe, "unet", None) is None:
         raise ACTInputError(
-            f"{cls.__name__} is not a supported pipeline: ACT knows SDXL / SD 1.x (a UNet) and FLUX.1 (a "
-            "FluxTransformer2DModel)."
+            f"{cls.__name__} is not a supported pipeline: ACT knows SDXL / SD 1.x (a UNet), FLUX.1 (a "
+            "FluxTransformer2DModel) and SD3 (an SD3Transformer2DModel)."
         )
     act_cls = type(f"ACT{cls.__name__}", (mixin, cls), {"__module__": __name__})
     # from_pipe casts every model to ``dtype``, here a no-op; diffusers' modeling_utils then warns about

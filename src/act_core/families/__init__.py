@@ -8,9 +8,10 @@ from __future__ import annotations
 from ..errors import ACTInputError
 from .base import ModelFamily
 from .flux import FLUX
+from .sd3 import SD3
 from .sdxl import SDXL
 
-FAMILIES: dict[str, ModelFamily] = {SDXL.name: SDXL, FLUX.name: FLUX}
+FAMILIES: dict[str, ModelFamily] = {SDXL.name: SDXL, FLUX.name: FLUX, SD3.name: SD3}
 
 
 def get_family(name: str) -> ModelFamily:
@@ -21,4 +22,4 @@ def get_family(name: str) -> ModelFamily:
         raise ACTInputError(f"Unknown model family {name!r}; known: {', '.join(FAMILIES)}.") from None
 
 
-__all__ = ["FAMILIES", "FLUX", "SDXL", "ModelFamily", "get_family"]
+__all__ = ["FAMILIES", "FLUX", "SD3", "SDXL", "ModelFamily", "get_family"]

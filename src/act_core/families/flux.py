@@ -140,16 +140,16 @@ def component_modules(part: str, component: nn.Module) -> dict[str, nn.Module | 
         if part != TRANSFORMER:
             continue
         if _DOUBLE.match(path):
-            width = _block_width(module)
+            width = block_width(module)
             for stream in (TEXT, IMAGE):
                 modules[f"{part}.{path}:{stream}"] = OutputOf(module, DIFFUSERS_STREAMS[stream], width)
         elif _SINGLE.match(path):
-            width = _block_width(module)
+            width = block_width(module)
             modules[f"{part}.{path}:{JOINT}"] = OutputOf(module, DIFFUSERS_STREAMS[JOINT], width)
     return modules
 
 
-def _block_width(block: nn.Module) -> int:
+def block_width(block: nn.Module) -> int:
     """A transformer block's stream width (its attention's inner width)."""
     for module in block.modules():
         if isinstance(module, nn.LayerNorm):

@@ -1,0 +1,176 @@
+"""Stable Diffusion 3 / 3.5 in diffusers: ``act_pipeline(StableDiffusion3Pipeline...)`` gets the SDXL verbs.
+
+What differs is data (``act_core.families.sd3``) and the sampler loop the fit follows
+(``run_sd3_trajectory``): SD3 samples with CFG like SDXL, so a fitting call has rows
+``[uncond; target; source; plain source]`` on shared latents, with the flow-matching scheduler and the
+transformer's ``timestep`` in [0, 1000].
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ACTInputError
+from ..families.sd3 import SD3, component_modules
+from ..trajectory import TrajectoryFit, calibration_gain
+from .fitting import Progress, SamplingSettings, seeded_noise
+from .pipeline import ACTPipelineMixin
+
+
+def _sd3_encode(pipe: Any, prompts: list[str], settings: SamplingSettings, guided: bool):
+    """(embeds, pooled, negative embeds, negative pooled) as StableDiffusion3Pipeline computes them."""
+    negative = [settings.negative_prompt] * len(prompts) if settings.negative_prompt is not None else None
+    embeds, negative_embeds, pooled, negative_pooled = pipe.encode_prompt(
+        prompt=prompts,
+        prompt_2=None,
+        prompt_3=None,
+        device=pipe._execution_device,
+        do_classifier_free_guidance=guided,
+        negative_prompt=negative,
+        max_sequence_length=settings.max_sequence_length or 256,
+    )
+    return embeds, pooled, negative_embeds, negative_pooled
+
+
+@torch.no_grad()  # no autograd graph along the trajectory: memory would grow with every step
+def run_sd3_trajectory(
+    pipe: Any,
+    session: TrajectoryFit,
+    source: Sequence[str],
+    target: Sequence[str],
+    settings: SamplingSettings,
+    *,
+    seed: int,
+    trajectory: str,
+    pairs_in_call: int,
+    progress: Progress,
+    calibrate: bool = False,
+    check_interrupt: Callable[[], None] = lambda: None,
+) -> None:
+    """Sample the pairs along SD3's guided trajectory, feeding every transformer call to ``session``."""
+    n = len(source)
+    transformer, device, dtype = pipe.transformer, pipe._execution_device, pipe.transformer.dtype
+    guided = settings.guided
+    src, src_pooled, _, _ = _sd3_encode(pipe, list(source), settings, False)
+    tgt, tgt_pooled, neg, neg_pooled = _sd3_encode(pipe, list(target), settings, guided)
+    shape = (
+        transformer.config.in_channels,
+        settings.height // pipe.vae_scale_factor,
+        settings.width // pipe.vae_scale_factor,
+    )
+    latents = seeded_noise(shape, seed, n).to(device=device, dtype=dtype)
+    scheduler = copy.deepcopy(pipe.scheduler)
+    scheduler.set_timesteps(settings.num_inference_steps, device=device)
+    timesteps = list(scheduler.timesteps)
+    scheduler.set_begin_index(0)
+    train_steps = scheduler.config.num_train_timesteps
+    chunks = [range(start, min(n, start + pairs_in_call)) for start in range(0, n, pairs_in_call)]
+    total, done = len(timesteps) * len(chunks), 0
+    for step, t in enumerate(timesteps):
+        level = min(1.0, max(0.0, float(t) / train_steps))
+        outputs, calibration = [], []
+        for chunk in chunks:
+            check_interrupt()
+            rows = list(chunk)
+            k = len(rows)
+            offset = k if guided else 0
+            embeds = (
+                ([neg[rows]] if guided else []) + [tgt[rows], src[rows]] + ([src[rows]] if calibrate else [])
+            )
+            pooled = (
+                ([neg_pooled[rows]] if guided else [])
+                + [tgt_pooled[rows], src_pooled[rows]]
+                + ([src_pooled[rows]] if calibrate else [])
+            )
+            copies = len(embeds)
+            with session.call(
+                level, source=slice(offset + k, offset + 2 * k), target=slice(offset, offset + k)
+            ):
+                output = transformer(
+                    hidden_states=torch.cat([latents[rows]] * copies),
+                    timestep=t.expand(copies * k),
+                    encoder_hidden_states=torch.cat(embeds),
+                    pooled_projections=torch.cat(pooled),
+                    return_dict=False,
+                )[0]
+            outputs.append((k, output))
+            if calibrate:
+                calibration.append(
+                    (
+                        output[offset : offset + k],
+                        output[offset + k : offset + 2 * k],
+                        output[offset + 2 * k :],
+                    )
+                )
+            done += 1
+            progress(done, total, f"step {step + 1}/{len(timesteps)}")
+        gain = 1.0
+        if calibrate:
+            gain = calibration_gain(*(torch.cat(rows) for rows in zip(*calibration, strict=True)))
+            session.scale_step(level, gain)
+        chosen_rows = []
+        for k, output in outputs:
+            offset = k if guided else 0
+            chosen = output[offset : offset + k]
+            if trajectory == "steered":
+                chosen = output[offset + k : offset + 2 * k]
+                if calibrate:
+                    plain = output[offset + 2 * k :]
+                    chosen = plain + gain * (chosen - plain)
+            if guided:
+                uncond = output[:k]
+                chosen = uncond + settings.guidance_scale * (chosen - uncond)
+            chosen_rows.append(chosen)
+        latents = scheduler.step(torch.cat(chosen_rows), t, latents, return_dict=False)[0]
+
+
+class ACTSD3PipelineMixin(ACTPipelineMixin):
+    """Adds ACT to a diffusers ``StableDiffusion3Pipeline`` (SD3 / SD3.5): the SDXL verbs, SD3's data."""
+
+    act_family = SD3
+    _act_max_sequence_length: int | None = None
+
+    def _act_component_modules(self, part: str, component: nn.Module) -> dict[str, nn.Module]:
+        return component_modules(part, component)
+
+    def _act_excluded(self, part: str) -> tuple[str, ...]:
+        return ()
+
+    def _act_timestep_scale(self) -> float:
+        return float(self.scheduler.config.num_train_timesteps)  # SD3's transformer gets t in [0, 1000]
+
+    def _act_first_step_runner(
+        self, settings: SamplingSettings, seed: int, statistics_steps: int, use_denoiser: bool
+    ):
+        raise ACTInputError(
+            "SD3 presets fit along the sampling trajectory (pooled_text_and_blocks, transformer_blocks); there "
+            "is no first-step or text-encoder-only SD3 protocol yet."
+        )
+
+    def _act_run_trajectory(
+        self, session: TrajectoryFit, source: list[str], target: list[str], settings, **options
+    ):
+        run_sd3_trajectory(self, session, source, target, settings, **options)
+
+    def fit_act(self, source_prompts, target_prompts, *, max_sequence_length: int | None = None, **options):
+        """``ACTPipelineMixin.fit_act`` for SD3; ``max_sequence_length`` is the T5 length you sample with
+        (StableDiffusion3Pipeline's default 256)."""
+        from ..validation import check_positive_int
+
+        if max_sequence_length is not None:
+            check_positive_int(max_sequence_length, "max_sequence_length")
+        previous, self._act_max_sequence_length = self._act_max_sequence_length, max_sequence_length
+        try:
+            return super().fit_act(source_prompts, target_prompts, **options)
+        finally:
+            self._act_max_sequence_length = previous
+
+    def _act_sampling(self, steps, guidance, height, width, negative_prompt) -> SamplingSettings:
+        settings = super()._act_sampling(steps, guidance, height, width, negative_prompt)
+        settings.max_sequence_length = self._act_max_sequence_length
+        return settings

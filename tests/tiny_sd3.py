@@ -1,0 +1,84 @@
+"""A tiny Stable Diffusion 3 pipeline built offline from configs (random weights, the tests' tokenizer).
+
+Two CLIP encoders with projection (SD3's CLIP-L and CLIP-G) and a T5 encoder, an ``SD3Transformer2DModel``
+of 3 MMDiT blocks (the last is ``context_pre_only``, as in SD3), a 4-channel VAE and the flow-matching
+scheduler.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    FlowMatchEulerDiscreteScheduler,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+)
+from tiny_sdxl import text_config, write_tokenizer
+from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+
+def build_tiny_sd3(folder: Path, seed: int = 0) -> StableDiffusion3Pipeline:
+    """Build, save to ``folder`` (a diffusers folder) and return a tiny StableDiffusion3Pipeline."""
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=16,
+        patch_size=2,
+        in_channels=4,
+        num_layers=3,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=64,  # T5's width; the two CLIPs' 32 + 32 hidden states are padded to it
+        caption_projection_dim=32,
+        pooled_projection_dim=64,  # the two CLIPs' projections, concatenated
+        out_channels=4,
+        pos_embed_max_size=32,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=[16, 32],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+        shift_factor=0.0,
+        scaling_factor=1.0,
+    )
+    tokenizer = write_tokenizer(folder / "tokenizer")
+    tokenizer_2 = write_tokenizer(folder / "tokenizer_2")
+    text_encoder = CLIPTextModelWithProjection(text_config(len(tokenizer)))
+    text_encoder_2 = CLIPTextModelWithProjection(text_config(len(tokenizer_2)))
+    tokenizer_3 = write_tokenizer(folder / "tokenizer_3")
+    text_encoder_3 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer_3),
+            d_model=64,
+            d_kv=16,
+            d_ff=64,
+            num_layers=2,
+            num_heads=2,
+            relative_attention_num_buckets=8,
+            feed_forward_proj="gated-gelu",
+            pad_token_id=1,
+            eos_token_id=1,
+        )
+    )
+    pipe = StableDiffusion3Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=tokenizer_3,
+        transformer=transformer,
+    )
+    for module in (transformer, vae, text_encoder, text_encoder_2, text_encoder_3):
+        module.eval()
+    pipe.save_pretrained(str(folder))
+    return pipe.to(torch.float32)
