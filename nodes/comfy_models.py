@@ -35,6 +35,11 @@ def denoiser_family(model: Any) -> ModelFamily:
 def denoiser_modules(model: Any, family: ModelFamily) -> tuple[dict[str, nn.Module], Any]:
     """(canonical name -> module of the MODEL's denoiser, the UNet's name table or None)."""
     diffusion_model = model.model.diffusion_model
+    if family not in (SDXL, FLUX):
+        raise ACTModelMismatchError(
+            f"This ACT map was fitted on a {family.name.upper()} model, which ComfyUI-ACT applies through diffusers "
+            "only for now (pipe.enable_act); in ComfyUI use SDXL or FLUX maps."
+        )
     if family is FLUX:
         if denoiser_family(model) is not FLUX:
             raise ACTModelMismatchError(

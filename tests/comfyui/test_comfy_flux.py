@@ -350,3 +350,26 @@ def test_the_fit_node_fits_a_flux_text_encoder_map_on_comfyui_flux_clip(nodes_pa
     assert "left out" not in caplog.text
     pipe.enable_act(act_map, strength=1.0)  # diffusers takes the ComfyUI-fitted map: every module matches
     pipe.disable_act()
+
+
+def test_an_sd3_map_is_refused_in_comfyui_with_the_reason(nodes_pack, tmp_path):
+    """SD3 maps apply through diffusers only for now: Apply ACT says so instead of matching wrong modules."""
+    from tiny_sd3 import build_tiny_sd3
+
+    from act_core.diffusers import act_pipeline
+    from act_core.errors import ACTModelMismatchError
+
+    sd3 = act_pipeline(build_tiny_sd3(tmp_path / "sd3"))
+    with pytest.warns(Warning):  # the tests' tokenizer does not know these words
+        act_map = sd3.fit_act(
+            SOURCE[:2],
+            TARGET[:2],
+            num_inference_steps=2,
+            height=32,
+            width=32,
+            max_sequence_length=16,
+            progress=False,
+        )
+    tiny_sdxl, tiny_clip = cs.build_tiny_sdxl(seed=0)
+    with pytest.raises(ACTModelMismatchError, match="SD3 model.*diffusers only"):
+        nodes_pack["ACTApply"].apply(tiny_sdxl, tiny_clip, act_map, 1.0)
