@@ -45,13 +45,19 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     rows = []
-    for name in args.models.split(","):
+    flux_models = [name for name, model in MODELS.items() if model.family == "flux"]
+    names, task_names = args.models.split(","), args.tasks.split(",")
+    for name in names:
+        if name not in flux_models:
+            parser.error(f"{name!r} is not a FLUX model; choose from {', '.join(flux_models)}")
+    for task_name in task_names:
+        if task_name not in tasks():
+            parser.error(f"unknown task {task_name!r}; choose from {', '.join(tasks())}")
+    for name in names:
         model = MODELS[name]
-        if model.family != "flux":
-            parser.error(f"{name} is not a FLUX model; choose from flux, flux-b")
         pipe = load_model_pipeline(model)
         classifier = load_demo_classifier(model.classifier)
-        for task_name in args.tasks.split(","):
+        for task_name in task_names:
             task = tasks()[task_name]
             length = model.sampling["max_sequence_length"]
             source_tokens, source_pooled, _ = pipe.encode_prompt(
