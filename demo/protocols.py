@@ -532,6 +532,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
     )
     model_names, task_names = args.models.split(","), args.tasks.split(",")
     all_tasks = tasks()
+    for given, known, what in (
+        (model_names, MODELS, "model"),
+        (task_names, all_tasks, "task"),
+        (names, PROTOCOLS, "protocol"),
+    ):
+        unknown = [name for name in given if name not in known]
+        if unknown:
+            parser.error(f"unknown {what} {unknown[0]!r}; choose from {', '.join(known)}")
     args.output.mkdir(parents=True, exist_ok=True)
     results: dict = {name: {} for name in names}
     total, done, start = len(names) * len(model_names) * len(task_names), 0, time.perf_counter()

@@ -65,3 +65,6 @@ def test_fewer_pairs_keeps_evenly_spaced_aligned_pairs_and_refuses_too_few():
     assert fewer_pairs(task, None) is task and fewer_pairs(task, 100) is task
     with pytest.raises(SystemExit):
         main(["--fit-pairs", "1", "--models", "shipped", "--only", "new_default"])
+    for wrong in (["--models", "nope"], ["--tasks", "nope"], ["--only", "nope"]):
+        with pytest.raises(SystemExit):  # named with the choices before any model loads
+            main(wrong)
