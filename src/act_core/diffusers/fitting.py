@@ -89,13 +89,92 @@ def pairs_per_call(pipe: Any, num_pairs: int, settings: SamplingSettings, rows_p
     return max(1, min(num_pairs, int(0.5 * free // max(1, per_pair))))
 
 
-def _encode(pipe: Any, prompts: list[str], negative_prompt: str | None, guided: bool):
-    """(prompt embeds, pooled or None, negative embeds, negative pooled) as the pipeline computes them."""
+@dataclass(frozen=True)
+class CallRows:
+    """Where one fitting call's rows sit: ``[uncond (guided only); target; source; plain source (calibrate
+    only)]``, ``k`` pairs each. Every host's trajectory runner lays its calls out this way."""
+
+    k: int
+    guided: bool
+    calibrate: bool
+
+    @property
+    def offset(self) -> int:
+        return self.k if self.guided else 0
+
+    @property
+    def copies(self) -> int:
+        """How many rows each pair has in the call."""
+        return (1 if self.guided else 0) + 2 + (1 if self.calibrate else 0)
+
+    @property
+    def target(self) -> slice:
+        return slice(self.offset, self.offset + self.k)
+
+    @property
+    def source(self) -> slice:
+        return slice(self.offset + self.k, self.offset + 2 * self.k)
+
+    @property
+    def plain(self) -> slice:
+        return slice(self.offset + 2 * self.k, None)
+
+    def stack(
+        self,
+        target: torch.Tensor,
+        source: torch.Tensor,
+        rows: list[int],
+        negative: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """One conditioning tensor (embeddings, pooled vectors) for this call's rows, in the layout above."""
+        parts = ([negative[rows]] if self.guided else []) + [target[rows], source[rows]]
+        return torch.cat(parts + ([source[rows]] if self.calibrate else []))
+
+
+def step_prediction(
+    calls: Sequence[tuple[CallRows, torch.Tensor]],
+    session: TrajectoryFit,
+    level: float,
+    *,
+    trajectory: str,
+    calibrate: bool,
+    guidance_scale: float,
+) -> torch.Tensor:
+    """The prediction that advances the latents, from every call of one step: the step's maps calibrated by one
+    gain from all calls (``calibration_gain``), then the steered (or target) rows, guided where CFG runs."""
+    gain = 1.0
+    if calibrate:
+        gain = calibration_gain(
+            *(
+                torch.cat([output[getattr(rows, name)] for rows, output in calls])
+                for name in ("target", "source", "plain")
+            )
+        )
+        session.scale_step(level, gain)
+    chosen_rows = []
+    for rows, output in calls:
+        if trajectory == "steered":
+            chosen = output[rows.source]
+            if calibrate:
+                plain = output[rows.plain]
+                chosen = plain + gain * (chosen - plain)
+        else:
+            chosen = output[rows.target]
+        if rows.guided:
+            uncond = output[: rows.k]
+            chosen = uncond + guidance_scale * (chosen - uncond)
+        chosen_rows.append(chosen)
+    return torch.cat(chosen_rows)
+
+
+def encode(pipe: Any, prompts: list[str], negative_prompt: str | None, guided: bool, **options):
+    """(prompt embeds, pooled or None, negative embeds, negative pooled) as the pipeline computes them;
+    ``options`` go to a pooled pipeline's ``encode_prompt`` (SD3: ``prompt_2``, ``max_sequence_length``...)."""
     device = pipe._execution_device
     negative = [negative_prompt] * len(prompts) if negative_prompt is not None else None
     if getattr(pipe, TEXT_ENCODER_2, None) is not None:
         embeds, negative_embeds, pooled, negative_pooled = pipe.encode_prompt(
-            prompts, device=device, do_classifier_free_guidance=guided, negative_prompt=negative
+            prompts, device=device, do_classifier_free_guidance=guided, negative_prompt=negative, **options
         )
         return embeds, pooled, negative_embeds, negative_pooled
     embeds, negative_embeds = pipe.encode_prompt(prompts, device, 1, guided, negative_prompt=negative)
@@ -121,8 +200,8 @@ def run_trajectory(
     n = len(source)
     unet, device, dtype = pipe.unet, pipe._execution_device, pipe.unet.dtype
     guided = settings.guided
-    src, src_pooled, _, _ = _encode(pipe, list(source), settings.negative_prompt, False)
-    tgt, tgt_pooled, neg, neg_pooled = _encode(pipe, list(target), settings.negative_prompt, guided)
+    src, src_pooled, _, _ = encode(pipe, list(source), settings.negative_prompt, False)
+    tgt, tgt_pooled, neg, neg_pooled = encode(pipe, list(target), settings.negative_prompt, guided)
     scheduler = copy.deepcopy(pipe.scheduler)
     scheduler.set_timesteps(settings.num_inference_steps, device=device)
     shape = (
@@ -150,67 +229,34 @@ def run_trajectory(
     total, done = len(timesteps) * len(chunks), 0
     for t in timesteps:
         level = min(1.0, max(0.0, float(t) / train_steps))
-        predictions, calibration = [], []
+        calls = []
         for chunk in chunks:
             check_interrupt()
             rows = list(chunk)
-            k = len(rows)
-            parts = [neg[rows], tgt[rows], src[rows]] if guided else [tgt[rows], src[rows]]
-            if calibrate:
-                parts.append(src[rows])  # plain (untransported) source rows: what the transport changed
-            pooled = None
-            if src_pooled is not None:
-                pooled = torch.cat(
-                    ([neg_pooled[rows]] if guided else [])
-                    + [tgt_pooled[rows], src_pooled[rows]]
-                    + ([src_pooled[rows]] if calibrate else [])
-                )
-            copies = len(parts)
+            layout = CallRows(len(rows), guided, calibrate)
+            copies = layout.copies
+            embeds = layout.stack(tgt, src, rows, neg)
             model_input = scheduler.scale_model_input(torch.cat([latents[rows]] * copies), t)
             kwargs = {}
-            if pooled is not None:
+            if src_pooled is not None:
                 kwargs["added_cond_kwargs"] = {
-                    "text_embeds": pooled,
-                    "time_ids": time_ids.repeat(copies * k, 1),
+                    "text_embeds": layout.stack(tgt_pooled, src_pooled, rows, neg_pooled),
+                    "time_ids": time_ids.repeat(copies * layout.k, 1),
                 }
-            offset = k if guided else 0
-            with session.call(
-                level, source=slice(offset + k, offset + 2 * k), target=slice(offset, offset + k)
-            ):
-                output = unet(
-                    model_input, t, encoder_hidden_states=torch.cat(parts), return_dict=False, **kwargs
-                )[0]
-            if calibrate:
-                calibration.append(
-                    (
-                        output[offset : offset + k],
-                        output[offset + k : offset + 2 * k],
-                        output[offset + 2 * k :],
-                    )
-                )
-            predictions.append(output)
+            with session.call(level, source=layout.source, target=layout.target):
+                output = unet(model_input, t, encoder_hidden_states=embeds, return_dict=False, **kwargs)[0]
+            calls.append((layout, output))
             done += 1
             progress(done, total, f"step {timesteps.index(t) + 1}/{len(timesteps)}")
-        gain = 1.0
-        if calibrate:  # one gain for the step, from every chunk's rows (act_core.trajectory.calibration_gain)
-            gain = calibration_gain(*(torch.cat(rows) for rows in zip(*calibration, strict=True)))
-            session.scale_step(level, gain)
-        chosen_rows = []
-        for output, chunk in zip(predictions, chunks, strict=True):
-            k = len(chunk)
-            offset = k if guided else 0
-            if trajectory == "steered":
-                chosen = output[offset + k : offset + 2 * k]
-                if calibrate:
-                    plain = output[offset + 2 * k :]
-                    chosen = plain + gain * (chosen - plain)
-            else:
-                chosen = output[offset : offset + k]
-            if guided:
-                uncond = output[:k]
-                chosen = uncond + settings.guidance_scale * (chosen - uncond)
-            chosen_rows.append(chosen)
-        latents = scheduler.step(torch.cat(chosen_rows), t, latents, return_dict=False, **step_options)[0]
+        prediction = step_prediction(
+            calls,
+            session,
+            level,
+            trajectory=trajectory,
+            calibrate=calibrate,
+            guidance_scale=settings.guidance_scale,
+        )
+        latents = scheduler.step(prediction, t, latents, return_dict=False, **step_options)[0]
 
 
 # ------------------------------------------------------------------------------------------ first step

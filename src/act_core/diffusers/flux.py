@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from ..families.flux import FLUX, TEXT_ENCODER, TEXT_ENCODER_2, component_modules
-from ..trajectory import TrajectoryFit, calibration_gain
-from .fitting import Progress, SamplingSettings, seeded_noise
+from ..trajectory import TrajectoryFit
+from .fitting import CallRows, Progress, SamplingSettings, seeded_noise, step_prediction
 from .pipeline import ACTPipelineMixin
 
 
@@ -82,50 +82,40 @@ def run_flux_trajectory(
     total, done = len(timesteps) * len(chunks), 0
     for step, t in enumerate(timesteps):
         level = min(1.0, max(0.0, float(t) / 1000))
-        outputs, calibration = [], []
+        calls = []
         for chunk in chunks:
             check_interrupt()
             rows = list(chunk)
-            k = len(rows)
-            parts = [tgt[rows], src[rows]] + ([src[rows]] if calibrate else [])
-            pooled = [tgt_pooled[rows], src_pooled[rows]] + ([src_pooled[rows]] if calibrate else [])
-            copies = len(parts)
+            layout = CallRows(len(rows), guided=False, calibrate=calibrate)  # no CFG batch
+            copies = layout.copies
             guidance = None
             if transformer.config.guidance_embeds:
                 guidance = torch.full(
-                    [copies * k], settings.guidance_scale, device=device, dtype=torch.float32
+                    [copies * layout.k], settings.guidance_scale, device=device, dtype=torch.float32
                 )
-            with session.call(level, source=slice(k, 2 * k), target=slice(0, k)):
+            with session.call(level, source=layout.source, target=layout.target):
                 output = transformer(
                     hidden_states=torch.cat([latents[rows]] * copies),
-                    timestep=(t.expand(copies * k) / 1000).to(dtype),
+                    timestep=(t.expand(copies * layout.k) / 1000).to(dtype),
                     guidance=guidance,
-                    pooled_projections=torch.cat(pooled),
-                    encoder_hidden_states=torch.cat(parts),
+                    pooled_projections=layout.stack(tgt_pooled, src_pooled, rows),
+                    encoder_hidden_states=layout.stack(tgt, src, rows),
                     txt_ids=text_ids,
                     img_ids=image_ids,
                     return_dict=False,
                 )[0]
-            outputs.append((k, output))
-            if calibrate:
-                calibration.append((output[:k], output[k : 2 * k], output[2 * k :]))
+            calls.append((layout, output))
             done += 1
             progress(done, total, f"step {step + 1}/{len(timesteps)}")
-        gain = 1.0
-        if calibrate:
-            gain = calibration_gain(*(torch.cat(rows) for rows in zip(*calibration, strict=True)))
-            session.scale_step(level, gain)
-        chosen = []
-        for k, output in outputs:
-            if trajectory == "steered":
-                steered = output[k : 2 * k]
-                if calibrate:
-                    plain = output[2 * k :]
-                    steered = plain + gain * (steered - plain)
-                chosen.append(steered)
-            else:
-                chosen.append(output[:k])
-        latents = scheduler.step(torch.cat(chosen), t, latents, return_dict=False)[0]
+        prediction = step_prediction(
+            calls,
+            session,
+            level,
+            trajectory=trajectory,
+            calibrate=calibrate,
+            guidance_scale=settings.guidance_scale,
+        )
+        latents = scheduler.step(prediction, t, latents, return_dict=False)[0]
 
 
 def flux_tokenize(pipe: Any, prompts: list[str], max_sequence_length: int) -> dict[str, torch.Tensor]:
@@ -197,7 +187,7 @@ class ACTFluxPipelineMixin(ACTPipelineMixin):
         run_flux_trajectory(self, session, source, target, settings, **options)
 
     def _act_rows_per_pair(self, settings: SamplingSettings, calibrate: bool) -> int:
-        return 2 + (1 if calibrate else 0)  # no CFG batch
+        return CallRows(1, guided=False, calibrate=calibrate).copies  # no CFG batch
 
     def fit_act(self, source_prompts, target_prompts, *, max_sequence_length: int | None = None, **options):
         """``ACTPipelineMixin.fit_act`` for FLUX; ``max_sequence_length`` is the T5 length you sample with

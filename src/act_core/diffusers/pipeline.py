@@ -78,6 +78,7 @@ from ..validation import (
     warn_unknown_words,
 )
 from .fitting import (
+    CallRows,
     SamplingSettings,
     first_step_runner,
     pairs_per_call,
@@ -223,7 +224,7 @@ class ACTPipelineMixin:
         run_trajectory(self, session, source, target, settings, **options)
 
     def _act_rows_per_pair(self, settings: SamplingSettings, calibrate: bool) -> int:
-        return (3 if settings.guided else 2) + (1 if calibrate else 0)
+        return CallRows(1, settings.guided, calibrate).copies
 
     # ------------------------------------------------------------------------------ model parts
     @property

@@ -17,24 +17,9 @@ from torch import nn
 
 from ..errors import ACTInputError
 from ..families.sd3 import SD3, component_modules
-from ..trajectory import TrajectoryFit, calibration_gain
-from .fitting import Progress, SamplingSettings, seeded_noise
+from ..trajectory import TrajectoryFit
+from .fitting import CallRows, Progress, SamplingSettings, encode, seeded_noise, step_prediction
 from .pipeline import ACTPipelineMixin
-
-
-def _sd3_encode(pipe: Any, prompts: list[str], settings: SamplingSettings, guided: bool):
-    """(embeds, pooled, negative embeds, negative pooled) as StableDiffusion3Pipeline computes them."""
-    negative = [settings.negative_prompt] * len(prompts) if settings.negative_prompt is not None else None
-    embeds, negative_embeds, pooled, negative_pooled = pipe.encode_prompt(
-        prompt=prompts,
-        prompt_2=None,
-        prompt_3=None,
-        device=pipe._execution_device,
-        do_classifier_free_guidance=guided,
-        negative_prompt=negative,
-        max_sequence_length=settings.max_sequence_length or 256,
-    )
-    return embeds, pooled, negative_embeds, negative_pooled
 
 
 @torch.no_grad()  # no autograd graph along the trajectory: memory would grow with every step
@@ -56,8 +41,9 @@ def run_sd3_trajectory(
     n = len(source)
     transformer, device, dtype = pipe.transformer, pipe._execution_device, pipe.transformer.dtype
     guided = settings.guided
-    src, src_pooled, _, _ = _sd3_encode(pipe, list(source), settings, False)
-    tgt, tgt_pooled, neg, neg_pooled = _sd3_encode(pipe, list(target), settings, guided)
+    options = {"prompt_2": None, "prompt_3": None, "max_sequence_length": settings.max_sequence_length or 256}
+    src, src_pooled, _, _ = encode(pipe, list(source), settings.negative_prompt, False, **options)
+    tgt, tgt_pooled, neg, neg_pooled = encode(pipe, list(target), settings.negative_prompt, guided, **options)
     shape = (
         transformer.config.in_channels,
         settings.height // pipe.vae_scale_factor,
@@ -73,60 +59,32 @@ def run_sd3_trajectory(
     total, done = len(timesteps) * len(chunks), 0
     for step, t in enumerate(timesteps):
         level = min(1.0, max(0.0, float(t) / train_steps))
-        outputs, calibration = [], []
+        calls = []
         for chunk in chunks:
             check_interrupt()
             rows = list(chunk)
-            k = len(rows)
-            offset = k if guided else 0
-            embeds = (
-                ([neg[rows]] if guided else []) + [tgt[rows], src[rows]] + ([src[rows]] if calibrate else [])
-            )
-            pooled = (
-                ([neg_pooled[rows]] if guided else [])
-                + [tgt_pooled[rows], src_pooled[rows]]
-                + ([src_pooled[rows]] if calibrate else [])
-            )
-            copies = len(embeds)
-            with session.call(
-                level, source=slice(offset + k, offset + 2 * k), target=slice(offset, offset + k)
-            ):
+            layout = CallRows(len(rows), guided, calibrate)
+            copies = layout.copies
+            with session.call(level, source=layout.source, target=layout.target):
                 output = transformer(
                     hidden_states=torch.cat([latents[rows]] * copies),
-                    timestep=t.expand(copies * k),
-                    encoder_hidden_states=torch.cat(embeds),
-                    pooled_projections=torch.cat(pooled),
+                    timestep=t.expand(copies * layout.k),
+                    encoder_hidden_states=layout.stack(tgt, src, rows, neg),
+                    pooled_projections=layout.stack(tgt_pooled, src_pooled, rows, neg_pooled),
                     return_dict=False,
                 )[0]
-            outputs.append((k, output))
-            if calibrate:
-                calibration.append(
-                    (
-                        output[offset : offset + k],
-                        output[offset + k : offset + 2 * k],
-                        output[offset + 2 * k :],
-                    )
-                )
+            calls.append((layout, output))
             done += 1
             progress(done, total, f"step {step + 1}/{len(timesteps)}")
-        gain = 1.0
-        if calibrate:
-            gain = calibration_gain(*(torch.cat(rows) for rows in zip(*calibration, strict=True)))
-            session.scale_step(level, gain)
-        chosen_rows = []
-        for k, output in outputs:
-            offset = k if guided else 0
-            chosen = output[offset : offset + k]
-            if trajectory == "steered":
-                chosen = output[offset + k : offset + 2 * k]
-                if calibrate:
-                    plain = output[offset + 2 * k :]
-                    chosen = plain + gain * (chosen - plain)
-            if guided:
-                uncond = output[:k]
-                chosen = uncond + settings.guidance_scale * (chosen - uncond)
-            chosen_rows.append(chosen)
-        latents = scheduler.step(torch.cat(chosen_rows), t, latents, return_dict=False)[0]
+        prediction = step_prediction(
+            calls,
+            session,
+            level,
+            trajectory=trajectory,
+            calibrate=calibrate,
+            guidance_scale=settings.guidance_scale,
+        )
+        latents = scheduler.step(prediction, t, latents, return_dict=False)[0]
 
 
 class ACTSD3PipelineMixin(ACTPipelineMixin):
