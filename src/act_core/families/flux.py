@@ -70,7 +70,10 @@ BLOCK_STREAMS = (
 )
 
 
-def _trajectory_preset(name: str, description: str, patterns: tuple[str, ...]) -> Preset:
+def trajectory_preset(
+    name: str, description: str, patterns: tuple[str, ...], cfg_rows: str = "all"
+) -> Preset:
+    """A transformer preset of the default protocol (also SD3's, whose CFG batch makes ``cfg_rows="cond"``)."""
     return Preset(
         name,
         description,
@@ -80,26 +83,26 @@ def _trajectory_preset(name: str, description: str, patterns: tuple[str, ...]) -
         protocol="trajectory",
         statistic="positions",
         calibrate=True,
-        cfg_rows="all",  # FLUX.1 runs no CFG batch: every row of a transformer call is the prompt's
+        cfg_rows=cfg_rows,  # FLUX.1 runs no CFG batch: every row of a transformer call is the prompt's
         types=(nn.Module,),
     )
 
 
 PRESETS: dict[str, Preset] = {
-    "pooled_text_and_blocks": _trajectory_preset(
+    "pooled_text_and_blocks": trajectory_preset(
         "pooled_text_and_blocks",
         "The pooled-text projection that feeds every block's modulation (time_text_embed.text_embedder) and "
         "the output streams of every transformer block, fitted along your sampler's trajectory: both routes "
         "by which a prompt reaches the transformer.",
         (POOLED_TEXT[0], *BLOCK_STREAMS),
     ),
-    "transformer_blocks": _trajectory_preset(
+    "transformer_blocks": trajectory_preset(
         "transformer_blocks",
         "The output streams of every transformer block (double blocks: text and image; single blocks: the "
         "joint stream), as the reference's FLUX setup, fitted along your sampler's trajectory.",
         BLOCK_STREAMS,
     ),
-    "transformer_norms": _trajectory_preset(
+    "transformer_norms": trajectory_preset(
         "transformer_norms",
         "The LayerNorms before every block's modulation (both streams of the double blocks, the single "
         "blocks'), fitted along your sampler's trajectory.",
@@ -140,13 +143,16 @@ def component_modules(part: str, component: nn.Module) -> dict[str, nn.Module | 
         if part != TRANSFORMER:
             continue
         if _DOUBLE.match(path):
-            width = block_width(module)
-            for stream in (TEXT, IMAGE):
-                modules[f"{part}.{path}:{stream}"] = OutputOf(module, DIFFUSERS_STREAMS[stream], width)
+            modules.update(block_streams(f"{part}.{path}", module, (TEXT, IMAGE)))
         elif _SINGLE.match(path):
-            width = block_width(module)
-            modules[f"{part}.{path}:{JOINT}"] = OutputOf(module, DIFFUSERS_STREAMS[JOINT], width)
+            modules.update(block_streams(f"{part}.{path}", module, (JOINT,)))
     return modules
+
+
+def block_streams(name: str, block: nn.Module, streams: tuple[str, ...]) -> dict[str, OutputOf]:
+    """``name:stream`` entries for the streams of a diffusers block's tuple output (FLUX's, SD3's)."""
+    width = block_width(block)
+    return {f"{name}:{stream}": OutputOf(block, DIFFUSERS_STREAMS[stream], width) for stream in streams}
 
 
 def block_width(block: nn.Module) -> int:

@@ -15,11 +15,10 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import ACTInputError
-from ..maps import APPLY_PER_ELEMENT
 from ..presets import Preset
 from ..recording import OutputOf
 from .base import ModelFamily
-from .flux import DIFFUSERS_STREAMS, IMAGE, POOLED_TEXT, TEXT, block_width
+from .flux import IMAGE, POOLED_TEXT, TEXT, block_streams, trajectory_preset
 
 TRANSFORMER, TEXT_ENCODER, TEXT_ENCODER_2, TEXT_ENCODER_3 = (
     "transformer",
@@ -31,32 +30,19 @@ PARTS = (TRANSFORMER, TEXT_ENCODER, TEXT_ENCODER_2, TEXT_ENCODER_3)
 BLOCK_STREAMS = ("transformer_blocks.*:text", "transformer_blocks.*:image")
 
 
-def _trajectory_preset(name: str, description: str, patterns: tuple[str, ...]) -> Preset:
-    return Preset(
-        name,
-        description,
-        {TRANSFORMER: patterns},
-        support="unbounded",
-        apply_mode=APPLY_PER_ELEMENT,
-        protocol="trajectory",
-        statistic="positions",
-        calibrate=True,
-        cfg_rows="cond",  # SD3 runs a CFG batch: steer the prompt's rows, as on SDXL
-        types=(nn.Module,),
-    )
-
-
 PRESETS: dict[str, Preset] = {
-    "pooled_text_and_blocks": _trajectory_preset(
+    "pooled_text_and_blocks": trajectory_preset(
         "pooled_text_and_blocks",
         "The pooled-text projection that feeds every block's modulation (time_text_embed.text_embedder) and "
         "the text and image output streams of every MMDiT block, fitted along your sampler's trajectory.",
         (POOLED_TEXT[0], *BLOCK_STREAMS),
+        cfg_rows="cond",  # SD3 runs a CFG batch: steer the prompt's rows, as on SDXL
     ),
-    "transformer_blocks": _trajectory_preset(
+    "transformer_blocks": trajectory_preset(
         "transformer_blocks",
         "The text and image output streams of every MMDiT block, fitted along your sampler's trajectory.",
         BLOCK_STREAMS,
+        cfg_rows="cond",
     ),
 }
 DEFAULT_PRESET = "pooled_text_and_blocks"
@@ -72,10 +58,8 @@ def component_modules(part: str, component: nn.Module) -> dict[str, nn.Module | 
             continue
         modules[f"{part}.{path}"] = module
         if part == TRANSFORMER and type(module).__name__ == "JointTransformerBlock":
-            width = block_width(module)
             streams = (IMAGE,) if getattr(module, "context_pre_only", False) else (TEXT, IMAGE)
-            for stream in streams:
-                modules[f"{part}.{path}:{stream}"] = OutputOf(module, DIFFUSERS_STREAMS[stream], width)
+            modules.update(block_streams(f"{part}.{path}", module, streams))
     return modules
 
 
