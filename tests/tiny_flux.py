@@ -5,11 +5,29 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-from tiny_sdxl import text_config, write_tokenizer
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from tiny_sdxl import text_config, tiny_vae, write_tokenizer
 from transformers import CLIPTextModel, T5Config, T5EncoderModel
 
 MAX_SEQUENCE_LENGTH = 16
+
+
+def tiny_t5(vocab_size: int, d_model: int) -> T5EncoderModel:
+    """The tests' 2-layer T5 encoder (FLUX's and SD3's third text encoder) at width ``d_model``."""
+    return T5EncoderModel(
+        T5Config(
+            vocab_size=vocab_size,
+            d_model=d_model,
+            d_kv=16,
+            d_ff=64,
+            num_layers=2,
+            num_heads=2,
+            relative_attention_num_buckets=8,
+            feed_forward_proj="gated-gelu",
+            pad_token_id=1,
+            eos_token_id=1,
+        )
+    )
 
 
 def build_tiny_flux(folder: Path, seed: int = 0, guidance_embeds: bool = False) -> FluxPipeline:
@@ -27,35 +45,11 @@ def build_tiny_flux(folder: Path, seed: int = 0, guidance_embeds: bool = False) 
         guidance_embeds=guidance_embeds,
         axes_dims_rope=(4, 6, 6),
     )
-    vae = AutoencoderKL(
-        block_out_channels=[16, 32],
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
-        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=32,
-        shift_factor=0.0,
-        scaling_factor=1.0,
-    )
+    vae = tiny_vae(shift_factor=0.0, scaling_factor=1.0)
     tokenizer = write_tokenizer(folder / "tokenizer")
     tokenizer_2 = write_tokenizer(folder / "tokenizer_2")
     text_encoder = CLIPTextModel(text_config(len(tokenizer)))
-    text_encoder_2 = T5EncoderModel(
-        T5Config(
-            vocab_size=len(tokenizer_2),
-            d_model=32,
-            d_kv=16,
-            d_ff=64,
-            num_layers=2,
-            num_heads=2,
-            relative_attention_num_buckets=8,
-            feed_forward_proj="gated-gelu",
-            pad_token_id=1,
-            eos_token_id=1,
-        )
-    )
+    text_encoder_2 = tiny_t5(len(tokenizer_2), d_model=32)
     pipe = FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0),
         vae=vae,

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import torch
 from diffusers import (
-    AutoencoderKL,
     FlowMatchEulerDiscreteScheduler,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
 )
-from tiny_sdxl import text_config, write_tokenizer
-from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
+from tiny_flux import tiny_t5
+from tiny_sdxl import text_config, tiny_vae, write_tokenizer
+from transformers import CLIPTextModelWithProjection
 
 
 def build_tiny_sd3(folder: Path, seed: int = 0) -> StableDiffusion3Pipeline:
@@ -36,37 +36,13 @@ def build_tiny_sd3(folder: Path, seed: int = 0) -> StableDiffusion3Pipeline:
         out_channels=4,
         pos_embed_max_size=32,
     )
-    vae = AutoencoderKL(
-        block_out_channels=[16, 32],
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
-        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=32,
-        shift_factor=0.0,
-        scaling_factor=1.0,
-    )
+    vae = tiny_vae(shift_factor=0.0, scaling_factor=1.0)
     tokenizer = write_tokenizer(folder / "tokenizer")
     tokenizer_2 = write_tokenizer(folder / "tokenizer_2")
     text_encoder = CLIPTextModelWithProjection(text_config(len(tokenizer)))
     text_encoder_2 = CLIPTextModelWithProjection(text_config(len(tokenizer_2)))
     tokenizer_3 = write_tokenizer(folder / "tokenizer_3")
-    text_encoder_3 = T5EncoderModel(
-        T5Config(
-            vocab_size=len(tokenizer_3),
-            d_model=64,
-            d_kv=16,
-            d_ff=64,
-            num_layers=2,
-            num_heads=2,
-            relative_attention_num_buckets=8,
-            feed_forward_proj="gated-gelu",
-            pad_token_id=1,
-            eos_token_id=1,
-        )
-    )
+    text_encoder_3 = tiny_t5(len(tokenizer_3), d_model=64)  # the transformer's joint_attention_dim
     pipe = StableDiffusion3Pipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
         vae=vae,

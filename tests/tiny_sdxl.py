@@ -53,6 +53,21 @@ def text_config(vocab_size: int, projection_dim: int = 32) -> CLIPTextConfig:
     )
 
 
+def tiny_vae(**config) -> AutoencoderKL:
+    """The tests' 4-channel, 2-level VAE (every tiny pipeline's); ``config`` adds to it (e.g. FLUX's shift)."""
+    return AutoencoderKL(
+        block_out_channels=[16, 32],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+        **config,
+    )
+
+
 def build_tiny_sdxl(folder: Path, seed: int = 0) -> StableDiffusionXLPipeline:
     """Build, save to ``folder`` (a normal diffusers folder) and return a tiny SDXL pipeline."""
     torch.manual_seed(seed)
@@ -73,16 +88,7 @@ def build_tiny_sdxl(folder: Path, seed: int = 0) -> StableDiffusionXLPipeline:
         cross_attention_dim=64,
         norm_num_groups=8,
     )
-    vae = AutoencoderKL(
-        block_out_channels=[16, 32],
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
-        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=32,
-    )
+    vae = tiny_vae()
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085,
         beta_end=0.012,

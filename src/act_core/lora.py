@@ -101,8 +101,8 @@ def lora_state_dict(
     """
     if act_map.metadata.get("family"):
         family = get_family(act_map.metadata["family"])  # the map says which family's keys it needs
-    for name in act_map.modules:
-        family.lora_key(name)  # families whose maps never fold (FLUX, SD3) refuse here, saying why
+    # Keys first: families whose maps never fold (FLUX, SD3) refuse here, saying why.
+    keys = {name: family.lora_key(name) for name in act_map.modules}
     modules = _modules_of(modules, act_map)
     foldable = as_foldable(act_map, modules)
     diffs = folded_diffs(modules, foldable, strength)
@@ -116,7 +116,7 @@ def lora_state_dict(
                 f"The diff for {key!r} overflows {dtype} (largest |value| {diff.abs().max().item():.3g}); "
                 "export with dtype fp32 (the default) instead."
             )
-        state[family.lora_key(module_name) + suffix] = value
+        state[keys[module_name] + suffix] = value
     return state
 
 

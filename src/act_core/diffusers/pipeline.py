@@ -688,10 +688,16 @@ class ACTPipelineMixin:
                 raise ACTInputError("No map to fuse: pass one, or enable_act(map) first.")
             strength = 1.0 if strength is None else strength
             resolve_strengths(strength, act_map.parts())
-            time_aware = act_map.buckets is not None and len(act_map.buckets) > 1  # fold_act refuses these
-            if (
-                not time_aware
-                and self.act_family.denoiser in act_map.parts()
+            self._act_remove_hooks()
+            try:
+                fold_act(self.act_modules(act_map.parts()), act_map, strength)
+            except BaseException:
+                if resume is not None:
+                    self.enable_act(resume[0], resume[1], **resume[2])
+                raise
+            state.resume = resume
+            if (  # said once the map is folded: a map fold_act refuses gets only its error
+                self.act_family.denoiser in act_map.parts()
                 and act_map.metadata.get("cfg_rows", "cond") == "cond"
             ):
                 warnings.warn(
@@ -701,14 +707,6 @@ class ACTPipelineMixin:
                     ACTWarning,
                     stacklevel=2,
                 )
-            self._act_remove_hooks()
-            try:
-                fold_act(self.act_modules(act_map.parts()), act_map, strength)
-            except BaseException:
-                if resume is not None:
-                    self.enable_act(resume[0], resume[1], **resume[2])
-                raise
-            state.resume = resume
 
     def unfuse_act(self) -> None:
         """Restore the weights bit for bit; re-enables the hooks that ``fuse_act`` replaced."""
