@@ -152,11 +152,35 @@ def flux_text_runner(pipe: Any) -> Callable[[tuple[int, dict[str, torch.Tensor]]
     return run_model
 
 
-class ACTFluxPipelineMixin(ACTPipelineMixin):
-    """Adds ACT to a diffusers ``FluxPipeline`` (FLUX.1-dev / schnell): the SDXL verbs, FLUX's data."""
+class ACTSequenceLengthMixin(ACTPipelineMixin):
+    """For pipelines with a T5 encoder (FLUX, SD3): ``fit_act(max_sequence_length=...)`` takes the T5 length
+    you sample with (FluxPipeline's default 512, StableDiffusion3Pipeline's 256) into the fit's settings."""
+
+    _act_max_sequence_length: int | None = None
+
+    def fit_act(self, source_prompts, target_prompts, *, max_sequence_length: int | None = None, **options):
+        """``ACTPipelineMixin.fit_act`` with the T5 ``max_sequence_length`` you sample with."""
+        from ..validation import check_positive_int
+
+        if max_sequence_length is not None:
+            check_positive_int(max_sequence_length, "max_sequence_length")
+        previous, self._act_max_sequence_length = self._act_max_sequence_length, max_sequence_length
+        try:
+            return super().fit_act(source_prompts, target_prompts, **options)
+        finally:
+            self._act_max_sequence_length = previous
+
+    def _act_sampling(self, steps, guidance, height, width, negative_prompt) -> SamplingSettings:
+        settings = super()._act_sampling(steps, guidance, height, width, negative_prompt)
+        settings.max_sequence_length = self._act_max_sequence_length
+        return settings
+
+
+class ACTFluxPipelineMixin(ACTSequenceLengthMixin):
+    """Adds ACT to a diffusers ``FluxPipeline`` (FLUX.1-dev / schnell): the SDXL verbs, FLUX's data.
+    ``guidance_scale`` is FLUX.1-dev's embedded guidance (no CFG batch)."""
 
     act_family = FLUX
-    _act_max_sequence_length: int | None = None
 
     def _act_component_modules(self, part: str, component: nn.Module) -> dict[str, nn.Module]:
         return component_modules(part, component)
@@ -188,21 +212,3 @@ class ACTFluxPipelineMixin(ACTPipelineMixin):
 
     def _act_rows_per_pair(self, settings: SamplingSettings, calibrate: bool) -> int:
         return CallRows(1, guided=False, calibrate=calibrate).copies  # no CFG batch
-
-    def fit_act(self, source_prompts, target_prompts, *, max_sequence_length: int | None = None, **options):
-        """``ACTPipelineMixin.fit_act`` for FLUX; ``max_sequence_length`` is the T5 length you sample with
-        (FluxPipeline's default 512). ``guidance_scale`` is FLUX.1-dev's embedded guidance (no CFG batch)."""
-        from ..validation import check_positive_int
-
-        if max_sequence_length is not None:
-            check_positive_int(max_sequence_length, "max_sequence_length")
-        previous, self._act_max_sequence_length = self._act_max_sequence_length, max_sequence_length
-        try:
-            return super().fit_act(source_prompts, target_prompts, **options)
-        finally:
-            self._act_max_sequence_length = previous
-
-    def _act_sampling(self, steps, guidance, height, width, negative_prompt) -> SamplingSettings:
-        settings = super()._act_sampling(steps, guidance, height, width, negative_prompt)
-        settings.max_sequence_length = self._act_max_sequence_length
-        return settings

@@ -19,7 +19,7 @@ from ..errors import ACTInputError
 from ..families.sd3 import SD3, component_modules
 from ..trajectory import TrajectoryFit
 from .fitting import CallRows, Progress, SamplingSettings, encode, seeded_noise, step_prediction
-from .pipeline import ACTPipelineMixin
+from .flux import ACTSequenceLengthMixin
 
 
 @torch.no_grad()  # no autograd graph along the trajectory: memory would grow with every step
@@ -87,20 +87,16 @@ def run_sd3_trajectory(
         latents = scheduler.step(prediction, t, latents, return_dict=False)[0]
 
 
-class ACTSD3PipelineMixin(ACTPipelineMixin):
+class ACTSD3PipelineMixin(ACTSequenceLengthMixin):
     """Adds ACT to a diffusers ``StableDiffusion3Pipeline`` (SD3 / SD3.5): the SDXL verbs, SD3's data."""
 
     act_family = SD3
-    _act_max_sequence_length: int | None = None
 
     def _act_component_modules(self, part: str, component: nn.Module) -> dict[str, nn.Module]:
         return component_modules(part, component)
 
     def _act_excluded(self, part: str) -> tuple[str, ...]:
-        return ()
-
-    def _act_timestep_scale(self) -> float:
-        return float(self.scheduler.config.num_train_timesteps)  # SD3's transformer gets t in [0, 1000]
+        return ()  # SDXL's dead CLIP-L layers (its penultimate-layer rule) are not SD3's
 
     def _act_first_step_runner(
         self, settings: SamplingSettings, seed: int, statistics_steps: int, use_denoiser: bool
@@ -114,21 +110,3 @@ class ACTSD3PipelineMixin(ACTPipelineMixin):
         self, session: TrajectoryFit, source: list[str], target: list[str], settings, **options
     ):
         run_sd3_trajectory(self, session, source, target, settings, **options)
-
-    def fit_act(self, source_prompts, target_prompts, *, max_sequence_length: int | None = None, **options):
-        """``ACTPipelineMixin.fit_act`` for SD3; ``max_sequence_length`` is the T5 length you sample with
-        (StableDiffusion3Pipeline's default 256)."""
-        from ..validation import check_positive_int
-
-        if max_sequence_length is not None:
-            check_positive_int(max_sequence_length, "max_sequence_length")
-        previous, self._act_max_sequence_length = self._act_max_sequence_length, max_sequence_length
-        try:
-            return super().fit_act(source_prompts, target_prompts, **options)
-        finally:
-            self._act_max_sequence_length = previous
-
-    def _act_sampling(self, steps, guidance, height, width, negative_prompt) -> SamplingSettings:
-        settings = super()._act_sampling(steps, guidance, height, width, negative_prompt)
-        settings.max_sequence_length = self._act_max_sequence_length
-        return settings
