@@ -96,7 +96,7 @@ class ACTSD3PipelineMixin(ACTSequenceLengthMixin):
         return component_modules(part, component)
 
     def _act_excluded(self, part: str) -> tuple[str, ...]:
-        return ()  # SDXL's dead CLIP-L layers (its penultimate-layer rule) are not SD3's
+        return ()  # unlike SDXL, SD3 pools CLIP-L's last layer too, so no text-encoder layer is dead
 
     def _act_first_step_runner(
         self, settings: SamplingSettings, seed: int, statistics_steps: int, use_denoiser: bool
