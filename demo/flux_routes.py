@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .paths import load_demo_classifier
-from .protocols import EVAL_SEED, MODELS, load_model_pipeline, score_images, tasks
+from .protocols import EVAL_SEED, MODELS, check_names, load_model_pipeline, score_images, tasks
 
 
 def generate_from_embeddings(pipe, model, tokens: torch.Tensor, pooled: torch.Tensor) -> np.ndarray:
@@ -47,12 +47,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     rows = []
     flux_models = [name for name, model in MODELS.items() if model.family == "flux"]
     names, task_names = args.models.split(","), args.tasks.split(",")
-    for name in names:
-        if name not in flux_models:
-            parser.error(f"{name!r} is not a FLUX model; choose from {', '.join(flux_models)}")
-    for task_name in task_names:
-        if task_name not in tasks():
-            parser.error(f"unknown task {task_name!r}; choose from {', '.join(tasks())}")
+    check_names(parser, names, flux_models, "FLUX model")
+    check_names(parser, task_names, list(tasks()), "task")
     for name in names:
         model = MODELS[name]
         pipe = load_model_pipeline(model)

@@ -495,6 +495,15 @@ def markdown(results: dict, models: Sequence[str], task_names: Sequence[str]) ->
     return "\n".join(lines)
 
 
+def check_names(
+    parser: argparse.ArgumentParser, given: Sequence[str], known: Sequence[str], what: str
+) -> None:
+    """Exit through ``parser`` naming the first unknown ``what`` and the choices, before anything loads."""
+    unknown = [name for name in given if name not in known]
+    if unknown:
+        parser.error(f"unknown {what} {unknown[0]!r}; choose from {', '.join(known)}")
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m demo.protocols", description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -532,14 +541,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     )
     model_names, task_names = args.models.split(","), args.tasks.split(",")
     all_tasks = tasks()
-    for given, known, what in (
-        (model_names, MODELS, "model"),
-        (task_names, all_tasks, "task"),
-        (names, PROTOCOLS, "protocol"),
-    ):
-        unknown = [name for name in given if name not in known]
-        if unknown:
-            parser.error(f"unknown {what} {unknown[0]!r}; choose from {', '.join(known)}")
+    check_names(parser, model_names, MODELS, "model")
+    check_names(parser, task_names, all_tasks, "task")
+    check_names(parser, names, PROTOCOLS, "protocol")
     args.output.mkdir(parents=True, exist_ok=True)
     results: dict = {name: {} for name in names}
     total, done, start = len(names) * len(model_names) * len(task_names), 0, time.perf_counter()
