@@ -167,6 +167,45 @@ def step_prediction(
     return torch.cat(chosen_rows)
 
 
+def follow_trajectory(
+    session: TrajectoryFit,
+    latents: torch.Tensor,
+    timesteps: Sequence[torch.Tensor],
+    chunks: Sequence[range],
+    *,
+    level_of: Callable[[torch.Tensor], float],
+    call: Callable[[torch.Tensor, torch.Tensor, list[int], CallRows], torch.Tensor],
+    advance: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    guided: bool,
+    calibrate: bool,
+    trajectory: str,
+    guidance_scale: float,
+    progress: Progress,
+    check_interrupt: Callable[[], None],
+) -> torch.Tensor:
+    """The sampling loop every host's fit follows: at each step, every chunk of pairs in one denoiser call
+    (``call(latents, t, rows, layout)`` with the ``CallRows`` layout) that ``session`` fits and transports,
+    then ``advance(prediction, t, latents)`` with the step's prediction (``step_prediction``)."""
+    total, done = len(timesteps) * len(chunks), 0
+    for step, t in enumerate(timesteps):
+        level = level_of(t)
+        calls = []
+        for chunk in chunks:
+            check_interrupt()
+            rows = list(chunk)
+            layout = CallRows(len(rows), guided, calibrate)
+            with session.call(level, source=layout.source, target=layout.target):
+                output = call(latents, t, rows, layout)
+            calls.append((layout, output))
+            done += 1
+            progress(done, total, f"step {step + 1}/{len(timesteps)}")
+        prediction = step_prediction(
+            calls, session, level, trajectory=trajectory, calibrate=calibrate, guidance_scale=guidance_scale
+        )
+        latents = advance(prediction, t, latents)
+    return latents
+
+
 def encode(pipe: Any, prompts: list[str], negative_prompt: str | None, guided: bool, **options):
     """(prompt embeds, pooled or None, negative embeds, negative pooled) as the pipeline computes them;
     ``options`` go to a pooled pipeline's ``encode_prompt`` (SD3: ``prompt_2``, ``max_sequence_length``...)."""
@@ -220,43 +259,41 @@ def run_trajectory(
             text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim,
         ).to(device)
     train_steps = scheduler.config.num_train_timesteps
-    timesteps = list(scheduler.timesteps)
     # Stochastic samplers (ancestral, SDE) draw noise in step(): seed it, so a fit is reproducible.
     step_options = {}
     if "generator" in inspect.signature(scheduler.step).parameters:
         step_options["generator"] = torch.Generator(device="cpu").manual_seed(seed)
     chunks = [range(start, min(n, start + pairs_in_call)) for start in range(0, n, pairs_in_call)]
-    total, done = len(timesteps) * len(chunks), 0
-    for t in timesteps:
-        level = min(1.0, max(0.0, float(t) / train_steps))
-        calls = []
-        for chunk in chunks:
-            check_interrupt()
-            rows = list(chunk)
-            layout = CallRows(len(rows), guided, calibrate)
-            copies = layout.copies
-            embeds = layout.stack(tgt, src, rows, neg)
-            model_input = scheduler.scale_model_input(torch.cat([latents[rows]] * copies), t)
-            kwargs = {}
-            if src_pooled is not None:
-                kwargs["added_cond_kwargs"] = {
-                    "text_embeds": layout.stack(tgt_pooled, src_pooled, rows, neg_pooled),
-                    "time_ids": time_ids.repeat(copies * layout.k, 1),
-                }
-            with session.call(level, source=layout.source, target=layout.target):
-                output = unet(model_input, t, encoder_hidden_states=embeds, return_dict=False, **kwargs)[0]
-            calls.append((layout, output))
-            done += 1
-            progress(done, total, f"step {timesteps.index(t) + 1}/{len(timesteps)}")
-        prediction = step_prediction(
-            calls,
-            session,
-            level,
-            trajectory=trajectory,
-            calibrate=calibrate,
-            guidance_scale=settings.guidance_scale,
-        )
-        latents = scheduler.step(prediction, t, latents, return_dict=False, **step_options)[0]
+
+    def call(latents: torch.Tensor, t: torch.Tensor, rows: list[int], layout: CallRows) -> torch.Tensor:
+        copies = layout.copies
+        model_input = scheduler.scale_model_input(torch.cat([latents[rows]] * copies), t)
+        kwargs = {}
+        if src_pooled is not None:
+            kwargs["added_cond_kwargs"] = {
+                "text_embeds": layout.stack(tgt_pooled, src_pooled, rows, neg_pooled),
+                "time_ids": time_ids.repeat(copies * layout.k, 1),
+            }
+        embeds = layout.stack(tgt, src, rows, neg)
+        return unet(model_input, t, encoder_hidden_states=embeds, return_dict=False, **kwargs)[0]
+
+    follow_trajectory(
+        session,
+        latents,
+        list(scheduler.timesteps),
+        chunks,
+        level_of=lambda t: min(1.0, max(0.0, float(t) / train_steps)),
+        call=call,
+        advance=lambda prediction, t, latents: scheduler.step(
+            prediction, t, latents, return_dict=False, **step_options
+        )[0],
+        guided=guided,
+        calibrate=calibrate,
+        trajectory=trajectory,
+        guidance_scale=settings.guidance_scale,
+        progress=progress,
+        check_interrupt=check_interrupt,
+    )
 
 
 # ------------------------------------------------------------------------------------------ first step

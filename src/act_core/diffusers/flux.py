@@ -19,7 +19,7 @@ from torch import nn
 
 from ..families.flux import FLUX, TEXT_ENCODER, TEXT_ENCODER_2, component_modules
 from ..trajectory import TrajectoryFit
-from .fitting import CallRows, Progress, SamplingSettings, seeded_noise, step_prediction
+from .fitting import CallRows, Progress, SamplingSettings, follow_trajectory, seeded_noise
 from .pipeline import ACTPipelineMixin
 
 
@@ -79,43 +79,40 @@ def run_flux_trajectory(
     timesteps = _timesteps(pipe, scheduler, settings.num_inference_steps, latents.shape[1])
     scheduler.set_begin_index(0)
     chunks = [range(start, min(n, start + pairs_in_call)) for start in range(0, n, pairs_in_call)]
-    total, done = len(timesteps) * len(chunks), 0
-    for step, t in enumerate(timesteps):
-        level = min(1.0, max(0.0, float(t) / 1000))
-        calls = []
-        for chunk in chunks:
-            check_interrupt()
-            rows = list(chunk)
-            layout = CallRows(len(rows), guided=False, calibrate=calibrate)  # no CFG batch
-            copies = layout.copies
-            guidance = None
-            if transformer.config.guidance_embeds:
-                guidance = torch.full(
-                    [copies * layout.k], settings.guidance_scale, device=device, dtype=torch.float32
-                )
-            with session.call(level, source=layout.source, target=layout.target):
-                output = transformer(
-                    hidden_states=torch.cat([latents[rows]] * copies),
-                    timestep=(t.expand(copies * layout.k) / 1000).to(dtype),
-                    guidance=guidance,
-                    pooled_projections=layout.stack(tgt_pooled, src_pooled, rows),
-                    encoder_hidden_states=layout.stack(tgt, src, rows),
-                    txt_ids=text_ids,
-                    img_ids=image_ids,
-                    return_dict=False,
-                )[0]
-            calls.append((layout, output))
-            done += 1
-            progress(done, total, f"step {step + 1}/{len(timesteps)}")
-        prediction = step_prediction(
-            calls,
-            session,
-            level,
-            trajectory=trajectory,
-            calibrate=calibrate,
-            guidance_scale=settings.guidance_scale,
-        )
-        latents = scheduler.step(prediction, t, latents, return_dict=False)[0]
+
+    def call(latents: torch.Tensor, t: torch.Tensor, rows: list[int], layout: CallRows) -> torch.Tensor:
+        copies = layout.copies
+        guidance = None
+        if transformer.config.guidance_embeds:
+            guidance = torch.full(
+                [copies * layout.k], settings.guidance_scale, device=device, dtype=torch.float32
+            )
+        return transformer(
+            hidden_states=torch.cat([latents[rows]] * copies),
+            timestep=(t.expand(copies * layout.k) / 1000).to(dtype),
+            guidance=guidance,
+            pooled_projections=layout.stack(tgt_pooled, src_pooled, rows),
+            encoder_hidden_states=layout.stack(tgt, src, rows),
+            txt_ids=text_ids,
+            img_ids=image_ids,
+            return_dict=False,
+        )[0]
+
+    follow_trajectory(
+        session,
+        latents,
+        timesteps,
+        chunks,
+        level_of=lambda t: min(1.0, max(0.0, float(t) / 1000)),
+        call=call,
+        advance=lambda prediction, t, latents: scheduler.step(prediction, t, latents, return_dict=False)[0],
+        guided=False,  # FLUX runs no CFG batch (dev embeds its guidance scale)
+        calibrate=calibrate,
+        trajectory=trajectory,
+        guidance_scale=settings.guidance_scale,
+        progress=progress,
+        check_interrupt=check_interrupt,
+    )
 
 
 def flux_tokenize(pipe: Any, prompts: list[str], max_sequence_length: int) -> dict[str, torch.Tensor]:

@@ -18,7 +18,7 @@ from torch import nn
 from ..errors import ACTInputError
 from ..families.sd3 import SD3, component_modules
 from ..trajectory import TrajectoryFit
-from .fitting import CallRows, Progress, SamplingSettings, encode, seeded_noise, step_prediction
+from .fitting import CallRows, Progress, SamplingSettings, encode, follow_trajectory, seeded_noise
 from .flux import ACTSequenceLengthMixin
 
 
@@ -56,35 +56,32 @@ def run_sd3_trajectory(
     scheduler.set_begin_index(0)
     train_steps = scheduler.config.num_train_timesteps
     chunks = [range(start, min(n, start + pairs_in_call)) for start in range(0, n, pairs_in_call)]
-    total, done = len(timesteps) * len(chunks), 0
-    for step, t in enumerate(timesteps):
-        level = min(1.0, max(0.0, float(t) / train_steps))
-        calls = []
-        for chunk in chunks:
-            check_interrupt()
-            rows = list(chunk)
-            layout = CallRows(len(rows), guided, calibrate)
-            copies = layout.copies
-            with session.call(level, source=layout.source, target=layout.target):
-                output = transformer(
-                    hidden_states=torch.cat([latents[rows]] * copies),
-                    timestep=t.expand(copies * layout.k),
-                    encoder_hidden_states=layout.stack(tgt, src, rows, neg),
-                    pooled_projections=layout.stack(tgt_pooled, src_pooled, rows, neg_pooled),
-                    return_dict=False,
-                )[0]
-            calls.append((layout, output))
-            done += 1
-            progress(done, total, f"step {step + 1}/{len(timesteps)}")
-        prediction = step_prediction(
-            calls,
-            session,
-            level,
-            trajectory=trajectory,
-            calibrate=calibrate,
-            guidance_scale=settings.guidance_scale,
-        )
-        latents = scheduler.step(prediction, t, latents, return_dict=False)[0]
+
+    def call(latents: torch.Tensor, t: torch.Tensor, rows: list[int], layout: CallRows) -> torch.Tensor:
+        copies = layout.copies
+        return transformer(
+            hidden_states=torch.cat([latents[rows]] * copies),
+            timestep=t.expand(copies * layout.k),
+            encoder_hidden_states=layout.stack(tgt, src, rows, neg),
+            pooled_projections=layout.stack(tgt_pooled, src_pooled, rows, neg_pooled),
+            return_dict=False,
+        )[0]
+
+    follow_trajectory(
+        session,
+        latents,
+        timesteps,
+        chunks,
+        level_of=lambda t: min(1.0, max(0.0, float(t) / train_steps)),
+        call=call,
+        advance=lambda prediction, t, latents: scheduler.step(prediction, t, latents, return_dict=False)[0],
+        guided=guided,
+        calibrate=calibrate,
+        trajectory=trajectory,
+        guidance_scale=settings.guidance_scale,
+        progress=progress,
+        check_interrupt=check_interrupt,
+    )
 
 
 class ACTSD3PipelineMixin(ACTSequenceLengthMixin):
