@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from act_core.errors import ACTInputError
+from act_core.files import check_destination
 
 FOLDER = "act_maps"
 EXTENSION = ".safetensors"
@@ -111,9 +112,11 @@ def write_into_folder(
     """Write a file named ``filename`` into ComfyUI's ``kind`` folder with ``write(path)``; its clean name.
 
     Shared by the Save and Export nodes: the name is checked (no escaping the folder, no other
-    extensions, not too long), an existing file needs ``overwrite``, subfolders are created.
+    extensions, not too long), an existing file needs ``overwrite`` and must be a regular file (not a
+    FIFO, device or folder), subfolders are created. All before ``write`` does any work.
     """
     relative, path = target_path(save_folder(kind), filename, what)
+    check_destination(path, f"The {what} {relative!r}")
     if path.exists() and not overwrite:
         raise ACTInputError(
             f"{relative} already exists in {kind}; turn on 'overwrite' or choose another file name."

@@ -6,8 +6,10 @@ The command-line parts of findings 5 and 6 are in tests/diffusers/test_hardening
 from __future__ import annotations
 
 import errno
+import importlib.util
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from helpers import random_map
@@ -17,6 +19,8 @@ import act_core.maps as maps
 from act_core.errors import ACTError, ACTInputError
 from act_core.files import ACTFileWriteError, atomic_write, check_destination, check_writable_output
 from act_core.maps import ACTMap
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 # ------------------------------------------------------------------------------------------ 4
@@ -144,3 +148,29 @@ def test_finding5_other_errors_pass_through_and_a_failed_rename_is_translated(tm
             atomic_write(path, lambda tmp: tmp.write_bytes(b"new"))
     assert path.read_bytes() == old and not list(tmp_path.glob(".*.tmp"))
     assert ACTMap.load(path).equal(random_map({"n": 4}, seed=1))
+
+
+def _node_folders():
+    """``nodes/folders.py`` (the Save and Export nodes' writer), imported without ComfyUI."""
+    spec = importlib.util.spec_from_file_location("act_nodes_folders", REPO / "nodes" / "folders.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_finding4_the_save_and_export_nodes_refuse_a_fifo_before_any_work(tmp_path, monkeypatch):
+    folders = _node_folders()
+    monkeypatch.setattr(
+        folders, "_folder_paths", lambda: SimpleNamespace(get_folder_paths=lambda k: [str(tmp_path)])
+    )
+    os.mkfifo(tmp_path / "pipe.safetensors")
+    written = []
+    for overwrite in (False, True):
+        with pytest.raises(ACTInputError, match=r"LoRA file name 'pipe.safetensors'.*named pipe \(FIFO\)"):
+            folders.write_into_folder("loras", "pipe", overwrite, "LoRA file name", written.append)
+    assert not written and (tmp_path / "pipe.safetensors").is_fifo()
+    assert (
+        folders.write_into_folder("loras", "sub/ok", False, "LoRA file name", written.append)
+        == "sub/ok.safetensors"
+    )
+    assert written == [tmp_path / "sub" / "ok.safetensors"]
