@@ -147,8 +147,20 @@ def check_buckets(buckets: Sequence[float] | None) -> tuple[float, ...] | None:
     """Validate noise levels: finite, in [0, 1], distinct. None means a map without buckets."""
     if buckets is None:
         return None
+    if isinstance(buckets, (str, bytes, Mapping)):
+        raise ACTInputError(f"buckets must be a list of noise levels in [0, 1], got {buckets!r}.")
     try:
-        levels = tuple(float(u) for u in buckets)
+        items = list(buckets)
+    except TypeError:
+        raise ACTInputError(f"buckets must be a list of noise levels in [0, 1], got {buckets!r}.") from None
+    for index, u in enumerate(items):
+        if isinstance(u, (bool, str, bytes)):  # float() reads "0.5" and True: neither is a noise level
+            raise ACTInputError(
+                f"Noise level {index} of the buckets is {type(u).__name__} {u!r}, not a number; noise levels "
+                "are numbers in [0, 1] (1 = pure noise)."
+            )
+    try:
+        levels = tuple(float(u) for u in items)
     except (TypeError, ValueError):
         raise ACTInputError(f"buckets must be a list of noise levels in [0, 1], got {buckets!r}.") from None
     if not levels:
@@ -257,10 +269,17 @@ class ACTMap:
         patterns: Iterable[str] | None = None,
         parts: Iterable[str] | None = None,
     ) -> ACTMap:
-        """A map with only the modules that match every given filter (exact names, globs, parts)."""
+        """A map with only the modules that match every given filter (exact names, globs, parts).
+
+        ``parts`` is a list of part names such as ``["unet"]``. The result keeps the noise-level buckets
+        when one of its modules is time-aware, and has none otherwise (e.g. the text-encoder part of a
+        time-aware map).
+        """
+        from .validation import check_parts
+
         names = None if names is None else set(names)
         patterns = None if patterns is None else list(patterns)
-        parts = None if parts is None else set(parts)
+        parts = None if parts is None else set(check_parts(parts, self.parts(), "module part"))
         kept = {
             name: module_map
             for name, module_map in self.modules.items()
@@ -274,7 +293,8 @@ class ACTMap:
                 f"the map's parts are {self.parts()}."
             )
         metadata = dict(self.metadata, restricted_from=len(self.modules))
-        return ACTMap(kept, metadata, self.buckets)
+        buckets = self.buckets if any(module_map.bucketed for module_map in kept.values()) else None
+        return ACTMap(kept, metadata, buckets)
 
     def compose(self, other: ACTMap) -> ACTMap:
         """The map that applies ``self`` first, then ``other`` (on modules both contain).
@@ -291,6 +311,7 @@ class ACTMap:
                 f"({describe_buckets(self.buckets)} vs {describe_buckets(other.buckets)}); fit both with the "
                 "same sampling settings."
             )
+        shared = _composed_provenance(self, other)
         composed: dict[str, ModuleMap] = {}
         for name in list(self.modules) + [n for n in other.modules if n not in self.modules]:
             first, second = self.modules.get(name), other.modules.get(name)
@@ -310,6 +331,7 @@ class ACTMap:
             composed[name] = _compose_pair(first, second)
         metadata = {
             "method": "composed",
+            **shared,
             "composed_of": [self.metadata, other.metadata],
             "act_version": __version__,
         }
@@ -475,6 +497,40 @@ def _read_header(file_name: str, header: Mapping[str, str]) -> tuple[list[dict],
         except ACTInputError as error:
             raise ACTMapFileError(f"{file_name}: {error}") from None
     return entries, metadata, buckets
+
+
+def _composed_provenance(first: ACTMap, second: ACTMap) -> dict[str, Any]:
+    """The ``family`` and ``cfg_rows`` a composition of two maps keeps, or ``ACTInputError``.
+
+    Maps without ``family`` are SDXL's and maps without ``cfg_rows`` steer the prompt's rows ("cond"),
+    as every consumer reads them. ``cfg_rows`` only matters for denoiser modules: two maps that both
+    steer the denoiser must agree; a map of text-encoder modules only takes the other's.
+    """
+    from .families import SDXL, get_family
+
+    kept: dict[str, Any] = {}
+    families = [str(m.metadata.get("family", SDXL.name)) for m in (first, second)]
+    if families[0] != families[1]:
+        raise ACTInputError(
+            f"Cannot compose a map fitted on {families[0]} with one fitted on {families[1]}: their modules "
+            "belong to different models. Compose maps of the same model family."
+        )
+    if any("family" in m.metadata for m in (first, second)):
+        kept["family"] = families[0]
+    denoiser = get_family(families[0]).denoiser
+    steering = [m for m in (first, second) if denoiser in m.parts()]
+    if len(steering) == 2:
+        rows = [str(m.metadata.get("cfg_rows", "cond")) for m in steering]
+        if rows[0] != rows[1]:
+            raise ACTInputError(
+                f"Cannot compose a map with cfg_rows={rows[0]!r} with one with cfg_rows={rows[1]!r}: on the "
+                f"{denoiser} they steer different rows of the CFG batch. Fit both with the same preset's "
+                "cfg_rows."
+            )
+    with_rows = steering or [m for m in (first, second) if "cfg_rows" in m.metadata]
+    if with_rows and any("cfg_rows" in m.metadata for m in (first, second)):
+        kept["cfg_rows"] = str(with_rows[0].metadata.get("cfg_rows", "cond"))
+    return kept
 
 
 def describe_buckets(buckets: Sequence[float] | None) -> str:

@@ -197,6 +197,40 @@ def check_positive_int(value: Any, name: str) -> int:
     return value
 
 
+def check_parts(parts: Any, known: Sequence[str], what: str = "part") -> tuple[str, ...]:
+    """Part names given as a list (``["unet"]``), each one of ``known``; duplicates dropped, order kept.
+
+    A bare string is refused: ``"unet"`` would otherwise be read letter by letter.
+    """
+    known = list(known)
+    listed = ", ".join(map(repr, known)) or "none"
+    if isinstance(parts, (str, bytes)):
+        raise ACTInputError(
+            f"The {what}s must be a list of names, not the single {type(parts).__name__} {parts!r} (it would be "
+            f"read letter by letter); give a list, e.g. [{parts!r}]."
+        )
+    try:
+        items = list(parts)
+    except TypeError:
+        raise ACTInputError(
+            f"The {what}s must be a list of names, e.g. [{known[0] if known else 'unet'!r}], got "
+            f"{type(parts).__name__}."
+        ) from None
+    for item in items:
+        if not isinstance(item, str):
+            raise ACTInputError(
+                f"{what.capitalize()} names are strings, got {item!r}. The known ones are {listed}."
+            )
+    if not items:
+        raise ACTInputError(f"Give at least one {what}; the known ones are {listed}.")
+    unknown = [item for item in dict.fromkeys(items) if item not in known]
+    if unknown:
+        raise ACTInputError(
+            f"No {what} named {', '.join(map(repr, unknown))}; the known {what}s are {listed}."
+        )
+    return tuple(dict.fromkeys(items))
+
+
 def fit_metadata(
     *,
     family: str,

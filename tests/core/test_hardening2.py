@@ -7,20 +7,25 @@ from __future__ import annotations
 
 import errno
 import importlib.util
+import math
 import os
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 from helpers import random_map
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 
 import act_core.maps as maps
-from act_core.errors import ACTError, ACTInputError
+from act_core.errors import ACTError, ACTInputError, ACTMapFileError
 from act_core.files import ACTFileWriteError, atomic_write, check_destination, check_writable_output
-from act_core.maps import ACTMap
+from act_core.maps import ACTMap, ModuleMap
+from act_core.validation import check_parts
 
 REPO = Path(__file__).resolve().parents[2]
+WIDTHS = {"unet.a.norm": 8, "unet.b.norm": 4, "text_encoder.layer_norm1": 6}
 
 
 # ------------------------------------------------------------------------------------------ 4
@@ -174,3 +179,136 @@ def test_finding4_the_save_and_export_nodes_refuse_a_fifo_before_any_work(tmp_pa
         == "sub/ok.safetensors"
     )
     assert written == [tmp_path / "sub" / "ok.safetensors"]
+
+
+# ------------------------------------------------------------------------------------------ 1
+LEVELS = (0.999, 0.5, 0.05)
+
+
+def _module(shape, seed=0, bounded=False):
+    generator = torch.Generator().manual_seed(seed)
+    omega = 1 + 0.5 * torch.rand(shape, generator=generator)
+    beta = 0.3 * torch.randn(shape, generator=generator)
+    if bounded:
+        low, high = -torch.rand(shape, generator=generator), torch.rand(shape, generator=generator)
+    else:
+        low, high = torch.full(shape, -math.inf), torch.full(shape, math.inf)
+    return ModuleMap(omega, beta, low, high)
+
+
+def mixed_map(**metadata):
+    """A time-aware map as the default SDXL preset with text encoders fits it: one bucket for the text
+    encoder (it runs once per image), three noise-level buckets for the UNet's modules."""
+    modules = {
+        "text_encoder.layer_norm1": _module((6,), seed=1),
+        "unet.a.norm": _module((len(LEVELS), 8), seed=2, bounded=True),
+        "unet.b.norm": _module((len(LEVELS), 4), seed=3),
+    }
+    return ACTMap(modules, {"method": "linear", "family": "sdxl", **metadata}, LEVELS)
+
+
+def test_finding1_a_mixed_map_is_described_restricted_and_saved(tmp_path):
+    act_map = mixed_map()
+    summary = act_map.summary()
+    assert "noise-level buckets: 3, noise levels 0.999 .. 0.050" in summary
+    assert "part text_encoder: 1 modules, foldable=True" in summary
+    assert "part unet: 2 modules, foldable=False" in summary
+    text = act_map.restrict(parts=["text_encoder"])
+    assert list(text.modules) == ["text_encoder.layer_norm1"] and text.buckets is None and text.foldable
+    assert text.modules["text_encoder.layer_norm1"].equal(act_map.modules["text_encoder.layer_norm1"])
+    unet = act_map.restrict(parts=["unet"])
+    assert list(unet.modules) == ["unet.a.norm", "unet.b.norm"] and unet.buckets == LEVELS
+    assert act_map.restrict(patterns=["*.b.*", "text_encoder.*"]).buckets == LEVELS
+    assert act_map.restrict(names=["text_encoder.layer_norm1"]).buckets is None
+    loaded = ACTMap.load(act_map.save(tmp_path / "mixed.safetensors"))
+    assert loaded.equal(act_map) and loaded.summary() == summary
+    assert loaded.restrict(parts=["text_encoder"]).equal(text)
+
+
+# ------------------------------------------------------------------------------------------ 3
+def test_finding3_compose_keeps_family_and_cfg_rows(tmp_path):
+    first, second = random_map(WIDTHS, seed=1), random_map(WIDTHS, seed=2)
+    for act_map, family, rows in ((first, "flux", "all"), (second, "flux", "all")):
+        act_map.metadata.update(family=family, cfg_rows=rows)
+    composed = first.compose(second)
+    assert composed.metadata["family"] == "flux" and composed.metadata["cfg_rows"] == "all"
+    assert composed.metadata["composed_of"] == [first.metadata, second.metadata]
+    loaded = ACTMap.load(composed.save(tmp_path / "composed.safetensors"))
+    assert loaded.metadata["family"] == "flux" and loaded.metadata["cfg_rows"] == "all"
+    # Maps without the keys (older files) stay without them: SDXL's and "cond" by every reader's default.
+    plain = random_map(WIDTHS, seed=1).compose(random_map(WIDTHS, seed=2))
+    assert "family" not in plain.metadata and "cfg_rows" not in plain.metadata
+    old, new = random_map(WIDTHS, seed=1), random_map(WIDTHS, seed=2).with_metadata({"family": "sdxl"})
+    assert old.compose(new).metadata["family"] == "sdxl"
+
+
+def test_finding3_compose_refuses_other_families_and_cfg_rows():
+    sdxl = random_map(WIDTHS, seed=1).with_metadata({"family": "sdxl", "cfg_rows": "cond"})
+    flux = random_map(WIDTHS, seed=2).with_metadata({"family": "flux", "cfg_rows": "cond"})
+    with pytest.raises(ACTInputError, match="fitted on sdxl with one fitted on flux.*same model family"):
+        sdxl.compose(flux)
+    with pytest.raises(ACTInputError, match="fitted on flux with one fitted on sdxl"):
+        flux.compose(random_map(WIDTHS, seed=3))  # no family: an SDXL map
+    every_row = random_map(WIDTHS, seed=3).with_metadata({"family": "sdxl", "cfg_rows": "all"})
+    with pytest.raises(ACTInputError, match="cfg_rows='cond' with one with cfg_rows='all'"):
+        sdxl.compose(every_row)
+    with pytest.raises(ACTInputError, match="cfg_rows='all' with one with cfg_rows='cond'"):
+        every_row.compose(random_map(WIDTHS, seed=4))  # no cfg_rows: "cond"
+    # A text-encoder-only map's cfg_rows ("all", as fits record it) does not touch the UNet's rows.
+    text = sdxl.restrict(parts=["text_encoder"]).with_metadata({"cfg_rows": "all"})
+    unet = sdxl.restrict(parts=["unet"])
+    for composed in (text.compose(unet), unet.compose(text)):
+        assert composed.metadata["cfg_rows"] == "cond" and composed.metadata["family"] == "sdxl"
+
+
+# ------------------------------------------------------------------------------------------ 7
+def test_finding7_restrict_refuses_a_bare_string_and_unknown_parts():
+    act_map = random_map(WIDTHS)
+    with pytest.raises(ACTInputError, match=r"not the single str 'unet'.*give a list, e.g. \['unet'\]"):
+        act_map.restrict(parts="unet")
+    with pytest.raises(
+        ACTInputError, match="No module part named 'vae'; the known module parts are 'text_enc"
+    ):
+        act_map.restrict(parts=["unet", "vae"])
+    with pytest.raises(ACTInputError, match="names are strings, got 3"):
+        act_map.restrict(parts=[3])
+    assert list(act_map.restrict(parts=("unet", "unet")).modules) == ["unet.a.norm", "unet.b.norm"]
+
+
+def test_finding7_check_parts():
+    known = ("unet", "text_encoder", "text_encoder_2")
+    assert check_parts(["text_encoder_2", "unet", "unet"], known) == ("text_encoder_2", "unet")
+    assert check_parts({"unet"}, known) == ("unet",)
+    for bad, message in (
+        ("unet", r"give a list, e.g. \['unet'\]"),
+        (b"unet", "single bytes"),
+        (None, "must be a list of names, e.g. \\['unet'\\], got NoneType"),
+        ([], "at least one part; the known ones are 'unet', 'text_encoder', 'text_encoder_2'"),
+        (["transformer"], "No part named 'transformer'; the known parts are 'unet', 'text_encoder'"),
+    ):
+        with pytest.raises(ACTInputError, match=message):
+            check_parts(bad, known)
+
+
+@pytest.mark.parametrize(
+    "buckets, message",
+    [
+        ('["0.999", "0.5"]', "Noise level 0 of the buckets is str '0.999', not a number"),
+        ("[true, false, 0.5]", "Noise level 0 of the buckets is bool True, not a number"),
+        ("[0.9, false]", "Noise level 1 of the buckets is bool False"),
+        ('"0.5"', "buckets must be a list of noise levels"),
+        ('{"0.5": 1}', "buckets must be a list of noise levels"),
+    ],
+)
+def test_finding7_bucket_headers_must_be_numbers(tmp_path, buckets, message):
+    path = tmp_path / "timed.safetensors"
+    good = mixed_map().save(path)
+    with safe_open(str(good), framework="pt") as handle:
+        header = handle.metadata()
+    tensors = load_file(str(good))
+    save_file(tensors, str(path), metadata={**header, "buckets": buckets})
+    with pytest.raises(ACTMapFileError, match=f"timed.safetensors: {message}"):
+        ACTMap.load(path)
+    for bad in (["0.999", "0.5", "0.05"], [True, 0.5, 0.05]):
+        with pytest.raises(ACTInputError, match="not a number"):
+            ACTMap(mixed_map().modules, {}, bad)
