@@ -118,6 +118,16 @@ def check_size(args: argparse.Namespace) -> None:
         raise CLIError(f"--threads must be at least 1; got {threads}.")
 
 
+def check_seed(args: argparse.Namespace) -> None:
+    """``--seed``: a whole number from 0 to 2**63 - 1 (``act_core.validation.check_seed``)."""
+    from .validation import check_seed as check
+
+    try:
+        check(args.seed, "--seed")
+    except ACTInputError as error:
+        raise CLIError(str(error)) from None
+
+
 def load_map(path: str) -> Any:
     from .maps import ACTMap
 
@@ -217,6 +227,14 @@ def cmd_fit(args: argparse.Namespace) -> int:
     if args.batch_size is not None and args.batch_size < 1:
         raise CLIError(f"--batch-size must be at least 1; got {args.batch_size}.")
     check_size(args)
+    check_seed(args)
+    if args.max_sequence_length is not None:
+        from .validation import check_max_sequence_length
+
+        try:
+            check_max_sequence_length(args.max_sequence_length, what="--max-sequence-length")
+        except ACTInputError as error:
+            raise CLIError(str(error)) from None
     output = check_output(args.output, ".safetensors")
     source = check_prompts(gather_prompts(args.source, args.source_prompt, "source"), "source")
     target = check_prompts(gather_prompts(args.target, args.target_prompt, "target"), "target")
@@ -259,7 +277,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         negative_prompt=args.negative_prompt,
         statistics_steps=args.statistics_steps,
         progress=_progress_enabled(args),
-        **({"max_sequence_length": args.max_sequence_length} if args.max_sequence_length else {}),
+        **({"max_sequence_length": args.max_sequence_length} if args.max_sequence_length is not None else {}),
     )
     act_map = act_map.with_metadata({"model_source": str(args.model)})
     act_map.save(output)
@@ -272,6 +290,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from .diffusers.sweep import lambda_label, save_grid, sweep_images
 
     check_size(args)
+    check_seed(args)
     output = check_output(args.output, ".png")
     prompts = gather_prompts(args.prompts, args.prompt, "prompt") if (args.prompts or args.prompt) else []
     if not prompts:
@@ -321,10 +340,11 @@ def cmd_info(args: argparse.Namespace) -> int:
     path = Path(args.map).expanduser()
     lora_header = _lora_header(path)
     if lora_header is not None:
+        modules, map_metadata = _lora_header_entries(path, lora_header)
         if args.json:
             report: dict[str, Any] = {"file": str(path), "kind": "lora", **lora_header}
-            report["modules"] = int(lora_header.get("modules", 0))
-            report["act_map_metadata"] = json.loads(lora_header.get("act_map_metadata", "{}"))
+            report["modules"] = modules
+            report["act_map_metadata"] = map_metadata
             print(json.dumps(report, indent=2))
         else:
             print(
@@ -398,6 +418,25 @@ def _lora_header(path: Path) -> dict[str, str] | None:
     except Exception:  # not safetensors: ACTMap.load gives the clear error
         return None
     return header if header.get("format") == "act_lora" else None
+
+
+def _lora_header_entries(path: Path, header: dict[str, str]) -> tuple[int, dict]:
+    """(number of modules, the map's metadata) of an ACT LoRA export's header, or ``CLIError`` naming the
+    damaged entry (a hand-edited or foreign file that claims the format)."""
+    damaged = f"{path.name} is an ACT LoRA export with a damaged header:"
+    fix = "Export it again with 'act export-lora'."
+    modules = header.get("modules", "0")
+    if not (modules.isascii() and modules.isdigit()):
+        raise CLIError(f"{damaged} 'modules' is {modules!r}, not a number of modules. {fix}")
+    try:
+        metadata = json.loads(header.get("act_map_metadata", "{}"))
+    except ValueError:
+        raise CLIError(f"{damaged} 'act_map_metadata' is not valid JSON. {fix}") from None
+    if not isinstance(metadata, dict):
+        raise CLIError(
+            f"{damaged} 'act_map_metadata' is a JSON {type(metadata).__name__}, not an object. {fix}"
+        )
+    return int(modules), metadata
 
 
 def _progress_enabled(args: argparse.Namespace) -> bool:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from .errors import ACTInputError, ACTWarning
+from .validation import check_omega_guard
 
 ArrayLike = torch.Tensor | np.ndarray
 Estimator = Callable[[ArrayLike, ArrayLike], "tuple[torch.Tensor, torch.Tensor]"]
@@ -153,8 +154,7 @@ def robust_linear_act(
     beta = mean_b - omega * mean_a keeps the means matched exactly. ``guard`` (if given) counts the
     units that were clamped, and those whose omega moved by more than 10%.
     """
-    if shrinkage < 0 or not max_omega > 1:
-        raise ACTInputError(f"Need shrinkage >= 0 and max_omega > 1, got {shrinkage} and {max_omega}.")
+    shrinkage, max_omega = check_omega_guard(shrinkage, max_omega)
     a, b = matched_quantiles(source, target)
     a_centered = a - a.mean(dim=0)
     b_centered = b - b.mean(dim=0)
@@ -272,9 +272,8 @@ class ModuleEstimator:
         self.support = validate_support(support or default_support(method))
         self.apply_mode = apply_mode
         self.max_imbalance = max_imbalance
-        self.guard = Guard(shrinkage=float(shrinkage), max_omega=float(max_omega))
-        if shrinkage < 0 or not max_omega > 1:
-            raise ACTInputError(f"Need shrinkage >= 0 and max_omega > 1, got {shrinkage} and {max_omega}.")
+        shrinkage, max_omega = check_omega_guard(shrinkage, max_omega)
+        self.guard = Guard(shrinkage=shrinkage, max_omega=max_omega)
         self.identical: list[str] = []
         self.sample_counts: tuple[int, int] | None = None
 

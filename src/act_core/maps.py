@@ -32,6 +32,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from . import validation
 from ._version import __version__
 from .errors import ACTInputError, ACTMapFileError, ACTModelMismatchError
 from .files import atomic_write
@@ -46,7 +47,7 @@ _TENSOR_FIELDS = ("omega", "beta", "low", "high")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Largest |omega| and |beta| a map may hold. Fitted maps are bounded far below this (see
 # estimators.MAX_OMEGA); larger values only come from broken files and would render NaN.
-MAX_OMEGA_MAGNITUDE = 1e4
+MAX_OMEGA_MAGNITUDE = validation.MAX_OMEGA_MAGNITUDE
 MAX_BETA_MAGNITUDE = 1e6
 
 

@@ -9,6 +9,7 @@ input that works but is probably not what was meant.
 from __future__ import annotations
 
 import math
+import operator
 import re
 import warnings
 from collections.abc import Hashable, Sequence
@@ -21,6 +22,12 @@ MAX_STRENGTH = 10.0
 MIN_PROMPTS = 2
 MAX_IMBALANCE = 4.0
 MAX_LAMBDAS = 64
+# Seeds: torch's generators take up to 2**64 - 1 and prompt pair i uses seed + i, so seeds stop at 2**63 - 1.
+MAX_SEED = 2**63 - 1
+# FluxPipeline refuses a T5 prompt length above 512, and SD3 caps its T5 there too.
+MAX_SEQUENCE_LENGTH = 512
+# Largest |omega| a map may hold (``maps.ModuleMap`` refuses more): the cap ``max_omega`` goes up to it.
+MAX_OMEGA_MAGNITUDE = 1e4
 
 
 def check_strength(value: Any, what: str = "strength") -> float:
@@ -183,6 +190,8 @@ def check_sampling(num_inference_steps: Any, guidance_scale: Any) -> tuple[int, 
     ):
         raise ACTInputError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}.")
     try:
+        if isinstance(guidance_scale, bool):  # float(True) is 1.0: a bool is a slip, not a scale
+            raise TypeError
         guidance = float(guidance_scale)
     except (TypeError, ValueError):
         raise ACTInputError(f"guidance_scale must be a number, got {guidance_scale!r}.") from None
@@ -195,6 +204,67 @@ def check_positive_int(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ACTInputError(f"{name} must be an integer >= 1, got {value!r}.")
     return value
+
+
+def check_seed(value: Any, what: str = "seed") -> int:
+    """A whole number from 0 to ``MAX_SEED`` (2**63 - 1): prompt pair i gets the noise of seed + i."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        seed = operator.index(value)  # ints (numpy's too), not floats, strings or None
+    except TypeError:
+        raise ACTInputError(
+            f"{what} must be a whole number from 0 to {MAX_SEED} (2**63 - 1), got {type(value).__name__} "
+            f"{value!r}."
+        ) from None
+    if not 0 <= seed <= MAX_SEED:
+        raise ACTInputError(
+            f"{what} {seed} is out of range: seeds are whole numbers from 0 to {MAX_SEED} (2**63 - 1), since "
+            "prompt pair i uses seed + i in a 64-bit generator."
+        )
+    return seed
+
+
+def check_max_sequence_length(
+    value: Any, maximum: int = MAX_SEQUENCE_LENGTH, what: str = "max_sequence_length"
+) -> int:
+    """The T5 prompt length in tokens: an integer from 1 to ``maximum`` (FLUX and SD3 allow 512)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= maximum:
+        raise ACTInputError(
+            f"{what} must be an integer from 1 to {maximum} (the T5 prompt length in tokens; the pipeline "
+            f"refuses more than {maximum}), got {value!r}."
+        )
+    return value
+
+
+def check_omega_guard(shrinkage: Any, max_omega: Any) -> tuple[float, float]:
+    """The Linear-AcT omega guard: ``shrinkage`` finite and >= 0, ``max_omega`` in (1, MAX_OMEGA_MAGNITUDE]."""
+    values = []
+    for name, value in (("shrinkage", shrinkage), ("max_omega", max_omega)):
+        try:
+            if isinstance(value, (bool, str, bytes)):  # float() reads True and "10": neither is meant
+                raise TypeError
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ACTInputError(f"{name} must be a number, got {value!r}.") from None
+        if not math.isfinite(number):
+            raise ACTInputError(
+                f"{name} must be finite, got {number}. shrinkage is a number of pseudo-samples >= 0 (default 1; "
+                f"0 is the paper's plain estimator); max_omega caps omega, from above 1 to {MAX_OMEGA_MAGNITUDE:g}."
+            )
+        values.append(number)
+    shrinkage, max_omega = values
+    if shrinkage < 0:
+        raise ACTInputError(
+            f"shrinkage must be >= 0 (pseudo-samples pulling omega toward 1; 0 turns the guard off), got "
+            f"{shrinkage:g}."
+        )
+    if not 1 < max_omega <= MAX_OMEGA_MAGNITUDE:
+        raise ACTInputError(
+            f"max_omega must be above 1 and at most {MAX_OMEGA_MAGNITUDE:g} (maps hold |omega| up to that), "
+            f"got {max_omega:g}."
+        )
+    return shrinkage, max_omega
 
 
 def check_parts(parts: Any, known: Sequence[str], what: str = "part") -> tuple[str, ...]:

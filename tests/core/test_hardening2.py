@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from helpers import random_map
@@ -20,9 +21,16 @@ from safetensors.torch import load_file, save_file
 
 import act_core.maps as maps
 from act_core.errors import ACTError, ACTInputError, ACTMapFileError
+from act_core.estimators import ModuleEstimator, robust_linear_act
 from act_core.files import ACTFileWriteError, atomic_write, check_destination, check_writable_output
 from act_core.maps import ACTMap, ModuleMap
-from act_core.validation import check_parts
+from act_core.validation import (
+    check_max_sequence_length,
+    check_omega_guard,
+    check_parts,
+    check_sampling,
+    check_seed,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 WIDTHS = {"unet.a.norm": 8, "unet.b.norm": 4, "text_encoder.layer_norm1": 6}
@@ -312,3 +320,80 @@ def test_finding7_bucket_headers_must_be_numbers(tmp_path, buckets, message):
     for bad in (["0.999", "0.5", "0.05"], [True, 0.5, 0.05]):
         with pytest.raises(ACTInputError, match="not a number"):
             ACTMap(mixed_map().modules, {}, bad)
+
+
+# ------------------------------------------------------------------------------------------ 6
+@pytest.mark.parametrize("seed", [0, 7, 2**63 - 1, np.int64(5)])
+def test_finding6_check_seed_accepts_whole_numbers_a_generator_takes(seed):
+    assert check_seed(seed) == seed and type(check_seed(seed)) is int
+    torch.Generator().manual_seed(check_seed(seed) + 1000)  # prompt pair i uses seed + i
+
+
+@pytest.mark.parametrize(
+    "seed, message",
+    [
+        (
+            2**64,
+            "seed 18446744073709551616 is out of range: seeds are whole numbers from 0 to 9223372036854775807",
+        ),
+        (2**63, "out of range.*2\\*\\*63 - 1"),
+        (-1, "seed -1 is out of range"),
+        (1.5, "seed must be a whole number from 0 to 9223372036854775807 \\(2\\*\\*63 - 1\\), got float 1.5"),
+        (2.0, "got float 2.0"),
+        (True, "got bool True"),
+        ("3", "got str '3'"),
+        (None, "got NoneType None"),
+    ],
+)
+def test_finding6_check_seed_refuses(seed, message):
+    with pytest.raises(ACTInputError, match=message):
+        check_seed(seed)
+
+
+def test_finding6_check_max_sequence_length():
+    assert check_max_sequence_length(1) == 1 and check_max_sequence_length(512) == 512
+    assert check_max_sequence_length(77, maximum=77) == 77
+    for bad in (0, 513, -1, True, 256.0, "256", None):
+        with pytest.raises(
+            ACTInputError, match=f"max_sequence_length must be an integer from 1 to 512.*got {bad!r}"
+        ):
+            check_max_sequence_length(bad)
+    with pytest.raises(ACTInputError, match="from 1 to 256"):
+        check_max_sequence_length(300, maximum=256)
+
+
+# ------------------------------------------------------------------------------------------ 7
+def test_finding7_the_omega_guard_must_be_finite_and_in_range():
+    generator = torch.Generator().manual_seed(0)
+    source, target = torch.randn(8, 4, generator=generator), torch.randn(8, 4, generator=generator) + 1
+    for shrinkage, max_omega, message in (
+        (math.nan, 10.0, "shrinkage must be finite, got nan"),
+        (math.inf, 10.0, "shrinkage must be finite, got inf"),
+        (1.0, math.nan, "max_omega must be finite, got nan"),
+        (1.0, math.inf, "max_omega must be finite"),
+        (-0.5, 10.0, "shrinkage must be >= 0"),
+        (1.0, 1.0, "max_omega must be above 1 and at most 10000"),
+        (1.0, 1e5, "max_omega must be above 1 and at most 10000"),
+        (True, 10.0, "shrinkage must be a number, got True"),
+        (1.0, "10", "max_omega must be a number, got '10'"),
+    ):
+        with pytest.raises(ACTInputError, match=message):
+            ModuleEstimator("linear", shrinkage=shrinkage, max_omega=max_omega)
+        with pytest.raises(ACTInputError, match=message):
+            robust_linear_act(source, target, shrinkage, max_omega)
+    assert check_omega_guard(0, 1e4) == (0.0, 1e4)  # the paper's plain estimator (demo.protocols)
+    omega, _ = robust_linear_act(source, target, 0.0, 1e4)
+    assert torch.isfinite(omega).all()
+
+
+def test_finding7_check_sampling_refuses_bools_and_keeps_its_messages():
+    assert check_sampling(20, 5) == (20, 5.0)
+    for guidance in (True, False):
+        with pytest.raises(ACTInputError, match=f"^guidance_scale must be a number, got {guidance}.$"):
+            check_sampling(20, guidance)
+    with pytest.raises(ACTInputError, match="^guidance_scale must be a number, got 'x'.$"):
+        check_sampling(20, "x")
+    with pytest.raises(ACTInputError, match="^guidance_scale must be a finite number >= 0, got -1.$"):
+        check_sampling(20, -1)
+    with pytest.raises(ACTInputError, match="^num_inference_steps must be an integer >= 1, got True.$"):
+        check_sampling(True, 5.0)
