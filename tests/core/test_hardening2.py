@@ -397,3 +397,22 @@ def test_finding7_check_sampling_refuses_bools_and_keeps_its_messages():
         check_sampling(20, -1)
     with pytest.raises(ACTInputError, match="^num_inference_steps must be an integer >= 1, got True.$"):
         check_sampling(True, 5.0)
+
+
+def test_finding5_the_save_node_reports_a_full_disk_in_one_line(tmp_path, monkeypatch):
+    folders = _node_folders()
+    monkeypatch.setattr(
+        folders, "_folder_paths", lambda: SimpleNamespace(get_folder_paths=lambda k: [str(tmp_path)])
+    )
+    monkeypatch.setattr(folders, "register_act_maps_folder", lambda: True)
+    path, old = _old_file(tmp_path)
+
+    def full(tensors, filename, metadata=None):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(maps, "save_file", full)
+    with pytest.raises(
+        ACTFileWriteError, match="map.safetensors': no space left on device. The old file is intact"
+    ):
+        folders.write_into_folder("act_maps", "map", True, "map file name", random_map({"n": 4}, seed=3).save)
+    assert path.read_bytes() == old

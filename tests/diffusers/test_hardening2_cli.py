@@ -1,5 +1,5 @@
-"""Issue 21 ("Hardening, round 2"), the command line: findings 5 (a full disk) and 6 (seeds, T5 length,
-damaged LoRA headers). Each user mistake exits 2 with one line on stderr and no traceback."""
+"""Issue 21 ("Hardening, round 2"), the command line: findings 1 (mixed maps), 5 (a full disk) and 6
+(seeds, T5 length, damaged LoRA headers). Each user mistake exits 2 with one line on stderr and no traceback."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 import act_core.lora as lora
 import act_core.maps as maps
 from act_core.cli import main
+from act_core.maps import ACTMap, ModuleMap
 
 FAST = ["--steps", "2", "--height", "32", "--width", "32"]
 
@@ -161,3 +162,25 @@ def test_finding6_info_reads_a_sound_lora_header(tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["kind"] == "lora" and report["modules"] == 1
     assert report["act_map_metadata"] == {"family": "sdxl"}
+
+
+# ------------------------------------------------------------------------------------------ 1
+def test_finding1_info_describes_a_mixed_map(tmp_path, capsys):
+    """One-bucket text-encoder modules beside time-aware UNet modules (what the default SDXL preset with
+    text encoders fits): `act info` used to exit 2 on them."""
+
+    def module(shape):
+        return ModuleMap(
+            torch.ones(shape), torch.zeros(shape), torch.full(shape, -1.0), torch.full(shape, 1.0)
+        )
+
+    modules = {"text_encoder.layer_norm1": module((6,)), "unet.a.norm": module((3, 8))}
+    path = ACTMap(modules, {"family": "sdxl"}, (0.999, 0.5, 0.05)).save(tmp_path / "mixed.safetensors")
+    capsys.readouterr()
+    assert main(["info", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "noise-level buckets: 3" in out and "part text_encoder: 1 modules" in out
+    assert main(["info", str(path), "--json", "--modules"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["buckets"] == [0.999, 0.5, 0.05] and report["parts"] == ["text_encoder", "unet"]
+    assert report["module_widths"] == {"text_encoder.layer_norm1": 6, "unet.a.norm": 8}
