@@ -33,7 +33,7 @@ import torch
 from bench_sdxl import HookSelfTime, Variant, interleaved_rounds, load, log, rss_gib, write_tokenizer
 from tables import table
 
-from act_core.diffusers.pipeline import act_pipeline
+from act_core.diffusers import act_pipeline
 
 # diffusers' FLUX.1-schnell transformer configuration (the values of its transformer/config.json).
 FLUX_SCHNELL = dict(
@@ -140,7 +140,7 @@ def fit_maps(pipe: Any, size: int, steps: int, sequence: int) -> dict[str, Any]:
 
 def bench_steps(pipe: Any, maps: dict[str, Any], size: int, sequence: int, rounds: int) -> None:
     """One transformer step (batch 1: FLUX has no CFG batch) per variant, interleaved."""
-    from act_core.diffusers.pipeline import _ACTIVE_PIPELINE
+    from act_core.diffusers import active_pipeline
 
     latent = size // 8
     generator = torch.Generator().manual_seed(0)
@@ -164,14 +164,11 @@ def bench_steps(pipe: Any, maps: dict[str, Any], size: int, sequence: int, round
     timestep = torch.tensor([(levels[0] + levels[1]) / 2])  # between two buckets: the hooks interpolate
 
     def step() -> tuple[float, float]:
-        token = _ACTIVE_PIPELINE.set(pipe)
-        try:
-            with HookSelfTime() as hooks, torch.no_grad():
-                start = time.perf_counter()
-                pipe.transformer(timestep=timestep, **inputs)
-                elapsed = time.perf_counter() - start
-        finally:
-            _ACTIVE_PIPELINE.reset(token)
+        # FLUX: no CFG batch
+        with active_pipeline(pipe, cfg_batch=False), HookSelfTime() as hooks, torch.no_grad():
+            start = time.perf_counter()
+            pipe.transformer(timestep=timestep, **inputs)
+            elapsed = time.perf_counter() - start
         return elapsed, hooks.seconds
 
     variants: list[Variant] = [("base (no ACT)", lambda: None, lambda: None)]

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from tables import table
 
-from act_core.diffusers.pipeline import act_pipeline
+from act_core.diffusers import act_pipeline
 
 # diffusers' SDXL base 1.0 UNet configuration (the values of its unet/config.json).
 SDXL_UNET = dict(
@@ -331,9 +331,9 @@ class HookSelfTime:
 
     def __enter__(self) -> HookSelfTime:
         from act_core.applying import TransportHook
-        from act_core.diffusers.pipeline import _UNetStepGate
+        from act_core.diffusers.pipeline import DenoiserStepGate
 
-        for cls in (TransportHook, _UNetStepGate):
+        for cls in (TransportHook, DenoiserStepGate):
             original = cls.__call__
             self._saved.append((cls, original))
 
@@ -379,7 +379,7 @@ def interleaved_rounds(
 
 def bench_steps(pipe: Any, paper_map: Any, foldable_map: Any, timed_map: Any, size: int, rounds: int) -> None:
     """UNet steps on a CFG batch [uncond; cond] (batch 2), as a pipeline runs them."""
-    from act_core.diffusers.pipeline import _ACTIVE_PIPELINE
+    from act_core.diffusers import active_pipeline
 
     latent = size // 8
     generator = torch.Generator().manual_seed(0)
@@ -392,19 +392,15 @@ def bench_steps(pipe: Any, paper_map: Any, foldable_map: Any, timed_map: Any, si
     # between two of the time-aware map's buckets, so the hooks interpolate
     levels = sorted(timed_map.buckets)
     timestep = torch.tensor(500 * (levels[0] + levels[1]))
-    pipe._guidance_scale = 5.0  # do_classifier_free_guidance: the gate steers the cond half
 
     def step() -> tuple[float, float]:
-        token = _ACTIVE_PIPELINE.set(pipe)
-        try:
-            with HookSelfTime() as hooks, torch.no_grad():
-                start = time.perf_counter()
-                pipe.unet(
-                    sample, timestep, encoder_hidden_states=hidden, added_cond_kwargs=added, return_dict=False
-                )
-                elapsed = time.perf_counter() - start
-        finally:
-            _ACTIVE_PIPELINE.reset(token)
+        # a CFG batch [uncond; cond]: the gate steers the cond half
+        with active_pipeline(pipe, cfg_batch=True), HookSelfTime() as hooks, torch.no_grad():
+            start = time.perf_counter()
+            pipe.unet(
+                sample, timestep, encoder_hidden_states=hidden, added_cond_kwargs=added, return_dict=False
+            )
+            elapsed = time.perf_counter() - start
         return elapsed, hooks.seconds
 
     variants: list[Variant] = [

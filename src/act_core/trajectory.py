@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import contextlib
 import time
-import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -66,6 +65,9 @@ Rows = slice | torch.Tensor
 TRAJECTORIES = ("steered", "target")
 CALIBRATION_RANGE = (0.5, 3.0)
 TRAJECTORY_MODES = ("causal", "at_once")
+# Noise levels closer than this are one level (float noise of a recomputed timestep is ~1e-7; the closest
+# distinct levels of a 1000-step schedule are 1e-3 apart).
+LEVEL_TOLERANCE = 1e-5
 # (module name, source samples, target samples) -> ModuleMap
 Estimate = Callable[[str, torch.Tensor, torch.Tensor], ModuleMap]
 
@@ -151,6 +153,7 @@ class TrajectoryFit(ForwardHooks):
         level = float(level)
         if not 0.0 <= level <= 1.0:
             raise ACTInputError(f"Noise levels are in [0, 1] (1 = pure noise), got {level}.")
+        level = self._known_level(level)
         if level != self._level:
             self._close_step()
             self._replay = self.levels.index(level) if level in self.levels else None
@@ -190,11 +193,11 @@ class TrajectoryFit(ForwardHooks):
     def scale_step(self, level: float, gain: float) -> None:
         """Scale the maps of the step at ``level`` by ``gain`` (omega -> 1 + gain (omega - 1), beta -> gain beta).
 
-        Hosts use it to calibrate a step so that the transported source rows' model output matches the target
-        rows' (see ``act_core.diffusers.fitting.run_trajectory``).
+        Hosts calibrate a step with it so that the transported source rows' model output matches the target
+        rows' (``act_core.sampling.source_prediction``, once per noise level).
         """
         self._close_step()
-        index = self.levels.index(float(level))
+        index = self.levels.index(self._known_level(float(level)))
         for maps in self.maps.values():
             m = maps[index]
             maps[index] = ModuleMap(1.0 + gain * (m.omega - 1.0), gain * m.beta, m.low, m.high, m.apply_mode)
@@ -285,6 +288,14 @@ class TrajectoryFit(ForwardHooks):
             return self._fit(name)
         return self._map_at(name, len(self.levels) - 2)  # the previous step's map (none at the first)
 
+    def _known_level(self, level: float) -> float:
+        """A fitted level equal to ``level`` up to float noise (a scheduler that computes one timestep twice
+        may give 666.0 and 666.0001), else ``level`` itself: one noise level, one map."""
+        for known in self.levels:
+            if abs(known - level) <= LEVEL_TOLERANCE:
+                return known
+        return level
+
     def _map_at(self, name: str, index: int) -> ModuleMap | None:
         maps = self.maps.get(name)
         return maps[index] if maps and 0 <= index < len(maps) else None
@@ -332,14 +343,3 @@ def calibration_gain(target: torch.Tensor, transported: torch.Tensor, plain: tor
     if norm <= 0.0:
         return 1.0
     return min(CALIBRATION_RANGE[1], max(CALIBRATION_RANGE[0], float((wanted * moved).sum()) / norm))
-
-
-def warn_if_lagged(stats: TrajectoryStats, why: str) -> None:
-    """Say out loud that the bounded-memory fallback ran."""
-    if stats.strategy == "lagged":
-        warnings.warn(
-            f"ACT fitting split every step into several model calls ({why}), so the source rows were "
-            "steered with the previous step's maps while each step was recorded (strategy 'lagged': bounded "
-            "memory, approximately causal). Raise the batch size limit if memory allows, for exact fitting.",
-            stacklevel=3,
-        )

@@ -574,7 +574,7 @@ def _diffusers_twin(clip):
     """A diffusers SDXL pipeline whose text encoders carry the tiny ComfyUI CLIP's weights and tokenizer."""
     diffusers = pytest.importorskip("diffusers")
     transformers = pytest.importorskip("transformers")
-    from act_core.diffusers.pipeline import act_pipeline
+    from act_core.diffusers import act_pipeline
 
     tokenizer_dir = os.path.join(cs.comfy_path(), "comfy", "sd1_tokenizer")
     tok1 = transformers.CLIPTokenizer.from_pretrained(tokenizer_dir, model_max_length=77)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from act_core import ACTMap, ModuleMap
-from act_core.diffusers.pipeline import act_pipeline
+from act_core.diffusers import act_pipeline
 from act_core.errors import ACTInputError, ACTModelMismatchError
 
 SOURCE = [f"a red circle number {i}" for i in range(8)]
@@ -115,7 +115,8 @@ def test_text_encoder_preset_runs_no_unet(pipe):
 
 
 def test_fit_encoding_matches_the_pipeline(pipe):
-    from act_core.diffusers.fitting import _encode_tokens, tokenize
+    from act_core.diffusers.adapter import tokenize
+    from act_core.diffusers.sdxl import _encode_tokens
 
     tokens = tokenize(pipe, SOURCE[:3])
     embeds, added = _encode_tokens(pipe, tokens, 32, 32)

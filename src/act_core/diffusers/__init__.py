@@ -8,6 +8,7 @@
 Importing this package does not import diffusers; the functions that need it do.
 """
 
-from .pipeline import ACTPipelineMixin, act_pipeline
+from .factory import act_pipeline
+from .pipeline import ACTPipelineMixin, active_pipeline
 
-__all__ = ["ACTPipelineMixin", "act_pipeline"]
+__all__ = ["ACTPipelineMixin", "act_pipeline", "active_pipeline"]

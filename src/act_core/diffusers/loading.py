@@ -16,13 +16,11 @@ from typing import Any
 import torch
 
 from ..errors import ACTError
-from .pipeline import act_pipeline
+from ..families import FAMILIES
+from .factory import act_pipeline
 
-SUPPORTED_PIPELINES = (
-    "StableDiffusionXLPipeline",
-    "StableDiffusionPipeline",
-    "FluxPipeline",
-    "StableDiffusion3Pipeline",
+SUPPORTED_PIPELINES = tuple(
+    name for family in FAMILIES.values() if "diffusers" in family.hosts for name in family.diffusers_pipelines
 )
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")

@@ -28,9 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import copy
-import inspect
-import logging
 import os
 import threading
 import warnings
@@ -52,40 +49,15 @@ from ..applying import (
     unfold_act,
 )
 from ..errors import ACTError, ACTInputError, ACTWarning
-from ..estimators import DEFAULT_SHRINKAGE, MAX_OMEGA, ModuleEstimator
-from ..families.sdxl import (
-    SDXL,
-    TEXT_ENCODER,
-    TEXT_ENCODER_2,
-    UNET,
-    component_modules,
-    dead_text_encoder_paths,
-)
-from ..fitting import fit_with_stats
+from ..estimators import DEFAULT_SHRINKAGE, MAX_OMEGA
+from ..families import ModelFamily
 from ..maps import ACTMap
 from ..presets import CFG_ROWS, Preset
 from ..progress import Progress
-from ..trajectory import TRAJECTORIES, TrajectoryFit
-from ..validation import (
-    check_balance,
-    check_positive_int,
-    check_prompt_sets,
-    check_prompts,
-    check_sampling,
-    check_size,
-    check_window,
-    fit_metadata,
-    warn_unknown_words,
-)
-from .fitting import (
-    CallRows,
-    SamplingSettings,
-    first_step_runner,
-    pairs_per_call,
-    run_trajectory,
-    text_encoder_token_masks,
-    tokenize,
-)
+from ..validation import check_window
+from ..workflow import FitOptions, fit_act_map, preset_modules
+from .adapter import load_adapter
+from .host import DiffusersFitHost, sampling_settings
 
 _ACTIVE_PIPELINE: contextvars.ContextVar[Any] = contextvars.ContextVar("act_active_pipeline", default=None)
 _GATE_ATTR = "_act_step_gate"
@@ -93,7 +65,7 @@ _STATE_ATTR = "_act_state"
 _STATE_LOCK = threading.Lock()
 # Schedulers and tokenizers keep per-call state (step index, padding settings): two generations that share
 # one (the same pipeline, or pipelines made with from_pipe) cannot run at the same time.
-_STATEFUL_PARTS = ("scheduler", "tokenizer", "tokenizer_2")
+STATEFUL_PARTS = ("scheduler", "tokenizer", "tokenizer_2")
 _BUSY_LOCK = threading.Lock()
 _BUSY: set[int] = set()
 
@@ -101,7 +73,7 @@ _BUSY: set[int] = set()
 @contextlib.contextmanager
 def _claim_stateful_parts(pipe: Any) -> Iterator[None]:
     """Refuse, with the fix, a generation whose scheduler or tokenizer another generation is using."""
-    parts = {id(obj): name for name in _STATEFUL_PARTS if (obj := getattr(pipe, name, None)) is not None}
+    parts = {id(obj): name for name in STATEFUL_PARTS if (obj := getattr(pipe, name, None)) is not None}
     with _BUSY_LOCK:
         taken = [name for key, name in parts.items() if key in _BUSY]
         if taken:
@@ -121,7 +93,7 @@ def _claim_stateful_parts(pipe: Any) -> Iterator[None]:
 
 
 class _ModelState:
-    """Lock and flags of one set of shared modules (kept on the UNet, so ``from_pipe`` pipelines share it)."""
+    """Lock and flags of one set of shared modules (kept on the denoiser, so ``from_pipe`` pipelines share it)."""
 
     def __init__(self) -> None:
         self.lock = threading.RLock()
@@ -129,8 +101,8 @@ class _ModelState:
         self.resume: tuple | None = None  # what fuse_act replaced: (map, strengths, gate options)
 
 
-class _UNetStepGate:
-    """A UNet forward pre-hook: tells the hooks this call's noise level, CFG rows and step window.
+class DenoiserStepGate:
+    """A denoiser forward pre-hook: tells the hooks this call's noise level, CFG rows and step window.
 
     Denoising progress is read off the timestep, ``1 - t / timestep_scale`` (0 at pure noise; SDXL's UNet
     gets t in [0, 1000), FLUX's transformer t / 1000 from its pipeline), the same convention as ComfyUI's
@@ -145,7 +117,7 @@ class _UNetStepGate:
         end: float,
         cfg_rows: str,
         timestep_scale: float,
-        part: str = UNET,
+        part: str,
     ):
         self.handle, self.start, self.end = handle, start, end
         self.cfg_rows, self.timestep_scale, self.part = cfg_rows, timestep_scale, part
@@ -165,66 +137,27 @@ class _UNetStepGate:
             in_window = self.start - 1e-6 <= progress <= self.end + 1e-6
         rows = None
         if self.cfg_rows == "cond":
-            pipe = _ACTIVE_PIPELINE.get()
-            if pipe is None:
+            active = _ACTIVE_PIPELINE.get()
+            if active is None:
                 raise ACTError(
-                    "ACT is enabled on this UNet with cfg_rows='cond', but the UNet is being called outside an ACT "
+                    f"ACT is enabled on this {self.part} with cfg_rows='cond', but it is being called outside an ACT "
                     "pipeline (for example by a pipeline made with from_pipe from an ACT pipeline), so ACT cannot "
                     "tell which rows are the prompt's. Call it through act_pipeline(pipe), or enable the map with "
                     "cfg_rows='all'."
                 )
-            if getattr(pipe, "do_classifier_free_guidance", False):
+            pipe, cfg_batch = active
+            if cfg_batch is None:
+                cfg_batch = getattr(pipe, "do_classifier_free_guidance", False)
+            if cfg_batch:
                 batch = sample.shape[0]
                 rows = slice(batch // 2, batch)  # diffusers orders a CFG batch as [uncond; cond]
         self.handle.set_call([self.part], rows=rows, noise_level=level, in_window=in_window)
 
 
-def _call_default(pipe: Any, name: str, fallback: Any) -> Any:
-    """The default of ``name`` in the pipeline's ``__call__`` (what a plain generation would use)."""
-    try:
-        parameter = inspect.signature(type(pipe).__call__).parameters.get(name)
-    except (TypeError, ValueError):
-        return fallback
-    if parameter is None or parameter.default is inspect.Parameter.empty or parameter.default is None:
-        return fallback
-    return parameter.default
-
-
 class ACTPipelineMixin:
-    """Adds ACT to a diffusers Stable Diffusion XL (or 1.5) pipeline."""
+    """Adds ACT to a diffusers pipeline of any supported family; ``act_pipeline`` sets ``act_family``."""
 
-    act_family = SDXL
-
-    # ------------------------------------------------------------------------------ family specifics
-    # (SDXL here; ACTFluxPipelineMixin overrides them)
-    def _act_component_modules(self, part: str, component: nn.Module) -> dict[str, nn.Module]:
-        return component_modules(part, component)
-
-    def _act_excluded(self, part: str) -> tuple[str, ...]:
-        """Module paths of ``part`` that cannot affect the image (never hooked)."""
-        if part == TEXT_ENCODER and getattr(self, TEXT_ENCODER_2, None) is not None:
-            return dead_text_encoder_paths(part, self.text_encoder.config.num_hidden_layers)
-        return ()
-
-    def _act_timestep_scale(self) -> float:
-        """What the denoiser's ``timestep`` argument is divided by to give the noise level in [0, 1]."""
-        return float(self.scheduler.config.num_train_timesteps)
-
-    def _act_first_step_runner(
-        self, settings: SamplingSettings, seed: int, statistics_steps: int, use_denoiser: bool
-    ):
-        return first_step_runner(self, settings, seed, statistics_steps, use_denoiser)
-
-    def _act_tokenize(self, prompts: list[str]) -> Any:
-        return tokenize(self, prompts)
-
-    def _act_run_trajectory(
-        self, session: TrajectoryFit, source: list[str], target: list[str], settings, **options
-    ):
-        run_trajectory(self, session, source, target, settings, **options)
-
-    def _act_rows_per_pair(self, settings: SamplingSettings, calibrate: bool) -> int:
-        return CallRows(1, settings.guided, calibrate).copies
+    act_family: ModelFamily
 
     # ------------------------------------------------------------------------------ model parts
     @property
@@ -259,7 +192,7 @@ class ACTPipelineMixin:
             )
         modules: dict[str, nn.Module] = {}
         for part in parts:
-            modules.update(self._act_component_modules(part, components[part]))
+            modules.update(self.act_family.diffusers_modules(part, components[part]))
         return modules
 
     def act_preset_modules(
@@ -267,15 +200,7 @@ class ACTPipelineMixin:
     ) -> dict[str, nn.Module]:
         """The modules a preset hooks (optionally only some of its parts), in registration order."""
         spec = self.act_family.preset(preset or self.act_family.default_preset)
-        parts = spec.parts if parts is None else tuple(parts)
-        selected = {}
-        for part in parts:
-            if part not in spec.patterns:
-                raise ACTInputError(f"Preset {spec.name!r} hooks {spec.parts}, not {part!r}.")
-            selected.update(spec.select(part, self.act_modules([part]), self._act_excluded(part)))
-        if not selected:
-            raise ACTInputError(f"Preset {spec.name!r} matched no module of this pipeline's {parts}.")
-        return selected
+        return preset_modules(DiffusersFitHost(self, None), spec, parts)
 
     # ------------------------------------------------------------------------------ fitting
     def fit_act(
@@ -290,6 +215,7 @@ class ACTPipelineMixin:
         height: int | None = None,
         width: int | None = None,
         negative_prompt: str | None = None,
+        max_sequence_length: int | None = None,
         method: str | None = None,
         support: str | None = None,
         mode: str | None = None,
@@ -309,131 +235,55 @@ class ACTPipelineMixin:
         """Fit a map that moves generations for ``source_prompts`` toward ``target_prompts``.
 
         Pass the sampling settings you generate with (``num_inference_steps``, ``guidance_scale``,
-        ``height``, ``width``, ``negative_prompt``; defaults: this pipeline's own). The default preset
-        (``unet_norms``, protocol ``"trajectory"``) samples the prompt pairs along that guided trajectory
-        with the pipeline's scheduler, records every UNet norm on the cond rows at every step, and fits
-        one map per noise level, exact causal in one pass; the map then applies at any step count.
+        ``height``, ``width``, ``negative_prompt``, and on FLUX / SD3 the T5 ``max_sequence_length``;
+        defaults: this pipeline's own). The family's default preset (SDXL ``unet_norms``, FLUX and SD3
+        ``pooled_text_and_blocks``: protocol ``"trajectory"``) samples the prompt pairs along that trajectory
+        with the pipeline's scheduler, records every hooked module on the prompt's rows at every step, and
+        fits one map per noise level, exact causal in one pass; the map then applies at any step count.
         Prompt pair i (source i, target i; the shorter list repeats) gets the noise of seed ``seed + i``.
 
         Protocol ``"first_step"`` (preset ``unet_norms_first_step``, the paper's) uses the cond branch of
-        the first ``statistics_steps`` steps, guidance off. Text-encoder-only presets run no UNet at all.
-        ``batch_size``: prompt pairs per UNet call (default: all that fit in memory, which is exact; fewer
-        fall back to "lagged" fitting, with a warning). ``progress`` shows a tqdm bar (True), nothing
+        the first ``statistics_steps`` steps, guidance off. Text-encoder-only presets run no denoiser.
+        ``batch_size``: prompt pairs per denoiser call (default: all that fit in memory, which is exact;
+        fewer fall back to "lagged" fitting, with a warning). ``progress`` shows a tqdm bar (True), nothing
         (False), or calls your ``progress(done, total, what)``.
         """
-        source_prompts = check_prompts(source_prompts, "source")
-        target_prompts = check_prompts(target_prompts, "target")
-        check_balance(source_prompts, target_prompts)
-        spec = self.act_family.preset(preset or self.act_family.default_preset)
-        protocol = protocol or spec.protocol
-        if protocol not in ("trajectory", "first_step"):
-            raise ACTInputError(f"protocol must be 'trajectory' or 'first_step', got {protocol!r}.")
-        if trajectory not in TRAJECTORIES:
-            raise ACTInputError(f"trajectory must be one of {TRAJECTORIES}, got {trajectory!r}.")
-        settings = self._act_sampling(num_inference_steps, guidance_scale, height, width, negative_prompt)
-        check_positive_int(statistics_steps, "statistics_steps")
-        if statistics_steps > settings.num_inference_steps:
-            raise ACTInputError("statistics_steps must be at most num_inference_steps.")
-        if batch_size is not None:
-            check_positive_int(batch_size, "batch_size")
-        self._act_check_distinct(source_prompts, target_prompts)
-        modules = self.act_preset_modules(spec, parts)
-        denoiser = self.act_family.denoiser
-        unet_modules = {n: m for n, m in modules.items() if n.startswith(f"{denoiser}.")}
-        text_modules = {n: m for n, m in modules.items() if n not in unet_modules}
-        estimator_options = {
-            "method": method or spec.method,
-            "support": support or spec.support,
-            "apply_mode": spec.apply_mode,
-            "shrinkage": shrinkage,
-            "max_omega": max_omega,
-        }
-        mode = mode or spec.mode
-        report = _progress_callback(progress, "Fitting ACT map")
-        state = self._act_state()
-        with self._act_fitting(state):
-            if protocol == "first_step" or not unet_modules:
-                act_map = self._act_fit_first_step(
-                    source_prompts,
-                    target_prompts,
-                    modules,
-                    settings,
-                    estimator_options,
-                    mode=mode,
-                    batch_size=batch_size or 8,
-                    seed=seed,
-                    statistics_steps=statistics_steps,
-                    causal_strategy=causal_strategy,
-                    max_lockstep_batches=max_lockstep_batches,
-                    progress=report,
-                )
-            else:
-                act_map = self._act_fit_trajectory(
-                    source_prompts,
-                    target_prompts,
-                    unet_modules,
-                    text_modules,
-                    settings,
-                    estimator_options,
-                    mode=mode,
-                    trajectory=trajectory,
-                    statistic=statistic or spec.statistic,
-                    calibrate=spec.calibrate if calibrate is None else calibrate,
-                    batch_size=batch_size,
-                    seed=seed,
-                    progress=report,
-                )
-        uses_unet = bool(unet_modules)
-        cfg_rows = spec.cfg_rows if uses_unet else "all"
-        sampling = settings.as_metadata(self.scheduler)
-        if protocol == "first_step" and uses_unet:
-            sampling["statistics_steps"] = statistics_steps
-            sampling["guidance"] = "off (cond branch)"
-        if protocol == "trajectory" and uses_unet:
-            sampling["trajectory"] = trajectory
-        metadata = fit_metadata(
-            family=self.act_family.name,
-            preset=spec.name,
-            protocol=protocol if uses_unet else "text_encoders_only",
-            source=source_prompts,
-            target=target_prompts,
+        settings = sampling_settings(
+            self,
+            self.act_family,
+            load_adapter(self.act_family),
+            num_inference_steps,
+            guidance_scale,
+            height,
+            width,
+            negative_prompt,
+            max_sequence_length,
+        )
+        options = FitOptions(
+            preset=preset,
+            parts=parts,
+            protocol=protocol,
+            method=method,
+            support=support,
+            mode=mode,
+            trajectory=trajectory,
+            statistic=statistic,
+            calibrate=calibrate,
+            batch_size=batch_size,
             seed=seed,
-            model=type(self).__name__.removeprefix("ACT"),
-            host="diffusers",
-            sampling=sampling,
-            cfg_rows=cfg_rows,
+            statistics_steps=statistics_steps,
+            causal_strategy=causal_strategy,
+            max_lockstep_batches=max_lockstep_batches,
+            shrinkage=shrinkage,
+            max_omega=max_omega,
         )
-        return act_map.with_metadata(metadata)
-
-    def _act_sampling(self, steps, guidance, height, width, negative_prompt) -> SamplingSettings:
-        steps = _call_default(self, "num_inference_steps", 50) if steps is None else steps
-        guidance = _call_default(self, "guidance_scale", 5.0) if guidance is None else guidance
-        steps, guidance = check_sampling(steps, guidance)
-        native = getattr(self, "default_sample_size", 8) * self.vae_scale_factor
-        height, width = check_size(height or native, width or native, self.vae_scale_factor)
-        if negative_prompt is not None and not isinstance(negative_prompt, str):
-            raise ACTInputError(f"negative_prompt must be a string, got {type(negative_prompt).__name__}.")
-        return SamplingSettings(steps, guidance, height, width, negative_prompt)
-
-    def _act_check_distinct(self, source: list[str], target: list[str]) -> None:
-        """Refuse prompt sets that are identical to the text encoders (e.g. equal after truncation)."""
-        tokenizer = getattr(self, "tokenizer", None) or getattr(self, "tokenizer_2", None)
-        if tokenizer is None:
-            check_prompt_sets(source, target)
-            return
-        warn_unknown_words(tokenizer, source + target)
-
-        def keys(prompts: list[str]) -> list[tuple[int, ...]]:
-            ids = tokenizer(prompts, truncation=True, max_length=tokenizer.model_max_length).input_ids
-            return [tuple(row) for row in ids]
-
-        check_prompt_sets(
-            source, target, keys(source), keys(target), f" (at {tokenizer.model_max_length} tokens)"
-        )
+        report = _progress_callback(progress, "Fitting ACT map")
+        return fit_act_map(DiffusersFitHost(self, settings), source_prompts, target_prompts, options, report)
 
     @contextlib.contextmanager
-    def _act_fitting(self, state: _ModelState) -> Iterator[None]:
+    def _act_fitting(self) -> Iterator[None]:
         """Fit on the plain model only, and one fit at a time on shared modules."""
+        state = self._act_state()
         with state.lock:
             if state.fitting:
                 raise ACTError(
@@ -451,134 +301,6 @@ class ACTPipelineMixin:
         finally:
             with state.lock:
                 state.fitting = False
-
-    def _act_fit_first_step(
-        self,
-        source: list[str],
-        target: list[str],
-        modules: dict[str, nn.Module],
-        settings: SamplingSettings,
-        estimator_options: dict,
-        *,
-        mode: str,
-        batch_size: int,
-        seed: int,
-        statistics_steps: int,
-        causal_strategy: str,
-        max_lockstep_batches: int,
-        progress: Callable | None,
-    ) -> ACTMap:
-        use_unet = any(name.startswith(f"{self.act_family.denoiser}.") for name in modules)
-        run_model = self._act_first_step_runner(settings, seed, statistics_steps, use_unet)
-
-        def batches(prompts: list[str]) -> list[tuple[int, dict[str, torch.Tensor]]]:
-            # Tokenize here, in the calling thread: tokenizers are not thread-safe, and lockstep
-            # fitting runs the batches concurrently.
-            return [
-                (start, self._act_tokenize(prompts[start : start + batch_size]))
-                for start in range(0, len(prompts), batch_size)
-            ]
-
-        with text_encoder_token_masks(self):
-            act_map, _ = fit_with_stats(
-                run_model,
-                batches(source),
-                batches(target),
-                modules,
-                mode=mode,
-                causal_strategy="groupwise" if statistics_steps > 1 and mode == "causal" else causal_strategy,
-                max_lockstep_batches=max_lockstep_batches,
-                progress=progress,
-                **estimator_options,
-            )
-        return act_map
-
-    def _act_fit_trajectory(
-        self,
-        source: list[str],
-        target: list[str],
-        unet_modules: dict[str, nn.Module],
-        text_modules: dict[str, nn.Module],
-        settings: SamplingSettings,
-        estimator_options: dict,
-        *,
-        mode: str,
-        trajectory: str,
-        statistic: str,
-        calibrate: bool,
-        batch_size: int | None,
-        seed: int,
-        progress: Callable | None,
-    ) -> ACTMap:
-        """Text-encoder modules first (first-step engine, no UNet), then the UNet along the trajectory
-        with those maps applied to the source prompts (causal across parts)."""
-        text_map = None
-        if text_modules:
-            text_map = self._act_fit_first_step(
-                source,
-                target,
-                text_modules,
-                settings,
-                estimator_options,
-                mode=mode,
-                batch_size=batch_size or 8,
-                seed=seed,
-                statistics_steps=1,
-                causal_strategy="auto",
-                max_lockstep_batches=64,
-                progress=None,
-            )
-        pairs = max(len(source), len(target))
-        source_pairs = [source[i % len(source)] for i in range(pairs)]
-        target_pairs = [target[i % len(target)] for i in range(pairs)]
-        rows_per_pair = self._act_rows_per_pair(settings, calibrate)
-        per_call = batch_size or pairs_per_call(self, pairs, settings, rows_per_pair)
-        estimate = ModuleEstimator(
-            estimator_options["method"],
-            estimator_options["support"],
-            estimator_options["apply_mode"],
-            shrinkage=estimator_options["shrinkage"],
-            max_omega=estimator_options["max_omega"],
-        )
-        session = TrajectoryFit(unet_modules, estimate, num_pairs=pairs, mode=mode, statistic=statistic)
-        text_handle = apply_act(self.act_modules(text_map.parts()), text_map, 1.0) if text_map else None
-        try:
-            with session:
-                self._act_run_trajectory(
-                    session,
-                    source_pairs,
-                    target_pairs,
-                    settings,
-                    seed=seed,
-                    trajectory=trajectory,
-                    pairs_in_call=per_call,
-                    progress=progress or (lambda done, total, what: None),
-                    calibrate=calibrate,
-                )
-        finally:
-            if text_handle is not None:
-                text_handle.remove()
-        estimate.check_not_identical(len(session.maps))
-        unet_map = session.result(
-            {
-                **estimate.metadata(),
-                "num_source": pairs,
-                "num_target": pairs,
-                "pairs_per_call": per_call,
-                "calibration_gains": [round(session.gains[k], 4) for k in sorted(session.gains)] or None,
-            }
-        )
-        if session.stats.strategy == "lagged":
-            warnings.warn(
-                f"ACT fitting split each step's {pairs} prompt pairs into UNet calls of {per_call} (memory), so "
-                "the source rows were steered with the previous step's maps while a step was recorded "
-                "('lagged': approximately causal). Pass a larger batch_size if memory allows, for exact fitting.",
-                ACTWarning,
-                stacklevel=3,
-            )
-        if text_map is None:
-            return unet_map
-        return ACTMap({**text_map.modules, **unet_map.modules}, unet_map.metadata, unet_map.buckets)
 
     # ------------------------------------------------------------------------------ applying
     @property
@@ -626,7 +348,8 @@ class ACTPipelineMixin:
             handle = apply_act(self.act_modules(act_map.parts()), act_map, strength)
             denoiser = self.act_family.denoiser
             if denoiser in act_map.parts():
-                gate = _UNetStepGate(handle, start, end, cfg_rows, self._act_timestep_scale(), denoiser)
+                scale = load_adapter(self.act_family).timestep_scale(self)
+                gate = DenoiserStepGate(handle, start, end, cfg_rows, scale, denoiser)
                 gate.removable = self._act_denoiser.register_forward_pre_hook(gate, with_kwargs=True)
                 self._act_denoiser.__dict__[_GATE_ATTR] = gate
             return handle
@@ -634,7 +357,13 @@ class ACTPipelineMixin:
     def set_act_strength(self, strength: Strength) -> None:
         """Change lambda of the enabled map without re-hooking (a number or per part)."""
         with self._act_state().lock:
-            handle = active_handle(self.act_modules())
+            modules = self.act_modules()
+            handle = active_handle(modules)
+            if handle is None and active_fold(modules) is not None:
+                raise ACTInputError(
+                    "The ACT map is fused into the weights, which have no live strength; call "
+                    "fuse_act(strength=...) to fuse it at another strength, or unfuse_act() to get the hooks back."
+                )
             if handle is None:
                 raise ACTInputError("No ACT map is enabled; call enable_act(map) first.")
             handle.set_strength(strength)
@@ -720,61 +449,25 @@ class ACTPipelineMixin:
                 self.enable_act(act_map, strengths, **options)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        # Lets the UNet gate ask this pipeline whether the batch is a CFG batch.
-        with _claim_stateful_parts(self):
-            token = _ACTIVE_PIPELINE.set(self)
-            try:
-                return super().__call__(*args, **kwargs)
-            finally:
-                _ACTIVE_PIPELINE.reset(token)
+        # Lets the denoiser gate ask this pipeline whether the batch is a CFG batch.
+        with _claim_stateful_parts(self), active_pipeline(self):
+            return super().__call__(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def active_pipeline(pipe: Any, cfg_batch: bool | None = None) -> Iterator[None]:
+    """Denoiser calls made in this block belong to a generation of ``pipe`` (what its ``__call__`` sets), so
+    maps that steer the prompt's rows know which rows those are. ``cfg_batch``: whether each batch is
+    ``[uncond; cond]`` (default: the pipeline's own ``do_classifier_free_guidance``). For code that calls
+    the denoiser itself, such as a benchmark of one step."""
+    token = _ACTIVE_PIPELINE.set((pipe, cfg_batch))
+    try:
+        yield
+    finally:
+        _ACTIVE_PIPELINE.reset(token)
 
 
 def _progress_callback(progress: bool | Callable[[int, int, str], None], description: str):
     if callable(progress):
         return progress
     return Progress(description) if progress else None
-
-
-def act_pipeline(pipe: Any) -> Any:
-    """An ACT-enabled pipeline sharing ``pipe``'s modules (no weights reloaded, dtype kept).
-
-    Built with diffusers' ``from_pipe`` on a subclass that adds ``ACTPipelineMixin`` to ``pipe``'s class.
-    The scheduler and tokenizers are copied (they keep per-call state, so two pipelines sharing one
-    cannot generate at the same time); the models are shared.
-    """
-    cls = type(pipe)
-    if isinstance(pipe, ACTPipelineMixin):
-        return pipe
-    mixin = ACTPipelineMixin
-    transformer_class = type(getattr(pipe, "transformer", None)).__name__
-    if "Flux" in transformer_class:
-        from .flux import ACTFluxPipelineMixin
-
-        mixin = ACTFluxPipelineMixin
-    elif transformer_class == "SD3Transformer2DModel":
-        from .sd3 import ACTSD3PipelineMixin
-
-        mixin = ACTSD3PipelineMixin
-    elif getattr(pipe, "unet", None) is None:
-        raise ACTInputError(
-            f"{cls.__name__} is not a supported pipeline: ACT knows SDXL / SD 1.x (a UNet), FLUX.1 (a "
-            "FluxTransformer2DModel) and SD3 (an SD3Transformer2DModel)."
-        )
-    act_cls = type(f"ACT{cls.__name__}", (mixin, cls), {"__module__": __name__})
-    # from_pipe casts every model to ``dtype``, here a no-op; diffusers' modeling_utils then warns about
-    # fp32 modules on every such cast, even when there are none ("...kept in float32: []"), so mute it.
-    modeling_logger = logging.getLogger("diffusers.models.modeling_utils")
-    level = modeling_logger.level
-    modeling_logger.setLevel(logging.ERROR)
-    try:
-        own = {
-            name: copy.deepcopy(obj)
-            for name in _STATEFUL_PARTS
-            if (obj := getattr(pipe, name, None)) is not None
-        }
-        wrapped = act_cls.from_pipe(pipe, dtype=pipe.dtype, **own)
-    finally:
-        modeling_logger.setLevel(level)
-    if hasattr(pipe, "_progress_bar_config"):  # from_pipe does not carry it over
-        wrapped.set_progress_bar_config(**pipe._progress_bar_config)
-    return wrapped

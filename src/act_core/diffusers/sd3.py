@@ -1,47 +1,33 @@
-"""Stable Diffusion 3 / 3.5 in diffusers: ``act_pipeline(StableDiffusion3Pipeline...)`` gets the SDXL verbs.
-
-What differs is data (``act_core.families.sd3``) and the sampler loop the fit follows
-(``run_sd3_trajectory``): SD3 samples with CFG like SDXL, so a fitting call has rows
-``[uncond; target; source; plain source]`` on shared latents, with the flow-matching scheduler and the
-transformer's ``timestep`` in [0, 1000].
+"""Stable Diffusion 3 / 3.5 in diffusers: the family's sampling adapter (``act_core.families.sd3`` holds its
+data). SD3 samples with CFG like SDXL, so a fitting call has rows ``[uncond; target; source; plain source]``
+on shared latents, with the flow-matching scheduler and the transformer's ``timestep`` in [0, 1000].
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from torch import nn
 
-from ..errors import ACTInputError
-from ..families.sd3 import SD3, component_modules
-from ..trajectory import TrajectoryFit
-from .fitting import CallRows, Progress, SamplingSettings, encode, follow_trajectory, seeded_noise
-from .flux import ACTSequenceLengthMixin
+from ..families.sd3 import SD3
+from ..sampling import CallRows, SamplingSettings, call_chunks, follow_trajectory, seeded_noise
+from ..workflow import TrajectoryRun
+from .adapter import DiffusersAdapter, encode
 
 
 @torch.no_grad()  # no autograd graph along the trajectory: memory would grow with every step
-def run_sd3_trajectory(
-    pipe: Any,
-    session: TrajectoryFit,
-    source: Sequence[str],
-    target: Sequence[str],
-    settings: SamplingSettings,
-    *,
-    seed: int,
-    trajectory: str,
-    pairs_in_call: int,
-    progress: Progress,
-    calibrate: bool = False,
-    check_interrupt: Callable[[], None] = lambda: None,
-) -> None:
-    """Sample the pairs along SD3's guided trajectory, feeding every transformer call to ``session``."""
+def run_sd3_trajectory(pipe: Any, run: TrajectoryRun, settings: SamplingSettings) -> None:
+    """Sample the run's pairs along SD3's guided trajectory, feeding every transformer call to ``run.session``."""
+    source, target, seed = run.source, run.target, run.seed
     n = len(source)
     transformer, device, dtype = pipe.transformer, pipe._execution_device, pipe.transformer.dtype
     guided = settings.guided
-    options = {"prompt_2": None, "prompt_3": None, "max_sequence_length": settings.max_sequence_length or 256}
+    options = {
+        "prompt_2": None,
+        "prompt_3": None,
+        "max_sequence_length": settings.max_sequence_length or SD3.max_sequence_length[0],
+    }
     src, src_pooled, _, _ = encode(pipe, list(source), settings.negative_prompt, False, **options)
     tgt, tgt_pooled, neg, neg_pooled = encode(pipe, list(target), settings.negative_prompt, guided, **options)
     shape = (
@@ -55,7 +41,6 @@ def run_sd3_trajectory(
     timesteps = list(scheduler.timesteps)
     scheduler.set_begin_index(0)
     train_steps = scheduler.config.num_train_timesteps
-    chunks = [range(start, min(n, start + pairs_in_call)) for start in range(0, n, pairs_in_call)]
 
     def call(latents: torch.Tensor, t: torch.Tensor, rows: list[int], layout: CallRows) -> torch.Tensor:
         copies = layout.copies
@@ -68,42 +53,19 @@ def run_sd3_trajectory(
         )[0]
 
     follow_trajectory(
-        session,
+        run.session,
         latents,
         timesteps,
-        chunks,
+        call_chunks(n, run.pairs_per_call),
         level_of=lambda t: min(1.0, max(0.0, float(t) / train_steps)),
         call=call,
         advance=lambda prediction, t, latents: scheduler.step(prediction, t, latents, return_dict=False)[0],
         guided=guided,
-        calibrate=calibrate,
-        trajectory=trajectory,
+        calibrate=run.calibrate,
+        trajectory=run.trajectory,
         guidance_scale=settings.guidance_scale,
-        progress=progress,
-        check_interrupt=check_interrupt,
+        progress=run.progress,
     )
 
 
-class ACTSD3PipelineMixin(ACTSequenceLengthMixin):
-    """Adds ACT to a diffusers ``StableDiffusion3Pipeline`` (SD3 / SD3.5): the SDXL verbs, SD3's data."""
-
-    act_family = SD3
-
-    def _act_component_modules(self, part: str, component: nn.Module) -> dict[str, nn.Module]:
-        return component_modules(part, component)
-
-    def _act_excluded(self, part: str) -> tuple[str, ...]:
-        return ()  # unlike SDXL, SD3 pools CLIP-L's last layer too, so no text-encoder layer is dead
-
-    def _act_first_step_runner(
-        self, settings: SamplingSettings, seed: int, statistics_steps: int, use_denoiser: bool
-    ):
-        raise ACTInputError(
-            "SD3 presets fit along the sampling trajectory (pooled_text_and_blocks, transformer_blocks); there "
-            "is no first-step or text-encoder-only SD3 protocol yet."
-        )
-
-    def _act_run_trajectory(
-        self, session: TrajectoryFit, source: list[str], target: list[str], settings, **options
-    ):
-        run_sd3_trajectory(self, session, source, target, settings, **options)
+ADAPTER = DiffusersAdapter(run_trajectory=run_sd3_trajectory, patch_size=2)

@@ -1,25 +1,81 @@
-"""Model families, each described in one file (its parts, presets, and names in other hosts).
+"""Model families, each described in one file (its parts, presets, module names and hosts), and the one
+place each host asks which family a model or a map is.
 
-Adding a family is adding a file here and an entry in ``FAMILIES``.
+Adding a family is adding a file here (a ``ModelFamily``), its entry in ``FAMILIES``, and at most one
+adapter per host (diffusers: the module named by ``diffusers_adapter``).
 """
 
 from __future__ import annotations
 
-from ..errors import ACTInputError
+from collections.abc import Mapping
+from typing import Any
+
+from ..errors import ACTInputError, ACTModelMismatchError
 from .base import ModelFamily
 from .flux import FLUX
 from .sd3 import SD3
 from .sdxl import SDXL
 
 FAMILIES: dict[str, ModelFamily] = {SDXL.name: SDXL, FLUX.name: FLUX, SD3.name: SD3}
+# Maps written before families were recorded are SDXL's.
+LEGACY_FAMILY = SDXL
 
 
 def get_family(name: str) -> ModelFamily:
     """A family by name ("sdxl", ...)."""
     try:
         return FAMILIES[name]
-    except KeyError:
+    except (KeyError, TypeError):
         raise ACTInputError(f"Unknown model family {name!r}; known: {', '.join(FAMILIES)}.") from None
 
 
-__all__ = ["FAMILIES", "FLUX", "SD3", "SDXL", "ModelFamily", "get_family"]
+def family_of_map(metadata: Mapping[str, Any]) -> ModelFamily:
+    """The family a map was fitted on, from its metadata."""
+    return get_family(str(metadata.get("family", LEGACY_FAMILY.name)))
+
+
+def _supported(host: str) -> str:
+    return ", ".join(f.display_name for f in FAMILIES.values() if host in f.hosts)
+
+
+def family_of_pipeline_class(class_name: str) -> ModelFamily | None:
+    """The family of a diffusers pipeline class name (``model_index.json``'s ``_class_name``), if known."""
+    return next((f for f in FAMILIES.values() if class_name in f.diffusers_pipelines), None)
+
+
+def family_of_pipeline(pipe: Any) -> ModelFamily:
+    """The family of a diffusers pipeline, from the class of its denoiser."""
+    for family in FAMILIES.values():
+        denoiser = getattr(pipe, family.denoiser, None)
+        if type(denoiser).__name__ in family.diffusers_denoisers:
+            return family
+    raise ACTInputError(
+        f"{type(pipe).__name__} is not a supported pipeline: ACT knows {_supported('diffusers')} in diffusers "
+        f"(pipelines {', '.join(name for f in FAMILIES.values() for name in f.diffusers_pipelines)})."
+    )
+
+
+def family_of_comfy_model(diffusion_model: Any) -> ModelFamily:
+    """The family of a ComfyUI MODEL's ``model.diffusion_model``, from its class."""
+    name = type(diffusion_model).__name__
+    for family in FAMILIES.values():
+        if name in family.comfy_denoisers:
+            return family
+    raise ACTModelMismatchError(
+        f"This MODEL's diffusion model is a {name}, which ComfyUI-ACT does not know; in ComfyUI it steers "
+        f"{_supported('comfyui')} models."
+    )
+
+
+__all__ = [
+    "FAMILIES",
+    "FLUX",
+    "SD3",
+    "SDXL",
+    "ModelFamily",
+    "family_of_comfy_model",
+    "family_of_map",
+    "family_of_pipeline",
+    "family_of_pipeline_class",
+    "get_family",
+]

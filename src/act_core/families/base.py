@@ -1,12 +1,26 @@
-"""What a model family is, as data: its parts, its presets, and how its modules are named elsewhere."""
+"""What a model family is, as data: its parts, its presets, how each host finds its modules, and what its
+maps can do. Everything the edges (diffusers, ComfyUI, the CLI) ask about a family is a field here, so no
+code outside ``act_core.families`` asks "which family is this?"."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+
+from torch import nn
 
 from ..errors import ACTInputError
 from ..presets import Preset
+
+# A zero-argument callable giving ComfyUI's ``{diffusers parameter key: ComfyUI key}`` table of a MODEL
+# (``comfy.utils.unet_to_diffusers(unet_config)``); families that name modules without it ignore it.
+KeyTable = Callable[[], Mapping[str, str]]
+ModuleFinder = Callable[..., Mapping[str, nn.Module]]
+
+
+def no_dead_modules(part: str, num_layers: int, has_second_encoder: bool) -> tuple[str, ...]:
+    """Families whose every text-encoder layer reaches the denoiser."""
+    return ()
 
 
 @dataclass(frozen=True)
@@ -14,20 +28,70 @@ class ModelFamily:
     """One architecture family (SDXL, FLUX, ...), described once for every host.
 
     ``parts`` are the canonical part names (the first component of every module name in a map);
-    ``denoiser`` is the part the sampler calls at every step. ``noise_level`` says how a denoiser
-    call's noise level ``u`` in [0, 1] is defined (the key of time-aware maps). ``lora_key`` maps a
-    canonical module name to the key stem ComfyUI's stock LoraLoader reads.
+    ``denoiser`` is the part the sampler calls at every step. ``noise_level`` says how a denoiser call's
+    noise level ``u`` in [0, 1] is defined (the key of time-aware maps). ``lora_key`` maps a canonical
+    module name to the key stem ComfyUI's stock LoraLoader reads (or raises, saying why the family's maps
+    do not fold).
     """
 
     name: str
+    display_name: str
     parts: tuple[str, ...]
     denoiser: str
     presets: Mapping[str, Preset]
     default_preset: str
     noise_level: str
     lora_key: Callable[[str], str]
+    # The preset whose maps fold into weights (fuse_act, LoRA export), or None where no map folds.
+    foldable_preset: str | None = None
+    # Whether the family's sampler runs a CFG batch ([uncond; cond] rows); False where guidance is an
+    # embedding (FLUX.1), so fitting calls have no uncond rows and maps steer every row.
+    cfg_batch: bool = True
+    # (default, maximum) of the T5 prompt length option ``max_sequence_length``; None: no such option.
+    max_sequence_length: tuple[int, int] | None = None
+    # (part, that encoder's layer count, whether a second text encoder exists) -> module-path globs whose
+    # output never reaches the denoiser (never hooked).
+    dead_modules: Callable[[str, int, bool], tuple[str, ...]] = no_dead_modules
+    # diffusers: pipeline class names (``model_index.json``'s ``_class_name``), the denoiser's class names,
+    # the module with the family's sampling adapter, and (part, component) -> canonical name -> module.
+    diffusers_pipelines: tuple[str, ...] = ()
+    diffusers_denoisers: tuple[str, ...] = ()
+    diffusers_adapter: str | None = None
+    diffusers_modules: ModuleFinder | None = None
+    # ComfyUI: class names of ``MODEL.model.diffusion_model``; (diffusion_model, KeyTable) -> canonical
+    # name -> module; ``CLIP.cond_stage_model`` -> canonical name -> module; (canonical names, KeyTable) ->
+    # their state-dict module prefixes (for weight patches of foldable maps).
+    comfy_denoisers: tuple[str, ...] = ()
+    comfy_denoiser_modules: ModuleFinder | None = None
+    comfy_clip_modules: ModuleFinder | None = None
+    comfy_state_keys: Callable[[Iterable[str], KeyTable], dict[str, str]] | None = None
     # ComfyUI's model_sampling.timestep(sigma) divided by this is the noise level u in [0, 1].
     comfy_timestep_scale: float = 1000.0
+
+    @property
+    def folds(self) -> bool:
+        """Whether any of this family's maps fold into weights (and export as LoRA files)."""
+        return self.foldable_preset is not None
+
+    @property
+    def hosts(self) -> tuple[str, ...]:
+        """The hosts that fit and apply this family's maps."""
+        return tuple(
+            host
+            for host, supported in (
+                ("diffusers", self.diffusers_adapter is not None),
+                ("comfyui", self.comfy_denoiser_modules is not None),
+            )
+            if supported
+        )
+
+    def check_host(self, host: str) -> None:
+        """Refuse, with the hosts that do support it, a family this host does not know."""
+        if host not in self.hosts:
+            raise ACTInputError(
+                f"{self.display_name} maps are fitted and applied in {' and '.join(self.hosts) or 'no host'} "
+                f"only for now, not in {host}."
+            )
 
     def preset(self, name: str | Preset) -> Preset:
         """A preset of this family by name (or a ``Preset`` passed through, for custom module sets)."""
@@ -41,7 +105,7 @@ class ModelFamily:
             return name
         try:
             return self.presets[name]
-        except KeyError:
+        except (KeyError, TypeError):
             raise ACTInputError(
                 f"Unknown ACT preset {name!r} for {self.name}; choose one of {', '.join(self.presets)}."
             ) from None
@@ -51,7 +115,7 @@ class ModelFamily:
         part, _, path = name.partition(".")
         if part not in self.parts or not path:
             raise ACTInputError(
-                f"{name!r} is not a canonical ACT module name for {self.name}; it must start with one of "
-                f"{self.parts}."
+                f"{name!r} is not a canonical ACT module name for {self.name}; it must start with one "
+                f"of {self.parts}."
             )
         return part, path

@@ -39,7 +39,7 @@ from ..errors import ACTInputError, ACTModelMismatchError
 from ..maps import APPLY_PER_ELEMENT
 from ..presets import Preset
 from ..recording import OutputOf
-from .base import ModelFamily
+from .base import KeyTable, ModelFamily
 
 TRANSFORMER, TEXT_ENCODER, TEXT_ENCODER_2 = "transformer", "text_encoder", "text_encoder_2"
 PARTS = (TRANSFORMER, TEXT_ENCODER, TEXT_ENCODER_2)
@@ -163,7 +163,9 @@ def block_width(block: nn.Module) -> int:
     raise ACTInputError(f"Cannot tell the width of FLUX block {type(block).__name__}.")
 
 
-def comfy_transformer_modules(diffusion_model: nn.Module) -> dict[str, nn.Module | OutputOf]:
+def comfy_transformer_modules(
+    diffusion_model: nn.Module, key_table: KeyTable | None = None
+) -> dict[str, nn.Module | OutputOf]:
     """ComfyUI's ``Flux`` model (``double_blocks`` / ``single_blocks``) under canonical names."""
     modules: dict[str, nn.Module | OutputOf] = {}
     if hasattr(diffusion_model, POOLED_TEXT[1]):
@@ -217,17 +219,23 @@ def lora_key(module_name: str) -> str:
     )
 
 
-def is_stream(name: str) -> bool:
-    return ":" in name
-
-
 FLUX = ModelFamily(
     name="flux",
+    display_name="FLUX.1",
     parts=PARTS,
     denoiser=TRANSFORMER,
     presets=PRESETS,
     default_preset=DEFAULT_PRESET,
     noise_level="sigma (= timestep / 1000 in diffusers' FLUX pipelines): 1 = pure noise",
     lora_key=lora_key,
+    cfg_batch=False,  # dev embeds its guidance scale, schnell has none: every row is the prompt's
+    max_sequence_length=(512, 512),
+    diffusers_pipelines=("FluxPipeline",),
+    diffusers_denoisers=("FluxTransformer2DModel",),
+    diffusers_adapter="act_core.diffusers.flux",
+    diffusers_modules=component_modules,
+    comfy_denoisers=("Flux",),
+    comfy_denoiser_modules=comfy_transformer_modules,
+    comfy_clip_modules=comfy_clip_modules,
     comfy_timestep_scale=1.0,  # ComfyUI's flow model_sampling.timestep(sigma) is sigma
 )

@@ -72,10 +72,16 @@ def lora_key(module_name: str) -> str:
 
 SD3 = ModelFamily(
     name="sd3",
+    display_name="SD3",
     parts=PARTS,
     denoiser=TRANSFORMER,
     presets=PRESETS,
     default_preset=DEFAULT_PRESET,
     noise_level="sigma (= timestep / 1000 in diffusers' SD3 pipelines): 1 = pure noise",
     lora_key=lora_key,
+    max_sequence_length=(256, 512),
+    diffusers_pipelines=("StableDiffusion3Pipeline",),
+    diffusers_denoisers=("SD3Transformer2DModel",),
+    diffusers_adapter="act_core.diffusers.sd3",
+    diffusers_modules=component_modules,
 )

@@ -17,14 +17,14 @@ into a module table. Nothing here imports ComfyUI or diffusers.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 from torch import nn
 
 from ..errors import ACTInputError
 from ..maps import APPLY_PER_ELEMENT
 from ..presets import Preset
-from .base import ModelFamily
+from .base import KeyTable, ModelFamily
 
 UNET, TEXT_ENCODER, TEXT_ENCODER_2 = "unet", "text_encoder", "text_encoder_2"
 PARTS = (UNET, TEXT_ENCODER, TEXT_ENCODER_2)
@@ -85,16 +85,16 @@ PRESETS: dict[str, Preset] = {
     ),
 }
 DEFAULT_PRESET = "unet_norms"
-FOLDABLE_PRESET = "unet_norms_foldable"
 
 
-def dead_text_encoder_paths(part: str, num_hidden_layers: int) -> tuple[str, ...]:
+def dead_text_encoder_paths(part: str, num_hidden_layers: int, has_second_encoder: bool) -> tuple[str, ...]:
     """Canonical-path globs of text encoder modules whose output never reaches the UNet in SDXL.
 
-    SDXL conditions on ``hidden_states[-2]`` (the output of the second-to-last layer). Text encoder 1's
-    last layer and final LayerNorm are therefore dead; text encoder 2's still feed the pooled embedding.
+    SDXL (two encoders) conditions on ``hidden_states[-2]`` (the output of the second-to-last layer). Text
+    encoder 1's last layer and final LayerNorm are therefore dead; text encoder 2's still feed the pooled
+    embedding. SD 1.x (one encoder) uses the last layer's normalised output: nothing is dead.
     """
-    if part != TEXT_ENCODER:
+    if part != TEXT_ENCODER or not has_second_encoder:
         return ()
     return (f"text_model.encoder.layers.{num_hidden_layers - 1}.*", "text_model.final_layer_norm")
 
@@ -201,6 +201,18 @@ def comfy_clip_modules(cond_stage_model: nn.Module) -> dict[str, nn.Module]:
     return modules
 
 
+def comfy_modules(diffusion_model: nn.Module, key_table: KeyTable) -> dict[str, nn.Module]:
+    """The UNet of a ComfyUI MODEL under canonical names (``key_table``: ComfyUI's diffusers key table)."""
+    return comfy_unet_modules(diffusion_model, unet_module_table(key_table()))
+
+
+def comfy_state_keys(names: Iterable[str], key_table: KeyTable) -> dict[str, str]:
+    """ComfyUI state-dict module prefixes of canonical UNet / CLIP module names."""
+    names = list(names)
+    table = unet_module_table(key_table()) if any(n.partition(".")[0] == UNET for n in names) else {}
+    return {n: comfy_unet_key(n, table) if n.partition(".")[0] == UNET else comfy_clip_key(n) for n in names}
+
+
 def comfy_clip_key(name: str) -> str:
     """ComfyUI CLIP state-dict module prefix (``clip_l.transformer.text_model...``) of a canonical name."""
     part, _, path = name.partition(".")
@@ -211,10 +223,21 @@ def comfy_clip_key(name: str) -> str:
 
 SDXL = ModelFamily(
     name="sdxl",
+    display_name="SDXL",
     parts=PARTS,
     denoiser=UNET,
     presets=PRESETS,
     default_preset=DEFAULT_PRESET,
     noise_level="timestep / num_train_timesteps (1000): 1 = pure noise",
     lora_key=lora_key,
+    foldable_preset="unet_norms_foldable",
+    dead_modules=dead_text_encoder_paths,
+    diffusers_pipelines=("StableDiffusionXLPipeline", "StableDiffusionPipeline"),
+    diffusers_denoisers=("UNet2DConditionModel",),
+    diffusers_adapter="act_core.diffusers.sdxl",
+    diffusers_modules=component_modules,
+    comfy_denoisers=("UNetModel",),
+    comfy_denoiser_modules=comfy_modules,
+    comfy_clip_modules=comfy_clip_modules,
+    comfy_state_keys=comfy_state_keys,
 )

@@ -1,0 +1,160 @@
+"""What a family's diffusers adapter gives (``DiffusersAdapter``), and the helpers every adapter shares.
+
+Each family names its adapter module in ``ModelFamily.diffusers_adapter`` (``act_core.diffusers.sdxl``,
+``.flux``, ``.sd3``); the module defines ``ADAPTER``. An adapter is the family's sampling loop on the
+fitting rows (its denoiser call and scheduler step, handed to ``act_core.sampling.follow_trajectory``),
+its tokenizers and, where the paper's first-step protocol applies, its first-step model run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..errors import ACTInputError
+from ..families import ModelFamily
+from ..recording import token_mask_hooks
+from ..sampling import SamplingSettings
+from ..workflow import TrajectoryRun
+
+# Rough live activation size of one denoiser forward, per latent pixel and row (SD/SDXL skip connections
+# hold ~1700 channels at latent resolution), to decide how many rows one call can take.
+ACTIVATION_ELEMENTS_PER_LATENT_PIXEL = 2500
+# diffusers' convention: text_encoder_N is tokenized by tokenizer_N.
+TOKENIZERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2", "text_encoder_3": "tokenizer_3"}
+
+FirstStepRunner = Callable[[Any], None]
+
+
+def no_first_step(pipe: Any, settings: SamplingSettings, seed: int, steps: int, use_denoiser: bool):
+    """For families whose presets all fit along the trajectory."""
+    raise ACTInputError(
+        "This model family's presets fit along the sampling trajectory; there is no first-step or "
+        "text-encoder-only protocol for it."
+    )
+
+
+def default_timestep_scale(pipe: Any) -> float:
+    """The denoiser's ``timestep`` argument divided by this is the noise level in [0, 1]."""
+    return float(pipe.scheduler.config.num_train_timesteps)
+
+
+def tokenize(
+    pipe: Any, prompts: list[str], settings: SamplingSettings | None = None
+) -> dict[str, torch.Tensor]:
+    """Token ids for each text encoder, padded to the tokenizer's max length as the pipeline does."""
+    tokens = {}
+    for part, tokenizer_name in TOKENIZERS.items():
+        tokenizer = getattr(pipe, tokenizer_name, None)
+        if getattr(pipe, part, None) is not None and tokenizer is not None:
+            tokens[part] = tokenizer(
+                prompts,
+                padding="max_length",
+                max_length=tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids
+    return tokens
+
+
+@dataclass(frozen=True)
+class DiffusersAdapter:
+    """A family's sampling code for diffusers pipelines."""
+
+    # (pipe, run, settings): sample the run's pairs, every denoiser call inside ``run.session.call``.
+    run_trajectory: Callable[[Any, TrajectoryRun, SamplingSettings], None]
+    # (pipe, settings, seed, statistics_steps, use_denoiser) -> run_model((first index, tokens)).
+    first_step_runner: Callable[[Any, SamplingSettings, int, int, bool], FirstStepRunner] = no_first_step
+    # (pipe, prompts, settings) -> {text-encoder part: token ids}, padded as the pipeline pads them.
+    tokenize: Callable[[Any, list[str], SamplingSettings], dict[str, torch.Tensor]] = tokenize
+    timestep_scale: Callable[[Any], float] = default_timestep_scale
+    # Image sizes are multiples of vae_scale_factor * patch_size (FLUX and SD3 pack 2x2 latent patches).
+    patch_size: int = 1
+
+
+def load_adapter(family: ModelFamily) -> DiffusersAdapter:
+    """The family's diffusers adapter (imported on first use: the core never imports a family's adapter)."""
+    family.check_host("diffusers")
+    return importlib.import_module(str(family.diffusers_adapter)).ADAPTER
+
+
+def denoiser_of(pipe: Any, family: ModelFamily) -> torch.nn.Module:
+    return getattr(pipe, family.denoiser)
+
+
+def pairs_per_call(
+    pipe: Any, family: ModelFamily, num_pairs: int, settings: SamplingSettings, rows: int
+) -> int:
+    """How many prompt pairs one denoiser call can take: all of them (exact) when memory allows."""
+    device = pipe._execution_device
+    latent_pixels = (settings.height // pipe.vae_scale_factor) * (settings.width // pipe.vae_scale_factor)
+    itemsize = torch.empty((), dtype=denoiser_of(pipe, family).dtype).element_size()
+    per_pair = rows * latent_pixels * ACTIVATION_ELEMENTS_PER_LATENT_PIXEL * itemsize
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+    else:
+        try:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return num_pairs
+    return max(1, min(num_pairs, int(0.5 * free // max(1, per_pair))))
+
+
+def encode(pipe: Any, prompts: list[str], negative_prompt: str | None, guided: bool, **options):
+    """(prompt embeds, pooled or None, negative embeds, negative pooled) as the pipeline computes them;
+    ``options`` go to a pooled pipeline's ``encode_prompt`` (SD3: ``prompt_2``, ``max_sequence_length``...)."""
+    device = pipe._execution_device
+    negative = [negative_prompt] * len(prompts) if negative_prompt is not None else None
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        embeds, negative_embeds, pooled, negative_pooled = pipe.encode_prompt(
+            prompts, device=device, do_classifier_free_guidance=guided, negative_prompt=negative, **options
+        )
+        return embeds, pooled, negative_embeds, negative_pooled
+    embeds, negative_embeds = pipe.encode_prompt(prompts, device, 1, guided, negative_prompt=negative)
+    return embeds, None, negative_embeds, None
+
+
+def scheduler_step_options(scheduler: Any, seed: int) -> dict:
+    """Stochastic samplers (ancestral, SDE) draw noise in ``step()``: seed it, so a fit is reproducible."""
+    import inspect
+
+    if "generator" in inspect.signature(scheduler.step).parameters:
+        return {"generator": torch.Generator(device="cpu").manual_seed(seed)}
+    return {}
+
+
+@contextlib.contextmanager
+def text_encoder_token_masks(pipe: Any) -> Iterator[None]:
+    """While fitting text-encoder modules, pool their outputs over real tokens (BOS..first EOS).
+
+    A pre-hook on each text encoder derives the mask from its input ids and holds it for the duration
+    of that encoder's forward (per thread: lockstep fitting runs batches concurrently).
+    """
+
+    def mask_of(eos: int):
+        def mask(args: tuple, kwargs: dict) -> torch.Tensor | None:
+            ids = args[0] if args else kwargs.get("input_ids")
+            if not isinstance(ids, torch.Tensor):
+                return None
+            is_eos = (ids == eos).int()
+            return (is_eos.cumsum(dim=1) - is_eos) == 0  # up to and including the first EOS
+
+        return mask
+
+    handles: list = []
+    try:
+        for part, tokenizer in TOKENIZERS.items():
+            encoder = getattr(pipe, part, None)
+            eos = getattr(getattr(pipe, tokenizer, None), "eos_token_id", None)
+            if encoder is not None and eos is not None:
+                handles += token_mask_hooks(encoder, mask_of(eos))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

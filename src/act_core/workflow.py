@@ -1,0 +1,342 @@
+"""THE fit workflow, written once for every host (the diffusers mixin, the ComfyUI Fit node, the CLI).
+
+preset -> modules -> prompt checks -> text-encoder modules (no denoiser pass) -> denoiser modules along
+the host's own sampling trajectory with those text-encoder maps applied (``TrajectoryFit``: one map per
+noise level, exact causal in one pass, calibrated once per level) -> metadata. The paper's first-step
+protocol (and text-encoder-only presets) take the first-step engine instead.
+
+A host gives a ``FitHost``: how to find its modules, what its text encoders see of a prompt, how to run
+its sampler on the fitting rows (``act_core.sampling``), how many pairs one denoiser call takes, and
+how to run the first-step engine's model. Everything else is decided here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from torch import nn
+
+from .applying import apply_act
+from .errors import ACTInputError, ACTWarning
+from .estimators import DEFAULT_SHRINKAGE, MAX_OMEGA, ModuleEstimator
+from .families import ModelFamily
+from .maps import ACTMap, part_of
+from .presets import PROTOCOLS, Preset
+from .sampling import CallRows, SamplingSettings, prompt_pairs
+from .trajectory import TRAJECTORIES, TrajectoryFit
+from .validation import (
+    check_balance,
+    check_parts,
+    check_positive_int,
+    check_prompts,
+    check_seed,
+    fit_metadata,
+)
+
+Progress = Callable[[int, int, str], None]
+# Text-encoder maps before the denoiser's: pairs per text-encoder batch of the first-step engine.
+TEXT_ENCODER_BATCH = 8
+
+
+@dataclass(frozen=True)
+class FitOptions:
+    """What the user chose beyond the prompts and the sampling settings; None: the preset's own."""
+
+    preset: str | Preset | None = None
+    parts: Sequence[str] | None = None
+    protocol: str | None = None
+    method: str | None = None
+    support: str | None = None
+    mode: str | None = None
+    trajectory: str = "steered"
+    statistic: str | None = None
+    calibrate: bool | None = None
+    batch_size: int | None = None
+    seed: int = 0
+    statistics_steps: int = 1
+    causal_strategy: str = "auto"
+    max_lockstep_batches: int = 64
+    shrinkage: float = DEFAULT_SHRINKAGE
+    max_omega: float = MAX_OMEGA
+
+
+@dataclass(frozen=True)
+class FirstStepFit:
+    """What the first-step engine needs from the workflow (``FitHost.fit_first_step``)."""
+
+    modules: Mapping[str, nn.Module]
+    source: list[str]
+    target: list[str]
+    estimator_options: Mapping[str, Any]  # method, support, apply_mode, shrinkage, max_omega
+    mode: str
+    batch_size: int
+    seed: int
+    statistics_steps: int
+    causal_strategy: str
+    max_lockstep_batches: int
+    progress: Progress | None
+
+
+@dataclass(frozen=True)
+class TrajectoryRun:
+    """What a host's sampler needs to run the fitting rows (``FitHost.sample``)."""
+
+    session: TrajectoryFit
+    source: list[str]  # prompt pair i is (source[i], target[i])
+    target: list[str]
+    seed: int
+    trajectory: str
+    calibrate: bool
+    pairs_per_call: int
+    progress: Progress
+
+
+class FitHost(Protocol):
+    """A host's adapter to the fit workflow."""
+
+    family: ModelFamily
+    name: str  # "diffusers", "comfyui"
+    settings: SamplingSettings
+
+    def part_modules(self, part: str) -> Mapping[str, nn.Module]:
+        """Every module of ``part`` under its canonical name (the preset picks among them)."""
+
+    def dead_modules(self, part: str) -> tuple[str, ...]:
+        """Module-path globs of ``part`` whose output never reaches the denoiser."""
+
+    def check_prompt_sets(self, source: list[str], target: list[str]) -> None:
+        """Refuse sets that are the same to the text encoders; warn about words they do not know."""
+
+    def fit_first_step(self, fit: FirstStepFit) -> ACTMap:
+        """Run the first-step engine (``act_core.fitting``) with this host's encoders and denoiser."""
+
+    def pairs_per_call(self, num_pairs: int, rows_per_pair: int) -> int:
+        """How many prompt pairs one denoiser call takes (all of them: exact causal)."""
+
+    def steer_text_encoders(self, text_map: ACTMap) -> contextlib.AbstractContextManager:
+        """While sampling, the text encoders transported by ``text_map`` at strength 1."""
+
+    def sample(self, run: TrajectoryRun) -> None:
+        """Sample the pairs with the host's sampler, every denoiser call inside ``run.session.call``."""
+
+    def fitting(self) -> contextlib.AbstractContextManager:
+        """Held while fitting (locks, refusing a steered model)."""
+
+    def metadata(self, protocol: str, uses_denoiser: bool) -> dict:
+        """The host's part of the map's metadata: ``model``, ``sampling`` and extras."""
+
+
+def preset_modules(host: FitHost, spec: Preset, parts: Sequence[str] | None = None) -> dict[str, nn.Module]:
+    """The modules ``spec`` hooks on this host's model (optionally only some of its parts), in order."""
+    family = host.family
+    parts = spec.parts if parts is None else check_parts(parts, family.parts)
+    selected: dict[str, nn.Module] = {}
+    for part in parts:
+        if part not in spec.patterns:
+            raise ACTInputError(
+                f"Preset {spec.name!r} hooks {', '.join(spec.parts)}, not {part!r}. Leave parts empty for all "
+                "of the preset's parts, or pick another preset."
+            )
+        selected.update(spec.select(part, host.part_modules(part), host.dead_modules(part)))
+    if not selected:
+        raise ACTInputError(f"Preset {spec.name!r} matched no module of this model's {', '.join(parts)}.")
+    return selected
+
+
+def fit_act_map(
+    host: FitHost,
+    source_prompts: Sequence[str],
+    target_prompts: Sequence[str],
+    options: FitOptions = FitOptions(),  # noqa: B008 - frozen
+    progress: Progress | None = None,
+) -> ACTMap:
+    """Fit a map that moves the host's generations for ``source_prompts`` toward ``target_prompts``."""
+    family = host.family
+    source = check_prompts(source_prompts, "source")
+    target = check_prompts(target_prompts, "target")
+    check_balance(source, target)
+    seed = check_seed(options.seed)
+    spec = family.preset(options.preset or family.default_preset)
+    protocol = options.protocol or spec.protocol
+    if protocol not in PROTOCOLS:
+        raise ACTInputError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}.")
+    if options.trajectory not in TRAJECTORIES:
+        raise ACTInputError(f"trajectory must be one of {TRAJECTORIES}, got {options.trajectory!r}.")
+    check_positive_int(options.statistics_steps, "statistics_steps")
+    if options.statistics_steps > host.settings.num_inference_steps:
+        raise ACTInputError("statistics_steps must be at most the number of sampling steps.")
+    if options.batch_size is not None:
+        check_positive_int(options.batch_size, "batch_size")
+    host.check_prompt_sets(source, target)
+    modules = preset_modules(host, spec, options.parts)
+    denoiser_modules = {n: m for n, m in modules.items() if part_of(n) == family.denoiser}
+    estimator_options = {
+        "method": options.method or spec.method,
+        "support": options.support or spec.support,
+        "apply_mode": spec.apply_mode,
+        "shrinkage": options.shrinkage,
+        "max_omega": options.max_omega,
+    }
+    mode = options.mode or spec.mode
+    with host.fitting():
+        if protocol == "first_step" or not denoiser_modules:
+            act_map = host.fit_first_step(
+                FirstStepFit(
+                    modules,
+                    source,
+                    target,
+                    estimator_options,
+                    mode,
+                    options.batch_size or TEXT_ENCODER_BATCH,
+                    seed,
+                    options.statistics_steps,
+                    options.causal_strategy,
+                    options.max_lockstep_batches,
+                    progress,
+                )
+            )
+        else:
+            act_map = _fit_along_trajectory(
+                host,
+                source,
+                target,
+                modules,
+                estimator_options,
+                mode=mode,
+                seed=seed,
+                trajectory=options.trajectory,
+                statistic=options.statistic or spec.statistic,
+                calibrate=spec.calibrate if options.calibrate is None else bool(options.calibrate),
+                batch_size=options.batch_size,
+                progress=progress,
+            )
+    uses_denoiser = bool(denoiser_modules)
+    recorded_protocol = protocol if uses_denoiser else "text_encoders_only"
+    host_info = host.metadata(recorded_protocol, uses_denoiser)
+    if recorded_protocol == "trajectory":
+        host_info["sampling"]["trajectory"] = options.trajectory
+    elif recorded_protocol == "first_step":
+        host_info["sampling"].update(
+            {"statistics_steps": options.statistics_steps, "guidance": "off (cond branch)"}
+        )
+    metadata = fit_metadata(
+        family=family.name,
+        preset=spec.name,
+        protocol=recorded_protocol,
+        source=source,
+        target=target,
+        seed=seed,
+        model=host_info.pop("model"),
+        host=host.name,
+        sampling=host_info.pop("sampling"),
+        cfg_rows=spec.cfg_rows if uses_denoiser else "all",
+        extra=host_info,
+    )
+    return act_map.with_metadata(metadata)
+
+
+def _fit_along_trajectory(
+    host: FitHost,
+    source: list[str],
+    target: list[str],
+    modules: dict[str, nn.Module],
+    estimator_options: Mapping[str, Any],
+    *,
+    mode: str,
+    seed: int,
+    trajectory: str,
+    statistic: str,
+    calibrate: bool,
+    batch_size: int | None,
+    progress: Progress | None,
+) -> ACTMap:
+    """Text-encoder modules first (first-step engine, no denoiser), then the denoiser along the trajectory
+    with those maps applied (causal across parts)."""
+    denoiser = host.family.denoiser
+    denoiser_modules = {n: m for n, m in modules.items() if part_of(n) == denoiser}
+    text_modules = {n: m for n, m in modules.items() if n not in denoiser_modules}
+    text_map = None
+    if text_modules:
+        text_map = host.fit_first_step(
+            FirstStepFit(
+                text_modules,
+                source,
+                target,
+                estimator_options,
+                mode,
+                batch_size or TEXT_ENCODER_BATCH,
+                seed,
+                1,
+                "auto",
+                64,
+                None,
+            )
+        )
+    source_pairs, target_pairs = prompt_pairs(source, target)
+    pairs = len(source_pairs)
+    rows_per_pair = CallRows(1, host.settings.guided, calibrate).copies
+    per_call = batch_size or host.pairs_per_call(pairs, rows_per_pair)
+    estimator = ModuleEstimator(
+        estimator_options["method"],
+        estimator_options["support"],
+        estimator_options["apply_mode"],
+        shrinkage=estimator_options["shrinkage"],
+        max_omega=estimator_options["max_omega"],
+    )
+    session = TrajectoryFit(denoiser_modules, estimator, num_pairs=pairs, mode=mode, statistic=statistic)
+    steered_text = host.steer_text_encoders(text_map) if text_map else contextlib.nullcontext()
+    with steered_text, session:
+        host.sample(
+            TrajectoryRun(
+                session,
+                source_pairs,
+                target_pairs,
+                seed,
+                trajectory,
+                calibrate,
+                per_call,
+                progress or (lambda done, total, what: None),
+            )
+        )
+    estimator.check_not_identical(len(session.maps))
+    denoiser_map = session.result(
+        {
+            **estimator.metadata(),
+            "num_source": len(source),
+            "num_target": len(target),
+            "num_pairs": pairs,
+            "pairs_per_call": per_call,
+            "calibration_gains": [round(session.gains[k], 4) for k in sorted(session.gains)] or None,
+        }
+    )
+    if session.stats.strategy == "lagged":
+        warnings.warn(
+            f"ACT fitting split each step's {pairs} prompt pairs over {denoiser} calls (memory: "
+            f"{per_call} per call), so the source rows were steered with the previous step's maps while a "
+            "step was recorded ('lagged': approximately causal). Pass a larger batch_size if memory allows, or "
+            "fewer prompts or a smaller size, for exact fitting.",
+            ACTWarning,
+            stacklevel=4,
+        )
+    if text_map is None:
+        return denoiser_map
+    return ACTMap({**text_map.modules, **denoiser_map.modules}, denoiser_map.metadata, denoiser_map.buckets)
+
+
+@contextlib.contextmanager
+def text_encoders_steered(modules: Mapping[str, nn.Module], text_map: ACTMap) -> Iterator[None]:
+    """``text_map`` hooked on ``modules`` at strength 1 for the duration (what both hosts' adapters do)."""
+    handle = apply_act(modules, text_map, 1.0)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def split_pairs(prompts: Sequence[Any], size: int) -> list[tuple[int, Any]]:
+    """``(first index, batch)`` batches of ``size``: the first-step engine's batches of one prompt set."""
+    return [(start, prompts[start : start + size]) for start in range(0, len(prompts), size)]
