@@ -9,13 +9,13 @@ from comfy_api.latest import ComfyExtension, io
 from typing_extensions import override
 
 from act_core.errors import ACTInputError
-from act_core.families import FLUX, SDXL
 from act_core.maps import ACTMap
 
 from .common import (
     ACT_MAP,
     CATEGORY,
     CAUSAL_STRATEGIES,
+    COMFY_FAMILIES,
     DEFAULT_PRESET,
     DEFAULT_SOURCE_PROMPTS,
     DEFAULT_TARGET_PROMPTS,
@@ -36,7 +36,7 @@ _PRESET_HELP = " ".join(
     f"{family.name.upper()} presets: "
     + "; ".join(f"{name}: {preset.description}" for name, preset in family.presets.items())
     + "."
-    for family in (SDXL, FLUX)
+    for family in COMFY_FAMILIES
 )
 
 
@@ -163,7 +163,8 @@ class ACTFitMap(io.ComfyNode):
                     options=PRESET_NAMES,
                     default=DEFAULT_PRESET,
                     tooltip="Which modules are hooked and how: default = the MODEL family's default "
-                    f"(SDXL {SDXL.default_preset}, FLUX {FLUX.default_preset}); others must belong to the MODEL's "
+                    f"({', '.join(f'{f.display_name} {f.default_preset}' for f in COMFY_FAMILIES)}); others must "
+                    "belong to the MODEL's "
                     "family. " + _PRESET_HELP,
                 ),
                 io.String.Input(
@@ -282,7 +283,7 @@ class ACTFitMap(io.ComfyNode):
         # node_id given explicitly: first-step fitting reports progress from worker threads, which do not see
         # ComfyUI's executing-node context variable
         bar = comfy.utils.ProgressBar(1, node_id=cls.hidden.unique_id if cls.hidden else None)
-        act_map, _ = fit_map(
+        act_map = fit_map(
             model,
             clip,
             source_prompts,

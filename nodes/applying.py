@@ -23,21 +23,12 @@ from torch import nn
 
 from act_core.applying import ACTHandle, check_strength, folded_diffs
 from act_core.errors import ACTInputError, ACTModelMismatchError
-from act_core.families import FLUX, SDXL, ModelFamily, get_family
-from act_core.families.flux import comfy_transformer_modules
-from act_core.families.sdxl import comfy_unet_modules
+from act_core.families import ModelFamily, family_of_map
 from act_core.lora import as_foldable
 from act_core.maps import ACTMap
 from act_core.validation import check_window
 
-from .comfy_models import (
-    check_fits,
-    checkpoint_shells,
-    clip_modules,
-    comfy_clip_modules,
-    denoiser_modules,
-    state_key,
-)
+from .comfy_models import check_fits, checkpoint_shells, clip_modules, denoiser_modules, key_table, state_keys
 from .common import transformer_options_of
 
 log = logging.getLogger("ComfyUI-ACT")
@@ -126,13 +117,13 @@ def cond_rows(cond_or_uncond: Any, batch: int) -> tuple[bool, slice | torch.Tens
     return True, torch.cat([torch.arange(k * size, (k + 1) * size) for k in index])
 
 
-def unet_wrapper(
+def denoiser_wrapper(
     hooks: _Hooks,
     sigma_start: float | None,
     sigma_end: float | None,
     model_sampling: Any,
-    cfg_rows: str = "cond",
-    family: ModelFamily = SDXL,
+    cfg_rows: str,
+    family: ModelFamily,
 ) -> Callable:
     """DIFFUSION_MODEL wrapper: per call, the rows to steer (the cond chunks, unless the map steers all
     rows), the noise level (time-aware maps) and whether the call is inside [sigma_end, sigma_start]."""
@@ -158,8 +149,8 @@ def unet_wrapper(
 
 
 def map_family(act_map: ACTMap) -> ModelFamily:
-    """The model family a map was fitted on (its metadata; maps without it are SDXL's)."""
-    return get_family(str(act_map.metadata.get("family", SDXL.name)))
+    """The model family a map was fitted on (its metadata; ``act_core.families`` decides)."""
+    return family_of_map(act_map.metadata)
 
 
 def apply_map(
@@ -193,14 +184,16 @@ def apply_map(
     if denoiser in parts and strength != 0.0:
         if model is None:
             raise ACTInputError(f"This ACT map steers the {denoiser}: connect a MODEL.")
-        modules, table = denoiser_modules(model, family)
+        modules = denoiser_modules(model, family)
         part_map = act_map.restrict(parts=[denoiser])
         check_fits(part_map, modules, f"this MODEL's {denoiser}")
         window = start > 0.0 or end < 1.0
         patches = (
             None
-            if (window or force_hooks or family is not SDXL)  # FLUX maps never fold (act_core.families.flux)
-            else fold_patches(model, part_map, modules, lambda n: state_key(n, table))
+            if (window or force_hooks or not family.folds)
+            else fold_patches(
+                model, part_map, modules, state_keys(part_map.modules, family, model).__getitem__
+            )
         )
         if patches is not None:
             _add_diff_patches(model_out, patches, strength, "this MODEL")
@@ -208,11 +201,10 @@ def apply_map(
         else:
             from comfy.patcher_extension import WrappersMP
 
-            def resolve(patcher: Any, table: Any = table) -> dict[str, nn.Module]:
-                diffusion_model = patcher.model.diffusion_model
-                if family is FLUX:
-                    return comfy_transformer_modules(diffusion_model)
-                return comfy_unet_modules(diffusion_model, table)
+            table = key_table(model)
+
+            def resolve(patcher: Any) -> Mapping[str, nn.Module]:
+                return family.comfy_denoiser_modules(patcher.model.diffusion_model, table)
 
             hooks = _Hooks(part_map, strength, resolve)
             sigma_start = sigma_end = None
@@ -227,7 +219,7 @@ def apply_map(
             model_out.add_wrapper_with_key(
                 WrappersMP.DIFFUSION_MODEL,
                 tag,
-                unet_wrapper(hooks, sigma_start, sigma_end, sampling, cfg_rows, family),
+                denoiser_wrapper(hooks, sigma_start, sigma_end, sampling, cfg_rows, family),
             )
             how[denoiser] = HOOKS
 
@@ -240,17 +232,18 @@ def apply_map(
         check_fits(part_map, modules, "this CLIP")
         patches = (
             None
-            # FLUX's text-encoder maps never fold (T5's RMSNorm has no bias): hooks, as on its transformer.
-            if force_hooks or family is not SDXL
-            else fold_patches(clip.patcher, part_map, modules, lambda n: state_key(n, None))
+            if force_hooks or not family.folds
+            else fold_patches(
+                clip.patcher, part_map, modules, state_keys(part_map.modules, family, None).__getitem__
+            )
         )
         if patches is not None:
             _add_diff_patches(clip_out.patcher, patches, te_strength, "this CLIP")
             label = PATCHES
         else:
 
-            def resolve_clip(patcher: Any) -> dict[str, nn.Module]:
-                return comfy_clip_modules(patcher.model, family)
+            def resolve_clip(patcher: Any) -> Mapping[str, nn.Module]:
+                return family.comfy_clip_modules(patcher.model)
 
             hooks = _Hooks(part_map, te_strength, resolve_clip)
             clip_out.patcher.set_injections(tag, [hooks.injection()])

@@ -6,104 +6,75 @@ ComfyUI is imported lazily inside the functions: this module must import without
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-from act_core.errors import ACTModelMismatchError
-from act_core.families import FLUX, SDXL, ModelFamily, flux, sdxl
-from act_core.families.flux import comfy_transformer_modules
-from act_core.families.sdxl import (
-    TEXT_ENCODER,
-    TEXT_ENCODER_2,
-    UNET,
-    comfy_clip_key,
-    comfy_unet_key,
-    comfy_unet_modules,
-    unet_module_table,
-)
-from act_core.maps import ACTMap, part_of
+from act_core.errors import ACTInputError, ACTModelMismatchError
+from act_core.families import LEGACY_FAMILY, ModelFamily, family_of_comfy_model
+from act_core.maps import ACTMap
+
+KeyTable = Callable[[], Mapping[str, str]]
 
 
-def denoiser_family(model: Any) -> ModelFamily:
-    """The family of a ComfyUI MODEL's denoiser: FLUX (``double_blocks`` / ``single_blocks``) or SDXL."""
-    return FLUX if hasattr(model.model.diffusion_model, "double_blocks") else SDXL
+def model_family(model: Any) -> ModelFamily:
+    """The family of a ComfyUI MODEL (``act_core.families`` decides from its diffusion model's class); a fit
+    on a CLIP alone is the legacy family's."""
+    return LEGACY_FAMILY if model is None else family_of_comfy_model(model.model.diffusion_model)
 
 
-def denoiser_modules(model: Any, family: ModelFamily) -> tuple[dict[str, nn.Module], Any]:
-    """(canonical name -> module of the MODEL's denoiser, the UNet's name table or None)."""
-    diffusion_model = model.model.diffusion_model
-    if family not in (SDXL, FLUX):
+def key_table(model: Any) -> KeyTable:
+    """ComfyUI's diffusers key table of a MODEL (``comfy.utils.unet_to_diffusers``), computed on first use:
+    only families whose names need it (the UNet's) ask for it."""
+
+    @functools.cache
+    def table() -> Mapping[str, str]:
+        import comfy.utils
+
+        config = getattr(getattr(model.model, "model_config", None), "unet_config", None) or {}
+        return comfy.utils.unet_to_diffusers(config)
+
+    return table
+
+
+def denoiser_modules(model: Any, family: ModelFamily) -> dict[str, nn.Module]:
+    """Canonical name -> module of the MODEL's denoiser, for a map of ``family`` (refused, naming both
+    families, when the MODEL is of another one)."""
+    family.check_host("comfyui")
+    own = model_family(model)
+    if own is not family:
         raise ACTModelMismatchError(
-            f"This ACT map was fitted on a {family.name.upper()} model, which ComfyUI-ACT applies through diffusers "
-            "only for now (pipe.enable_act); in ComfyUI use SDXL or FLUX maps."
+            f"This ACT map was fitted on a {family.display_name} model (its {family.denoiser}), but this MODEL is "
+            f"{own.display_name} (its {own.denoiser}); use a map fitted on this model."
         )
-    if family is FLUX:
-        if denoiser_family(model) is not FLUX:
-            raise ACTModelMismatchError(
-                "This ACT map was fitted on a FLUX model (its transformer), but this MODEL is not a FLUX model; "
-                "use a map fitted on this model."
-            )
-        return comfy_transformer_modules(diffusion_model), None
-    if denoiser_family(model) is FLUX:
-        raise ACTModelMismatchError(
-            "This MODEL is a FLUX model but the ACT map was fitted on an SDXL model; fit a map on this model."
-        )
-    table = unet_table(model)
-    return unet_modules(model, table), table
+    return dict(family.comfy_denoiser_modules(model.model.diffusion_model, key_table(model)))
 
 
-def unet_table(model: Any) -> dict[str, str]:
-    """``{diffusers path: LDM path}`` of a ComfyUI MODEL (a ModelPatcher), from its UNet config."""
-    import comfy.utils
-
-    config = getattr(getattr(model.model, "model_config", None), "unet_config", None) or {}
-    return unet_module_table(comfy.utils.unet_to_diffusers(config))
-
-
-def unet_modules(model: Any, table: Mapping[str, str] | None = None) -> dict[str, nn.Module]:
-    """Canonical name -> module of the UNet of a MODEL (``model.model.diffusion_model``)."""
-    return comfy_unet_modules(model.model.diffusion_model, table if table is not None else unet_table(model))
+def clip_modules(clip: Any, family: ModelFamily) -> dict[str, nn.Module]:
+    """Canonical name -> module of the text encoders of a CLIP (``clip.cond_stage_model``), as ``family``
+    names them."""
+    family.check_host("comfyui")
+    return dict(family.comfy_clip_modules(clip.cond_stage_model))
 
 
-# Each family's map of ComfyUI's CLIP (``CLIP.cond_stage_model``) onto its canonical text-encoder names.
-CLIP_MODULES: dict[str, Callable[[nn.Module], dict[str, nn.Module]]] = {
-    SDXL.name: sdxl.comfy_clip_modules,
-    FLUX.name: flux.comfy_clip_modules,
-}
+def state_keys(names: Iterable[str], family: ModelFamily, model: Any | None) -> dict[str, str]:
+    """ComfyUI state-dict module prefix of each canonical module name (foldable families only)."""
+    if family.comfy_state_keys is None:
+        raise ACTInputError(f"{family.display_name} maps do not fold into weights; apply them with hooks.")
+    return family.comfy_state_keys(names, key_table(model) if model is not None else dict)
 
 
-def comfy_clip_modules(cond_stage_model: nn.Module, family: ModelFamily = SDXL) -> dict[str, nn.Module]:
-    """Canonical name -> module of ComfyUI text encoders (``CLIP.cond_stage_model``) as ``family`` names them."""
-    return CLIP_MODULES[family.name](cond_stage_model)
-
-
-def clip_modules(clip: Any, family: ModelFamily = SDXL) -> dict[str, nn.Module]:
-    """Canonical name -> module of the text encoders of a CLIP (``clip.cond_stage_model``)."""
-    return comfy_clip_modules(clip.cond_stage_model, family)
-
-
-def has_text_encoder_2(clip: Any) -> bool:
-    return getattr(clip.cond_stage_model, "clip_g", None) is not None
-
-
-def state_key(name: str, table: Mapping[str, str] | None) -> str:
-    """ComfyUI state-dict module prefix of a canonical module name (UNet needs the model's table)."""
-    return comfy_unet_key(name, table or {}) if part_of(name) == UNET else comfy_clip_key(name)
-
-
-def modules_for(
-    act_map: ACTMap, model: Any, clip: Any, table: Mapping[str, str] | None
-) -> dict[str, nn.Module]:
+def modules_for(act_map: ACTMap, model: Any, clip: Any, family: ModelFamily) -> dict[str, nn.Module]:
     """The modules of ``model`` / ``clip`` the map's parts live in (all candidates, the map picks)."""
     modules: dict[str, nn.Module] = {}
     parts = act_map.parts()
-    if UNET in parts:
-        modules.update(unet_modules(model, table))
-    if TEXT_ENCODER in parts or TEXT_ENCODER_2 in parts:
-        modules.update(clip_modules(clip))
+    if family.denoiser in parts:
+        modules.update(denoiser_modules(model, family))
+    if any(part != family.denoiser for part in parts):
+        modules.update(clip_modules(clip, family))
     return modules
 
 

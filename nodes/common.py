@@ -6,15 +6,17 @@ Input checks live in ``act_core.validation`` (one layer for the nodes, the mixin
 from __future__ import annotations
 
 from act_core.errors import ACTInputError
-from act_core.families import FLUX, SDXL, ModelFamily
+from act_core.families import FAMILIES, LEGACY_FAMILY, ModelFamily
 from act_core.presets import Preset
 
 CATEGORY = "ACT"
 ACT_MAP = "ACT_MAP"
-# SDXL's presets, then FLUX's own (the Fit node looks the name up in the MODEL's family).
-# "default": the MODEL family's own default preset, so one Fit node works on SDXL and FLUX alike.
+# The families ComfyUI-ACT steers in ComfyUI (``act_core.families`` data).
+COMFY_FAMILIES = [family for family in FAMILIES.values() if "comfyui" in family.hosts]
+# "default": the MODEL family's own default preset, so one Fit node works on every family; then each
+# family's presets (the Fit node looks the name up in the MODEL's family).
 FAMILY_DEFAULT_PRESET = "default"
-PRESET_NAMES = [FAMILY_DEFAULT_PRESET, *dict.fromkeys([*SDXL.presets, *FLUX.presets])]
+PRESET_NAMES = [FAMILY_DEFAULT_PRESET, *dict.fromkeys(name for f in COMFY_FAMILIES for name in f.presets)]
 DEFAULT_PRESET = FAMILY_DEFAULT_PRESET
 METHODS = ["linear", "mean", "gaussian"]
 SUPPORTS = ["auto", "range", "unbounded", "q0.5-99.5", "q1-99", "q5-95", "q10-90", "q25-75", "q40-60"]
@@ -46,7 +48,7 @@ DEFAULT_TARGET_PROMPTS = "\n".join(
 )
 
 
-def parse_parts(text: str, preset: Preset, family: ModelFamily = SDXL) -> tuple[str, ...]:
+def parse_parts(text: str, preset: Preset, family: ModelFamily = LEGACY_FAMILY) -> tuple[str, ...]:
     """A comma-separated subset of the preset's parts; blank means all of them."""
     wanted = [p.strip() for p in (text or "").replace(";", ",").split(",") if p.strip()]
     if not wanted:
@@ -63,11 +65,6 @@ def parse_parts(text: str, preset: Preset, family: ModelFamily = SDXL) -> tuple[
             "for all of the preset's parts, or pick another preset."
         )
     return tuple(dict.fromkeys(wanted))
-
-
-def resolve_support(support: str, method: str, preset: Preset) -> str | None:
-    """'auto' means the preset's support (e.g. unbounded), else the method's default."""
-    return (preset.support or None) if support == "auto" else support
 
 
 def transformer_options_of(args: tuple, kwargs: dict) -> dict:

@@ -1,62 +1,65 @@
-"""Fit an ACT map on a ComfyUI MODEL / CLIP, with the same protocols as the diffusers mixin.
+"""Fit an ACT map on a ComfyUI MODEL / CLIP: the ComfyUI host of the one fit workflow (``act_core.workflow``).
 
-* ``trajectory`` (the default preset): ComfyUI's own sampler (``sampler_name``, ``scheduler``, ``steps``,
-  ``cfg``, as KSampler takes them) samples the prompt pairs. A guider (``_FitGuider``) evaluates, at
-  every model call, the source conds, the negative, the *target* conds and the source conds once more
-  (untransported) on the same latents; ComfyUI batches them as it batches cond and uncond, and
-  ``act_core.trajectory.TrajectoryFit`` records the hooked modules, fits one map per noise level and
-  transports the source rows before the forward goes on. Each step's maps are then calibrated on the
-  model output (``calibration_gain``), and the latents advance with the guided prediction of the
-  calibrated source rows: the trajectory the steered model takes at lambda = 1. When ComfyUI splits the
-  conds over several calls (memory), the session falls back to "lagged" fitting and says so.
-* ``first_step`` (the paper's): the cond branch at the FIRST denoising step, guidance off. For every
-  batch ComfyUI's sampler runs up to the UNet call and a pre-hook captures the exact UNet arguments;
-  ``run_model`` replays ``diffusion_model(*args, **kwargs)`` (lockstep threads run it concurrently,
-  nothing is loaded inside them).
+* ``trajectory`` (the default presets): ComfyUI's own sampler (``sampler_name``, ``scheduler``, ``steps``,
+  ``cfg``, as KSampler takes them) samples the prompt pairs. A guider evaluates, at every model call, the
+  source conds, the negative, the *target* conds and the source conds once more (untransported) on the same
+  latents; ComfyUI batches them as it batches cond and uncond, and ``act_core.trajectory.TrajectoryFit``
+  records the hooked modules, fits one map per noise level and transports the source rows before the forward
+  goes on. The latents advance with ``act_core.sampling.source_prediction`` of those rows (calibrated once
+  per noise level), guided by ComfyUI's own CFG function. When ComfyUI splits the conds over several calls
+  (memory), the session falls back to "lagged" fitting and says so.
+* ``first_step`` (the paper's): the cond branch at the FIRST denoising step, guidance off. For every batch
+  ComfyUI's sampler runs up to the denoiser call and a pre-hook captures its exact arguments; ``run_model``
+  replays ``diffusion_model(*args, **kwargs)`` (lockstep threads run it concurrently).
 * Text-encoder presets run the text encoders only.
 
+Which family a MODEL is, and how its modules are named, is ``act_core.families`` data.
 Prompt pair i (source i, target i; the shorter list repeats) gets the noise of seed ``seed + i``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
+from torch import nn
 
 from act_core._version import __version__
-from act_core.errors import ACTError, ACTInputError, ACTWarning
-from act_core.estimators import ModuleEstimator
-from act_core.families import FLUX, SDXL, ModelFamily
-from act_core.families.sdxl import TEXT_ENCODER, dead_text_encoder_paths
+from act_core.errors import ACTError, ACTInputError
+from act_core.families import ModelFamily
 from act_core.fitting import fit_with_stats
 from act_core.maps import ACTMap, part_of
 from act_core.recording import token_mask_hooks
-from act_core.trajectory import TrajectoryFit, calibration_gain
+from act_core.sampling import SamplingSettings, source_prediction
+from act_core.trajectory import TrajectoryFit
 from act_core.validation import (
-    check_balance,
-    check_positive_int,
     check_prompt_sets,
     check_sampling,
     check_size,
-    fit_metadata,
     parse_prompt_lines,
     unknown_words,
 )
+from act_core.workflow import (
+    FirstStepFit,
+    FitOptions,
+    TrajectoryRun,
+    fit_act_map,
+    preset_modules,
+    text_encoders_steered,
+)
 
-from .comfy_models import clip_modules, denoiser_family, denoiser_modules, has_text_encoder_2
-from .common import FAMILY_DEFAULT_PRESET, parse_parts, resolve_support, transformer_options_of
+from .comfy_models import clip_modules, denoiser_modules, model_family
+from .common import FAMILY_DEFAULT_PRESET, parse_parts, transformer_options_of
 
 log = logging.getLogger("ComfyUI-ACT")
 FIRST_STEP_SCHEDULER = "normal"  # first-step protocol: only sigma_max matters
 FIRST_STEP_SAMPLER = "euler"
 SOURCE_COND, NEGATIVE_COND, TARGET_COND, PLAIN_COND = 0, 1, 2, 3  # indices in calc_cond_batch's conds
-# Rough live activation size of one UNet forward at a lockstep rendezvous, per latent pixel and sample
-# (skip connections of SD/SDXL UNets are ~1700 channels in total at latent resolution).
+# Rough live activation size of one denoiser forward at a lockstep rendezvous, per latent pixel and sample.
 _ACTIVATION_ELEMENTS_PER_LATENT_PIXEL = 2500
 Progress = Callable[[int, int], None]
 
@@ -72,10 +75,12 @@ class _Captured(Exception):
 def family_preset(family: ModelFamily, preset_name: str) -> Any:
     """The preset ``preset_name`` of the MODEL's family ("default": the family's default), or an error that
     names the family's presets."""
+    from act_core.families import FAMILIES
+
     if preset_name == FAMILY_DEFAULT_PRESET:
         preset_name = family.default_preset
     if preset_name not in family.presets:
-        others = [f.name.upper() for f in (SDXL, FLUX) if f is not family and preset_name in f.presets]
+        others = [f.name.upper() for f in FAMILIES.values() if f is not family and preset_name in f.presets]
         raise ACTInputError(
             f"Preset {preset_name!r} is not a {family.name.upper()} preset"
             + (f" (it is for {others[0]} models)" if others else "")
@@ -83,32 +88,6 @@ def family_preset(family: ModelFamily, preset_name: str) -> Any:
             f"(default {family.default_preset})."
         )
     return family.preset(preset_name)
-
-
-def select_modules(
-    model: Any, clip: Any, preset_name: str, parts_text: str, family: ModelFamily = SDXL
-) -> tuple[dict, tuple[str, ...]]:
-    """The modules a preset hooks on this MODEL/CLIP (canonical names), and the parts used."""
-    spec = family_preset(family, preset_name)
-    parts = parse_parts(parts_text, spec, family)
-    selected = {}
-    for part in parts:
-        if part == family.denoiser:
-            candidates, _ = denoiser_modules(model, family)
-        else:
-            candidates = {n: m for n, m in clip_modules(clip, family).items() if part_of(n) == part}
-            if not candidates:
-                raise ACTInputError(
-                    f"This CLIP has no {part} (ComfyUI's {'clip_l' if part == TEXT_ENCODER else 'clip_g'}); "
-                    f"preset {preset_name!r} needs one. Use an SD1.x/SDXL CLIP or set 'parts'."
-                )
-        excluded: tuple[str, ...] = ()
-        if part == TEXT_ENCODER and has_text_encoder_2(clip):
-            excluded = dead_text_encoder_paths(part, int(clip.cond_stage_model.clip_l.num_layers))
-        selected.update(spec.select(part, candidates, excluded))
-    if not selected:
-        raise ACTInputError(f"Preset {preset_name!r} matched no module of this model's {', '.join(parts)}.")
-    return selected, parts
 
 
 # ------------------------------------------------------------------------------------------ conditioning
@@ -160,11 +139,10 @@ def _token_keys(clip: Any, prompts: Sequence[str]) -> list[tuple]:
 class _FitGuider:
     """Factory for a CFGGuider subclass (ComfyUI is imported lazily): at every model evaluation the source
     conds, the negative, the target conds and (``calibrate``) the source conds again, untransported, run on
-    the same latents; the latents follow the guided prediction of the transported source rows, calibrated
-    on the model output (``act_core.trajectory.calibration_gain``)."""
+    the same latents; the latents follow ``source_prediction`` of those rows, guided by ComfyUI's CFG."""
 
     @staticmethod
-    def build(model: Any, session: TrajectoryFit, calibrate: bool) -> Any:
+    def build(model: Any, session: TrajectoryFit, calibrate: bool, trajectory: str) -> Any:
         import comfy.samplers
 
         class FitGuider(comfy.samplers.CFGGuider):
@@ -174,13 +152,13 @@ class _FitGuider:
                 if calibrate:
                     conds.append(self.conds["positive"])  # PLAIN_COND: not transported
                 out = comfy.samplers.calc_cond_batch(self.inner_model, conds, x, timestep, model_options)
-                steered = out[SOURCE_COND]
-                if calibrate:
-                    plain = out[PLAIN_COND]
-                    if not session.replayed:
-                        gain = calibration_gain(out[TARGET_COND], steered, plain)
-                        session.scale_step(session.current_level, gain)
-                        steered = plain + gain * (steered - plain)
+                steered = source_prediction(
+                    session,
+                    out[TARGET_COND],
+                    out[SOURCE_COND],
+                    out[PLAIN_COND] if calibrate else None,
+                    trajectory=trajectory,
+                )
                 return comfy.samplers.cfg_function(
                     self.inner_model,
                     steered,
@@ -228,93 +206,6 @@ def _session_wrapper(
             return executor(*args, **kwargs)
 
     return wrapper
-
-
-def fit_trajectory(
-    model: Any,
-    clip: Any,
-    modules: dict,
-    source: list[str],
-    target: list[str],
-    estimate: ModuleEstimator,
-    *,
-    mode: str,
-    seed: int,
-    width: int,
-    height: int,
-    steps: int,
-    cfg: float,
-    sampler_name: str,
-    scheduler: str,
-    negative_prompt: str,
-    statistic: str,
-    calibrate: bool,
-    check: Callable[[], None],
-    progress: Progress | None,
-    family: ModelFamily = SDXL,
-) -> ACTMap:
-    """Sample the prompt pairs with ComfyUI's sampler and fit the denoiser's maps along the way."""
-    import comfy.model_management as mm
-    import comfy.patcher_extension
-    import comfy.sample
-    import comfy.samplers
-
-    pairs = max(len(source), len(target))
-    source_pairs = [source[i % len(source)] for i in range(pairs)]
-    target_pairs = [target[i % len(target)] for i in range(pairs)]
-    encoded = _encode_prompts(clip, source_pairs + target_pairs, check)
-    length = math.lcm(*[cond.shape[1] for cond, _ in encoded])
-    positive = _stack_conds(encoded[:pairs], length)
-    target_conds = _stack_conds(encoded[pairs:], length)
-    negative = _stack_conds(_encode_prompts(clip, [negative_prompt], check) * pairs)
-    latent = torch.zeros((pairs, 4, height // 8, width // 8), dtype=torch.float32)
-    latent = comfy.sample.fix_empty_latent_channels(model, latent)
-    noise = torch.cat([comfy.sample.prepare_noise(latent[:1], (seed + i) % (2**64)) for i in range(pairs)])
-    sampler = comfy.samplers.KSampler(
-        model, steps=steps, device=model.load_device, sampler=sampler_name, scheduler=scheduler, denoise=1.0
-    )
-    session = TrajectoryFit(modules, estimate, num_pairs=pairs, mode=mode, statistic=statistic)
-    patched = model.clone()
-    model_sampling = model.get_model_object("model_sampling")
-    patched.add_wrapper_with_key(
-        comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL,
-        "comfyui_act_fit",
-        _session_wrapper(session, model_sampling, check, family.comfy_timestep_scale),
-    )
-    guider = _FitGuider.build(patched, session, calibrate)
-    guider.set_conds(positive, negative)
-    guider.inner_set_conds({"target": target_conds})
-    guider.set_cfg(cfg)
-
-    def callback(step, x0, x, total_steps):
-        if progress is not None:
-            progress(step + 1, total_steps)
-
-    with session:
-        guider.sample(
-            noise,
-            latent,
-            comfy.samplers.sampler_object(sampler_name),
-            sampler.sigmas,
-            callback=callback,
-            disable_pbar=True,
-            seed=seed,
-        )
-    mm.throw_exception_if_processing_interrupted()
-    estimate.check_not_identical(len(session.maps))
-    gains = [round(session.gains[k], 4) for k in sorted(session.gains)] or None
-    act_map = session.result(
-        {**estimate.metadata(), "num_source": pairs, "num_target": pairs, "calibration_gains": gains}
-    )
-    if session.stats.strategy == "lagged":
-        message = (
-            "ACT fit: ComfyUI split the source and target conds over several model calls (memory), so each step "
-            "was fitted 'lagged' (source rows steered with the previous step's maps). Fewer prompts, a smaller "
-            "size or more free memory give exact fitting."
-        )
-        log.warning(message)
-        warnings.warn(message, ACTWarning, stacklevel=2)
-    return act_map
 
 
 # ------------------------------------------------------------------------------------------ first step
@@ -465,6 +356,182 @@ class _TokenMasks:
         self.handles.clear()
 
 
+# ------------------------------------------------------------------------------------------ the host
+class ComfyFitHost:
+    """A MODEL / CLIP and the Fit node's sampler settings as a ``FitHost`` (``act_core.workflow``)."""
+
+    name = "comfyui"
+
+    def __init__(
+        self,
+        model: Any,
+        clip: Any,
+        settings: SamplingSettings,
+        *,
+        sampler_name: str,
+        scheduler: str,
+        inference: bool,
+    ):
+        self.model, self.clip, self.settings = model, clip, settings
+        self.family = model_family(model)
+        self.family.check_host("comfyui")
+        self.sampler_name, self.scheduler, self.inference = sampler_name, scheduler, inference
+
+    @staticmethod
+    def check() -> None:
+        import comfy.model_management as mm
+
+        mm.throw_exception_if_processing_interrupted()
+
+    # ---------------------------------------------------------------------------- modules
+    def part_modules(self, part: str) -> Mapping[str, nn.Module]:
+        if part == self.family.denoiser:
+            if self.model is None:
+                raise ACTInputError(f"The preset hooks the {part}: connect a MODEL.")
+            return denoiser_modules(self.model, self.family)
+        if self.clip is None:
+            raise ACTInputError(f"The preset hooks the text encoder {part}: connect a CLIP.")
+        modules = {n: m for n, m in clip_modules(self.clip, self.family).items() if part_of(n) == part}
+        if not modules:
+            raise ACTInputError(
+                f"This CLIP has no {part} (ComfyUI's {self.family.comfy_clip_parts.get(part, part)}); the preset "
+                "needs one. Use the model's own CLIP or set 'parts'."
+            )
+        return modules
+
+    def dead_modules(self, part: str) -> tuple[str, ...]:
+        encoders = self.family.comfy_clip_parts
+        if self.clip is None or part not in encoders:
+            return ()
+        encoder = getattr(self.clip.cond_stage_model, encoders[part], None)
+        layers = int(getattr(encoder, "num_layers", 0) or 0)
+        second = encoders.get("text_encoder_2")
+        has_second = second is not None and getattr(self.clip.cond_stage_model, second, None) is not None
+        return self.family.dead_modules(part, layers, has_second)
+
+    def check_prompt_sets(self, source: list[str], target: list[str]) -> None:
+        if self.clip is None:
+            return
+        check_prompt_sets(source, target, _token_keys(self.clip, source), _token_keys(self.clip, target))
+        words = unknown_words(_hf_tokenizer(self.clip), source + target)
+        if words:
+            log_and_warn(
+                f"ACT fit: the tokenizer does not know {', '.join(words[:8])}: it splits them into characters, "
+                "which the model never learned. Use words of the model's vocabulary."
+            )
+
+    # ---------------------------------------------------------------------------- fitting
+    def fitting(self) -> contextlib.AbstractContextManager:
+        return torch.inference_mode(self.inference)
+
+    def pairs_per_call(self, num_pairs: int, rows_per_pair: int) -> int:
+        return num_pairs  # ComfyUI batches the conds itself (calc_cond_batch, by free memory)
+
+    def steer_text_encoders(self, text_map: ACTMap) -> contextlib.AbstractContextManager:
+        return text_encoders_steered(clip_modules(self.clip, self.family), text_map)
+
+    def sample(self, run: TrajectoryRun) -> None:
+        import comfy.patcher_extension
+        import comfy.sample
+        import comfy.samplers
+
+        model, clip, settings, pairs = self.model, self.clip, self.settings, len(run.source)
+        encoded = _encode_prompts(clip, run.source + run.target, self.check)
+        length = math.lcm(*[cond.shape[1] for cond, _ in encoded])
+        positive = _stack_conds(encoded[:pairs], length)
+        target_conds = _stack_conds(encoded[pairs:], length)
+        negative = _stack_conds(_encode_prompts(clip, [settings.negative_prompt or ""], self.check) * pairs)
+        latent = torch.zeros((pairs, 4, settings.height // 8, settings.width // 8), dtype=torch.float32)
+        latent = comfy.sample.fix_empty_latent_channels(model, latent)
+        noise = torch.cat(
+            [comfy.sample.prepare_noise(latent[:1], (run.seed + i) % (2**64)) for i in range(pairs)]
+        )
+        sampler = comfy.samplers.KSampler(
+            model,
+            steps=settings.num_inference_steps,
+            device=model.load_device,
+            sampler=self.sampler_name,
+            scheduler=self.scheduler,
+            denoise=1.0,
+        )
+        patched = model.clone()
+        patched.add_wrapper_with_key(
+            comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL,
+            "comfyui_act_fit",
+            _session_wrapper(
+                run.session,
+                model.get_model_object("model_sampling"),
+                self.check,
+                self.family.comfy_timestep_scale,
+            ),
+        )
+        guider = _FitGuider.build(patched, run.session, run.calibrate, run.trajectory)
+        guider.set_conds(positive, negative)
+        guider.inner_set_conds({"target": target_conds})
+        guider.set_cfg(settings.guidance_scale)
+
+        def callback(step, x0, x, total_steps):
+            run.progress(step + 1, total_steps, f"step {step + 1}/{total_steps}")
+
+        guider.sample(
+            noise,
+            latent,
+            comfy.samplers.sampler_object(self.sampler_name),
+            sampler.sigmas,
+            callback=callback,
+            disable_pbar=True,
+            seed=run.seed,
+        )
+        self.check()
+
+    def fit_first_step(self, fit: FirstStepFit) -> ACTMap:
+        act_map, _ = _fit_first_step(self, fit)
+        return act_map
+
+    def metadata(self, protocol: str, uses_denoiser: bool) -> dict:
+        settings = self.settings
+        sampling = {"width": settings.width, "height": settings.height, "steps": settings.num_inference_steps}
+        if protocol == "trajectory":
+            sampling.update(
+                {
+                    "cfg": settings.guidance_scale,
+                    "sampler_name": self.sampler_name,
+                    "scheduler": self.scheduler,
+                    "negative_prompt": settings.negative_prompt or "",
+                }
+            )
+        owner = (
+            type(self.model.model).__name__ if uses_denoiser else type(self.clip.cond_stage_model).__name__
+        )
+        return {"model": f"ComfyUI {owner}", "sampling": sampling, "comfyui_act_version": __version__}
+
+
+def log_and_warn(message: str) -> None:
+    """A fit warning in the server log and as a Python warning (the Fit node shows it in its summary)."""
+    import warnings
+
+    from act_core.errors import ACTWarning
+
+    log.warning(message)
+    warnings.warn(message, ACTWarning, stacklevel=3)
+
+
+def select_modules(model: Any, clip: Any, preset_name: str, parts_text: str) -> tuple[dict, tuple[str, ...]]:
+    """The modules a preset hooks on this MODEL/CLIP (canonical names), and the parts used."""
+    family = model_family(model)
+    spec = family_preset(family, preset_name)
+    parts = parse_parts(parts_text, spec, family)
+    host = ComfyFitHost(
+        model,
+        clip,
+        SamplingSettings(1, 1.0, 64, 64),
+        sampler_name="euler",
+        scheduler="normal",
+        inference=False,
+    )
+    return preset_modules(host, spec, parts), parts
+
+
 # ------------------------------------------------------------------------------------------ fit
 def fit_map(
     model: Any,
@@ -472,7 +539,7 @@ def fit_map(
     source_text: str,
     target_text: str,
     *,
-    preset: str = SDXL.default_preset,
+    preset: str = FAMILY_DEFAULT_PRESET,
     parts: str = "",
     method: str = "linear",
     support: str = "auto",
@@ -488,150 +555,67 @@ def fit_map(
     batch_size: int = 4,
     causal_strategy: str = "auto",
     progress: Progress | None = None,
-) -> tuple[ACTMap, Any]:
-    """Fit an ACT map; returns (map, stats). Raises on interruption (nothing stays hooked)."""
-    import comfy.model_management as mm
-
-    family = denoiser_family(model) if model is not None else SDXL
+) -> ACTMap:
+    """Fit an ACT map with the one fit workflow. Raises on interruption (nothing stays hooked)."""
     source = parse_prompt_lines(source_text, "source")
     target = parse_prompt_lines(target_text, "target")
-    check_balance(source, target)
-    check_size(height, width)
+    height, width = check_size(height, width)
     steps, cfg = check_sampling(steps, cfg)
-    check_positive_int(batch_size, "batch_size")
+    if not isinstance(negative_prompt, str):
+        raise ACTInputError("negative_prompt must be text.")
+    family = model_family(model)
     spec = family_preset(family, preset)
-    mode = spec.mode if mode == "preset" else mode
-    modules, used_parts = select_modules(model, clip, preset, parts, family)
-    uses_unet = any(part_of(name) == family.denoiser for name in modules)
-    if clip is not None:
-        check_prompt_sets(source, target, _token_keys(clip, source), _token_keys(clip, target))
-        words = unknown_words(_hf_tokenizer(clip), source + target)
-        if words:
-            message = (
-                f"ACT fit: the tokenizer does not know {', '.join(words[:8])}: it splits them into characters, which "
-                "the model never learned. Use words of the model's vocabulary."
-            )
-            log.warning(message)
-            warnings.warn(message, ACTWarning, stacklevel=2)
-    inference = torch.is_inference_mode_enabled()
-
-    def check() -> None:
-        mm.throw_exception_if_processing_interrupted()
-
-    estimate = ModuleEstimator(method, resolve_support(support, method, spec), spec.apply_mode)
-    protocol = spec.protocol if uses_unet else "text_encoders_only"
-    sampling = {"width": width, "height": height, "steps": steps}
-    if protocol == "trajectory":
-        if any(part_of(name) != family.denoiser for name in modules):
-            raise ACTInputError(
-                f"Preset {preset!r} mixes text-encoder and denoiser modules with the trajectory protocol, which the "
-                "Fit ACT map node does not support; fit the parts separately."
-            )
-        if not isinstance(negative_prompt, str):
-            raise ACTInputError("negative_prompt must be text.")
-        sampling.update(
-            {
-                "cfg": cfg,
-                "sampler_name": sampler_name,
-                "scheduler": scheduler,
-                "negative_prompt": negative_prompt,
-                "trajectory": "steered",
-            }
-        )
-        with torch.inference_mode(inference):
-            act_map = fit_trajectory(
-                model,
-                clip,
-                modules,
-                source,
-                target,
-                estimate,
-                mode=mode,
-                seed=seed,
-                width=width,
-                height=height,
-                steps=steps,
-                cfg=cfg,
-                sampler_name=sampler_name,
-                scheduler=scheduler,
-                negative_prompt=negative_prompt,
-                statistic=spec.statistic,
-                calibrate=spec.calibrate,
-                check=check,
-                progress=progress,
-                family=family,
-            )
-        stats = None
-    else:
-        act_map, stats = _fit_first_step(
-            model,
-            clip,
-            modules,
-            source,
-            target,
-            estimate,
-            mode,
-            seed,
-            width,
-            height,
-            steps,
-            batch_size,
-            causal_strategy,
-            uses_unet,
-            inference,
-            check,
-            progress,
-        )
-        if uses_unet:
-            sampling.update({"statistics_steps": 1, "guidance": "off (cond branch)"})
-    metadata = fit_metadata(
-        family=family.name,
-        preset=spec.name,
-        protocol=protocol,
-        source=source,
-        target=target,
-        seed=seed,
-        model=f"ComfyUI {type(model.model).__name__}"
-        if uses_unet
-        else f"ComfyUI {type(clip.cond_stage_model).__name__}",
-        host="comfyui",
-        sampling=sampling,
-        cfg_rows=spec.cfg_rows if uses_unet else "all",
-        extra={"parts": list(used_parts), "comfyui_act_version": __version__},
+    settings = SamplingSettings(steps, cfg, height, width, negative_prompt, cfg_batch=family.cfg_batch)
+    host = ComfyFitHost(
+        model,
+        clip,
+        settings,
+        sampler_name=sampler_name,
+        scheduler=scheduler,
+        inference=torch.is_inference_mode_enabled(),
     )
-    return act_map.with_metadata(metadata), stats
+    options = FitOptions(
+        preset=spec,
+        parts=parse_parts(parts, spec, family),
+        method=method,
+        support=None if support == "auto" else support,
+        mode=None if mode == "preset" else mode,
+        # ComfyUI batches the trajectory's conds itself; batch_size is the first-step engine's
+        batch_size=batch_size if spec.protocol == "first_step" else None,
+        seed=seed,
+        causal_strategy=causal_strategy,
+    )
+
+    def report(done: int, total: int, what: str) -> None:
+        host.check()
+        if progress is not None:
+            progress(done, total)
+
+    return fit_act_map(host, source, target, options, report)
 
 
-def _fit_first_step(
-    model,
-    clip,
-    modules,
-    source,
-    target,
-    estimate,
-    mode,
-    seed,
-    width,
-    height,
-    steps,
-    batch_size,
-    causal_strategy,
-    uses_unet,
-    inference,
-    check,
-    progress,
-):
+def _fit_first_step(host: ComfyFitHost, fit: FirstStepFit):
+    """The first-step engine on this MODEL's denoiser (captured inputs replayed) or this CLIP's encoders."""
     import comfy.model_management as mm
 
-    strategy = causal_strategy
-    if uses_unet:
-        kwargs = {"seed": seed, "width": width, "height": height, "steps": steps, "batch_size": batch_size}
-        source_batches = unet_batches(model, clip, source, check=check, **kwargs)
-        target_batches = unet_batches(model, clip, target, check=check, **kwargs)
+    model, clip, settings, family = host.model, host.clip, host.settings, host.family
+    uses_denoiser = any(part_of(name) == family.denoiser for name in fit.modules)
+    strategy = fit.causal_strategy
+    inference = host.inference
+    if uses_denoiser:
+        kwargs = {
+            "seed": fit.seed,
+            "width": settings.width,
+            "height": settings.height,
+            "steps": settings.num_inference_steps,
+            "batch_size": fit.batch_size,
+        }
+        source_batches = unet_batches(model, clip, fit.source, check=host.check, **kwargs)
+        target_batches = unet_batches(model, clip, fit.target, check=host.check, **kwargs)
         mm.load_models_gpu([model])
         diffusion_model = model.model.diffusion_model
-        if mode == "causal" and causal_strategy == "auto":
-            ok, why = lockstep_ok(model, len(source) + len(target), width, height)
+        if fit.mode == "causal" and fit.causal_strategy == "auto":
+            ok, why = lockstep_ok(model, len(fit.source) + len(fit.target), settings.width, settings.height)
             if not ok:
                 log.info("ACT fit: group-wise causal fitting because %s.", why)
                 strategy = "groupwise"
@@ -644,10 +628,10 @@ def _fit_first_step(
             with torch.inference_mode(inference):
                 diffusion_model(*args, **kw)
 
-        masks = None
+        masks = contextlib.nullcontext()
     else:
-        source_batches = text_batches(clip, source, batch_size)
-        target_batches = text_batches(clip, target, batch_size)
+        source_batches = text_batches(clip, fit.source, fit.batch_size)
+        target_batches = text_batches(clip, fit.target, fit.batch_size)
         encoder = clip.cond_stage_model
         encoder.reset_clip_options()
         if getattr(clip, "layer_idx", None) is not None:
@@ -661,19 +645,18 @@ def _fit_first_step(
         masks = _TokenMasks(clip)
 
     def report(done: int, total: int, what: str) -> None:
-        check()
-        if progress is not None:
-            progress(done, total)
+        host.check()
+        if fit.progress is not None:
+            fit.progress(done, total, what)
 
-    options = {
-        "method": estimate.method,
-        "support": estimate.support,
-        "mode": mode,
-        "apply_mode": estimate.apply_mode,
-        "causal_strategy": strategy,
-        "progress": report,
-    }
-    if masks is None:
-        return fit_with_stats(run_model, source_batches, target_batches, modules, **options)
     with masks:
-        return fit_with_stats(run_model, source_batches, target_batches, modules, **options)
+        return fit_with_stats(
+            run_model,
+            source_batches,
+            target_batches,
+            dict(fit.modules),
+            mode=fit.mode,
+            causal_strategy=strategy,
+            progress=report,
+            **fit.estimator_options,
+        )

@@ -155,18 +155,16 @@ def choose_threads(pipe: Any, requested: int | None) -> int:
 
 
 def model_family(model: str) -> Any:
-    """The model family of ``--model`` from its ``model_index.json`` (no torch): FLUX and SD3 folders are
-    theirs, everything else (folders, single files, cached ids) is checked as SDXL until it loads."""
-    from .families import FLUX, SD3, SDXL
+    """The model family of ``--model`` from its ``model_index.json`` (no torch); folders of unknown classes,
+    single files and cached ids are checked as the legacy family (SDXL) until they load."""
+    from .families import LEGACY_FAMILY, family_of_pipeline_class
 
     index = Path(os.path.expanduser(str(model))) / "model_index.json"
     try:
         name = json.loads(index.read_text(encoding="utf-8")).get("_class_name", "")
     except (OSError, ValueError):
-        return SDXL
-    if name.startswith("Flux"):
-        return FLUX
-    return SD3 if name.startswith("StableDiffusion3") else SDXL
+        return LEGACY_FAMILY
+    return family_of_pipeline_class(str(name)) or LEGACY_FAMILY
 
 
 def load_model(args: argparse.Namespace) -> Any:
@@ -244,13 +242,14 @@ def cmd_fit(args: argparse.Namespace) -> int:
     family = model_family(args.model)
     args.preset = args.preset or family.default_preset
     spec = family.preset(args.preset)  # fail before loading the model, not a minute later
-    if family.name == "flux" and args.negative_prompt:
+    if not family.cfg_batch and args.negative_prompt:
         raise CLIError(
-            "FLUX.1 samples without a CFG batch, so --negative-prompt has no effect there; drop it."
+            f"{family.display_name} samples without a CFG batch, so --negative-prompt has no effect there; drop it."
         )
-    if family.name not in ("flux", "sd3") and args.max_sequence_length is not None:
+    if family.max_sequence_length is None and args.max_sequence_length is not None:
         raise CLIError(
-            "--max-sequence-length is FLUX's and SD3's (their T5 prompt length); this model is neither."
+            f"--max-sequence-length is the T5 prompt length of FLUX and SD3 models; {family.display_name} has "
+            "none. Drop it."
         )
     if args.support is not None:
         validate_support(args.support)
@@ -377,24 +376,11 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_export_lora(args: argparse.Namespace) -> int:
-    from .lora import FOLDABLE_PRESET, export_lora
+    from .lora import check_foldable, export_lora
 
     output = check_output(args.output, ".safetensors")
     act_map = load_map(args.map)
-    timed = [name for name, m in act_map.modules.items() if m.bucketed]
-    if timed:  # refuse before spending a minute on loading the model
-        raise CLIError(
-            f"{Path(args.map).name} cannot be exported as a LoRA: it is time-aware ({len(timed)} of its "
-            f"{len(act_map)} modules have one map per noise level) and LoRA weights cannot change between "
-            f"steps. Re-fit with --preset {FOLDABLE_PRESET}, or apply the map with hooks."
-        )
-    bounded = [name for name, m in act_map.modules.items() if not m.unbounded]
-    if bounded:
-        raise CLIError(
-            f"{Path(args.map).name} cannot be exported as a LoRA: {len(bounded)} of its {len(act_map)} modules "
-            f"have a bounded support (support={act_map.metadata.get('support', '?')!r}). Re-fit with "
-            f"--preset {FOLDABLE_PRESET} (or --support unbounded), or apply the map with hooks."
-        )
+    check_foldable(act_map)  # refuse before spending a minute on loading the model
     pipe = load_model(args)
     path = export_lora(act_map, pipe, output, strength=args.strength, dtype=args.lora_dtype)
     print(

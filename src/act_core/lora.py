@@ -23,12 +23,11 @@ from torch import nn
 from ._version import __version__
 from .applying import Strength, check_strength, folded_diffs
 from .errors import ACTInputError
-from .families import SDXL, ModelFamily, get_family
+from .families import family_of_map
 from .files import atomic_write
 from .maps import APPLY_PER_ELEMENT, APPLY_SPATIAL_MEAN, ACTMap
 
 LORA_FORMAT = "act_lora"
-FOLDABLE_PRESET = "unet_norms_foldable"  # the SDXL family's; other families name theirs in errors
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 # Modules whose outputs carry units on the last axis (B, T, C): "spatial_mean" never applies to them,
 # so a spatial-mean map on them is already per element (e.g. the text_encoder_norms preset).
@@ -48,6 +47,32 @@ def _modules_of(modules: Mapping[str, nn.Module] | Any, act_map: ACTMap) -> Mapp
     return modules
 
 
+def check_foldable(act_map: ACTMap) -> None:
+    """Refuse, naming the fix, a map that cannot become weights whatever the model: a family whose maps never
+    fold, a time-aware map, a bounded support. (``as_foldable`` adds the check that needs the modules.)"""
+    family = family_of_map(act_map.metadata)
+    if not family.folds:
+        family.lora_key(next(iter(act_map.modules)))  # raises: says why this family's maps do not fold
+    preset = family.foldable_preset
+    timed = [name for name, m in act_map.modules.items() if m.bucketed]
+    if timed:
+        raise ACTInputError(
+            f"This ACT map cannot be exported as a LoRA: it is time-aware ({len(timed)} of its {len(act_map)} "
+            "modules have one map per noise level), and LoRA weights cannot change between denoising steps. "
+            f"Fit it with preset {preset!r} (CLI: act fit --preset {preset}), or apply this map with hooks "
+            "(enable_act / the Apply ACT node)."
+        )
+    bounded = [name for name, m in act_map.modules.items() if not m.unbounded]
+    if bounded:
+        raise ACTInputError(
+            f"This ACT map cannot be exported as a LoRA: {len(bounded)} of its {len(act_map)} modules have a "
+            f"bounded support (support={act_map.metadata.get('support', '?')!r}; first: {bounded[0]!r}), so it "
+            f"is not affine on every element and cannot be written into weights. Fit it with preset {preset!r} "
+            f"(CLI: act fit --preset {preset}), or with support='unbounded' for text encoder presets; or apply "
+            "this map with hooks (enable_act / the Apply ACT node)."
+        )
+
+
 def as_foldable(act_map: ACTMap, modules: Mapping[str, nn.Module]) -> ACTMap:
     """The map with spatial-mean maps on per-token modules (LayerNorm, Linear) marked per element.
 
@@ -55,34 +80,20 @@ def as_foldable(act_map: ACTMap, modules: Mapping[str, nn.Module]) -> ACTMap:
     apply mode says, so relabelling changes nothing the model computes and makes them foldable.
     Raises an error naming the foldable preset when some module still cannot be folded.
     """
+    check_foldable(act_map)
     relabelled = {}
     for name, module_map in act_map.modules.items():
         if module_map.apply_mode == APPLY_SPATIAL_MEAN and isinstance(modules.get(name), _PER_TOKEN_TYPES):
             module_map = replace(module_map, apply_mode=APPLY_PER_ELEMENT)
         relabelled[name] = module_map
-    timed = [name for name, m in relabelled.items() if m.bucketed]
-    if timed:
+    spatial = [name for name, m in relabelled.items() if not m.foldable]
+    if spatial:
+        preset = family_of_map(act_map.metadata).foldable_preset
         raise ACTInputError(
-            f"This ACT map cannot be exported as a LoRA: it is time-aware ({len(timed)} of its {len(act_map)} "
-            "modules have one map per noise level), and LoRA weights cannot change between denoising steps. "
-            f"Fit it with preset {FOLDABLE_PRESET!r} (CLI: act fit --preset {FOLDABLE_PRESET}), or apply this map "
-            "with hooks (enable_act / the Apply ACT node)."
-        )
-    bounded = [name for name, m in relabelled.items() if not m.unbounded]
-    spatial = [name for name, m in relabelled.items() if m.unbounded and not m.foldable]
-    if bounded or spatial:
-        first = (bounded or spatial)[0]
-        reason = (
-            f"{len(bounded)} of its {len(act_map)} modules have a bounded support "
-            f"(support={act_map.metadata.get('support', '?')!r})"
-            if bounded
-            else f"{len(spatial)} of its {len(act_map)} modules transport feature maps by their spatial mean"
-        )
-        raise ACTInputError(
-            f"This ACT map cannot be exported as a LoRA: {reason} (first: {first!r}), so it is not affine on "
-            f"every element and cannot be written into weights. Fit it with preset {FOLDABLE_PRESET!r} "
-            "(CLI: act fit --preset unet_norms_foldable), or with support='unbounded' for text encoder "
-            "presets; or apply this map with hooks (enable_act / the ACT node)."
+            f"This ACT map cannot be exported as a LoRA: {len(spatial)} of its {len(act_map)} modules transport "
+            f"feature maps by their spatial mean (first: {spatial[0]!r}), so it is not affine on every element "
+            f"and cannot be written into weights. Fit it with preset {preset!r} (CLI: act fit --preset "
+            f"{preset}); or apply this map with hooks (enable_act / the Apply ACT node)."
         )
     return ACTMap(relabelled, act_map.metadata)
 
@@ -92,15 +103,13 @@ def lora_state_dict(
     modules: Mapping[str, nn.Module] | Any,
     strength: Strength = 1.0,
     dtype: torch.dtype = torch.float32,
-    family: ModelFamily = SDXL,
 ) -> dict[str, torch.Tensor]:
     """``{lora_key(module) + ".diff": dW, lora_key(module) + ".diff_b": db}`` at ``strength``.
 
     ``modules`` is the model's canonical name -> module mapping (``pipe.act_modules()``) or an ACT
     pipeline; the diffs need the current weights, since the weight diff is ``lam * (omega - 1) * W``.
     """
-    if act_map.metadata.get("family"):
-        family = get_family(act_map.metadata["family"])  # the map says which family's keys it needs
+    family = family_of_map(act_map.metadata)  # the map says which family's keys it needs
     # Keys first: families whose maps never fold (FLUX, SD3) refuse here, saying why.
     keys = {name: family.lora_key(name) for name in act_map.modules}
     modules = _modules_of(modules, act_map)

@@ -124,7 +124,9 @@ def _snapshot(model, clip):
 def test_fit_unet_map_has_canonical_names(maps, tiny, pack):
     model, clip = tiny
     act_map = maps["unet"]
-    table = _mod(pack, "comfy_models").unet_table(model)
+    from act_core.families.sdxl import unet_module_table
+
+    table = unet_module_table(_mod(pack, "comfy_models").key_table(model)())
     selected, _ = _mod(pack, "fitting").select_modules(model, clip, "unet_norms_first_step", "")
     assert act_map.parts() == ["unet"]
     assert all(name.startswith("unet.") for name in act_map.modules)

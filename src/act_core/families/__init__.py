@@ -1,12 +1,15 @@
 """Model families, each described in one file (its parts, presets, module names and hosts), and the one
 place each host asks which family a model or a map is.
 
-Adding a family is adding a file here (a ``ModelFamily``), its entry in ``FAMILIES``, and at most one
-adapter per host (diffusers: the module named by ``diffusers_adapter``).
+Adding a family is adding a file here (a ``ModelFamily`` named ``FAMILY``; ``FAMILIES`` finds it) and at
+most one adapter per host (diffusers: the module named by ``diffusers_adapter``; ComfyUI needs none: its
+module finders are family data).
 """
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from collections.abc import Mapping
 from typing import Any
 
@@ -16,7 +19,19 @@ from .flux import FLUX
 from .sd3 import SD3
 from .sdxl import SDXL
 
-FAMILIES: dict[str, ModelFamily] = {SDXL.name: SDXL, FLUX.name: FLUX, SD3.name: SD3}
+
+def _discover() -> dict[str, ModelFamily]:
+    """Every family module of this package (one that defines ``FAMILY``), SDXL first: a new family is a
+    new file, with no list to edit."""
+    found = [SDXL]
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        family = getattr(importlib.import_module(f"{__name__}.{info.name}"), "FAMILY", None)
+        if isinstance(family, ModelFamily) and family not in found:
+            found.append(family)
+    return {family.name: family for family in found}
+
+
+FAMILIES: dict[str, ModelFamily] = _discover()
 # Maps written before families were recorded are SDXL's.
 LEGACY_FAMILY = SDXL
 

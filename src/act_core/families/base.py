@@ -5,11 +5,11 @@ code outside ``act_core.families`` asks "which family is this?"."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import nn
 
-from ..errors import ACTInputError
+from ..errors import ACTInputError, ACTModelMismatchError
 from ..presets import Preset
 
 # A zero-argument callable giving ComfyUI's ``{diffusers parameter key: ComfyUI key}`` table of a MODEL
@@ -64,6 +64,8 @@ class ModelFamily:
     comfy_denoisers: tuple[str, ...] = ()
     comfy_denoiser_modules: ModuleFinder | None = None
     comfy_clip_modules: ModuleFinder | None = None
+    # text-encoder part -> the encoder's attribute on ComfyUI's ``CLIP.cond_stage_model`` (``clip_l``, ...)
+    comfy_clip_parts: Mapping[str, str] = field(default_factory=dict)
     comfy_state_keys: Callable[[Iterable[str], KeyTable], dict[str, str]] | None = None
     # ComfyUI's model_sampling.timestep(sigma) divided by this is the noise level u in [0, 1].
     comfy_timestep_scale: float = 1000.0
@@ -88,9 +90,9 @@ class ModelFamily:
     def check_host(self, host: str) -> None:
         """Refuse, with the hosts that do support it, a family this host does not know."""
         if host not in self.hosts:
-            raise ACTInputError(
-                f"{self.display_name} maps are fitted and applied in {' and '.join(self.hosts) or 'no host'} "
-                f"only for now, not in {host}."
+            raise ACTModelMismatchError(
+                f"{self.display_name} models are steered in {' and '.join(self.hosts) or 'no host'} only for now, "
+                f"not in {host}: fit and apply this map there."
             )
 
     def preset(self, name: str | Preset) -> Preset:

@@ -237,5 +237,7 @@ FLUX = ModelFamily(
     comfy_denoisers=("Flux",),
     comfy_denoiser_modules=comfy_transformer_modules,
     comfy_clip_modules=comfy_clip_modules,
+    comfy_clip_parts=COMFY_CLIP_PARTS,
     comfy_timestep_scale=1.0,  # ComfyUI's flow model_sampling.timestep(sigma) is sigma
 )
+FAMILY = FLUX

@@ -85,3 +85,4 @@ SD3 = ModelFamily(
     diffusers_adapter="act_core.diffusers.sd3",
     diffusers_modules=component_modules,
 )
+FAMILY = SD3

@@ -239,5 +239,7 @@ SDXL = ModelFamily(
     comfy_denoisers=("UNetModel",),
     comfy_denoiser_modules=comfy_modules,
     comfy_clip_modules=comfy_clip_modules,
+    comfy_clip_parts=COMFY_CLIP_PARTS,
     comfy_state_keys=comfy_state_keys,
 )
+FAMILY = SDXL

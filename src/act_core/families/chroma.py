@@ -1,0 +1,145 @@
+"""Chroma (diffusers ``ChromaPipeline`` / ``ChromaTransformer2DModel``): parts, presets and module names.
+
+Chroma is FLUX.1-schnell's architecture with a T5-only prompt and real CFG. Parts: ``transformer`` (the
+denoiser: 19 double and 38 single blocks in Chroma1) and ``text_encoder`` (T5, run with its attention
+mask). Canonical names are the diffusers module paths plus FLUX's stream names:
+
+    transformer.transformer_blocks.3:text           # a double block's text-token output
+    transformer.transformer_blocks.3:image          # its image-token output
+    transformer.single_transformer_blocks.7:joint   # a single block's output, text and image tokens
+
+``ChromaTransformerBlock`` returns ``(encoder_hidden_states, hidden_states)`` as FLUX's does, but
+``ChromaSingleTransformerBlock`` returns the joined tokens as one tensor (as ComfyUI's FLUX single block
+does), so the joint stream is that block's output itself.
+
+Default preset, and why: the prompt reaches the transformer by ONE route. FLUX also feeds CLIP's pooled
+vector into every block's modulation (``time_text_embed.text_embedder``); Chroma has no CLIP and its
+modulation comes from ``distilled_guidance_layer`` (the approximator) applied to
+``time_text_embed(timestep)``, whose inputs are the timestep, a guidance input fixed at 0 and a constant
+index table: it does not see the prompt. T5's tokens enter through ``context_embedder`` into the double
+blocks' text stream and, joined with the image tokens, the single blocks' stream; that is the only route.
+So the default ``transformer_blocks`` hooks the text and image outputs of every double block and the joint
+output of every single block (FLUX's reference setup without the pooled vector). ``context_embedder`` is
+the entry of the same route one block earlier (the first double block's text output already carries it),
+so it is not hooked separately.
+
+CFG rows: ChromaPipeline does real CFG, with the negative prompt ("" by default) when
+``guidance_scale > 1``. Fitting therefore follows the guided trajectory with ``[uncond; target; source;
+plain source]`` rows in one transformer call (``cfg_batch=True``; ``act_core.diffusers.chroma``), the
+uncond rows un-steered, so the maps are fitted to steer the prompt's branch only: ``cfg_rows="cond"``, as
+SD3's. ChromaPipeline, however, does not sample with a CFG batch: at every step it calls the transformer
+twice, first on the prompt's rows, then on the negative prompt's, each call ``batch_size`` rows. The
+diffusers step gate (``act_core.diffusers.pipeline.DenoiserStepGate``) steers, with ``cfg_rows="cond"``
+and ``do_classifier_free_guidance`` true, the second half of each call's batch, which assumes one
+``[uncond; cond]`` batch: for ChromaPipeline it steers all rows of both calls when one image is made per
+call (what ``cfg_rows="all"`` does), and the last half of each call's rows when several are, so the cond
+call alone is not what gets steered. That gate needs to know of separate cond / uncond calls to do what
+these maps mean; ``cfg_rows="all"`` would instead record, against the fit, that the negative prompt's
+call is steered too. With ``guidance_scale <= 1`` there is no uncond call and every row is steered, as
+fitted.
+
+Diffusers only for now: ComfyUI's Chroma model is not mapped yet, and no map folds (block outputs have
+no weights to absorb a map, Chroma's LayerNorms have no affine parameters, T5's RMSNorm no bias), so
+Chroma has no LoRA export.
+"""
+
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+from ..errors import ACTInputError
+from ..maps import APPLY_PER_ELEMENT
+from ..presets import Preset
+from ..recording import OutputOf
+from .base import ModelFamily
+from .flux import IMAGE, JOINT, TEXT, block_streams, trajectory_preset
+
+TRANSFORMER, TEXT_ENCODER = "transformer", "text_encoder"
+PARTS = (TRANSFORMER, TEXT_ENCODER)
+_DOUBLE = re.compile(r"^transformer_blocks\.(\d+)$")
+_SINGLE = re.compile(r"^single_transformer_blocks\.(\d+)$")
+BLOCK_STREAMS = (
+    "transformer_blocks.*:text",
+    "transformer_blocks.*:image",
+    "single_transformer_blocks.*:joint",
+)
+
+
+PRESETS: dict[str, Preset] = {
+    "transformer_blocks": trajectory_preset(
+        "transformer_blocks",
+        "The output streams of every transformer block (double blocks: text and image; single blocks: the "
+        "joint stream), fitted along your sampler's guided trajectory: the one route by which Chroma's T5 "
+        "prompt reaches the transformer (its modulation does not see the prompt).",
+        BLOCK_STREAMS,
+        cfg_rows="cond",  # fitted with un-steered uncond rows: the maps steer the prompt's branch
+    ),
+    "transformer_norms": trajectory_preset(
+        "transformer_norms",
+        "The LayerNorms before every block's modulation (both streams of the double blocks, the single "
+        "blocks'), fitted along your sampler's guided trajectory.",
+        (
+            "transformer_blocks.*.norm1.norm",
+            "transformer_blocks.*.norm1_context.norm",
+            "transformer_blocks.*.norm2",
+            "transformer_blocks.*.norm2_context",
+            "single_transformer_blocks.*.norm.norm",
+        ),
+        cfg_rows="cond",
+    ),
+    "text_encoder_norms": Preset(
+        "text_encoder_norms",
+        "The layer norms of T5 (no transformer pass while fitting: fast).",
+        {TEXT_ENCODER: ("*layer_norm*",)},
+        apply_mode=APPLY_PER_ELEMENT,
+        types=(nn.Module,),
+    ),
+}
+DEFAULT_PRESET = "transformer_blocks"
+
+
+def component_modules(part: str, component: nn.Module) -> dict[str, nn.Module | OutputOf]:
+    """Every named submodule of a diffusers Chroma component by canonical name, plus the blocks' streams."""
+    if part not in PARTS:
+        raise ACTInputError(f"Unknown Chroma part {part!r}; expected one of {PARTS}.")
+    modules: dict[str, nn.Module | OutputOf] = {}
+    for path, module in component.named_modules():
+        if not path:
+            continue
+        name = f"{part}.{path}"
+        modules[name] = module
+        if part != TRANSFORMER:
+            continue
+        if _DOUBLE.match(path):
+            modules.update(block_streams(name, module, (TEXT, IMAGE)))
+        elif _SINGLE.match(path):
+            modules[f"{name}:{JOINT}"] = module  # returns the joined text and image tokens itself
+    return modules
+
+
+def lora_key(module_name: str) -> str:
+    raise ACTInputError(
+        f"Chroma maps do not fold into weights ({module_name!r}: block outputs and Chroma's LayerNorms have "
+        "no weights to absorb them), so they cannot be exported as a LoRA; apply them with hooks."
+    )
+
+
+CHROMA = ModelFamily(
+    name="chroma",
+    display_name="Chroma",
+    parts=PARTS,
+    denoiser=TRANSFORMER,
+    presets=PRESETS,
+    default_preset=DEFAULT_PRESET,
+    noise_level="sigma (= timestep / 1000 in diffusers' Chroma pipelines): 1 = pure noise",
+    lora_key=lora_key,
+    cfg_batch=True,  # real CFG with a negative prompt (fitted as uncond rows; see the docstring)
+    max_sequence_length=(512, 512),  # ChromaPipeline's default, and the most it accepts
+    diffusers_pipelines=("ChromaPipeline",),
+    diffusers_denoisers=("ChromaTransformer2DModel",),
+    diffusers_adapter="act_core.diffusers.chroma",
+    diffusers_modules=component_modules,
+)
+FAMILY = CHROMA
