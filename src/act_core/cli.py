@@ -242,15 +242,12 @@ def cmd_fit(args: argparse.Namespace) -> int:
     family = model_family(args.model)
     args.preset = args.preset or family.default_preset
     spec = family.preset(args.preset)  # fail before loading the model, not a minute later
-    if not family.cfg_batch and args.negative_prompt:
-        raise CLIError(
-            f"{family.display_name} samples without a CFG batch, so --negative-prompt has no effect there; drop it."
-        )
-    if family.max_sequence_length is None and args.max_sequence_length is not None:
-        raise CLIError(
-            f"--max-sequence-length is the T5 prompt length of FLUX and SD3 models; {family.display_name} has "
-            "none. Drop it."
-        )
+    from .workflow import check_family_sampling
+
+    try:
+        check_family_sampling(family, args.negative_prompt, args.max_sequence_length)
+    except ACTInputError as error:
+        raise CLIError(str(error)) from None
     if args.support is not None:
         validate_support(args.support)
     if args.statistics_steps != 1 and spec.protocol != "first_step":

@@ -30,6 +30,7 @@ from .sampling import CallRows, SamplingSettings, prompt_pairs
 from .trajectory import TRAJECTORIES, TrajectoryFit
 from .validation import (
     check_balance,
+    check_max_sequence_length,
     check_parts,
     check_positive_int,
     check_prompts,
@@ -128,6 +129,29 @@ class FitHost(Protocol):
 
     def metadata(self, protocol: str, uses_denoiser: bool) -> dict:
         """The host's part of the map's metadata: ``model``, ``sampling`` and extras."""
+
+
+def check_family_sampling(family: ModelFamily, negative_prompt: Any, max_sequence_length: Any) -> int | None:
+    """The options only some families have: a negative prompt needs a CFG batch, a T5 length a T5 encoder.
+    One rule for the mixin, the CLI and the nodes; returns the checked T5 length (or None)."""
+    if negative_prompt is not None:
+        if not isinstance(negative_prompt, str):
+            raise ACTInputError(f"negative_prompt must be a string, got {type(negative_prompt).__name__}.")
+        if negative_prompt and not family.cfg_batch:
+            raise ACTInputError(
+                f"{family.display_name} samples without a CFG batch, so a negative prompt (--negative-prompt) "
+                "has no effect there; drop it."
+            )
+    if max_sequence_length is None:
+        return None
+    if family.max_sequence_length is None:
+        raise ACTInputError(
+            "max_sequence_length (--max-sequence-length) is the T5 prompt length of FLUX and SD3 models; "
+            f"{family.display_name} has none. Drop it."
+        )
+    return check_max_sequence_length(
+        max_sequence_length, family.max_sequence_length[1], what="max_sequence_length (--max-sequence-length)"
+    )
 
 
 def preset_modules(host: FitHost, spec: Preset, parts: Sequence[str] | None = None) -> dict[str, nn.Module]:

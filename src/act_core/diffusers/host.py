@@ -10,19 +10,17 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import ACTInputError
 from ..families import ModelFamily
 from ..fitting import fit_with_stats
 from ..maps import ACTMap
 from ..sampling import SamplingSettings
 from ..validation import (
-    check_max_sequence_length,
     check_prompt_sets,
     check_sampling,
     check_size,
     warn_unknown_words,
 )
-from ..workflow import FirstStepFit, TrajectoryRun, split_pairs, text_encoders_steered
+from ..workflow import FirstStepFit, TrajectoryRun, check_family_sampling, split_pairs, text_encoders_steered
 from .adapter import DiffusersAdapter, load_adapter, pairs_per_call, text_encoder_token_masks
 
 # Where a pipeline's __call__ has no usable default (never for diffusers' own pipelines).
@@ -65,21 +63,7 @@ def sampling_settings(
     height, width = check_size(
         native if height is None else height, native if width is None else width, multiple
     )
-    if negative_prompt is not None:
-        if not isinstance(negative_prompt, str):
-            raise ACTInputError(f"negative_prompt must be a string, got {type(negative_prompt).__name__}.")
-        if not family.cfg_batch:
-            raise ACTInputError(
-                f"{family.display_name} samples without a CFG batch, so a negative prompt has no effect there; "
-                "drop it."
-            )
-    if max_sequence_length is not None:
-        if family.max_sequence_length is None:
-            raise ACTInputError(
-                f"max_sequence_length is the T5 prompt length of FLUX and SD3 pipelines; {family.display_name} "
-                "has none. Drop it."
-            )
-        max_sequence_length = check_max_sequence_length(max_sequence_length, family.max_sequence_length[1])
+    max_sequence_length = check_family_sampling(family, negative_prompt, max_sequence_length)
     return SamplingSettings(
         steps,
         guidance,
