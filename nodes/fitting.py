@@ -53,7 +53,7 @@ from act_core.workflow import (
 )
 
 from .comfy_models import clip_modules, denoiser_modules, model_family
-from .common import FAMILY_DEFAULT_PRESET, parse_parts, transformer_options_of
+from .common import COMFY_FAMILIES, FAMILY_DEFAULT_PRESET, parse_parts, transformer_options_of
 
 log = logging.getLogger("ComfyUI-ACT")
 FIRST_STEP_SCHEDULER = "normal"  # first-step protocol: only sigma_max matters
@@ -75,12 +75,10 @@ class _Captured(Exception):
 def family_preset(family: ModelFamily, preset_name: str) -> Any:
     """The preset ``preset_name`` of the MODEL's family ("default": the family's default), or an error that
     names the family's presets."""
-    from act_core.families import FAMILIES
-
     if preset_name == FAMILY_DEFAULT_PRESET:
         preset_name = family.default_preset
     if preset_name not in family.presets:
-        others = [f.name.upper() for f in FAMILIES.values() if f is not family and preset_name in f.presets]
+        others = [f.name.upper() for f in COMFY_FAMILIES if f is not family and preset_name in f.presets]
         raise ACTInputError(
             f"Preset {preset_name!r} is not a {family.name.upper()} preset"
             + (f" (it is for {others[0]} models)" if others else "")

@@ -514,9 +514,9 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument(
         "--preset",
         default=None,
-        help="which modules and how (default: the model's; SDXL unet_norms, time-aware maps along your "
-        "sampler's trajectory; unet_norms_first_step is the paper's protocol; FLUX pooled_text_and_blocks; "
-        "act_core/families/ lists them all)",
+        help="which modules and how (default: the model family's own, time-aware maps along your sampler's "
+        "trajectory, e.g. SDXL unet_norms, FLUX pooled_text_and_blocks; SDXL's unet_norms_first_step is the "
+        "paper's protocol; docs/cli.md and act_core/families/ list every family's)",
     )
     fit.add_argument(
         "--method", choices=("linear", "mean", "gaussian"), default=None, help="default: the preset's"
@@ -552,7 +552,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-sequence-length",
         type=int,
         default=None,
-        help="FLUX and SD3 only: the T5 prompt length you sample with (FluxPipeline's default 512, SD3's 256)",
+        help="the T5 prompt length you sample with, for families with a T5 encoder (FLUX, SD3, Chroma; "
+        "default: the pipeline's own, e.g. FluxPipeline's 512, SD3's 256)",
     )
     fit.add_argument(
         "--statistics-steps",

@@ -170,13 +170,14 @@ def check_window(start: Any, end: Any) -> tuple[float, float]:
     return start, end
 
 
-def check_size(height: Any, width: Any, multiple: int = 8) -> tuple[int, int]:
-    """Image height and width: positive integers, multiples of ``multiple`` (the VAE's downsampling)."""
+def check_size(height: Any, width: Any, multiple: int = 8, why: str | None = None) -> tuple[int, int]:
+    """Image height and width: positive integers, multiples of ``multiple`` (the VAE's downsampling, times
+    the latent patch size of transformers that pack patches; ``why`` says which)."""
     for name, value in (("height", height), ("width", width)):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % multiple:
             raise ACTInputError(
-                f"width and height must be positive multiples of {multiple} (the VAE downsamples by "
-                f"{multiple}); got {name}={value!r}."
+                f"width and height must be positive multiples of {multiple} "
+                f"({why or f'the VAE downsamples by {multiple}'}); got {name}={value!r}."
             )
     return height, width
 

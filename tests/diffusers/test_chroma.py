@@ -190,11 +190,6 @@ def test_chroma_maps_do_not_fold_and_refuse_clearly(pipe, chroma_map, tmp_path):
         pipe.fit_act(SOURCE, TARGET, progress=False, **{**SAMPLING, "max_sequence_length": 513})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="act_core.diffusers.pipeline.DenoiserStepGate assumes one [uncond; cond] batch; ChromaPipeline "
-    "makes separate cond and uncond transformer calls, so cfg_rows='cond' steers the uncond call too",
-)
 def test_a_cond_rows_map_leaves_the_negative_prompts_call_alone(pipe, chroma_map):
     """What the map was fitted for: at the first step (same latents with and without ACT) ChromaPipeline's
     second transformer call, the negative prompt's, is the plain model's."""

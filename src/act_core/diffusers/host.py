@@ -60,8 +60,11 @@ def sampling_settings(
     steps, guidance = check_sampling(steps, guidance)
     native = getattr(pipe, "default_sample_size", 8) * pipe.vae_scale_factor
     multiple = pipe.vae_scale_factor * adapter.patch_size
+    why = f"the VAE downsamples by {pipe.vae_scale_factor}"
+    if adapter.patch_size > 1:
+        why += f" and the transformer packs {adapter.patch_size}x{adapter.patch_size} latent patches"
     height, width = check_size(
-        native if height is None else height, native if width is None else width, multiple
+        native if height is None else height, native if width is None else width, multiple, why
     )
     max_sequence_length = check_family_sampling(family, negative_prompt, max_sequence_length)
     return SamplingSettings(

@@ -111,8 +111,8 @@ def _pipeline_class(name: str, what: str) -> type:
     if name not in SUPPORTED_PIPELINES:
         raise ACTModelLoadError(
             f"{what} is a {name or 'unknown pipeline'}; ACT's diffusers integration supports "
-            f"{', '.join(SUPPORTED_PIPELINES)} (SDXL, SD 1.x/2.x, FLUX.1, SD3 as a diffusers folder). Use one of "
-            "those models."
+            f"{', '.join(SUPPORTED_PIPELINES)} (as a diffusers folder; SDXL and SD 1.x/2.x also as single files). "
+            "Use one of those models."
         )
     return getattr(diffusers, name)
 

@@ -118,9 +118,11 @@ class DenoiserStepGate:
         cfg_rows: str,
         timestep_scale: float,
         part: str,
+        cfg_calls: str = "batch",
     ):
         self.handle, self.start, self.end = handle, start, end
         self.cfg_rows, self.timestep_scale, self.part = cfg_rows, timestep_scale, part
+        self.cfg_calls = cfg_calls
         self.removable = None
 
     @property
@@ -137,21 +139,43 @@ class DenoiserStepGate:
             in_window = self.start - 1e-6 <= progress <= self.end + 1e-6
         rows = None
         if self.cfg_rows == "cond":
-            active = _ACTIVE_PIPELINE.get()
-            if active is None:
+            generation = _ACTIVE_PIPELINE.get()
+            if generation is None:
                 raise ACTError(
                     f"ACT is enabled on this {self.part} with cfg_rows='cond', but it is being called outside an ACT "
                     "pipeline (for example by a pipeline made with from_pipe from an ACT pipeline), so ACT cannot "
                     "tell which rows are the prompt's. Call it through act_pipeline(pipe), or enable the map with "
                     "cfg_rows='all'."
                 )
-            pipe, cfg_batch = active
-            if cfg_batch is None:
-                cfg_batch = getattr(pipe, "do_classifier_free_guidance", False)
-            if cfg_batch:
-                batch = sample.shape[0]
-                rows = slice(batch // 2, batch)  # diffusers orders a CFG batch as [uncond; cond]
+            if generation.guided():
+                if self.cfg_calls == "separate":
+                    # The prompt's call comes first at each timestep, the negative prompt's after it.
+                    in_window = in_window and generation.first_call_at(level)
+                else:
+                    batch = sample.shape[0]
+                    rows = slice(batch // 2, batch)  # diffusers orders a CFG batch as [uncond; cond]
         self.handle.set_call([self.part], rows=rows, noise_level=level, in_window=in_window)
+
+
+class _Generation:
+    """One generation's view for the gate: whether it guides, and (separate CFG calls) which call of the
+    current timestep this is."""
+
+    def __init__(self, pipe: Any, cfg_batch: bool | None):
+        self.pipe, self.cfg_batch = pipe, cfg_batch
+        self.level: float | None = None
+        self.calls = 0
+
+    def guided(self) -> bool:
+        if self.cfg_batch is not None:
+            return self.cfg_batch
+        return bool(getattr(self.pipe, "do_classifier_free_guidance", False))
+
+    def first_call_at(self, level: float | None) -> bool:
+        if level != self.level:
+            self.level, self.calls = level, 0
+        self.calls += 1
+        return self.calls == 1
 
 
 class ACTPipelineMixin:
@@ -349,7 +373,9 @@ class ACTPipelineMixin:
             denoiser = self.act_family.denoiser
             if denoiser in act_map.parts():
                 scale = load_adapter(self.act_family).timestep_scale(self)
-                gate = DenoiserStepGate(handle, start, end, cfg_rows, scale, denoiser)
+                gate = DenoiserStepGate(
+                    handle, start, end, cfg_rows, scale, denoiser, self.act_family.cfg_calls
+                )
                 gate.removable = self._act_denoiser.register_forward_pre_hook(gate, with_kwargs=True)
                 self._act_denoiser.__dict__[_GATE_ATTR] = gate
             return handle
@@ -460,7 +486,7 @@ def active_pipeline(pipe: Any, cfg_batch: bool | None = None) -> Iterator[None]:
     maps that steer the prompt's rows know which rows those are. ``cfg_batch``: whether each batch is
     ``[uncond; cond]`` (default: the pipeline's own ``do_classifier_free_guidance``). For code that calls
     the denoiser itself, such as a benchmark of one step."""
-    token = _ACTIVE_PIPELINE.set((pipe, cfg_batch))
+    token = _ACTIVE_PIPELINE.set(_Generation(pipe, cfg_batch))
     try:
         yield
     finally:

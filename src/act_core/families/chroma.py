@@ -28,14 +28,9 @@ CFG rows: ChromaPipeline does real CFG, with the negative prompt ("" by default)
 plain source]`` rows in one transformer call (``cfg_batch=True``; ``act_core.diffusers.chroma``), the
 uncond rows un-steered, so the maps are fitted to steer the prompt's branch only: ``cfg_rows="cond"``, as
 SD3's. ChromaPipeline, however, does not sample with a CFG batch: at every step it calls the transformer
-twice, first on the prompt's rows, then on the negative prompt's, each call ``batch_size`` rows. The
-diffusers step gate (``act_core.diffusers.pipeline.DenoiserStepGate``) steers, with ``cfg_rows="cond"``
-and ``do_classifier_free_guidance`` true, the second half of each call's batch, which assumes one
-``[uncond; cond]`` batch: for ChromaPipeline it steers all rows of both calls when one image is made per
-call (what ``cfg_rows="all"`` does), and the last half of each call's rows when several are, so the cond
-call alone is not what gets steered. That gate needs to know of separate cond / uncond calls to do what
-these maps mean; ``cfg_rows="all"`` would instead record, against the fit, that the negative prompt's
-call is steered too. With ``guidance_scale <= 1`` there is no uncond call and every row is steered, as
+twice, first on the prompt's rows, then on the negative prompt's. ``cfg_calls="separate"`` tells the
+diffusers step gate so: with guidance on it steers the first call at each noise level (the prompt's) and
+leaves the second alone; with ``guidance_scale <= 1`` there is no uncond call and every row is steered, as
 fitted.
 
 Diffusers only for now: ComfyUI's Chroma model is not mapped yet, and no map folds (block outputs have
@@ -136,6 +131,7 @@ CHROMA = ModelFamily(
     noise_level="sigma (= timestep / 1000 in diffusers' Chroma pipelines): 1 = pure noise",
     lora_key=lora_key,
     cfg_batch=True,  # real CFG with a negative prompt (fitted as uncond rows; see the docstring)
+    cfg_calls="separate",  # ChromaPipeline: the prompt's transformer call, then the negative prompt's
     max_sequence_length=(512, 512),  # ChromaPipeline's default, and the most it accepts
     diffusers_pipelines=("ChromaPipeline",),
     diffusers_denoisers=("ChromaTransformer2DModel",),
