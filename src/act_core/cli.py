@@ -119,7 +119,7 @@ def check_size(args: argparse.Namespace) -> None:
 
 
 def check_seed(args: argparse.Namespace) -> None:
-    """``--seed``: a whole number from 0 to 2**63 - 1 (``act_core.validation.check_seed``)."""
+    """``--seed``: a whole number from 0 to 2**64 - 1 (``act_core.validation.check_seed``)."""
     from .validation import check_seed as check
 
     try:

@@ -52,9 +52,13 @@ class SamplingSettings:
 
 
 def seeded_noise(shape: tuple[int, ...], seed: int, count: int) -> torch.Tensor:
-    """``count`` noise tensors, number i from seed ``seed + i`` (independent of batching)."""
+    """``count`` noise tensors, number i from seed ``(seed + i) mod 2**64`` (independent of batching; the
+    wrap is ComfyUI's too)."""
     return torch.stack(
-        [torch.randn(shape, generator=torch.Generator().manual_seed(seed + i)) for i in range(count)]
+        [
+            torch.randn(shape, generator=torch.Generator().manual_seed((seed + i) % 2**64))
+            for i in range(count)
+        ]
     )
 
 

@@ -22,8 +22,8 @@ MAX_STRENGTH = 10.0
 MIN_PROMPTS = 2
 MAX_IMBALANCE = 4.0
 MAX_LAMBDAS = 64
-# Seeds: torch's generators take up to 2**64 - 1 and prompt pair i uses seed + i, so seeds stop at 2**63 - 1.
-MAX_SEED = 2**63 - 1
+# Seeds: what torch's generators and ComfyUI's seed widgets take; prompt pair i uses (seed + i) mod 2**64.
+MAX_SEED = 2**64 - 1
 # FluxPipeline refuses a T5 prompt length above 512, and SD3 caps its T5 there too.
 MAX_SEQUENCE_LENGTH = 512
 # Largest |omega| a map may hold (``maps.ModuleMap`` refuses more): the cap ``max_omega`` goes up to it.
@@ -208,20 +208,20 @@ def check_positive_int(value: Any, name: str) -> int:
 
 
 def check_seed(value: Any, what: str = "seed") -> int:
-    """A whole number from 0 to ``MAX_SEED`` (2**63 - 1): prompt pair i gets the noise of seed + i."""
+    """A whole number from 0 to ``MAX_SEED`` (2**64 - 1): prompt pair i gets the noise of seed + i (mod 2**64)."""
     try:
         if isinstance(value, bool):
             raise TypeError
         seed = operator.index(value)  # ints (numpy's too), not floats, strings or None
     except TypeError:
         raise ACTInputError(
-            f"{what} must be a whole number from 0 to {MAX_SEED} (2**63 - 1), got {type(value).__name__} "
+            f"{what} must be a whole number from 0 to {MAX_SEED} (2**64 - 1), got {type(value).__name__} "
             f"{value!r}."
         ) from None
     if not 0 <= seed <= MAX_SEED:
         raise ACTInputError(
-            f"{what} {seed} is out of range: seeds are whole numbers from 0 to {MAX_SEED} (2**63 - 1), since "
-            "prompt pair i uses seed + i in a 64-bit generator."
+            f"{what} {seed} is out of range: seeds are whole numbers from 0 to {MAX_SEED} (2**64 - 1), what a "
+            "64-bit generator takes."
         )
     return seed
 

@@ -323,10 +323,10 @@ def test_finding7_bucket_headers_must_be_numbers(tmp_path, buckets, message):
 
 
 # ------------------------------------------------------------------------------------------ 6
-@pytest.mark.parametrize("seed", [0, 7, 2**63 - 1, np.int64(5)])
+@pytest.mark.parametrize("seed", [0, 7, 2**63 - 1, 2**64 - 1, np.int64(5)])
 def test_finding6_check_seed_accepts_whole_numbers_a_generator_takes(seed):
     assert check_seed(seed) == seed and type(check_seed(seed)) is int
-    torch.Generator().manual_seed(check_seed(seed) + 1000)  # prompt pair i uses seed + i
+    torch.Generator().manual_seed((check_seed(seed) + 1000) % 2**64)  # prompt pair i uses seed + i
 
 
 @pytest.mark.parametrize(
@@ -334,11 +334,14 @@ def test_finding6_check_seed_accepts_whole_numbers_a_generator_takes(seed):
     [
         (
             2**64,
-            "seed 18446744073709551616 is out of range: seeds are whole numbers from 0 to 9223372036854775807",
+            "seed 18446744073709551616 is out of range: seeds are whole numbers from 0 to 18446744073709551615",
         ),
-        (2**63, "out of range.*2\\*\\*63 - 1"),
+        (2**70, "out of range.*2\\*\\*64 - 1"),
         (-1, "seed -1 is out of range"),
-        (1.5, "seed must be a whole number from 0 to 9223372036854775807 \\(2\\*\\*63 - 1\\), got float 1.5"),
+        (
+            1.5,
+            "seed must be a whole number from 0 to 18446744073709551615 \\(2\\*\\*64 - 1\\), got float 1.5",
+        ),
         (2.0, "got float 2.0"),
         (True, "got bool True"),
         ("3", "got str '3'"),

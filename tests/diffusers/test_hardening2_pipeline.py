@@ -102,3 +102,28 @@ def test_finding7_set_act_strength_on_a_fused_map_says_it_is_fused(tiny_pipe):
     finally:
         tiny_pipe.disable_act()
     assert tiny_pipe.act_map is None
+
+
+def test_finding6_the_largest_seeds_wrap_as_comfyui_does():
+    """Seeds up to 2**64 - 1 (ComfyUI's seed widgets) are taken; pair i's noise seed wraps modulo 2**64."""
+    import torch
+
+    from act_core.sampling import seeded_noise
+    from act_core.validation import check_seed
+
+    noise = seeded_noise((4,), check_seed(2**64 - 1), 2)
+    torch.testing.assert_close(noise[0], torch.randn(4, generator=torch.Generator().manual_seed(2**64 - 1)))
+    torch.testing.assert_close(noise[1], torch.randn(4, generator=torch.Generator().manual_seed(0)))
+
+
+@pytest.mark.parametrize("seed", [-1, 2**64, 1.5, None])
+def test_finding6_sweeps_refuse_seeds_a_generator_cannot_take(tiny_pipe, seed):
+    from helpers import random_map
+
+    from act_core.diffusers.sweep import sweep_images
+
+    with pytest.raises(ACTInputError, match="seed"):
+        sweep_images(
+            tiny_pipe, random_map({"unet.conv_norm_out": 32}), ["a red circle"], [0.0, 1.0], seed=seed
+        )
+    assert tiny_pipe.act_map is None

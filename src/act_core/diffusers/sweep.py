@@ -25,6 +25,7 @@ from ..applying import check_strength
 from ..errors import ACTInputError
 from ..files import atomic_write
 from ..maps import ACTMap
+from ..validation import check_seed
 
 MIN_CELL = 128
 GAP = 4
@@ -52,10 +53,11 @@ def sweep_images(
     if not prompts:
         raise ACTInputError("A sweep needs at least one non-empty prompt.")
     lambdas = [check_strength(lam, "lambda") for lam in lambdas]
+    seed = check_seed(seed)
     if not lambdas:
         raise ACTInputError("A sweep needs at least one lambda, e.g. 0,0.5,1.")
     if not hasattr(pipe, "enable_act"):
-        from .pipeline import act_pipeline
+        from .factory import act_pipeline
 
         pipe = act_pipeline(pipe)
     generate_kwargs = {**generate_kwargs, "output_type": "pil"}
