@@ -61,14 +61,14 @@ FIRST_STEP_SAMPLER = "euler"
 SOURCE_COND, NEGATIVE_COND, TARGET_COND, PLAIN_COND = 0, 1, 2, 3  # indices in calc_cond_batch's conds
 # Rough live activation size of one denoiser forward at a lockstep rendezvous, per latent pixel and sample.
 _ACTIVATION_ELEMENTS_PER_LATENT_PIXEL = 2500
-Progress = Callable[[int, int], None]
+NodeProgress = Callable[[int, int], None]  # ComfyUI's bar: (done, total)
 
 
 class _Captured(Exception):
     """Raised from a pre-hook on the UNet to stop ComfyUI's sampler once the UNet inputs are known."""
 
     def __init__(self, args: tuple, kwargs: dict):
-        super().__init__("captured UNet inputs")
+        super().__init__("captured denoiser inputs")
         self.args, self.kwargs = args, kwargs
 
 
@@ -207,7 +207,7 @@ def _session_wrapper(
 
 
 # ------------------------------------------------------------------------------------------ first step
-def capture_unet_inputs(
+def capture_denoiser_inputs(
     model: Any, conditioning: list, noise: torch.Tensor, latent: torch.Tensor, steps: int, seed: int
 ) -> tuple[tuple, dict]:
     """The arguments ComfyUI passes to the UNet at the first step (cfg 1: cond branch only)."""
@@ -251,7 +251,7 @@ def capture_unet_inputs(
     raise ACTError("ComfyUI's sampler never called the UNet; cannot collect ACT statistics for this model.")
 
 
-def unet_batches(
+def denoiser_batches(
     model: Any,
     clip: Any,
     prompts: Sequence[str],
@@ -276,7 +276,9 @@ def unet_batches(
         noise = torch.cat(
             [comfy.sample.prepare_noise(latent[:1], (seed + start + i) % (2**64)) for i in range(len(chunk))]
         )
-        batches.append(capture_unet_inputs(model, _stack_conds(chunk), noise, latent, steps, seed + start))
+        batches.append(
+            capture_denoiser_inputs(model, _stack_conds(chunk), noise, latent, steps, seed + start)
+        )
     return batches
 
 
@@ -514,7 +516,9 @@ def log_and_warn(message: str) -> None:
     warnings.warn(message, ACTWarning, stacklevel=3)
 
 
-def select_modules(model: Any, clip: Any, preset_name: str, parts_text: str) -> tuple[dict, tuple[str, ...]]:
+def comfy_preset_modules(
+    model: Any, clip: Any, preset_name: str, parts_text: str
+) -> tuple[dict, tuple[str, ...]]:
     """The modules a preset hooks on this MODEL/CLIP (canonical names), and the parts used."""
     family = model_family(model)
     spec = family_preset(family, preset_name)
@@ -552,7 +556,7 @@ def fit_map(
     negative_prompt: str = "",
     batch_size: int = 4,
     causal_strategy: str = "auto",
-    progress: Progress | None = None,
+    progress: NodeProgress | None = None,
 ) -> ACTMap:
     """Fit an ACT map with the one fit workflow. Raises on interruption (nothing stays hooked)."""
     source = parse_prompt_lines(source_text, "source")
@@ -608,8 +612,8 @@ def _fit_first_step(host: ComfyFitHost, fit: FirstStepFit):
             "steps": settings.num_inference_steps,
             "batch_size": fit.batch_size,
         }
-        source_batches = unet_batches(model, clip, fit.source, check=host.check, **kwargs)
-        target_batches = unet_batches(model, clip, fit.target, check=host.check, **kwargs)
+        source_batches = denoiser_batches(model, clip, fit.source, check=host.check, **kwargs)
+        target_batches = denoiser_batches(model, clip, fit.target, check=host.check, **kwargs)
         mm.load_models_gpu([model])
         diffusion_model = model.model.diffusion_model
         if fit.mode == "causal" and fit.causal_strategy == "auto":

@@ -7,7 +7,7 @@ back to the activation's dtype. Folding writes the same affine map into the prod
 and bias diffs that are linear in lam, which is exactly a LoRA-style "diff" patch.
 
 Time-aware maps (``ACTMap.buckets``) hold one (omega, beta, support) per noise level; the host tells the
-handle the noise level of each model call (``ACTHandle.set_noise_level``) and the hooks interpolate
+handle the noise level of each model call (``ACTHandle.set_call``) and the hooks interpolate
 omega and beta linearly between the two buckets around it (the support of the nearer one is used).
 Outside the fitted range the nearest bucket applies.
 """

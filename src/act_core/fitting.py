@@ -37,9 +37,9 @@ from .applying import transport
 from .errors import ACTError, ACTInputError
 from .estimators import DEFAULT_SHRINKAGE, MAX_OMEGA, ModuleEstimator
 from .maps import APPLY_SPATIAL_MEAN, ACTMap, ModuleMap, model_fingerprint
+from .progress import Report
 from .recording import ForwardHooks, pool, read_output, widths_of, write_output
 
-ProgressCallback = Callable[[int, int, str], None]
 SOURCE, TARGET = "source", "target"
 MODES = ("causal", "at_once")
 CAUSAL_STRATEGIES = ("auto", "lockstep", "groupwise")
@@ -243,7 +243,7 @@ def _run_pass(
     session: _FitSession,
     run_model: Callable[[Any], Any],
     batches: Batches,
-    report: ProgressCallback,
+    report: Report,
     done: int,
     total: int,
 ) -> None:
@@ -253,7 +253,7 @@ def _run_pass(
 
 
 def _fit_lockstep(
-    session: _FitSession, run_model: Callable[[Any], Any], batches: Batches, report: ProgressCallback
+    session: _FitSession, run_model: Callable[[Any], Any], batches: Batches, report: Report
 ) -> None:
     """Exact causal fitting in one pass: one thread per batch, a rendezvous at every module.
 
@@ -326,7 +326,7 @@ def _fit_groupwise(
     session: _FitSession,
     run_model: Callable[[Any], Any],
     batches: Batches,
-    report: ProgressCallback,
+    report: Report,
     num_groups: int | None,
 ) -> None:
     """Causal between groups of consecutive modules, at-once within a group; one pass per group."""
@@ -370,7 +370,7 @@ def fit_with_stats(
     max_imbalance: float = 4.0,
     shrinkage: float = DEFAULT_SHRINKAGE,
     max_omega: float = MAX_OMEGA,
-    progress: ProgressCallback | None = None,
+    progress: Report | None = None,
     metadata: Mapping[str, Any] | None = None,
 ) -> tuple[ACTMap, FitStats]:
     """``fit``, also returning what it cost (run_model calls, forward and estimation seconds)."""

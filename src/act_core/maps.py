@@ -34,15 +34,13 @@ from safetensors.torch import save_file
 
 from . import validation
 from ._version import __version__
+from .apply_modes import APPLY_MODES, APPLY_PER_ELEMENT, APPLY_SPATIAL_MEAN  # noqa: F401 - re-exported
 from .errors import ACTInputError, ACTMapFileError, ACTModelMismatchError
 from .files import atomic_write
 
 FILE_FORMAT = "act_map"
 FILE_FORMAT_VERSION = "2"
 READABLE_VERSIONS = ("1", "2")
-APPLY_PER_ELEMENT = "per_element"
-APPLY_SPATIAL_MEAN = "spatial_mean"
-APPLY_MODES = (APPLY_PER_ELEMENT, APPLY_SPATIAL_MEAN)
 _TENSOR_FIELDS = ("omega", "beta", "low", "high")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Largest |omega| and |beta| a map may hold. Fitted maps are bounded far below this (see

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from .apply_modes import APPLY_SPATIAL_MEAN
 from .errors import ACTInputError
-from .maps import APPLY_SPATIAL_MEAN
 from .recording import OutputOf
 
 NORM_TYPES: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.GroupNorm)

@@ -15,9 +15,8 @@ from typing import Any
 
 import torch
 
+from .progress import Report
 from .trajectory import TrajectoryFit, calibration_gain
-
-Progress = Callable[[int, int, str], None]
 
 
 @dataclass
@@ -153,7 +152,7 @@ def follow_trajectory(
     calibrate: bool,
     trajectory: str,
     guidance_scale: float,
-    progress: Progress,
+    progress: Report,
     check_interrupt: Callable[[], None] = lambda: None,
 ) -> torch.Tensor:
     """The sampling loop of hosts that run their own scheduler: at each timestep, every chunk of pairs in one

@@ -302,41 +302,6 @@ def check_parts(parts: Any, known: Sequence[str], what: str = "part") -> tuple[s
     return tuple(dict.fromkeys(items))
 
 
-def fit_metadata(
-    *,
-    family: str,
-    preset: str,
-    protocol: str,
-    source: Sequence[str],
-    target: Sequence[str],
-    seed: int,
-    model: str,
-    host: str,
-    sampling: dict,
-    cfg_rows: str,
-    extra: dict | None = None,
-) -> dict:
-    """The provenance every fitted map stores, built in one place for every host."""
-    from .maps import prompt_digest
-
-    info = {
-        "family": family,
-        "preset": preset,
-        "protocol": protocol,
-        "model": model,
-        "host": host,
-        "num_source_prompts": len(source),
-        "num_target_prompts": len(target),
-        "source_digest": prompt_digest(list(source)),
-        "target_digest": prompt_digest(list(target)),
-        "seed": seed,
-        "sampling": sampling,
-        "cfg_rows": cfg_rows,
-    }
-    info.update(extra or {})
-    return info
-
-
 def unknown_words(tokenizer: Any, prompts: Sequence[str]) -> list[str]:
     """Words of ``prompts`` that ``tokenizer`` only knows as single characters (out of its vocabulary).
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -24,8 +24,9 @@ from .applying import apply_act
 from .errors import ACTInputError, ACTWarning
 from .estimators import DEFAULT_SHRINKAGE, MAX_OMEGA, ModuleEstimator
 from .families import ModelFamily
-from .maps import ACTMap, part_of
+from .maps import ACTMap, part_of, prompt_digest
 from .presets import PROTOCOLS, Preset
+from .progress import Report
 from .sampling import CallRows, SamplingSettings, prompt_pairs
 from .trajectory import TRAJECTORIES, TrajectoryFit
 from .validation import (
@@ -35,10 +36,8 @@ from .validation import (
     check_positive_int,
     check_prompts,
     check_seed,
-    fit_metadata,
 )
 
-Progress = Callable[[int, int, str], None]
 # Text-encoder maps before the denoiser's: pairs per text-encoder batch of the first-step engine.
 TEXT_ENCODER_BATCH = 8
 
@@ -79,7 +78,7 @@ class FirstStepFit:
     statistics_steps: int
     causal_strategy: str
     max_lockstep_batches: int
-    progress: Progress | None
+    progress: Report | None
 
 
 @dataclass(frozen=True)
@@ -93,7 +92,7 @@ class TrajectoryRun:
     trajectory: str
     calibrate: bool
     pairs_per_call: int
-    progress: Progress
+    progress: Report
 
 
 class FitHost(Protocol):
@@ -129,6 +128,39 @@ class FitHost(Protocol):
 
     def metadata(self, protocol: str, uses_denoiser: bool) -> dict:
         """The host's part of the map's metadata: ``model``, ``sampling`` and extras."""
+
+
+def fit_metadata(
+    *,
+    family: str,
+    preset: str,
+    protocol: str,
+    source: Sequence[str],
+    target: Sequence[str],
+    seed: int,
+    model: str,
+    host: str,
+    sampling: dict,
+    cfg_rows: str,
+    extra: dict | None = None,
+) -> dict:
+    """The provenance every fitted map stores, built in one place for every host."""
+    info = {
+        "family": family,
+        "preset": preset,
+        "protocol": protocol,
+        "model": model,
+        "host": host,
+        "num_source_prompts": len(source),
+        "num_target_prompts": len(target),
+        "source_digest": prompt_digest(list(source)),
+        "target_digest": prompt_digest(list(target)),
+        "seed": seed,
+        "sampling": sampling,
+        "cfg_rows": cfg_rows,
+    }
+    info.update(extra or {})
+    return info
 
 
 def check_family_sampling(family: ModelFamily, negative_prompt: Any, max_sequence_length: Any) -> int | None:
@@ -176,7 +208,7 @@ def fit_act_map(
     source_prompts: Sequence[str],
     target_prompts: Sequence[str],
     options: FitOptions = FitOptions(),  # noqa: B008 - frozen
-    progress: Progress | None = None,
+    progress: Report | None = None,
 ) -> ACTMap:
     """Fit a map that moves the host's generations for ``source_prompts`` toward ``target_prompts``."""
     family = host.family
@@ -276,7 +308,7 @@ def _fit_along_trajectory(
     statistic: str,
     calibrate: bool,
     batch_size: int | None,
-    progress: Progress | None,
+    progress: Report | None,
 ) -> ACTMap:
     """Text-encoder modules first (first-step engine, no denoiser), then the denoiser along the trajectory
     with those maps applied (causal across parts)."""

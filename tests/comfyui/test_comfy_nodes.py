@@ -127,7 +127,7 @@ def test_fit_unet_map_has_canonical_names(maps, tiny, pack):
     from act_core.families.sdxl import unet_module_table
 
     table = unet_module_table(_mod(pack, "comfy_models").key_table(model)())
-    selected, _ = _mod(pack, "fitting").select_modules(model, clip, "unet_norms_first_step", "")
+    selected, _ = _mod(pack, "fitting").comfy_preset_modules(model, clip, "unet_norms_first_step", "")
     assert act_map.parts() == ["unet"]
     assert all(name.startswith("unet.") for name in act_map.modules)
     assert "unet.down_blocks.1.attentions.0.transformer_blocks.0.norm1" in act_map.modules

@@ -112,7 +112,7 @@ def _encode_tokens(pipe: Any, tokens: dict[str, torch.Tensor], height: int, widt
 
 
 def first_step_runner(
-    pipe: Any, settings: SamplingSettings, seed: int, statistics_steps: int, use_unet: bool
+    pipe: Any, settings: SamplingSettings, seed: int, statistics_steps: int, use_denoiser: bool
 ) -> Callable[[tuple[int, dict[str, torch.Tensor]]], None]:
     """``run_model((first_index, tokens))``: encode, then the first denoising steps on seeded noise."""
 
@@ -120,7 +120,7 @@ def first_step_runner(
     def run_model(batch: tuple[int, dict[str, torch.Tensor]]) -> None:
         first_index, tokens = batch
         embeds, added = _encode_tokens(pipe, tokens, settings.height, settings.width)
-        if not use_unet:
+        if not use_denoiser:
             return
         device, dtype = pipe._execution_device, pipe.unet.dtype
         shape = (

@@ -44,8 +44,8 @@ import re
 
 from torch import nn
 
+from ..apply_modes import APPLY_PER_ELEMENT
 from ..errors import ACTInputError
-from ..maps import APPLY_PER_ELEMENT
 from ..presets import Preset
 from ..recording import OutputOf
 from .base import ModelFamily

@@ -35,8 +35,8 @@ import re
 
 from torch import nn
 
+from ..apply_modes import APPLY_PER_ELEMENT
 from ..errors import ACTInputError, ACTModelMismatchError
-from ..maps import APPLY_PER_ELEMENT
 from ..presets import Preset
 from ..recording import OutputOf
 from .base import KeyTable, ModelFamily

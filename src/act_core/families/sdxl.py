@@ -21,8 +21,8 @@ from collections.abc import Iterable, Mapping
 
 from torch import nn
 
+from ..apply_modes import APPLY_PER_ELEMENT
 from ..errors import ACTInputError
-from ..maps import APPLY_PER_ELEMENT
 from ..presets import Preset
 from .base import KeyTable, ModelFamily
 
