@@ -20,7 +20,7 @@ import torch
 from ..errors import ACTInputError
 from ..families import ModelFamily
 from ..recording import token_mask_hooks
-from ..sampling import SamplingSettings
+from ..sampling import SamplingSettings, seeded_noise
 from ..workflow import TrajectoryRun
 
 # Rough live activation size of one denoiser forward, per latent pixel and row (SD/SDXL skip connections
@@ -127,6 +127,40 @@ def scheduler_step_options(scheduler: Any, seed: int) -> dict:
     if "generator" in inspect.signature(scheduler.step).parameters:
         return {"generator": torch.Generator(device="cpu").manual_seed(seed)}
     return {}
+
+
+def packed_latents(
+    pipe: Any, settings: SamplingSettings, seed: int, count: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(packed noise latents, their image position ids) of FLUX-style transformers, which take 2x2 latent
+    patches as tokens (FluxPipeline's and ChromaPipeline's ``_pack_latents``)."""
+    transformer = pipe.transformer
+    device, dtype = pipe._execution_device, transformer.dtype
+    channels = transformer.config.in_channels // 4
+    height = 2 * (settings.height // (pipe.vae_scale_factor * 2))
+    width = 2 * (settings.width // (pipe.vae_scale_factor * 2))
+    noise = seeded_noise((channels, height, width), seed, count).to(device=device, dtype=dtype)
+    latents = pipe._pack_latents(noise, count, channels, height, width)
+    return latents, pipe._prepare_latent_image_ids(count, height // 2, width // 2, device, dtype)
+
+
+def shifted_flow_timesteps(pipe: Any, scheduler: Any, steps: int, image_seq_len: int) -> list[torch.Tensor]:
+    """The schedule of FLUX-style pipelines: linear sigmas, shifted for the image size (``mu``)."""
+    import numpy as np
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+
+    sigmas = np.linspace(1.0, 1 / steps, steps)
+    if getattr(scheduler.config, "use_flow_sigmas", False):
+        sigmas = None
+    mu = calculate_shift(
+        image_seq_len,
+        scheduler.config.get("base_image_seq_len", 256),
+        scheduler.config.get("max_image_seq_len", 4096),
+        scheduler.config.get("base_shift", 0.5),
+        scheduler.config.get("max_shift", 1.15),
+    )
+    timesteps, _ = retrieve_timesteps(scheduler, steps, pipe._execution_device, sigmas=sigmas, mu=mu)
+    return list(timesteps)
 
 
 @contextlib.contextmanager

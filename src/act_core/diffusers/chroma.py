@@ -14,14 +14,13 @@ import copy
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import torch
 
 from ..errors import ACTInputError
 from ..families.chroma import CHROMA, TEXT_ENCODER
-from ..sampling import CallRows, SamplingSettings, call_chunks, follow_trajectory, seeded_noise
+from ..sampling import CallRows, SamplingSettings, call_chunks, follow_trajectory
 from ..workflow import TrajectoryRun
-from .adapter import DiffusersAdapter
+from .adapter import DiffusersAdapter, packed_latents, shifted_flow_timesteps
 
 
 def _length(settings: SamplingSettings) -> int:
@@ -40,22 +39,6 @@ def _encode(pipe: Any, prompts: list[str], negative_prompt: str | None, guided: 
     return embeds, mask, negative, negative_mask
 
 
-def _timesteps(pipe: Any, scheduler: Any, steps: int, image_seq_len: int) -> list[torch.Tensor]:
-    """The pipeline's own schedule: linear sigmas, shifted for the image size as ChromaPipeline does."""
-    from diffusers.pipelines.chroma.pipeline_chroma import calculate_shift, retrieve_timesteps
-
-    sigmas = np.linspace(1.0, 1 / steps, steps)
-    mu = calculate_shift(
-        image_seq_len,
-        scheduler.config.get("base_image_seq_len", 256),
-        scheduler.config.get("max_image_seq_len", 4096),
-        scheduler.config.get("base_shift", 0.5),
-        scheduler.config.get("max_shift", 1.15),
-    )
-    timesteps, _ = retrieve_timesteps(scheduler, steps, pipe._execution_device, sigmas=sigmas, mu=mu)
-    return list(timesteps)
-
-
 @torch.no_grad()  # no autograd graph along the trajectory: memory would grow with every step
 def run_chroma_trajectory(pipe: Any, run: TrajectoryRun, settings: SamplingSettings) -> None:
     """Sample the run's pairs along Chroma's guided trajectory, feeding every transformer call to
@@ -67,15 +50,10 @@ def run_chroma_trajectory(pipe: Any, run: TrajectoryRun, settings: SamplingSetti
     src, src_mask, _, _ = _encode(pipe, list(source), None, False, length)
     tgt, tgt_mask, neg, neg_mask = _encode(pipe, list(target), settings.negative_prompt, guided, length)
     text_ids = torch.zeros(src.shape[1], 3, device=device, dtype=dtype)
-    channels = transformer.config.in_channels // 4
-    height = 2 * (settings.height // (pipe.vae_scale_factor * 2))
-    width = 2 * (settings.width // (pipe.vae_scale_factor * 2))
-    noise = seeded_noise((channels, height, width), seed, n).to(device=device, dtype=dtype)
-    latents = pipe._pack_latents(noise, n, channels, height, width)
-    image_ids = pipe._prepare_latent_image_ids(n, height // 2, width // 2, device, dtype)
+    latents, image_ids = packed_latents(pipe, settings, seed, n)
     image_tokens = latents.shape[1]
     scheduler = copy.deepcopy(pipe.scheduler)
-    timesteps = _timesteps(pipe, scheduler, settings.num_inference_steps, image_tokens)
+    timesteps = shifted_flow_timesteps(pipe, scheduler, settings.num_inference_steps, image_tokens)
     scheduler.set_begin_index(0)
 
     def call(latents: torch.Tensor, t: torch.Tensor, rows: list[int], layout: CallRows) -> torch.Tensor:

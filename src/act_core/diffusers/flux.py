@@ -11,14 +11,13 @@ import copy
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import torch
 
 from ..errors import ACTInputError
 from ..families.flux import FLUX, TEXT_ENCODER, TEXT_ENCODER_2
-from ..sampling import CallRows, SamplingSettings, call_chunks, follow_trajectory, seeded_noise
+from ..sampling import CallRows, SamplingSettings, call_chunks, follow_trajectory
 from ..workflow import TrajectoryRun
-from .adapter import DiffusersAdapter
+from .adapter import DiffusersAdapter, packed_latents, shifted_flow_timesteps
 
 
 def _flux_encode(pipe: Any, prompts: list[str], max_sequence_length: int):
@@ -26,24 +25,6 @@ def _flux_encode(pipe: Any, prompts: list[str], max_sequence_length: int):
         prompt=prompts, prompt_2=None, device=pipe._execution_device, max_sequence_length=max_sequence_length
     )
     return embeds, pooled, text_ids
-
-
-def _timesteps(pipe: Any, scheduler: Any, steps: int, image_seq_len: int) -> list[torch.Tensor]:
-    """The pipeline's own schedule: linear sigmas, shifted for the image size as FluxPipeline does."""
-    from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
-
-    sigmas = np.linspace(1.0, 1 / steps, steps)
-    if getattr(scheduler.config, "use_flow_sigmas", False):
-        sigmas = None
-    mu = calculate_shift(
-        image_seq_len,
-        scheduler.config.get("base_image_seq_len", 256),
-        scheduler.config.get("max_image_seq_len", 4096),
-        scheduler.config.get("base_shift", 0.5),
-        scheduler.config.get("max_shift", 1.15),
-    )
-    timesteps, _ = retrieve_timesteps(scheduler, steps, pipe._execution_device, sigmas=sigmas, mu=mu)
-    return list(timesteps)
 
 
 @torch.no_grad()  # no autograd graph along the trajectory: memory would grow with every step
@@ -56,14 +37,9 @@ def run_flux_trajectory(pipe: Any, run: TrajectoryRun, settings: SamplingSetting
     length = settings.max_sequence_length or FLUX.max_sequence_length[0]
     src, src_pooled, text_ids = _flux_encode(pipe, list(source), length)
     tgt, tgt_pooled, _ = _flux_encode(pipe, list(target), length)
-    channels = transformer.config.in_channels // 4
-    height = 2 * (settings.height // (pipe.vae_scale_factor * 2))
-    width = 2 * (settings.width // (pipe.vae_scale_factor * 2))
-    noise = seeded_noise((channels, height, width), seed, n).to(device=device, dtype=dtype)
-    latents = pipe._pack_latents(noise, n, channels, height, width)
-    image_ids = pipe._prepare_latent_image_ids(n, height // 2, width // 2, device, dtype)
+    latents, image_ids = packed_latents(pipe, settings, seed, n)
     scheduler = copy.deepcopy(pipe.scheduler)
-    timesteps = _timesteps(pipe, scheduler, settings.num_inference_steps, latents.shape[1])
+    timesteps = shifted_flow_timesteps(pipe, scheduler, settings.num_inference_steps, latents.shape[1])
     scheduler.set_begin_index(0)
 
     def call(latents: torch.Tensor, t: torch.Tensor, rows: list[int], layout: CallRows) -> torch.Tensor:
