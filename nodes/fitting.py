@@ -34,7 +34,7 @@ from act_core.families import ModelFamily
 from act_core.fitting import fit_with_stats
 from act_core.maps import ACTMap, part_of
 from act_core.recording import token_mask_hooks
-from act_core.sampling import SamplingSettings, source_prediction
+from act_core.sampling import SamplingSettings, TrajectoryRun, source_prediction
 from act_core.trajectory import TrajectoryFit
 from act_core.validation import (
     check_prompt_sets,
@@ -46,7 +46,6 @@ from act_core.validation import (
 from act_core.workflow import (
     FirstStepFit,
     FitOptions,
-    TrajectoryRun,
     fit_act_map,
     preset_modules,
     text_encoders_steered,

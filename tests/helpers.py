@@ -77,3 +77,18 @@ def random_map(
 def w1(a: torch.Tensor, b: torch.Tensor) -> float:
     """Mean over units of the 1-D Wasserstein-1 distance between equal-size samples (N, D)."""
     return (torch.sort(a, dim=0).values - torch.sort(b, dim=0).values).abs().mean().item()
+
+
+def record_scale_steps(monkeypatch) -> list[tuple[float, float]]:
+    """Every (noise level, gain) that ``TrajectoryFit.scale_step`` receives while the test runs."""
+    from act_core.trajectory import TrajectoryFit
+
+    calls: list[tuple[float, float]] = []
+    original = TrajectoryFit.scale_step
+
+    def spy(self, level, gain):
+        calls.append((float(level), float(gain)))
+        return original(self, level, gain)
+
+    monkeypatch.setattr(TrajectoryFit, "scale_step", spy)
+    return calls

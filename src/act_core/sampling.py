@@ -75,6 +75,20 @@ def call_chunks(num_pairs: int, pairs_per_call: int) -> list[range]:
 
 
 @dataclass(frozen=True)
+class TrajectoryRun:
+    """What a host's sampler needs to run the fitting rows (``FitHost.sample``)."""
+
+    session: TrajectoryFit
+    source: list[str]  # prompt pair i is (source[i], target[i])
+    target: list[str]
+    seed: int
+    trajectory: str
+    calibrate: bool
+    pairs_per_call: int
+    progress: Report
+
+
+@dataclass(frozen=True)
 class CallRows:
     """Where one fitting call's rows sit: ``[uncond (guided only); target; source; plain source (calibrate
     only)]``, ``k`` pairs each. Every host that lays out its own calls lays them out this way."""
@@ -140,37 +154,33 @@ def source_prediction(
 
 
 def follow_trajectory(
-    session: TrajectoryFit,
+    run: TrajectoryRun,
     latents: torch.Tensor,
     timesteps: Sequence[Any],
-    chunks: Sequence[range],
     *,
     level_of: Callable[[Any], float],
     call: Callable[[torch.Tensor, Any, list[int], CallRows], torch.Tensor],
     advance: Callable[[torch.Tensor, Any, torch.Tensor], torch.Tensor],
     guided: bool,
-    calibrate: bool,
-    trajectory: str,
     guidance_scale: float,
-    progress: Report,
-    check_interrupt: Callable[[], None] = lambda: None,
 ) -> torch.Tensor:
-    """The sampling loop of hosts that run their own scheduler: at each timestep, every chunk of pairs in one
-    denoiser call (``call(latents, t, rows, layout)``) that ``session`` fits and transports, then
-    ``advance(prediction, t, latents)`` with the guided prediction of the steered rows."""
+    """The sampling loop of hosts that run their own scheduler: at each timestep, every chunk of the run's
+    pairs in one denoiser call (``call(latents, t, rows, layout)``) that ``run.session`` fits and
+    transports, then ``advance(prediction, t, latents)`` with the guided prediction of the steered rows."""
+    session, calibrate = run.session, run.calibrate
+    chunks = call_chunks(len(run.source), run.pairs_per_call)
     total, done = len(timesteps) * len(chunks), 0
     for step, t in enumerate(timesteps):
         level = level_of(t)
         calls = []
         for chunk in chunks:
-            check_interrupt()
             rows = list(chunk)
             layout = CallRows(len(rows), guided, calibrate)
             with session.call(level, source=layout.source, target=layout.target):
                 output = call(latents, t, rows, layout)
             calls.append((layout, output))
             done += 1
-            progress(done, total, f"step {step + 1}/{len(timesteps)}")
+            run.progress(done, total, f"step {step + 1}/{len(timesteps)}")
         joined = {
             name: torch.cat([output[getattr(layout, name)] for layout, output in calls])
             for name in ("target", "source", "plain")
@@ -180,7 +190,7 @@ def follow_trajectory(
             joined["target"],
             joined["source"],
             joined["plain"] if calibrate else None,
-            trajectory=trajectory,
+            trajectory=run.trajectory,
         )
         if guided:
             uncond = torch.cat([output[: layout.k] for layout, output in calls])

@@ -27,7 +27,7 @@ from .families import ModelFamily
 from .maps import ACTMap, part_of, prompt_digest
 from .presets import PROTOCOLS, Preset
 from .progress import Report
-from .sampling import CallRows, SamplingSettings, prompt_pairs
+from .sampling import CallRows, SamplingSettings, TrajectoryRun, prompt_pairs
 from .trajectory import TRAJECTORIES, TrajectoryFit
 from .validation import (
     check_balance,
@@ -79,20 +79,6 @@ class FirstStepFit:
     causal_strategy: str
     max_lockstep_batches: int
     progress: Report | None
-
-
-@dataclass(frozen=True)
-class TrajectoryRun:
-    """What a host's sampler needs to run the fitting rows (``FitHost.sample``)."""
-
-    session: TrajectoryFit
-    source: list[str]  # prompt pair i is (source[i], target[i])
-    target: list[str]
-    seed: int
-    trajectory: str
-    calibrate: bool
-    pairs_per_call: int
-    progress: Report
 
 
 class FitHost(Protocol):

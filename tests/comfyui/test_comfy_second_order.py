@@ -7,6 +7,7 @@ import comfy_support as cs
 import pytest
 import torch
 from comfy_support import comfyui  # noqa: F401  (session fixture)
+from helpers import record_scale_steps
 
 from act_core.trajectory import TrajectoryFit
 
@@ -25,14 +26,7 @@ def test_second_order_samplers_give_one_map_and_one_calibration_per_noise_level(
     sampler,
     repeats,
 ):
-    calls: list[tuple[float, float]] = []
-    original = TrajectoryFit.scale_step
-
-    def spy(self, level, gain):
-        calls.append((float(level), float(gain)))
-        return original(self, level, gain)
-
-    monkeypatch.setattr(TrajectoryFit, "scale_step", spy)
+    calls = record_scale_steps(monkeypatch)
     evaluated: list[float] = []
     original_call = TrajectoryFit.call
 

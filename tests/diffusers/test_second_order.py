@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from helpers import record_scale_steps
 
 from act_core.trajectory import TrajectoryFit
 
@@ -19,16 +20,7 @@ SETTINGS = {"num_inference_steps": 3, "guidance_scale": 5.0, "height": 32, "widt
 
 @pytest.fixture()
 def scaled_levels(monkeypatch):
-    """Every (noise level, gain) that ``TrajectoryFit.scale_step`` receives during the test."""
-    calls: list[tuple[float, float]] = []
-    original = TrajectoryFit.scale_step
-
-    def spy(self, level, gain):
-        calls.append((float(level), float(gain)))
-        return original(self, level, gain)
-
-    monkeypatch.setattr(TrajectoryFit, "scale_step", spy)
-    return calls
+    return record_scale_steps(monkeypatch)
 
 
 def _fit_with(pipe, scheduler_class, **options):

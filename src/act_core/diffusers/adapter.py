@@ -20,8 +20,7 @@ import torch
 from ..errors import ACTInputError
 from ..families import ModelFamily
 from ..recording import token_mask_hooks
-from ..sampling import SamplingSettings, seeded_noise
-from ..workflow import TrajectoryRun
+from ..sampling import SamplingSettings, TrajectoryRun, seeded_noise
 
 # Rough live activation size of one denoiser forward, per latent pixel and row (SD/SDXL skip connections
 # hold ~1700 channels at latent resolution), to decide how many rows one call can take.

@@ -18,8 +18,7 @@ import torch
 
 from ..errors import ACTInputError
 from ..families.chroma import CHROMA, TEXT_ENCODER
-from ..sampling import CallRows, SamplingSettings, call_chunks, follow_trajectory
-from ..workflow import TrajectoryRun
+from ..sampling import CallRows, SamplingSettings, TrajectoryRun, follow_trajectory
 from .adapter import DiffusersAdapter, packed_latents, shifted_flow_timesteps
 
 
@@ -73,18 +72,14 @@ def run_chroma_trajectory(pipe: Any, run: TrajectoryRun, settings: SamplingSetti
         )[0]
 
     follow_trajectory(
-        run.session,
+        run,
         latents,
         timesteps,
-        call_chunks(n, run.pairs_per_call),
         level_of=lambda t: min(1.0, max(0.0, float(t) / 1000)),
         call=call,
         advance=lambda prediction, t, latents: scheduler.step(prediction, t, latents, return_dict=False)[0],
         guided=guided,
-        calibrate=run.calibrate,
-        trajectory=run.trajectory,
         guidance_scale=settings.guidance_scale,
-        progress=run.progress,
     )
 
 

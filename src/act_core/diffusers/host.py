@@ -13,14 +13,14 @@ from torch import nn
 from ..families import ModelFamily
 from ..fitting import fit_with_stats
 from ..maps import ACTMap
-from ..sampling import SamplingSettings
+from ..sampling import SamplingSettings, TrajectoryRun
 from ..validation import (
     check_prompt_sets,
     check_sampling,
     check_size,
     warn_unknown_words,
 )
-from ..workflow import FirstStepFit, TrajectoryRun, check_family_sampling, split_pairs, text_encoders_steered
+from ..workflow import FirstStepFit, check_family_sampling, split_pairs, text_encoders_steered
 from .adapter import DiffusersAdapter, load_adapter, pairs_per_call, text_encoder_token_masks
 
 # Where a pipeline's __call__ has no usable default (never for diffusers' own pipelines).

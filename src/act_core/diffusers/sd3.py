@@ -11,8 +11,7 @@ from typing import Any
 import torch
 
 from ..families.sd3 import SD3
-from ..sampling import CallRows, SamplingSettings, call_chunks, follow_trajectory, seeded_noise
-from ..workflow import TrajectoryRun
+from ..sampling import CallRows, SamplingSettings, TrajectoryRun, follow_trajectory, seeded_noise
 from .adapter import DiffusersAdapter, encode
 
 
@@ -53,18 +52,14 @@ def run_sd3_trajectory(pipe: Any, run: TrajectoryRun, settings: SamplingSettings
         )[0]
 
     follow_trajectory(
-        run.session,
+        run,
         latents,
         timesteps,
-        call_chunks(n, run.pairs_per_call),
         level_of=lambda t: min(1.0, max(0.0, float(t) / train_steps)),
         call=call,
         advance=lambda prediction, t, latents: scheduler.step(prediction, t, latents, return_dict=False)[0],
         guided=guided,
-        calibrate=run.calibrate,
-        trajectory=run.trajectory,
         guidance_scale=settings.guidance_scale,
-        progress=run.progress,
     )
 
 

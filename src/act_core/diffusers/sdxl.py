@@ -19,8 +19,7 @@ from typing import Any
 import torch
 
 from ..families.sdxl import TEXT_ENCODER, TEXT_ENCODER_2
-from ..sampling import CallRows, SamplingSettings, call_chunks, follow_trajectory, seeded_noise
-from ..workflow import TrajectoryRun
+from ..sampling import CallRows, SamplingSettings, TrajectoryRun, follow_trajectory, seeded_noise
 from .adapter import DiffusersAdapter, encode, scheduler_step_options
 
 
@@ -67,20 +66,16 @@ def run_trajectory(pipe: Any, run: TrajectoryRun, settings: SamplingSettings) ->
         return unet(model_input, t, encoder_hidden_states=embeds, return_dict=False, **kwargs)[0]
 
     follow_trajectory(
-        run.session,
+        run,
         latents,
         list(scheduler.timesteps),
-        call_chunks(n, run.pairs_per_call),
         level_of=lambda t: min(1.0, max(0.0, float(t) / train_steps)),
         call=call,
         advance=lambda prediction, t, latents: scheduler.step(
             prediction, t, latents, return_dict=False, **step_options
         )[0],
         guided=guided,
-        calibrate=run.calibrate,
-        trajectory=run.trajectory,
         guidance_scale=settings.guidance_scale,
-        progress=run.progress,
     )
 
 
