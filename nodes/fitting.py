@@ -29,11 +29,9 @@ import torch
 from torch import nn
 
 from act_core._version import __version__
-from act_core.errors import ACTError, ACTInputError
+from act_core.errors import ACTInputError
 from act_core.families import ModelFamily
-from act_core.fitting import fit_with_stats
 from act_core.maps import ACTMap, part_of
-from act_core.recording import token_mask_hooks
 from act_core.sampling import SamplingSettings, TrajectoryRun, source_prediction
 from act_core.trajectory import TrajectoryFit
 from act_core.validation import (
@@ -53,22 +51,12 @@ from act_core.workflow import (
 
 from .comfy_models import clip_modules, denoiser_modules, model_family
 from .common import COMFY_FAMILIES, FAMILY_DEFAULT_PRESET, parse_parts, transformer_options_of
+from .conditioning import encode_prompts, hf_tokenizer, stack_conds, token_keys
+from .first_step import fit_first_step
 
 log = logging.getLogger("ComfyUI-ACT")
-FIRST_STEP_SCHEDULER = "normal"  # first-step protocol: only sigma_max matters
-FIRST_STEP_SAMPLER = "euler"
 SOURCE_COND, NEGATIVE_COND, TARGET_COND, PLAIN_COND = 0, 1, 2, 3  # indices in calc_cond_batch's conds
-# Rough live activation size of one denoiser forward at a lockstep rendezvous, per latent pixel and sample.
-_ACTIVATION_ELEMENTS_PER_LATENT_PIXEL = 2500
 NodeProgress = Callable[[int, int], None]  # ComfyUI's bar: (done, total)
-
-
-class _Captured(Exception):
-    """Raised from a pre-hook on the UNet to stop ComfyUI's sampler once the UNet inputs are known."""
-
-    def __init__(self, args: tuple, kwargs: dict):
-        super().__init__("captured denoiser inputs")
-        self.args, self.kwargs = args, kwargs
 
 
 def family_preset(family: ModelFamily, preset_name: str) -> Any:
@@ -85,51 +73,6 @@ def family_preset(family: ModelFamily, preset_name: str) -> Any:
             f"(default {family.default_preset})."
         )
     return family.preset(preset_name)
-
-
-# ------------------------------------------------------------------------------------------ conditioning
-def _encode_prompts(clip: Any, prompts: Sequence[str], check: Callable[[], None]) -> list[tuple]:
-    out = []
-    for prompt in prompts:
-        check()
-        cond, pooled = clip.encode_from_tokens(clip.tokenize(prompt), return_pooled=True)
-        out.append((cond, pooled))
-    return out
-
-
-def _stack_conds(encoded: Sequence[tuple], length: int | None = None) -> list:
-    """One conditioning entry for a batch of prompts (token lengths made equal by repetition, which leaves
-    cross-attention unchanged: ComfyUI batches conds of different lengths the same way)."""
-    lengths = [cond.shape[1] for cond, _ in encoded]
-    common = length or math.lcm(*lengths)
-    cond = torch.cat([c.repeat(1, common // c.shape[1], 1) for c, _ in encoded])
-    extra = {}
-    if all(p is not None for _, p in encoded):
-        extra["pooled_output"] = torch.cat([p for _, p in encoded])
-    return [[cond, extra]]
-
-
-def _hf_tokenizer(clip: Any) -> Any:
-    """The Hugging Face tokenizer behind ComfyUI's CLIP tokenizer (clip_l's, else clip_g's), if any."""
-    for name in ("clip_l", "clip_g"):
-        inner = getattr(getattr(clip, "tokenizer", None), name, None)
-        if hasattr(getattr(inner, "tokenizer", None), "tokenize"):
-            return inner.tokenizer
-    return None
-
-
-def _token_keys(clip: Any, prompts: Sequence[str]) -> list[tuple]:
-    """What the text encoders see of each prompt (token ids of every encoder), to compare prompt sets."""
-    keys = []
-    for prompt in prompts:
-        tokens = clip.tokenize(prompt)
-        keys.append(
-            tuple(
-                (name, tuple(t[0] for chunk in value for t in chunk))
-                for name, value in sorted(tokens.items())
-            )
-        )
-    return keys
 
 
 # ------------------------------------------------------------------------------------------ trajectory
@@ -205,156 +148,6 @@ def _session_wrapper(
     return wrapper
 
 
-# ------------------------------------------------------------------------------------------ first step
-def capture_denoiser_inputs(
-    model: Any, conditioning: list, noise: torch.Tensor, latent: torch.Tensor, steps: int, seed: int
-) -> tuple[tuple, dict]:
-    """The arguments ComfyUI passes to the UNet at the first step (cfg 1: cond branch only)."""
-    import comfy.sample
-
-    diffusion_model = model.model.diffusion_model
-
-    def hook(module, args, kwargs):
-        raise _Captured(args, kwargs)
-
-    handle = diffusion_model.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        comfy.sample.sample(
-            model,
-            noise,
-            steps,
-            1.0,
-            FIRST_STEP_SAMPLER,
-            FIRST_STEP_SCHEDULER,
-            conditioning,
-            conditioning,
-            latent,
-            denoise=1.0,
-            last_step=1,
-            disable_pbar=True,
-            seed=seed,
-        )
-    except _Captured as captured:
-        kwargs = dict(captured.kwargs)
-        options = kwargs.get("transformer_options")
-        if isinstance(options, dict):
-            if any(c != 0 for c in options.get("cond_or_uncond") or [0]):
-                raise ACTError(
-                    "This MODEL runs the negative (uncond) branch even at cfg 1 (disable_cfg1_optimization is set "
-                    "by a node before Fit ACT map); fit on the model without that option."
-                ) from None
-            kwargs["transformer_options"] = dict(options)
-        return captured.args, kwargs
-    finally:
-        handle.remove()
-    raise ACTError("ComfyUI's sampler never called the UNet; cannot collect ACT statistics for this model.")
-
-
-def denoiser_batches(
-    model: Any,
-    clip: Any,
-    prompts: Sequence[str],
-    *,
-    seed: int,
-    width: int,
-    height: int,
-    steps: int,
-    batch_size: int,
-    check: Callable[[], None],
-) -> list[tuple[tuple, dict]]:
-    """Captured UNet inputs per batch of prompts; prompt i gets the noise of seed ``seed + i``."""
-    import comfy.sample
-
-    encoded = _encode_prompts(clip, prompts, check)
-    batches = []
-    for start in range(0, len(prompts), batch_size):
-        check()
-        chunk = encoded[start : start + batch_size]
-        latent = torch.zeros((len(chunk), 4, height // 8, width // 8), dtype=torch.float32)
-        latent = comfy.sample.fix_empty_latent_channels(model, latent)
-        noise = torch.cat(
-            [comfy.sample.prepare_noise(latent[:1], (seed + start + i) % (2**64)) for i in range(len(chunk))]
-        )
-        batches.append(
-            capture_denoiser_inputs(model, _stack_conds(chunk), noise, latent, steps, seed + start)
-        )
-    return batches
-
-
-def lockstep_ok(model: Any, num_samples: int, width: int, height: int) -> tuple[bool, str]:
-    """Whether concurrent UNet forwards are safe and fit in memory here (see the module docstring)."""
-    import comfy.model_management as mm
-
-    if getattr(model.model, "model_lowvram", False):
-        return False, "the UNet is only partially loaded (low VRAM), so its weights are cast per forward"
-    if getattr(mm, "NUM_STREAMS", 1) > 1:
-        return False, "ComfyUI's async weight offload streams are shared between threads"
-    itemsize = torch.empty((), dtype=model.model_dtype()).element_size()
-    need = num_samples * (width // 8) * (height // 8) * _ACTIVATION_ELEMENTS_PER_LATENT_PIXEL * itemsize
-    free = mm.get_free_memory(model.load_device)
-    if need > 0.8 * free:
-        return (
-            False,
-            f"all {num_samples} forwards at once would need ~{need / 2**30:.1f} GiB (free: {free / 2**30:.1f})",
-        )
-    return True, ""
-
-
-# ------------------------------------------------------------------------------------------ text encoders
-def text_batches(clip: Any, prompts: Sequence[str], batch_size: int) -> list[dict]:
-    """Token batches for ``encode_token_weights``: the first 77-token chunk of each prompt, weights 1.
-
-    Prompt weights only rescale the encoder OUTPUT (after the forward), so they do not change the
-    activations ACT records; dropping them avoids the extra empty-prompt row ComfyUI adds for them.
-    """
-    tokenized = [clip.tokenize(prompt) for prompt in prompts]
-    batches = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = tokenized[start : start + batch_size]
-        batches.append({key: [[(t[0], 1.0) for t in tokens[key][0]] for tokens in chunk] for key in chunk[0]})
-    return batches
-
-
-class _TokenMasks:
-    """While fitting, pool text-encoder outputs over real tokens (start .. first end token), not padding."""
-
-    def __init__(self, clip: Any):
-        self.encoders = [
-            getattr(clip.cond_stage_model, name)
-            for name in ("clip_l", "clip_g")
-            if getattr(clip.cond_stage_model, name, None) is not None
-        ]
-        self.handles: list = []
-
-    @staticmethod
-    def _mask(encoder: Any, args: tuple) -> torch.Tensor | None:
-        tokens = args[0] if args else None
-        end = getattr(encoder, "special_tokens", {}).get("end")
-        if not (
-            isinstance(tokens, list)
-            and end is not None
-            and all(isinstance(row, list) and all(isinstance(t, int) for t in row) for row in tokens)
-        ):
-            return None
-        rows = []
-        for row in tokens:
-            stop = row.index(end) + 1 if end in row else len(row)
-            rows.append([i < stop for i in range(len(row))])
-        if len({len(r) for r in rows}) != 1:
-            return None
-        return torch.tensor(rows, dtype=torch.bool)
-
-    def __enter__(self) -> _TokenMasks:
-        for encoder in self.encoders:
-            self.handles += token_mask_hooks(encoder, lambda args, kwargs, enc=encoder: self._mask(enc, args))
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles.clear()
-
-
 # ------------------------------------------------------------------------------------------ the host
 class ComfyFitHost:
     """A MODEL / CLIP and the Fit node's sampler settings as a ``FitHost`` (``act_core.workflow``)."""
@@ -411,8 +204,8 @@ class ComfyFitHost:
     def check_prompt_sets(self, source: list[str], target: list[str]) -> None:
         if self.clip is None:
             return
-        check_prompt_sets(source, target, _token_keys(self.clip, source), _token_keys(self.clip, target))
-        words = unknown_words(_hf_tokenizer(self.clip), source + target)
+        check_prompt_sets(source, target, token_keys(self.clip, source), token_keys(self.clip, target))
+        words = unknown_words(hf_tokenizer(self.clip), source + target)
         if words:
             log_and_warn(
                 f"ACT fit: the tokenizer does not know {', '.join(words[:8])}: it splits them into characters, "
@@ -435,11 +228,11 @@ class ComfyFitHost:
         import comfy.samplers
 
         model, clip, settings, pairs = self.model, self.clip, self.settings, len(run.source)
-        encoded = _encode_prompts(clip, run.source + run.target, self.check)
+        encoded = encode_prompts(clip, run.source + run.target, self.check)
         length = math.lcm(*[cond.shape[1] for cond, _ in encoded])
-        positive = _stack_conds(encoded[:pairs], length)
-        target_conds = _stack_conds(encoded[pairs:], length)
-        negative = _stack_conds(_encode_prompts(clip, [settings.negative_prompt or ""], self.check) * pairs)
+        positive = stack_conds(encoded[:pairs], length)
+        target_conds = stack_conds(encoded[pairs:], length)
+        negative = stack_conds(encode_prompts(clip, [settings.negative_prompt or ""], self.check) * pairs)
         latent = torch.zeros((pairs, 4, settings.height // 8, settings.width // 8), dtype=torch.float32)
         latent = comfy.sample.fix_empty_latent_channels(model, latent)
         noise = torch.cat(
@@ -484,7 +277,7 @@ class ComfyFitHost:
         self.check()
 
     def fit_first_step(self, fit: FirstStepFit) -> ACTMap:
-        act_map, _ = _fit_first_step(self, fit)
+        act_map, _ = fit_first_step(self, fit)
         return act_map
 
     def metadata(self, protocol: str, uses_denoiser: bool) -> dict:
@@ -593,71 +386,3 @@ def fit_map(
             progress(done, total)
 
     return fit_act_map(host, source, target, options, report)
-
-
-def _fit_first_step(host: ComfyFitHost, fit: FirstStepFit):
-    """The first-step engine on this MODEL's denoiser (captured inputs replayed) or this CLIP's encoders."""
-    import comfy.model_management as mm
-
-    model, clip, settings, family = host.model, host.clip, host.settings, host.family
-    uses_denoiser = any(part_of(name) == family.denoiser for name in fit.modules)
-    strategy = fit.causal_strategy
-    inference = host.inference
-    if uses_denoiser:
-        kwargs = {
-            "seed": fit.seed,
-            "width": settings.width,
-            "height": settings.height,
-            "steps": settings.num_inference_steps,
-            "batch_size": fit.batch_size,
-        }
-        source_batches = denoiser_batches(model, clip, fit.source, check=host.check, **kwargs)
-        target_batches = denoiser_batches(model, clip, fit.target, check=host.check, **kwargs)
-        mm.load_models_gpu([model])
-        diffusion_model = model.model.diffusion_model
-        if fit.mode == "causal" and fit.causal_strategy == "auto":
-            ok, why = lockstep_ok(model, len(fit.source) + len(fit.target), settings.width, settings.height)
-            if not ok:
-                log.info("ACT fit: group-wise causal fitting because %s.", why)
-                strategy = "groupwise"
-
-        def run_model(batch: tuple[tuple, dict]) -> None:
-            args, kw = batch
-            kw = dict(kw)
-            if isinstance(kw.get("transformer_options"), dict):
-                kw["transformer_options"] = dict(kw["transformer_options"])
-            with torch.inference_mode(inference):
-                diffusion_model(*args, **kw)
-
-        masks = contextlib.nullcontext()
-    else:
-        source_batches = text_batches(clip, fit.source, fit.batch_size)
-        target_batches = text_batches(clip, fit.target, fit.batch_size)
-        encoder = clip.cond_stage_model
-        encoder.reset_clip_options()
-        if getattr(clip, "layer_idx", None) is not None:
-            encoder.set_clip_options({"layer": clip.layer_idx})
-        clip.load_model()
-
-        def run_model(batch: dict) -> None:
-            with torch.inference_mode(inference):
-                encoder.encode_token_weights(batch)
-
-        masks = _TokenMasks(clip)
-
-    def report(done: int, total: int, what: str) -> None:
-        host.check()
-        if fit.progress is not None:
-            fit.progress(done, total, what)
-
-    with masks:
-        return fit_with_stats(
-            run_model,
-            source_batches,
-            target_batches,
-            dict(fit.modules),
-            mode=fit.mode,
-            causal_strategy=strategy,
-            progress=report,
-            **fit.estimator_options,
-        )
