@@ -1,6 +1,7 @@
 """Apply an ACT map to a model: forward hooks with a live strength, or maps folded into weights.
 
-This is the one place where lambda meets activations. With ``scale = 1 + lam * (omega - 1)`` and
+This is the one place where lambda meets activations (a two-sided map's negative lambda takes its less side
+with |lambda|: ``TransportHook``). With ``scale = 1 + lam * (omega - 1)`` and
 ``shift = lam * beta`` the transported output is ``x * scale + shift`` where the support mask is on and
 ``x`` elsewhere, i.e. ``x + lam * m(x) * ((omega - 1) * x + beta)``; it is computed in float32 and cast
 back to the activation's dtype. Folding writes the same affine map into the producing layer as weight
@@ -173,20 +174,38 @@ def _aliases_input(x: torch.Tensor, args: Any) -> bool:
 
 
 class TransportHook:
-    """A forward hook that transports one module's output; reads strength from its part's control."""
+    """A forward hook that transports one module's output; reads strength from its part's control.
 
-    def __init__(self, name: str, module_map: ModuleMap, control: PartControl, entry: Any = None):
+    With a two-sided map's ``less_map``, a negative strength applies ``less_map`` with ``|strength|``.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        module_map: ModuleMap,
+        control: PartControl,
+        entry: Any = None,
+        less_map: ModuleMap | None = None,
+    ):
         self.name = name
-        self.module_map = module_map
         self.control = control
         self.entry = entry  # a module, or an OutputOf (one stream of a tuple output)
-        self._params = _DeviceParams(module_map)
+        self._sides = {1: (module_map, _DeviceParams(module_map))}
+        if less_map is not None:
+            self._sides[-1] = (less_map, _DeviceParams(less_map))
+
+    @property
+    def module_map(self) -> ModuleMap:
+        return self._sides[1][0]
 
     def __call__(self, module: nn.Module, args: Any, output: Any) -> Any:
         control = self.control
         strength = control.strength
         if not control.enabled or strength == 0.0:
             return None  # exactly the model's own output
+        module_map, params = self._sides[1]
+        if strength < 0 and -1 in self._sides:
+            (module_map, params), strength = self._sides[-1], -strength
         call = control.call_state()
         if not call.in_window:
             return None
@@ -197,13 +216,13 @@ class TransportHook:
         # feature map is not copied on every call. Otherwise transport a copy.
         inplace = not x.requires_grad and not isinstance(self.entry, OutputOf) and not _aliases_input(x, args)
         if call.rows is None:
-            y = transport(x, self.module_map, strength, self._params, call.position, inplace)
+            y = transport(x, module_map, strength, params, call.position, inplace)
         elif inplace and isinstance(call.rows, slice):
-            transport(x[call.rows], self.module_map, strength, self._params, call.position, True)
+            transport(x[call.rows], module_map, strength, params, call.position, True)
             y = x
         else:
             y = x.clone()
-            y[call.rows] = transport(x[call.rows], self.module_map, strength, self._params, call.position)
+            y[call.rows] = transport(x[call.rows], module_map, strength, params, call.position)
         return write_output(self.entry, output, y)
 
 
@@ -216,8 +235,11 @@ class ACTHandle:
         self.set_strength(strength)
         self._modules = {name: modules[name] for name in act_map.modules}
         self._handles = []
+        less = act_map.less.modules if act_map.less is not None else {}
         for name, entry in self._modules.items():
-            hook = TransportHook(name, act_map.modules[name], self.controls[part_of(name)], entry)
+            hook = TransportHook(
+                name, act_map.modules[name], self.controls[part_of(name)], entry, less.get(name)
+            )
             module = hook_module(entry)
             self._handles.append(module.register_forward_hook(hook))
             setattr(module, _HANDLE_ATTR, self)
@@ -415,6 +437,11 @@ class FoldHandle:
 
 def fold_act(modules: Mapping[str, nn.Module], act_map: ACTMap, strength: Strength = 1.0) -> FoldHandle:
     """Fold ``act_map`` into the weights at ``strength``; folding again first unfolds the previous map."""
+    if act_map.less is not None:
+        raise ACTInputError(
+            "This map is two-sided (lambda < 0 steers toward its 'less' prompts), and weights hold one side: fold "
+            "one side (act_map.side('more') or act_map.side('less')), or use hooks."
+        )
     if active_handle({name: modules[name] for name in act_map.modules if name in modules}) is not None:
         raise ACTInputError(
             "ACT hooks are active on these modules; remove them before folding (or it would apply twice)."

@@ -237,6 +237,10 @@ def cmd_fit(args: argparse.Namespace) -> int:
     source = check_prompts(gather_prompts(args.source, args.source_prompt, "source"), "source")
     target = check_prompts(gather_prompts(args.target, args.target_prompt, "target"), "target")
     check_balance(source, target)
+    less = None
+    if args.less or args.less_prompt:
+        less = check_prompts(gather_prompts(args.less, args.less_prompt, "less"), "less")
+        check_balance(source, less)
     from .estimators import validate_support  # the checks above ran before torch loads
 
     family = model_family(args.model)
@@ -256,10 +260,14 @@ def cmd_fit(args: argparse.Namespace) -> int:
             f"{spec.name!r} fits along every step of the trajectory."
         )
     pipe = load_model(args)
-    _status(args, f"Fitting preset {args.preset} on {len(source)} source and {len(target)} target prompts")
+    sides = f" and {len(less)} less prompts (two-sided)" if less else ""
+    _status(
+        args, f"Fitting preset {args.preset} on {len(source)} source, {len(target)} target prompts{sides}"
+    )
     act_map = pipe.fit_act(
         source,
         target,
+        less_prompts=less,
         preset=args.preset,
         method=args.method,
         support=args.support,
@@ -511,6 +519,13 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--source-prompt", action="append", metavar="TEXT", help="a source prompt (repeatable)")
     fit.add_argument("--target", action="append", metavar="FILE", help="target prompt file (one per line)")
     fit.add_argument("--target-prompt", action="append", metavar="TEXT", help="a target prompt (repeatable)")
+    fit.add_argument(
+        "--less",
+        action="append",
+        metavar="FILE",
+        help="two-sided slider: the 'less' prompt file (lambda -1 moves toward these, +1 toward the targets)",
+    )
+    fit.add_argument("--less-prompt", action="append", metavar="TEXT", help="a 'less' prompt (repeatable)")
     fit.add_argument(
         "--preset",
         default=None,

@@ -53,6 +53,12 @@ def check_foldable(act_map: ACTMap) -> None:
     family = family_of_map(act_map.metadata)
     if not family.folds:
         family.lora_key(next(iter(act_map.modules)))  # raises: says why this family's maps do not fold
+    if act_map.two_sided:
+        raise ACTInputError(
+            "This map is two-sided (lambda < 0 steers toward its 'less' prompts), and a LoRA holds one side "
+            "(a negative LoRA strength extrapolates the other): export one side, act_map.side('more') or "
+            "act_map.side('less')."
+        )
     preset = family.foldable_preset
     timed = [name for name, m in act_map.modules.items() if m.bucketed]
     if timed:

@@ -12,8 +12,14 @@ At generation the hooks interpolate between the two buckets around the current n
 fitted with 25 steps applies at 12 or 40 steps and with another scheduler. Maps without buckets hold
 ``(D,)`` tensors and act the same at every step (the paper's protocol).
 
+Two-sided maps (``ACTMap.less``) carry a second map over the same modules, fitted toward the "less" prompts:
+lambda > 0 applies the map itself (toward the "more" prompts), lambda < 0 applies ``less`` with |lambda|, so
+one slider runs from "as if prompted with the less side" (-1) through the model (0) to the "more" side (+1).
+
 File format (safetensors header ``format: act_map``): version 1 has one-bucket maps only; version 2
-adds the ``buckets`` header entry (a JSON list, or null) and ``(K, D)`` tensors. Both load.
+adds the ``buckets`` header entry (a JSON list, or null) and ``(K, D)`` tensors; version 3 (written only
+for two-sided maps) adds the ``less`` header entry (the less side's metadata) and its tensors, keyed
+``less:<module>.<field>``. All three load.
 """
 
 from __future__ import annotations
@@ -40,7 +46,9 @@ from .files import atomic_write
 
 FILE_FORMAT = "act_map"
 FILE_FORMAT_VERSION = "2"
-READABLE_VERSIONS = ("1", "2")
+TWO_SIDED_FORMAT_VERSION = "3"
+READABLE_VERSIONS = ("1", "2", "3")
+LESS_PREFIX = "less:"
 _TENSOR_FIELDS = ("omega", "beta", "low", "high")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Largest |omega| and |beta| a map may hold. Fitted maps are bounded far below this (see
@@ -178,10 +186,14 @@ class ACTMap:
     modules: dict[str, ModuleMap]
     metadata: dict[str, Any] = field(default_factory=dict)
     buckets: tuple[float, ...] | None = None
+    # Two-sided maps: the map lambda < 0 applies (with |lambda|), fitted toward the "less" prompts.
+    less: ACTMap | None = None
 
     def __post_init__(self) -> None:
         if not self.modules:
             raise ACTInputError("An ACT map needs at least one module map.")
+        if self.less is not None:
+            self._check_less(self.less)
         self.modules = dict(self.modules)
         self.buckets = check_buckets(self.buckets)
         for name, module_map in self.modules.items():
@@ -204,6 +216,41 @@ class ACTMap:
             self.metadata = json.loads(json.dumps(dict(self.metadata)))
         except (TypeError, ValueError) as error:
             raise ACTInputError(f"ACT map metadata must be JSON-serialisable: {error}") from None
+
+    def _check_less(self, less: ACTMap) -> None:
+        """The less side hooks the same modules, with the same widths, modes and buckets (one slider)."""
+        if not isinstance(less, ACTMap) or less.less is not None:
+            raise ACTInputError("The less side of a two-sided map must be a one-sided ACTMap.")
+        if list(less.modules) != list(self.modules) or less.buckets != self.buckets:
+            raise ACTInputError(
+                "The two sides of a two-sided map must hook the same modules at the same noise levels; fit both "
+                "with the same preset and sampling settings."
+            )
+        for name, module_map in self.modules.items():
+            other = less.modules[name]
+            if (other.width, other.apply_mode, other.bucketed) != (
+                module_map.width,
+                module_map.apply_mode,
+                module_map.bucketed,
+            ):
+                raise ACTInputError(f"The two sides of this map differ at module {name!r} (width or mode).")
+
+    def side(self, which: str) -> ACTMap:
+        """One side of a two-sided map as a one-sided map: ``"more"`` (lambda > 0) or ``"less"`` (lambda < 0)."""
+        if which not in ("more", "less"):
+            raise ACTInputError(f"A map's sides are 'more' and 'less', not {which!r}.")
+        if which == "less":
+            if self.less is None:
+                raise ACTInputError(
+                    "This map is one-sided: it has no 'less' side (fit it with less prompts)."
+                )
+            return self.less
+        return ACTMap(self.modules, self.metadata, self.buckets)
+
+    @property
+    def two_sided(self) -> bool:
+        """Whether lambda < 0 steers toward "less" prompts (else it extrapolates the map backwards)."""
+        return self.less is not None
 
     # ----------------------------------------------------------------------------------- inspection
     def __len__(self) -> int:
@@ -230,6 +277,8 @@ class ACTMap:
             and all(self.modules[name].equal(other.modules[name]) for name in self.modules)
             and self.metadata == other.metadata
             and self.buckets == other.buckets
+            and (self.less is None) == (other.less is None)
+            and (self.less is None or self.less.equal(other.less))
         )
 
     def summary(self) -> str:
@@ -250,6 +299,11 @@ class ACTMap:
             if key in self.metadata:
                 lines.append(f"  {key}: {self.metadata[key]}")
         lines.append(f"  noise-level buckets: {describe_buckets(self.buckets)}")
+        if self.less is not None:
+            lines.append(
+                "  two-sided: lambda > 0 toward the target prompts, lambda < 0 toward the less prompts "
+                f"({self.less.metadata.get('num_target', '?')} of them)"
+            )
         for part in self.parts():
             names = [name for name in self.modules if part_of(name) == part]
             lines.append(
@@ -260,7 +314,7 @@ class ACTMap:
     # ----------------------------------------------------------------------------------- algebra
     def with_metadata(self, extra: Mapping[str, Any]) -> ACTMap:
         """The same map with ``extra`` merged into its metadata."""
-        return ACTMap(self.modules, {**self.metadata, **extra}, self.buckets)
+        return ACTMap(self.modules, {**self.metadata, **extra}, self.buckets, self.less)
 
     def restrict(
         self,
@@ -293,7 +347,10 @@ class ACTMap:
             )
         metadata = dict(self.metadata, restricted_from=len(self.modules))
         buckets = self.buckets if any(module_map.bucketed for module_map in kept.values()) else None
-        return ACTMap(kept, metadata, buckets)
+        less = None
+        if self.less is not None:
+            less = ACTMap({name: self.less.modules[name] for name in kept}, self.less.metadata, buckets)
+        return ACTMap(kept, metadata, buckets, less)
 
     def compose(self, other: ACTMap) -> ACTMap:
         """The map that applies ``self`` first, then ``other`` (on modules both contain).
@@ -304,6 +361,10 @@ class ACTMap:
         only one support are left unchanged rather than half-transported. Modules in only one map keep
         their map. The order follows ``self``, then modules new in ``other``.
         """
+        if self.less is not None or other.less is not None:
+            raise ACTInputError(
+                "Two-sided maps do not compose (which side would lambda < 0 take?); compose one-sided maps."
+            )
         if self.buckets != other.buckets:
             raise ACTInputError(
                 "Cannot compose maps with different noise-level buckets "
@@ -369,20 +430,19 @@ class ACTMap:
         path = Path(path)
         if path.suffix != ".safetensors":
             raise ACTInputError(f"ACT maps are saved as .safetensors files; got {path.name!r}.")
-        tensors = {
-            f"{name}.{field_name}": getattr(module_map, field_name)
-            for name, module_map in self.modules.items()
-            for field_name in _TENSOR_FIELDS
-        }
+        tensors = _tensors_of(self.modules)
         header = {
             "format": FILE_FORMAT,
-            "format_version": FILE_FORMAT_VERSION,
+            "format_version": FILE_FORMAT_VERSION if self.less is None else TWO_SIDED_FORMAT_VERSION,
             "modules": json.dumps(
                 [{"name": n, "width": m.width, "apply_mode": m.apply_mode} for n, m in self.modules.items()]
             ),
             "buckets": json.dumps(None if self.buckets is None else list(self.buckets)),
             "metadata": json.dumps(self.metadata),
         }
+        if self.less is not None:
+            tensors.update(_tensors_of(self.less.modules, LESS_PREFIX))
+            header["less"] = json.dumps({"metadata": self.less.metadata})
         return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=header))
 
     @classmethod
@@ -397,38 +457,11 @@ class ACTMap:
             with safe_open(str(path), framework="pt") as handle:
                 header = handle.metadata() or {}
                 keys = set(handle.keys())
-                entries, metadata, buckets = _read_header(path.name, header)
-                modules = {}
-                for entry in entries:
-                    name = entry["name"]
-                    fields = {}
-                    for field_name in _TENSOR_FIELDS:
-                        key = f"{name}.{field_name}"
-                        if key not in keys:
-                            raise ACTMapFileError(
-                                f"{path.name} is incomplete: tensor {key!r} is missing. Re-save the map."
-                            )
-                        keys.discard(key)
-                        tensor = handle.get_tensor(key)
-                        if tensor.dtype not in _FLOAT_DTYPES:
-                            raise ACTMapFileError(
-                                f"{path.name} is not a valid ACT map: tensor {key!r} is {tensor.dtype}, not a "
-                                "floating-point type. Re-fit the map; never edit map files by hand."
-                            )
-                        fields[field_name] = tensor
-                    shape = tuple(fields["omega"].shape)
-                    expected = [(entry["width"],)] + (
-                        [] if buckets is None else [(len(buckets), entry["width"])]
-                    )
-                    if shape not in expected:
-                        raise ACTMapFileError(
-                            f"{path.name} is inconsistent: module {name!r} has tensors of shape "
-                            f"{shape}, the header says {' or '.join(map(str, expected))}. Re-save the map."
-                        )
-                    try:
-                        modules[name] = ModuleMap(**fields, apply_mode=entry["apply_mode"])
-                    except ACTInputError as error:
-                        raise ACTMapFileError(f"{path.name}: module {name!r}: {error}") from None
+                entries, metadata, buckets, less_metadata = _read_header(path.name, header)
+                modules = _read_modules(handle, path.name, entries, buckets, keys, "")
+                less_modules = None
+                if less_metadata is not None:
+                    less_modules = _read_modules(handle, path.name, entries, buckets, keys, LESS_PREFIX)
                 if keys:
                     raise ACTMapFileError(
                         f"{path.name} is inconsistent: its header lists {len(entries)} modules but the file "
@@ -442,13 +475,62 @@ class ACTMap:
                 f"{error}). Re-save or re-fit the map."
             ) from None
         try:
-            return cls(modules, metadata, buckets)
+            less = None if less_modules is None else cls(less_modules, less_metadata, buckets)
+            return cls(modules, metadata, buckets, less)
         except ACTInputError as error:
             raise ACTMapFileError(f"{path.name} is not a valid ACT map: {error}") from None
 
 
-def _read_header(file_name: str, header: Mapping[str, str]) -> tuple[list[dict], dict, tuple | None]:
-    """(module entries, metadata, buckets) of a map file's header, or ``ACTMapFileError`` naming the problem."""
+def _tensors_of(modules: Mapping[str, ModuleMap], prefix: str = "") -> dict[str, torch.Tensor]:
+    return {
+        f"{prefix}{name}.{field_name}": getattr(module_map, field_name)
+        for name, module_map in modules.items()
+        for field_name in _TENSOR_FIELDS
+    }
+
+
+def _read_modules(
+    handle: Any, file_name: str, entries: list[dict], buckets: tuple | None, keys: set[str], prefix: str
+) -> dict[str, ModuleMap]:
+    """The module maps of one side of a map file (``prefix`` ``less:`` for the less side); read keys are
+    removed from ``keys`` so the caller can refuse leftovers."""
+    modules = {}
+    for entry in entries:
+        name = entry["name"]
+        fields = {}
+        for field_name in _TENSOR_FIELDS:
+            key = f"{prefix}{name}.{field_name}"
+            if key not in keys:
+                raise ACTMapFileError(
+                    f"{file_name} is incomplete: tensor {key!r} is missing. Re-save the map."
+                )
+            keys.discard(key)
+            tensor = handle.get_tensor(key)
+            if tensor.dtype not in _FLOAT_DTYPES:
+                raise ACTMapFileError(
+                    f"{file_name} is not a valid ACT map: tensor {key!r} is {tensor.dtype}, not a "
+                    "floating-point type. Re-fit the map; never edit map files by hand."
+                )
+            fields[field_name] = tensor
+        shape = tuple(fields["omega"].shape)
+        expected = [(entry["width"],)] + ([] if buckets is None else [(len(buckets), entry["width"])])
+        if shape not in expected:
+            raise ACTMapFileError(
+                f"{file_name} is inconsistent: module {prefix}{name!r} has tensors of shape {shape}, the header "
+                f"says {' or '.join(map(str, expected))}. Re-save the map."
+            )
+        try:
+            modules[name] = ModuleMap(**fields, apply_mode=entry["apply_mode"])
+        except ACTInputError as error:
+            raise ACTMapFileError(f"{file_name}: module {prefix}{name!r}: {error}") from None
+    return modules
+
+
+def _read_header(
+    file_name: str, header: Mapping[str, str]
+) -> tuple[list[dict], dict, tuple | None, dict | None]:
+    """(module entries, metadata, buckets, the less side's metadata or None) of a map file's header, or
+    ``ACTMapFileError`` naming the problem."""
     if header.get("format") != FILE_FORMAT:
         raise ACTMapFileError(
             f"{file_name} is a safetensors file but not an ACT map (no 'format: {FILE_FORMAT}' "
@@ -495,7 +577,15 @@ def _read_header(file_name: str, header: Mapping[str, str]) -> tuple[list[dict],
             buckets = check_buckets(buckets)
         except ACTInputError as error:
             raise ACTMapFileError(f"{file_name}: {error}") from None
-    return entries, metadata, buckets
+    less = None
+    if version == TWO_SIDED_FORMAT_VERSION:
+        less = parse("less", "null")
+        if not (isinstance(less, dict) and isinstance(less.get("metadata"), dict)):
+            raise ACTMapFileError(
+                f"{file_name}: a two-sided map (format version 3) needs a 'less' header entry with its metadata."
+            )
+        less = less["metadata"]
+    return entries, metadata, buckets, less
 
 
 def _composed_provenance(first: ACTMap, second: ACTMap) -> dict[str, Any]:

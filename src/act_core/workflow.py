@@ -195,8 +195,47 @@ def fit_act_map(
     target_prompts: Sequence[str],
     options: FitOptions = FitOptions(),  # noqa: B008 - frozen
     progress: Report | None = None,
+    less_prompts: Sequence[str] | None = None,
 ) -> ACTMap:
-    """Fit a map that moves the host's generations for ``source_prompts`` toward ``target_prompts``."""
+    """Fit a map that moves the host's generations for ``source_prompts`` toward ``target_prompts``.
+
+    With ``less_prompts`` the map is two-sided: a second map over the same modules moves the source
+    prompts toward ``less_prompts``, and lambda < 0 applies it (lambda -1: as if prompted with the less
+    side, 0: the model, +1: the target side). It costs a second fit.
+    """
+    if less_prompts is None:
+        return _fit_one_side(host, source_prompts, target_prompts, options, progress)
+    less_prompts = check_prompts(less_prompts, "less")
+    if sorted(less_prompts) == sorted(check_prompts(target_prompts, "target")):
+        raise ACTInputError(
+            "The less prompts are the target prompts: a two-sided slider needs a 'less' side that differs from "
+            "the 'more' (target) side."
+        )
+
+    def phase(name: str) -> Report | None:
+        if progress is None:
+            return None
+        return lambda done, total, what: progress(done, total, f"{name} side: {what}")
+
+    more = _fit_one_side(host, source_prompts, target_prompts, options, phase("more"))
+    less = _fit_one_side(host, source_prompts, less_prompts, options, phase("less"))
+    metadata = {
+        **more.metadata,
+        "two_sided": True,
+        "num_less_prompts": len(less_prompts),
+        "less_digest": prompt_digest(less_prompts),
+    }
+    return ACTMap(more.modules, metadata, more.buckets, less)
+
+
+def _fit_one_side(
+    host: FitHost,
+    source_prompts: Sequence[str],
+    target_prompts: Sequence[str],
+    options: FitOptions,
+    progress: Report | None,
+) -> ACTMap:
+    """One map: the fit workflow proper (see the module docstring)."""
     family = host.family
     source = check_prompts(source_prompts, "source")
     target = check_prompts(target_prompts, "target")

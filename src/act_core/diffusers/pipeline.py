@@ -232,6 +232,7 @@ class ACTPipelineMixin:
         source_prompts: Sequence[str],
         target_prompts: Sequence[str],
         *,
+        less_prompts: Sequence[str] | None = None,
         preset: str | Preset | None = None,
         parts: Sequence[str] | None = None,
         num_inference_steps: int | None = None,
@@ -265,6 +266,8 @@ class ACTPipelineMixin:
         with the pipeline's scheduler, records every hooked module on the prompt's rows at every step, and
         fits one map per noise level, exact causal in one pass; the map then applies at any step count.
         Prompt pair i (source i, target i; the shorter list repeats) gets the noise of seed ``seed + i``.
+        With ``less_prompts`` the map is two-sided: lambda -1 moves toward the less prompts, +1 toward the
+        target prompts (a second fit; ``act_map.less`` holds that side).
 
         Protocol ``"first_step"`` (preset ``unet_norms_first_step``, the paper's) uses the cond branch of
         the first ``statistics_steps`` steps, guidance off. Text-encoder-only presets run no denoiser.
@@ -302,7 +305,8 @@ class ACTPipelineMixin:
             max_omega=max_omega,
         )
         report = _progress_callback(progress, "Fitting ACT map")
-        return fit_act_map(DiffusersFitHost(self, settings), source_prompts, target_prompts, options, report)
+        host = DiffusersFitHost(self, settings)
+        return fit_act_map(host, source_prompts, target_prompts, options, report, less_prompts)
 
     @contextlib.contextmanager
     def _act_fitting(self) -> Iterator[None]:
