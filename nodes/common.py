@@ -28,7 +28,9 @@ LORA_DTYPES = ["fp32", "fp16"]
 FALLBACK_SAMPLERS = ["euler", "euler_ancestral", "heun", "dpmpp_2m", "dpmpp_2m_sde", "ddim", "uni_pc"]
 FALLBACK_SCHEDULERS = ["normal", "karras", "exponential", "sgm_uniform", "simple", "ddim_uniform", "beta"]
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
-STRENGTH_RANGE = {"default": 1.0, "min": -2.0, "max": 2.0, "step": 0.05}
+# Strength (lambda) sliders: clicks and drags snap to 0.05 (the frontend rounds every change to ``round``; without
+# it a click lands on -0.01 or 0.92 and exactly 0 needs a pixel-exact click).
+STRENGTH_RANGE = {"default": 1.0, "min": -2.0, "max": 2.0, "step": 0.05, "round": 0.05}
 
 DEFAULT_SOURCE_PROMPTS = "\n".join(
     [

@@ -1,0 +1,59 @@
+"""What an artist meets in the ComfyUI frontend (issue 20), pinned at the schema level: sliders that snap,
+short plain tooltips, inputs that only matter for other choices marked advanced, search words, templates
+that declare their model files. Needs ComfyUI's comfy_api (skipped without COMFYUI_PATH)."""
+
+import math
+
+import comfy_support as cs  # noqa: E402
+import pytest
+from comfy_support import comfyui  # noqa: E402,F401  (session fixture)
+
+pytestmark = cs.requires_comfyui
+
+
+@pytest.fixture(scope="module")
+def classes(comfyui):  # noqa: F811
+    return cs.node_classes(cs.load_node_pack())
+
+
+def _inputs(cls) -> dict:
+    spec = cls.INPUT_TYPES()
+    return {**spec["required"], **spec.get("optional", {})}
+
+
+def frontend_float_value(value: float, options: dict) -> float:
+    """What frontend 1.27.10 stores for a FLOAT widget set to ``value`` (onFloatValueChange): with ``round``
+    every change (click, drag, typed) is rounded to a multiple of it and clamped to [min, max]."""
+    step = options["round"]
+    precision = max(0, -math.floor(math.log10(step)))
+    rounded = round(math.floor(value / step + 0.5) * step, precision)  # JavaScript's Math.round
+    return min(max(rounded, options["min"]), options["max"])
+
+
+# ------------------------------------------------------------------------------- 1. sliders that snap
+STRENGTH_INPUTS = {"ACTApply": ("strength", "text_encoder_strength")}
+
+
+@pytest.mark.parametrize("node_id, name", [(n, i) for n, names in STRENGTH_INPUTS.items() for i in names])
+def test_strength_sliders_snap_to_0_05(classes, node_id, name):
+    """Clicks that gave -0.01, 0.04 and 0.92 in the browser land on 0, 0.05 and 0.9; 0 and 1 are on the grid."""
+    kind, options = _inputs(classes[node_id])[name]
+    assert kind == "FLOAT" and options["display"] == "slider"
+    assert options["step"] == options["round"] == 0.05
+    assert (options["min"], options["default"], options["max"]) == (-2.0, 1.0, 2.0)
+    clicks = {-0.01: 0.0, 0.04: 0.05, 0.92: 0.9, 0.024: 0.0, -1.97: -1.95, 2.3: 2.0}
+    assert {click: frontend_float_value(click, options) for click in clicks} == clicks
+
+
+def test_every_lambda_like_float_snaps(classes):
+    """Every slider of the pack snaps (a slider without ``round`` lands on the pixel's value)."""
+    sliders = {
+        (node_id, name)
+        for node_id, cls in classes.items()
+        for name, (kind, options) in _inputs(cls).items()
+        if kind == "FLOAT" and options.get("display") == "slider"
+    }
+    assert {(n, i) for n, names in STRENGTH_INPUTS.items() for i in names} <= sliders
+    for node_id, name in sliders:
+        options = _inputs(classes[node_id])[name][1]
+        assert options.get("round") == options.get("step"), f"{node_id}.{name}"
