@@ -32,12 +32,8 @@ from .common import (
 from .folders import FOLDER, list_maps, map_path, write_into_folder
 
 ActMap = io.Custom(ACT_MAP)
-_PRESET_HELP = " ".join(
-    f"{family.name.upper()} presets: "
-    + "; ".join(f"{name}: {preset.description}" for name, preset in family.presets.items())
-    + "."
-    for family in COMFY_FAMILIES
-)
+# Tooltips are short and plain (hover text); the presets and options are explained in docs/comfyui.md.
+_FAMILY_DEFAULTS = ", ".join(f"{f.display_name}: {f.default_preset}" for f in COMFY_FAMILIES)
 
 
 def _sampler_choices() -> tuple[list[str], list[str]]:
@@ -74,8 +70,7 @@ def _window_inputs() -> list[io.Input]:
             max=1.0,
             step=0.01,
             optional=True,
-            tooltip="Fraction of denoising at which UNet transport starts (0 = first step). A window other than "
-            "0..1 needs hooks, so foldable maps are then applied with hooks too.",
+            tooltip="When steering starts, as a fraction of the sampling (0 = from the first step).",
         ),
         io.Float.Input(
             "end_percent",
@@ -84,8 +79,8 @@ def _window_inputs() -> list[io.Input]:
             max=1.0,
             step=0.01,
             optional=True,
-            tooltip="Fraction of denoising at which UNet transport stops (1 = last step). Text-encoder maps act on "
-            "the prompt encoding and ignore the window.",
+            tooltip="When steering stops, as a fraction of the sampling (1 = until the last step). Maps of the "
+            "text encoders act on the prompt and ignore it.",
         ),
     ]
 
@@ -101,22 +96,21 @@ def _sampling_inputs(optional: bool) -> list[io.Input]:
             step=0.1,
             round=0.01,
             optional=optional,
-            tooltip="Classifier-free guidance scale. For fitting: the cfg you will sample with (the trajectory "
-            "protocol fits along it).",
+            tooltip="The cfg you sample with: the same as your KSampler's (1 for FLUX).",
         ),
         io.Combo.Input(
             "sampler_name",
             options=samplers,
             default="euler",
             optional=optional,
-            tooltip="The sampling algorithm (for fitting: the one you will sample with).",
+            tooltip="The sampler you sample with: the same as your KSampler's.",
         ),
         io.Combo.Input(
             "scheduler",
             options=schedulers,
             default="normal",
             optional=optional,
-            tooltip="The noise schedule (for fitting: the one you will sample with).",
+            tooltip="The scheduler you sample with: the same as your KSampler's.",
         ),
     ]
 
@@ -129,106 +123,109 @@ class ACTFitMap(io.ComfyNode):
             display_name="Fit ACT map",
             category=CATEGORY,
             description=(
-                "Fit an Activation Transport (ACT) map that moves generations for the source prompts toward the "
-                "target prompts (Rodriguez et al., ICLR 2025). With the default preset the prompt pairs are "
-                "sampled with YOUR sampler settings (steps, cfg, sampler, scheduler, size), and one map per noise "
-                "level is fitted along that trajectory, so it steers the sampler you use. Use many varied prompt "
-                "pairs (dozens to hundreds). Interrupting stops the fit and leaves the model as it was."
+                "Fit an ACT (Activation Transport) map: a steering slider learned from two prompt lists, that "
+                "moves images of the source prompts toward the target prompts. The prompt pairs are sampled with "
+                "your sampler settings, so give it the steps, cfg, sampler, scheduler and size of your KSampler. "
+                "Use many varied pairs (dozens or more). Leave preset on 'default' and the options below it as "
+                "they are unless you experiment. Cancel stops the fit and leaves the model as it was."
             ),
             inputs=[
                 io.Model.Input(
                     "model",
-                    tooltip="The diffusion model to fit the map on: an SD 1.x / SDXL UNet, or FLUX.1 (preset default "
-                    "picks the family's own; cfg 1 for FLUX).",
+                    tooltip="The model to steer: SDXL (or SD 1.x) or FLUX.1.",
                 ),
                 io.Clip.Input(
                     "clip",
-                    tooltip="The text encoders that encode the prompts (and are fitted by text-encoder presets).",
+                    tooltip="The text encoders that read the prompts.",
                 ),
                 io.String.Input(
                     "source_prompts",
                     multiline=True,
                     default=DEFAULT_SOURCE_PROMPTS,
-                    tooltip="Prompts WITHOUT the property (p in the paper), one per line; blank lines are ignored.",
+                    tooltip="Prompts WITHOUT the effect, one per line (blank lines are skipped).",
                 ),
                 io.String.Input(
                     "target_prompts",
                     multiline=True,
                     default=DEFAULT_TARGET_PROMPTS,
-                    tooltip="Prompts WITH the property to transport toward (q), one per line; ideally the same "
-                    "prompts as the source with the style added (line i pairs with source line i).",
+                    tooltip="Prompts WITH the effect, one per line: best the same prompts as the source ones with "
+                    "the style added (line 1 pairs with line 1, and so on).",
                 ),
                 io.Combo.Input(
                     "preset",
                     options=PRESET_NAMES,
                     default=DEFAULT_PRESET,
-                    tooltip="Which modules are hooked and how: default = the MODEL family's default "
-                    f"({', '.join(f'{f.display_name} {f.default_preset}' for f in COMFY_FAMILIES)}); others must "
-                    "belong to the MODEL's "
-                    "family. " + _PRESET_HELP,
+                    tooltip="Which layers the map changes. Leave 'default': it picks the preset made for the "
+                    f"connected model ({_FAMILY_DEFAULTS}). The others are for experiments; each works on one model "
+                    "family only.",
                 ),
                 io.String.Input(
                     "parts",
                     default="",
-                    tooltip="Optional comma-separated subset of the preset's parts (unet, text_encoder, "
-                    "text_encoder_2); empty = all.",
+                    tooltip="Leave empty (all of the preset). To fit only part of it, name the parts, e.g. 'unet' or "
+                    "'text_encoder' (comma-separated).",
                 ),
                 io.Combo.Input(
                     "method",
                     options=METHODS,
                     default="linear",
-                    tooltip="linear: Linear-AcT (the paper's best); mean: shift only; gaussian: Gaussian OT.",
+                    tooltip="How activations are moved. linear: the best (default); mean: a plain shift; gaussian: "
+                    "a variant.",
                 ),
                 io.Combo.Input(
                     "support",
                     options=SUPPORTS,
                     default="auto",
-                    tooltip="Where the map acts. auto: the preset's choice; range: source [min, max]; unbounded: "
-                    "everywhere (needed for LoRA export); qLO-HI: an inner quantile range of the source.",
+                    tooltip="Where the map acts. Leave 'auto'. unbounded: everywhere (needed to export a LoRA); "
+                    "range and the q options: only on values seen in the source prompts.",
                 ),
                 io.Combo.Input(
                     "mode",
                     options=MODES,
                     default="preset",
-                    tooltip="preset: the preset's own mode; causal: each layer fitted with the earlier layers' "
-                    "maps applied (the paper's default); at_once: all layers from the plain model.",
+                    tooltip="Leave 'preset'. causal: each layer is fitted with the earlier layers already steered; "
+                    "at_once: all layers from the unsteered model.",
                 ),
                 io.Int.Input(
                     "fit_seed",
                     default=0,
                     min=0,
                     max=MAX_SEED,
-                    tooltip="Noise seed of the fit; prompt pair i uses seed + i.",
+                    tooltip="Noise seed of the fit (prompt pair i uses seed + i).",
                 ),
                 io.Int.Input(
-                    "width", default=1024, min=64, max=8192, step=8, tooltip="Image width you sample at."
+                    "width", default=1024, min=64, max=8192, step=8, tooltip="The image width you sample at."
                 ),
                 io.Int.Input(
-                    "height", default=1024, min=64, max=8192, step=8, tooltip="Image height you sample at."
+                    "height",
+                    default=1024,
+                    min=64,
+                    max=8192,
+                    step=8,
+                    tooltip="The image height you sample at.",
                 ),
                 io.Int.Input(
                     "steps",
                     default=20,
                     min=1,
                     max=1000,
-                    tooltip="The steps you sample with (the trajectory protocol fits along all of them; the "
-                    "first-step preset uses only the first).",
+                    tooltip="The steps you sample with: the same as your KSampler's.",
                 ),
                 io.Int.Input(
                     "batch_size",
                     default=4,
                     min=1,
                     max=256,
-                    tooltip="First-step presets: prompts per model call. The trajectory protocol samples all pairs "
-                    "as one batch (ComfyUI splits it if memory is short).",
+                    tooltip="Only for the first-step presets (unet_norms_first_step, unet_norms_foldable, the "
+                    "text_encoder ones): prompts per model call. The default preset ignores it.",
                 ),
                 io.Combo.Input(
                     "causal_strategy",
                     options=CAUSAL_STRATEGIES,
                     default="auto",
                     optional=True,
-                    tooltip="First-step presets: lockstep (one pass, all batches at once in threads), groupwise "
-                    "(one shorter pass per group of layers), auto (lockstep when it fits in memory).",
+                    tooltip="Only for the first-step presets: how the layers are fitted in turn. Leave 'auto' (the "
+                    "fastest that fits in memory).",
                 ),
                 *_sampling_inputs(optional=True),
                 io.String.Input(
@@ -236,18 +233,19 @@ class ACTFitMap(io.ComfyNode):
                     multiline=True,
                     default="",
                     optional=True,
-                    tooltip="The negative prompt you will sample with (the uncond branch of the fitting trajectory).",
+                    tooltip="The negative prompt you sample with (not used at cfg 1).",
                 ),
             ],
             outputs=[
                 ActMap.Output(
                     "act_map",
                     display_name="act_map",
-                    tooltip="The fitted ACT map (canonical diffusers module names: portable between ComfyUI and "
-                    "diffusers).",
+                    tooltip="The fitted map: connect it to Apply ACT or Save ACT map (it also works in diffusers).",
                 ),
                 io.String.Output(
-                    "summary", display_name="summary", tooltip="A short text description of the map."
+                    "summary",
+                    display_name="summary",
+                    tooltip="What was fitted, and any warnings: connect it to Preview Any.",
                 ),
             ],
             hidden=[io.Hidden.unique_id],
@@ -316,44 +314,37 @@ class ACTApply(io.ComfyNode):
             display_name="Apply ACT",
             category=CATEGORY,
             description=(
-                "Apply an ACT map with strength lambda (0 = the model unchanged, 1 = full transport, values outside "
-                "0..1 extrapolate). Returns patched copies; the input MODEL and CLIP are untouched. Foldable maps "
-                "become weight patches (zero cost, stack with LoRAs, act on every CFG row); others become hooks "
-                "that act on the cond rows of CFG, pick the map of the current noise level, and respect an "
-                "optional start/end window."
+                "Steer a model with an ACT map. strength is the slider: 0 = the model unchanged, 1 = the full "
+                "effect, negative values push the other way and values past 1 overshoot. Returns steered copies: "
+                "the input model and CLIP stay as they are, and LoRAs loaded before it keep working."
             ),
             inputs=[
-                io.Model.Input("model", tooltip="The diffusion model to steer (it is cloned, not modified)."),
+                io.Model.Input("model", tooltip="The model to steer (a steered copy comes out)."),
                 io.Clip.Input(
                     "clip",
-                    tooltip="The text encoders to steer (cloned, not modified); passed through when the map has no "
-                    "text-encoder part.",
+                    tooltip="The text encoders, steered when the map has a text-encoder part (else passed through).",
                 ),
                 _map_input(),
                 _strength_input(
                     "strength",
-                    "lambda: 0 = off, 1 = full transport; negative values push the other way.",
+                    "The slider: 0 = off, 1 = the full effect, negative = the opposite direction.",
                 ),
                 io.Boolean.Input(
                     "separate_text_encoder_strength",
                     default=False,
                     optional=True,
-                    tooltip="Use text_encoder_strength for the map's text-encoder parts instead of strength.",
+                    tooltip="Off: the text encoders follow strength. On: they use text_encoder_strength below.",
                 ),
                 _strength_input(
                     "text_encoder_strength",
-                    "lambda for the text encoders when separate_text_encoder_strength is on.",
+                    "Used only when separate_text_encoder_strength is on: the strength for the text encoders.",
                     optional=True,
                 ),
                 *_window_inputs(),
             ],
             outputs=[
-                io.Model.Output(
-                    "model_out", display_name="model", tooltip="The model with the map's UNet part."
-                ),
-                io.Clip.Output(
-                    "clip_out", display_name="clip", tooltip="The CLIP with the map's text-encoder part."
-                ),
+                io.Model.Output("model_out", display_name="model", tooltip="The steered model."),
+                io.Clip.Output("clip_out", display_name="clip", tooltip="The steered text encoders."),
             ],
         )
 
@@ -382,7 +373,7 @@ def _overwrite_input() -> io.Input:
     return io.Boolean.Input(
         "overwrite",
         default=False,
-        tooltip="Replace an existing file of that name (otherwise it is an error).",
+        tooltip="Replace a file of the same name (otherwise saving stops with an error).",
     )
 
 
@@ -394,22 +385,22 @@ class ACTSaveMap(io.ComfyNode):
             display_name="Save ACT map",
             category=CATEGORY,
             description=(
-                "Save an ACT map as a .safetensors file (tensors plus JSON metadata; no code) in ComfyUI's "
-                "models/act_maps folder. The file also loads in diffusers (act_core.ACTMap.load)."
+                "Save an ACT map as a .safetensors file in ComfyUI's models/act_maps folder, to use it again with "
+                "'Load ACT map' (press R to refresh its list) or in diffusers. The file holds numbers only, no code."
             ),
             inputs=[
                 _map_input(),
                 io.String.Input(
                     "filename",
                     default="act_map",
-                    tooltip="File name inside models/act_maps (subfolders with '/'); .safetensors is appended. "
-                    "No '..' or absolute paths.",
+                    tooltip="File name in models/act_maps ('/' makes subfolders); .safetensors is added. The name "
+                    "must stay inside the folder.",
                 ),
                 _overwrite_input(),
             ],
             outputs=[
                 io.String.Output(
-                    "map_name", display_name="map_name", tooltip="The saved file's name inside act_maps."
+                    "map_name", display_name="map_name", tooltip="The saved file's name in models/act_maps."
                 )
             ],
             is_output_node=True,
@@ -429,20 +420,18 @@ class ACTLoadMap(io.ComfyNode):
             node_id="ACTLoadMap",
             display_name="Load ACT map",
             category=CATEGORY,
-            description="Load an ACT map (.safetensors) from ComfyUI's models/act_maps folder; maps saved by "
-            "diffusers or the act CLI load too.",
+            description="Load an ACT map from ComfyUI's models/act_maps folder (maps saved from diffusers or the "
+            "act command line load too). A map saved while ComfyUI runs is listed after pressing R (refresh).",
             inputs=[
                 io.Combo.Input(
                     "act_map_name",
                     options=list_maps(),
-                    tooltip="A map file in models/act_maps (refresh the page after adding files).",
+                    tooltip="A map in models/act_maps. Saved a new one? Press R (or Refresh) to list it.",
                 )
             ],
             outputs=[
                 ActMap.Output("act_map", display_name="act_map", tooltip="The loaded ACT map."),
-                io.String.Output(
-                    "summary", display_name="summary", tooltip="A short text description of the map."
-                ),
+                io.String.Output("summary", display_name="summary", tooltip="What the map holds."),
             ],
         )
 
@@ -468,36 +457,31 @@ class ACTExportLoRA(io.ComfyNode):
             display_name="Export ACT as LoRA",
             category=CATEGORY,
             description=(
-                "Export a foldable ACT map (preset unet_norms_foldable, or text_encoder_norms with support "
-                "'unbounded') as a LoRA-style file of weight diffs in models/loras. The stock 'Load LoRA' node then "
-                "applies it with strength = lambda, no ACT node needed. Time-aware maps (one per noise level) and "
-                "maps with bounded support cannot be written into weights."
+                "Write an ACT map as a LoRA file in models/loras: the stock 'Load LoRA' node then applies it, its "
+                "strength being the slider, with no ACT node needed (share it like any LoRA). Only maps fitted with "
+                "the unet_norms_foldable preset (or text_encoder_norms with support 'unbounded') fit into a LoRA."
             ),
             inputs=[
-                io.Model.Input(
-                    "model", tooltip="The model the map was fitted on (its norm weights enter the diffs)."
-                ),
-                io.Clip.Input(
-                    "clip", tooltip="The text encoders the map was fitted on (for text-encoder parts)."
-                ),
+                io.Model.Input("model", tooltip="The model the map was fitted on."),
+                io.Clip.Input("clip", tooltip="The text encoders the map was fitted on."),
                 _map_input(),
                 io.String.Input(
                     "filename",
                     default="act_lora",
-                    tooltip="File name inside models/loras (subfolders with '/'); .safetensors is appended.",
+                    tooltip="File name in models/loras ('/' makes subfolders); .safetensors is added.",
                 ),
                 io.Combo.Input(
                     "dtype",
                     options=LORA_DTYPES,
                     default="fp32",
-                    tooltip="fp32: exact (norm diffs are small files); fp16: half the size, refused when a diff "
-                    "overflows it.",
+                    tooltip="fp32: exact (the files are small). fp16: half the size; refused if a value does not "
+                    "fit.",
                 ),
                 _overwrite_input(),
             ],
             outputs=[
                 io.String.Output(
-                    "lora_name", display_name="lora_name", tooltip="The written file's name in loras."
+                    "lora_name", display_name="lora_name", tooltip="The file's name, to pick in Load LoRA."
                 )
             ],
             is_output_node=True,
@@ -531,32 +515,33 @@ class ACTSweep(io.ComfyNode):
             display_name="ACT lambda sweep",
             category=CATEGORY,
             description=(
-                "Render the same prompt and seed once per lambda value (e.g. '0, 0.25, 0.5, 0.75, 1') with the ACT "
-                "map applied at that strength, as one LATENT batch: VAE Decode + Preview Image show the slider."
+                "Render the same prompt and seed once per strength (lambda) value, e.g. '0, 0.25, 0.5, 0.75, 1', "
+                "as one batch: VAE Decode and Preview Image then show the slider from the plain model to the full "
+                "effect."
             ),
             inputs=[
-                io.Model.Input("model", tooltip="The diffusion model (the map is applied to clones)."),
-                io.Clip.Input("clip", tooltip="The text encoders that encode the prompts."),
+                io.Model.Input("model", tooltip="The model to steer (it stays as it is)."),
+                io.Clip.Input("clip", tooltip="The text encoders that read the prompts."),
                 _map_input(),
                 io.Latent.Input("latent_image", tooltip="The starting latent, e.g. from Empty Latent Image."),
                 io.String.Input(
                     "positive",
                     multiline=True,
                     default="a photo of a lighthouse on a cliff at sunset",
-                    tooltip="The prompt to render at every lambda.",
+                    tooltip="The prompt to render at every strength.",
                 ),
                 io.String.Input(
-                    "negative", multiline=True, default="", tooltip="The negative prompt (cfg > 1)."
+                    "negative", multiline=True, default="", tooltip="The negative prompt (not used at cfg 1)."
                 ),
                 io.String.Input(
                     "lambdas",
                     default="0, 0.25, 0.5, 0.75, 1",
-                    tooltip="Strengths to render, separated by commas, spaces or semicolons (0 = the model).",
+                    tooltip="The strengths to render, separated by commas (0 = the model unchanged).",
                 ),
                 io.Int.Input(
-                    "seed", default=0, min=0, max=MAX_SEED, tooltip="Noise seed, the same for every lambda."
+                    "seed", default=0, min=0, max=MAX_SEED, tooltip="Noise seed, the same for every strength."
                 ),
-                io.Int.Input("steps", default=20, min=1, max=10000, tooltip="Denoising steps."),
+                io.Int.Input("steps", default=20, min=1, max=10000, tooltip="Sampling steps."),
                 io.Float.Input(
                     "cfg", default=7.0, min=0.0, max=100.0, step=0.1, round=0.01, tooltip="CFG scale."
                 ),
@@ -570,16 +555,16 @@ class ACTSweep(io.ComfyNode):
                     min=0.0,
                     max=1.0,
                     step=0.01,
-                    tooltip="Amount of denoising (1 = all).",
+                    tooltip="How much to denoise (1 = all).",
                 ),
                 *_window_inputs(),
             ],
             outputs=[
                 io.Latent.Output(
-                    "latent", display_name="latent", tooltip="One latent per lambda, in the order given."
+                    "latent", display_name="latent", tooltip="One latent per strength, in the order given."
                 ),
                 io.String.Output(
-                    "lambda_labels", display_name="lambdas", tooltip="The lambda values, as labels."
+                    "lambda_labels", display_name="lambdas", tooltip="The strengths, as a label."
                 ),
             ],
         )

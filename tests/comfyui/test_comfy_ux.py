@@ -57,3 +57,46 @@ def test_every_lambda_like_float_snaps(classes):
     for node_id, name in sliders:
         options = _inputs(classes[node_id])[name][1]
         assert options.get("round") == options.get("step"), f"{node_id}.{name}"
+
+
+# ------------------------------------------------------------------------------- 2. short, plain tooltips
+MAX_TOOLTIP = 300  # characters: what a hover box shows without scrolling (the preset tooltip was 1,946)
+MAX_DESCRIPTION = 600  # the node's description, shown when hovering its title
+JARGON = ("cond rows", "cond row", "exact causal", "CFG row", "uncond", "trajectory protocol", "canonical")
+
+
+def _texts(cls) -> dict[str, str]:
+    """Every hover text of a node: input tooltips, output tooltips and the description."""
+    texts = {f"input {name}": options.get("tooltip", "") for name, (_, options) in _inputs(cls).items()}
+    texts.update(
+        {f"output {name}": tip for name, tip in zip(cls.RETURN_NAMES, cls.OUTPUT_TOOLTIPS, strict=True)}
+    )
+    texts["description"] = cls.GET_SCHEMA().description
+    return texts
+
+
+def test_tooltips_are_short_and_plain(classes):
+    problems = []
+    for node_id, cls in classes.items():
+        for where, text in _texts(cls).items():
+            limit = MAX_DESCRIPTION if where == "description" else MAX_TOOLTIP
+            found = [word for word in JARGON if word.lower() in text.lower()]
+            for broken, why in (
+                (not text or len(text) > limit, f"{len(text)} characters (at most {limit})"),
+                (".." in text, "doubled punctuation"),
+                ("docs/" in text or ".md" in text, "a docs path"),
+                (bool(found), f"jargon {found}"),
+                (bool(text) and text[-1] not in ".)?!", "not a sentence"),
+            ):
+                if broken:
+                    problems.append(f"{node_id} {where}: {why}: {text!r}")
+    assert not problems, "\n".join(problems)
+
+
+def test_the_preset_tooltip_says_leave_default(classes):
+    from act_core.families import FLUX, SDXL
+
+    tooltip = _inputs(classes["ACTFitMap"])["preset"][1]["tooltip"]
+    assert "Leave 'default'" in tooltip
+    assert f"SDXL: {SDXL.default_preset}" in tooltip and f"FLUX.1: {FLUX.default_preset}" in tooltip
+    assert _inputs(classes["ACTFitMap"])["preset"][1]["options"][0] == "default"
