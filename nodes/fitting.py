@@ -349,10 +349,15 @@ def fit_map(
     batch_size: int = 4,
     causal_strategy: str = "auto",
     progress: NodeProgress | None = None,
+    less_text: str = "",
 ) -> ACTMap:
-    """Fit an ACT map with the one fit workflow. Raises on interruption (nothing stays hooked)."""
+    """Fit an ACT map with the one fit workflow. Raises on interruption (nothing stays hooked).
+
+    ``less_text`` (prompts, one per line; empty: none) makes the map two-sided: strength -1 moves toward
+    these prompts, +1 toward the target prompts."""
     source = parse_prompt_lines(source_text, "source")
     target = parse_prompt_lines(target_text, "target")
+    less = parse_prompt_lines(less_text, "less") if isinstance(less_text, str) and less_text.strip() else None
     height, width = check_size(height, width)
     steps, cfg = check_sampling(steps, cfg)
     if not isinstance(negative_prompt, str):
@@ -385,4 +390,4 @@ def fit_map(
         if progress is not None:
             progress(done, total)
 
-    return fit_act_map(host, source, target, options, report)
+    return fit_act_map(host, source, target, options, report, less)
