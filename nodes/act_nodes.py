@@ -3,12 +3,16 @@ modules beside this one. Imported only inside ComfyUI (``nodes.comfy_entrypoint`
 
 from __future__ import annotations
 
+import contextlib
 import os
+import warnings
+from collections.abc import Iterator
 
 from comfy_api.latest import ComfyExtension, io
 from typing_extensions import override
 
-from act_core.errors import ACTInputError
+import act_core
+from act_core.errors import ACTInputError, ACTWarning
 from act_core.maps import ACTMap
 
 from .common import (
@@ -43,6 +47,54 @@ def _sampler_choices() -> tuple[list[str], list[str]]:
         return list(comfy.samplers.KSampler.SAMPLERS), list(comfy.samplers.KSampler.SCHEDULERS)
     except Exception:  # ComfyUI without its sampler module: the common names
         return list(FALLBACK_SAMPLERS), list(FALLBACK_SCHEDULERS)
+
+
+def show_on_node(node_id: str | None, text: str) -> None:
+    """Text under the node in the browser (ComfyUI's progress text), as the core's nodes show sizes or
+    progress. A no-op outside the server (in-process tests, scripts)."""
+    try:
+        from server import PromptServer
+
+        PromptServer.instance.send_progress_text(text, node_id)
+    except Exception:  # no server, or no client connected: nobody to tell
+        pass
+
+
+_OUR_SOURCES = (
+    os.path.dirname(os.path.abspath(act_core.__file__)),
+    os.path.dirname(os.path.abspath(__file__)),
+)
+
+
+@contextlib.contextmanager
+def collected_warnings() -> Iterator[list[str]]:
+    """The messages of ACT's warnings raised inside the block (ACTWarning, or any warning from act_core or these
+    nodes: not torch's or ComfyUI's), each once, in order. Every warning still reaches the server log as before,
+    even when the block raises (an interrupted fit)."""
+    messages: list[str] = []
+    caught: list[warnings.WarningMessage] = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")  # also a warning already shown by an earlier fit
+            yield messages
+    finally:  # the block is done (or raised): its warnings go to the server log as before, ours to messages
+        shown = set()
+        for record in caught:
+            key = (str(record.message), record.category, record.filename, record.lineno)
+            if key not in shown:  # once per place, as Python's default filter shows them (not once per step)
+                shown.add(key)
+                warnings.showwarning(record.message, record.category, record.filename, record.lineno)
+            source = os.path.abspath(record.filename)
+            ours = issubclass(record.category, ACTWarning) or source.startswith(_OUR_SOURCES)
+            if ours and str(record.message) not in messages:
+                messages.append(str(record.message))
+
+
+def with_warnings(summary: str, messages: list[str]) -> str:
+    """The map summary with the fit's warnings after it (the Fit node's summary output)."""
+    if not messages:
+        return summary
+    return summary + "\n\nWarnings:\n" + "\n".join(f"- {message}" for message in messages)
 
 
 def _map_input() -> io.Input:
@@ -280,30 +332,37 @@ class ACTFitMap(io.ComfyNode):
 
         # node_id given explicitly: first-step fitting reports progress from worker threads, which do not see
         # ComfyUI's executing-node context variable
-        bar = comfy.utils.ProgressBar(1, node_id=cls.hidden.unique_id if cls.hidden else None)
-        act_map = fit_map(
-            model,
-            clip,
-            source_prompts,
-            target_prompts,
-            preset=preset,
-            parts=parts,
-            method=method,
-            support=support,
-            mode=mode,
-            seed=fit_seed,
-            width=width,
-            height=height,
-            steps=steps,
-            cfg=cfg,
-            sampler_name=sampler_name,
-            scheduler=scheduler,
-            negative_prompt=negative_prompt,
-            batch_size=batch_size,
-            causal_strategy=causal_strategy,
-            progress=lambda done, total: bar.update_absolute(done, total),
-        )
-        return io.NodeOutput(act_map, act_map.summary())
+        node_id = cls.hidden.unique_id if cls.hidden else None
+        bar = comfy.utils.ProgressBar(1, node_id=node_id)
+        with collected_warnings() as messages:
+            act_map = fit_map(
+                model,
+                clip,
+                source_prompts,
+                target_prompts,
+                preset=preset,
+                parts=parts,
+                method=method,
+                support=support,
+                mode=mode,
+                seed=fit_seed,
+                width=width,
+                height=height,
+                steps=steps,
+                cfg=cfg,
+                sampler_name=sampler_name,
+                scheduler=scheduler,
+                negative_prompt=negative_prompt,
+                batch_size=batch_size,
+                causal_strategy=causal_strategy,
+                progress=lambda done, total: bar.update_absolute(done, total),
+            )
+        # warnings reached only the server log: the summary output (Preview Any) and the node itself show them
+        summary = with_warnings(act_map.summary(), messages)
+        if not messages:
+            return io.NodeOutput(act_map, summary)
+        show_on_node(node_id, "Warnings:\n" + "\n".join(messages))
+        return io.NodeOutput(act_map, summary, ui={"text": messages})
 
 
 class ACTApply(io.ComfyNode):

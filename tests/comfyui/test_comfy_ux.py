@@ -100,3 +100,75 @@ def test_the_preset_tooltip_says_leave_default(classes):
     assert "Leave 'default'" in tooltip
     assert f"SDXL: {SDXL.default_preset}" in tooltip and f"FLUX.1: {FLUX.default_preset}" in tooltip
     assert _inputs(classes["ACTFitMap"])["preset"][1]["options"][0] == "default"
+
+
+# ------------------------------------------------------------------------------- 5. fit warnings reach the UI
+FIT_ARGS = {
+    "preset": "text_encoder_norms",  # no UNet pass: a real fit in seconds
+    "parts": "",
+    "method": "linear",
+    "support": "auto",
+    "mode": "preset",
+    "fit_seed": 0,
+    "width": 128,
+    "height": 128,
+    "steps": 2,
+    "batch_size": 4,
+}
+THINGS = ("cat", "dog", "house", "tree")
+
+
+@pytest.fixture(scope="module")
+def tiny(comfyui):  # noqa: F811
+    return cs.build_tiny_sdxl(seed=0)
+
+
+def _fit(classes, tiny, source, target):
+    import torch
+
+    model, clip = tiny
+    with torch.inference_mode():  # as ComfyUI's executor runs nodes
+        return cs.NodeCaller(classes["ACTFitMap"])(model, clip, source, target, **FIT_ARGS)
+
+
+def test_fit_warnings_reach_the_summary_and_the_node(classes, tiny, caplog):
+    """The tokenizer does not know 'zxqv': the warning is in the summary output (Preview Any shows it), in the
+    node's UI message, and still in the server log."""
+    from act_core.errors import ACTWarning
+
+    source = "\n".join(f"a photo of a zxqv {thing}" for thing in THINGS)
+    target = "\n".join(f"a watercolor painting of a zxqv {thing}" for thing in THINGS)
+    with pytest.warns(ACTWarning, match="zxqv"):
+        out = _fit(classes, tiny, source, target)
+    act_map, summary = out["result"]
+    assert summary.startswith(act_map.summary()) and "\n\nWarnings:\n- " in summary
+    (message,) = out["ui"]["text"]
+    assert "zxqv" in message and f"- {message}" in summary
+    assert summary.count("zxqv") == 1
+    assert any("zxqv" in record.getMessage() for record in caplog.records)
+
+
+def test_a_fit_without_warnings_has_a_plain_summary(classes, tiny):
+    source = "\n".join(f"a photo of a {thing}" for thing in THINGS)
+    target = "\n".join(f"a watercolor painting of a {thing}" for thing in THINGS)
+    act_map, summary = _fit(classes, tiny, source, target)
+    assert summary == act_map.summary() and "Warnings" not in summary
+
+
+def test_collected_warnings_keep_only_acts_and_show_all_in_the_log(classes, recwarn):
+    import warnings
+
+    from act_core.errors import ACTWarning
+
+    act_nodes = __import__(classes["ACTFitMap"].__module__, fromlist=["collected_warnings"])
+    with act_nodes.collected_warnings() as messages:
+        for _ in range(3):
+            warnings.warn("an ACT warning", ACTWarning, stacklevel=1)
+            warnings.warn_explicit("torch says something", UserWarning, "/elsewhere/torch/x.py", 1)
+    assert messages == ["an ACT warning"]
+    assert sorted(str(w.message) for w in recwarn) == ["an ACT warning", "torch says something"]
+    with pytest.raises(RuntimeError), act_nodes.collected_warnings() as messages:
+        warnings.warn("before an interruption", ACTWarning, stacklevel=1)
+        raise RuntimeError("interrupted")
+    assert messages == ["before an interruption"]
+    assert "before an interruption" in [str(w.message) for w in recwarn]
