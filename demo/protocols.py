@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -42,6 +43,7 @@ from .shapes import IMAGE_SIZE, SHAPES, STYLES, caption
 FIT_SEED, EVAL_SEED = 0, 10_000
 LAMBDAS = (0.0, 0.5, 1.0, 1.5)
 PASS_EFFECT, PASS_SHAPE = 0.8, 0.85
+CONTENT_MARGIN = 0.1  # or within this of the prompt's own shape accuracy
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,11 @@ class Model:
     guidance: float
     family: str = "sdxl"
     sampling: dict = field(default_factory=dict)  # more pipeline arguments, for fitting and generating
+    # Another sampler than the model's own: a diffusers scheduler class and config overrides.
+    scheduler: tuple[str, dict] | None = None
+    # Sampler transfer: generate with these (steps, scheduler) while the map was fitted with the above.
+    apply_steps: int | None = None
+    apply_scheduler: tuple[str, dict] | None = None
 
 
 MODELS = {
@@ -98,7 +105,7 @@ MODELS = {
 
 
 def load_model_pipeline(model: Model):
-    """The model's diffusers pipeline, from disk only, wrapped by ``act_pipeline``."""
+    """The model's diffusers pipeline, from disk only, wrapped by ``act_pipeline``, with the model's sampler."""
     if model.family == "flux":
         from diffusers import FluxPipeline
 
@@ -106,8 +113,69 @@ def load_model_pipeline(model: Model):
         pipe.set_progress_bar_config(disable=True)
         # FluxPipeline's default size is 1024 px (a fixed default_sample_size of 128); the model draws 32 px.
         pipe.default_sample_size = IMAGE_SIZE // pipe.vae_scale_factor
-        return pipe
-    return act_pipeline(load_demo_pipeline(path=model.path))
+    else:
+        pipe = act_pipeline(load_demo_pipeline(path=model.path))
+    use_scheduler(pipe, model.scheduler)
+    return pipe
+
+
+def use_scheduler(pipe, scheduler: tuple[str, dict] | None) -> None:
+    """Give ``pipe`` the diffusers scheduler ``(class name, config overrides)``; None: the model's own."""
+    import diffusers
+
+    original = getattr(pipe, "_demo_own_scheduler", None)
+    if original is None:
+        original = pipe._demo_own_scheduler = pipe.scheduler
+    if scheduler is None:
+        pipe.scheduler = original
+        return
+    name, overrides = scheduler
+    pipe.scheduler = getattr(diffusers, name).from_config(original.config, **overrides)
+
+
+def generation_settings(model: Model) -> tuple[dict, tuple[str, dict] | None]:
+    """(generate() arguments, scheduler) the model's maps are applied with: its own, or the transfer's."""
+    gen = {"steps": model.apply_steps or model.steps, "guidance": model.guidance, **model.sampling}
+    return gen, model.apply_scheduler or model.scheduler
+
+
+# Other samplers than the ones the models were trained with (issue 23): a multistep one (DPM-Solver++ 2M),
+# an ancestral one, and a map fitted with the model's own sampler applied with another at another step count.
+DPM_2M = ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2})
+EULER_A = ("EulerAncestralDiscreteScheduler", {})
+FLOW_DPM_2M = (
+    "DPMSolverMultistepScheduler",
+    {
+        "algorithm_type": "dpmsolver++",
+        "solver_order": 2,
+        "use_flow_sigmas": True,
+        "prediction_type": "flow_prediction",
+        "use_dynamic_shifting": True,  # FluxPipeline passes its image-size shift (mu), as to its own scheduler
+        "time_shift_type": "exponential",
+    },
+)
+
+
+def sampler_variants(model: Model) -> dict[str, Model]:
+    """The model under other samplers, and with a fit-at-one, apply-at-another sampler transfer."""
+    if model.family == "flux":
+        return {
+            f"{model.name}@dpm2m": replace(
+                model, name=f"{model.name}@dpm2m", scheduler=FLOW_DPM_2M, steps=12
+            ),
+            f"{model.name}@to8": replace(model, name=f"{model.name}@to8", apply_steps=8),
+        }
+    return {
+        f"{model.name}@dpm2m": replace(model, name=f"{model.name}@dpm2m", scheduler=DPM_2M, steps=25),
+        f"{model.name}@euler_a": replace(model, name=f"{model.name}@euler_a", scheduler=EULER_A, steps=25),
+        f"{model.name}@to_dpm40": replace(
+            model, name=f"{model.name}@to_dpm40", apply_steps=40, apply_scheduler=DPM_2M
+        ),
+    }
+
+
+for _base in list(MODELS.values()):
+    MODELS.update(sampler_variants(_base))
 
 
 @dataclass(frozen=True)
@@ -123,7 +191,8 @@ class Task:
 
 
 def tasks() -> dict[str, Task]:
-    """Style, two colour changes and a negation; every shape, so content has to be kept."""
+    """Every style of the shapes data (striped, outlined, dotted), three colour changes and a negation; every
+    shape, so content has to be kept."""
     colours = ("red", "blue", "yellow", "orange")
     plain = [(s, c) for s in SHAPES for c in colours]
     styles = [st for st in STYLES if st != "striped"]
@@ -139,6 +208,16 @@ def tasks() -> dict[str, Task]:
             tuple(s for s, _ in per_style),
         )
 
+    def style_task(name: str, style: str) -> Task:
+        return Task(
+            name,
+            "style",
+            style,
+            tuple(caption(s, c, "solid") for s, c in plain),
+            tuple(caption(s, c, style) for s, c in plain),
+            tuple(s for s, _ in plain),
+        )
+
     return {
         "style": Task(
             "style",
@@ -148,8 +227,11 @@ def tasks() -> dict[str, Task]:
             tuple(caption(s, c, "striped") for s, c in plain),
             tuple(s for s, _ in plain),
         ),
+        "outline": style_task("outline", "outlined"),
+        "dotted": style_task("dotted", "dotted"),
         "colour": colour_task("colour", "green", "purple"),
         "colour_red_yellow": colour_task("colour_red_yellow", "red", "yellow"),
+        "colour_blue_orange": colour_task("colour_blue_orange", "blue", "orange"),
         "negation": Task(
             "negation",
             "style",
@@ -423,21 +505,32 @@ def fit_map(pipe, model: Model, task: Task, protocol: Protocol):
 def score_curve(
     pipe, classifier, model: Model, task: Task, act_map, enable: dict, lambdas: Sequence[float]
 ) -> dict:
-    """Scores of the source prompts at every lambda (and of the prompted ceiling); pass/fail at lambda 1."""
-    gen = {"steps": model.steps, "guidance": model.guidance, **model.sampling}
-    ceiling = score_images(classifier, generate(pipe, list(task.target), seed=EVAL_SEED, **gen), task)
-    curve = []
-    pipe.enable_act(act_map, strength=0.0, **enable)
+    """Scores of the source prompts at every lambda (and of the prompted ceiling); pass/fail at lambda 1.
+
+    Generation uses the model's sampler, or the transfer's (``generation_settings``). ``distance`` is each
+    lambda's mean absolute pixel change from lambda 0, as a share of lambda 1's: how gradually the image
+    changes with lambda (the classifiers are near-binary; 0.25 / 0.5 / 0.75 at those lambdas is linear).
+    """
+    gen, scheduler = generation_settings(model)
+    use_scheduler(pipe, scheduler)
     try:
-        for lam in lambdas:
-            pipe.set_act_strength(lam)
-            images = generate(pipe, list(task.source), seed=EVAL_SEED, **gen)
-            curve.append({"lambda": lam, **score_images(classifier, images, task)})
+        ceiling = score_images(classifier, generate(pipe, list(task.target), seed=EVAL_SEED, **gen), task)
+        curve, images_at = [], {}
+        pipe.enable_act(act_map, strength=0.0, **enable)
+        try:
+            for lam in lambdas:
+                pipe.set_act_strength(lam)
+                images_at[lam] = generate(pipe, list(task.source), seed=EVAL_SEED, **gen)
+                curve.append({"lambda": lam, **score_images(classifier, images_at[lam], task)})
+        finally:
+            pipe.disable_act()
     finally:
-        pipe.disable_act()
+        use_scheduler(pipe, model.scheduler)
     plain = curve[0]["score"]
+    full = pixel_distance(images_at[1.0], images_at[0.0])
     for point in curve:
         point["effect"] = effect(point["score"], plain, ceiling["score"])
+        point["distance"] = pixel_distance(images_at[point["lambda"]], images_at[0.0]) / max(full, 1e-9)
     at_one = next(p for p in curve if p["lambda"] == 1.0)
     return {
         "ceiling": ceiling["score"],
@@ -445,8 +538,18 @@ def score_curve(
         "curve": curve,
         "modules": len(act_map),
         "buckets": None if act_map.buckets is None else len(act_map.buckets),
-        "passes": at_one["effect"] >= PASS_EFFECT and at_one["shape"] >= PASS_SHAPE,
+        "passes": at_one["effect"] >= PASS_EFFECT and keeps_content(at_one["shape"], ceiling["shape"]),
     }
+
+
+def keeps_content(shape: float, prompt_shape: float) -> bool:
+    """The content rule: shape accuracy >= 0.85, or within 0.1 of what the prompt itself draws."""
+    return shape >= PASS_SHAPE or shape >= prompt_shape - CONTENT_MARGIN
+
+
+def pixel_distance(images: np.ndarray, reference: np.ndarray) -> float:
+    """Mean absolute difference of two uint8 image batches, in [0, 1]."""
+    return float(np.abs(images.astype(np.float64) - reference.astype(np.float64)).mean() / 255.0)
 
 
 def fewer_pairs(task: Task, pairs: int | None) -> Task:
@@ -495,6 +598,25 @@ def markdown(results: dict, models: Sequence[str], task_names: Sequence[str]) ->
     return "\n".join(lines)
 
 
+def smoothness_markdown(results: dict, models: Sequence[str], task_names: Sequence[str]) -> str:
+    """How gradually each cell's image changes: the pixel distance from lambda 0 at each lambda below 1, as a
+    share of lambda 1's (linear: 0.25 / 0.50 / 0.75)."""
+    lines = [
+        "| protocol | model | task | " + "distance at lambda 0.25 / 0.5 / 0.75 (share of lambda 1's) |",
+        "|---|---|---|---|",
+    ]
+    for name, per_model in results.items():
+        for m in models:
+            for t in task_names:
+                run = per_model.get(m, {}).get(t)
+                if run is None:
+                    continue
+                points = [p for p in run["curve"] if 0.0 < p["lambda"] < 1.0]
+                cells = " / ".join(f"{p['distance']:.2f}" for p in points) or "-"
+                lines.append(f"| {name} | {m} | {t} | {cells} |")
+    return "\n".join(lines)
+
+
 def check_names(
     parser: argparse.ArgumentParser, given: Sequence[str], known: Sequence[str], what: str
 ) -> None:
@@ -509,7 +631,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument(
         "--models",
         default="shipped,b,c",
-        help="comma-separated: shipped, b, c, d, flux, flux-b (d, flux-b: held out)",
+        help="comma-separated: shipped, b, c, d, flux, flux-b (d, flux-b: held out), and any of them under "
+        "another sampler: NAME@dpm2m, NAME@euler_a (SDXL), NAME@to_dpm40 (SDXL: fitted with its own sampler, "
+        "applied with DPM++ 2M at 40 steps), NAME@to8 (FLUX: fitted at its steps, applied at 8)",
     )
     parser.add_argument("--tasks", default=",".join(tasks()))
     parser.add_argument(
@@ -569,8 +693,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 )
                 (args.output / "results.json").write_text(json.dumps(results, indent=1))
     table = markdown(results, model_names, task_names)
-    (args.output / "table.md").write_text(table + "\n")
-    print("\n" + table)
+    smooth = smoothness_markdown(results, model_names, task_names)
+    (args.output / "table.md").write_text(table + "\n\n" + smooth + "\n")
+    print("\n" + table + "\n\n" + smooth)
     return results
 
 
