@@ -2,8 +2,10 @@
 
 For each model (default: ``shapes-sdxl``, 20 Euler steps at guidance 3; ``shapes-sdxl-b``, trained
 independently here, 25 steps at guidance 4; ``shapes-flux``, the FLUX.1-architecture model, 20 steps, no
-CFG; ``shapes-flux-b``, a second FLUX model trained independently, 25 steps) and each task (style solid -> striped, colour green -> purple, colour red -> yellow, negation: remove
-the "striped" the prompt asks for), a map is fitted with ``pipe.fit_act`` for each protocol of the model's
+CFG; ``shapes-flux-b``, a second FLUX model trained independently, 25 steps; and two sampler transfers:
+the shipped SDXL fitted with its Euler sampler and applied with DPM++ 2M at 40 steps, the shipped FLUX fitted
+at 20 steps and applied at 8) and each task (style solid -> striped, solid -> outlined, colour green ->
+purple, colour red -> yellow, negation: remove the "striped" the prompt asks for), a map is fitted with ``pipe.fit_act`` for each protocol of the model's
 family (SDXL: the default, the paper's first-step protocol, text encoders only; FLUX: the default
 ``pooled_text_and_blocks``, the reference's ``transformer_blocks``, text encoders only), applied with ``pipe.enable_act`` at
 lambda 0 ... 2, and the model's attribute classifier scores the images (the role the paper gives CLIP
@@ -28,14 +30,27 @@ import torch
 from act_core.progress import Progress
 
 from .paths import REPO_ROOT, load_demo_classifier
-from .protocols import EVAL_SEED, MODELS, PROTOCOLS, fit_map, load_model_pipeline, score_curve, tasks
+from .protocols import (
+    EVAL_SEED,
+    MODELS,
+    PROTOCOLS,
+    fit_map,
+    generation_settings,
+    load_model_pipeline,
+    score_curve,
+    tasks,
+    use_scheduler,
+)
 
 LAMBDAS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
 MAIN_PROTOCOLS = {  # per model family; the first is the default, whose sweep grids are written
     "sdxl": ("new_default", "old_default", "text_encoder_norms"),
     "flux": ("new_default", "flux_blocks", "flux_text_encoders"),
 }
-MAIN_MODELS = ("shipped", "b", "flux", "flux-b")
+# The shipped models, and a sampler transfer on each family: a map fitted with the model's own sampler, applied
+# with another (SDXL: DPM++ 2M at 40 steps; FLUX: 8 steps).
+MAIN_MODELS = ("shipped", "b", "flux", "flux-b", "shipped@to_dpm40", "flux@to8")
+MAIN_TASKS = ("style", "outline", "colour", "colour_red_yellow", "negation")
 GRID_ROWS = 4
 
 
@@ -44,7 +59,9 @@ def table(results: dict, lambdas: Sequence[float]) -> str:
     lines = []
     for model_name, per_task in results.items():
         model = MODELS[model_name]
-        lines.append(f"\n### {model_name} ({model.steps} steps, guidance {model.guidance:g})\n")
+        applied = f", applied at {model.apply_steps} steps" if model.apply_steps else ""
+        applied += f" with {model.apply_scheduler[0]}" if model.apply_scheduler else ""
+        lines.append(f"\n### {model_name} ({model.steps} steps, guidance {model.guidance:g}{applied})\n")
         header = ["task", "protocol", *[f"lambda {lam:g}" for lam in lambdas], "fit s"]
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for task_name, per_protocol in per_task.items():
@@ -93,16 +110,21 @@ def write_sweep(pipe, act_map, model, task, lambdas, out: Path) -> Path:
 
     step = max(1, len(task.source) // GRID_ROWS)
     prompts = list(task.source[::step][:GRID_ROWS])
-    grid = sweep_grid(
-        pipe,
-        act_map,
-        prompts,
-        lambdas,
-        seed=EVAL_SEED,
-        num_inference_steps=model.steps,
-        guidance_scale=model.guidance,
-        **model.sampling,
-    )
+    gen, scheduler = generation_settings(model)
+    use_scheduler(pipe, scheduler)
+    try:
+        grid = sweep_grid(
+            pipe,
+            act_map,
+            prompts,
+            lambdas,
+            seed=EVAL_SEED,
+            num_inference_steps=gen.pop("steps"),
+            guidance_scale=gen.pop("guidance"),
+            **gen,
+        )
+    finally:
+        use_scheduler(pipe, model.scheduler)
     info = {"model": model.name, "task": task.name, "lambdas": list(lambdas), "seed": EVAL_SEED}
     return save_grid(grid, out / f"sweep_{model.name}_{task.name}.png", info)
 
@@ -132,10 +154,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if unknown:
         parser.error(f"unknown model(s) {unknown}; choose from {', '.join(MODELS)}")
     all_tasks = tasks()
-    task_names = ["style"] if args.quick else list(all_tasks)
+    task_names = ["style"] if args.quick else list(MAIN_TASKS)
 
     def protocols_of(model_name: str) -> list[str]:
-        return ["new_default"] if args.quick else list(MAIN_PROTOCOLS[MODELS[model_name].family])
+        if args.quick or "@" in model_name:  # other samplers: the default only
+            return ["new_default"]
+        return list(MAIN_PROTOCOLS[MODELS[model_name].family])
 
     # one unit of work per fit + lambda, and per sweep-grid cell
     units = sum(
