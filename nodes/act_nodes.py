@@ -68,9 +68,9 @@ _OUR_SOURCES = (
 
 @contextlib.contextmanager
 def collected_warnings() -> Iterator[list[str]]:
-    """The messages of ACT's warnings raised inside the block (ACTWarning, or any warning from act_core or these
-    nodes: not torch's or ComfyUI's), each once, in order. Every warning still reaches the server log as before,
-    even when the block raises (an interrupted fit)."""
+    """The messages of ACT's warnings raised inside the block (ACTWarning, or any warning from act_core or
+    these nodes: not torch's or ComfyUI's), each once, in order. Every warning still reaches the server log
+    as before, even when the block raises (an interrupted fit)."""
     messages: list[str] = []
     caught: list[warnings.WarningMessage] = []
     try:
@@ -107,6 +107,15 @@ def _checked_map(act_map: object) -> ACTMap:
     return act_map
 
 
+def advanced(entry: io.Input) -> io.Input:
+    """An input that only matters for a non-default choice (another preset, a text-encoder strength of its
+    own, a window): marked ``advanced``, which frontends that know it hide behind the node's "Show Advanced"
+    menu entry. Only a flag in the schema: the widget keeps its place, so saved workflows' widget values still
+    line up (ComfyUI 0.3.64's frontend 1.27.10 reads the flag but still draws these widgets)."""
+    entry.extra_dict = {**entry.extra_dict, "advanced": True}
+    return entry
+
+
 def _strength_input(name: str, tooltip: str, optional: bool = False) -> io.Input:
     return io.Float.Input(
         name, display_mode=io.NumberDisplay.slider, optional=optional, tooltip=tooltip, **STRENGTH_RANGE
@@ -115,24 +124,28 @@ def _strength_input(name: str, tooltip: str, optional: bool = False) -> io.Input
 
 def _window_inputs() -> list[io.Input]:
     return [
-        io.Float.Input(
-            "start_percent",
-            default=0.0,
-            min=0.0,
-            max=1.0,
-            step=0.01,
-            optional=True,
-            tooltip="When steering starts, as a fraction of the sampling (0 = from the first step).",
+        advanced(
+            io.Float.Input(
+                "start_percent",
+                default=0.0,
+                min=0.0,
+                max=1.0,
+                step=0.01,
+                optional=True,
+                tooltip="When steering starts, as a fraction of the sampling (0 = from the first step).",
+            )
         ),
-        io.Float.Input(
-            "end_percent",
-            default=1.0,
-            min=0.0,
-            max=1.0,
-            step=0.01,
-            optional=True,
-            tooltip="When steering stops, as a fraction of the sampling (1 = until the last step). Maps of the "
-            "text encoders act on the prompt and ignore it.",
+        advanced(
+            io.Float.Input(
+                "end_percent",
+                default=1.0,
+                min=0.0,
+                max=1.0,
+                step=0.01,
+                optional=True,
+                tooltip="When steering stops, as a fraction of the sampling (1 = until the last step). Maps "
+                "of the text encoders act on the prompt and ignore it.",
+            )
         ),
     ]
 
@@ -175,11 +188,12 @@ class ACTFitMap(io.ComfyNode):
             display_name="Fit ACT map",
             category=CATEGORY,
             description=(
-                "Fit an ACT (Activation Transport) map: a steering slider learned from two prompt lists, that "
-                "moves images of the source prompts toward the target prompts. The prompt pairs are sampled with "
-                "your sampler settings, so give it the steps, cfg, sampler, scheduler and size of your KSampler. "
-                "Use many varied pairs (dozens or more). Leave preset on 'default' and the options below it as "
-                "they are unless you experiment. Cancel stops the fit and leaves the model as it was."
+                "Fit an ACT (Activation Transport) map: a steering slider learned from two prompt lists, "
+                "that moves images of the source prompts toward the target prompts. The prompt pairs are "
+                "sampled with your sampler settings, so give it the steps, cfg, sampler, scheduler and size "
+                "of your KSampler. Use many varied pairs (dozens or more). Leave preset on 'default' and the "
+                "options below it as they are unless you experiment. Cancel stops the fit and leaves the "
+                "model as it was."
             ),
             inputs=[
                 io.Model.Input(
@@ -200,43 +214,51 @@ class ACTFitMap(io.ComfyNode):
                     "target_prompts",
                     multiline=True,
                     default=DEFAULT_TARGET_PROMPTS,
-                    tooltip="Prompts WITH the effect, one per line: best the same prompts as the source ones with "
-                    "the style added (line 1 pairs with line 1, and so on).",
+                    tooltip="Prompts WITH the effect, one per line: best the same prompts as the source "
+                    "ones with the style added (line 1 pairs with line 1, and so on).",
                 ),
                 io.Combo.Input(
                     "preset",
                     options=PRESET_NAMES,
                     default=DEFAULT_PRESET,
-                    tooltip="Which layers the map changes. Leave 'default': it picks the preset made for the "
-                    f"connected model ({_FAMILY_DEFAULTS}). The others are for experiments; each works on one model "
-                    "family only.",
+                    tooltip="Which layers the map changes. Leave 'default': it picks the preset made for "
+                    f"the connected model ({_FAMILY_DEFAULTS}). The others are for experiments; each works "
+                    "on one model family only.",
                 ),
-                io.String.Input(
-                    "parts",
-                    default="",
-                    tooltip="Leave empty (all of the preset). To fit only part of it, name the parts, e.g. 'unet' or "
-                    "'text_encoder' (comma-separated).",
+                advanced(
+                    io.String.Input(
+                        "parts",
+                        default="",
+                        tooltip="Leave empty (all of the preset). To fit only part of it, name the parts, "
+                        "e.g. 'unet' or 'text_encoder' (comma-separated).",
+                    )
                 ),
-                io.Combo.Input(
-                    "method",
-                    options=METHODS,
-                    default="linear",
-                    tooltip="How activations are moved. linear: the best (default); mean: a plain shift; gaussian: "
-                    "a variant.",
+                advanced(
+                    io.Combo.Input(
+                        "method",
+                        options=METHODS,
+                        default="linear",
+                        tooltip="How activations are moved. linear: the best (default); mean: a plain "
+                        "shift; gaussian: a variant.",
+                    )
                 ),
-                io.Combo.Input(
-                    "support",
-                    options=SUPPORTS,
-                    default="auto",
-                    tooltip="Where the map acts. Leave 'auto'. unbounded: everywhere (needed to export a LoRA); "
-                    "range and the q options: only on values seen in the source prompts.",
+                advanced(
+                    io.Combo.Input(
+                        "support",
+                        options=SUPPORTS,
+                        default="auto",
+                        tooltip="Where the map acts. Leave 'auto'. unbounded: everywhere (needed to export "
+                        "a LoRA); range and the q options: only on values seen in the source prompts.",
+                    )
                 ),
-                io.Combo.Input(
-                    "mode",
-                    options=MODES,
-                    default="preset",
-                    tooltip="Leave 'preset'. causal: each layer is fitted with the earlier layers already steered; "
-                    "at_once: all layers from the unsteered model.",
+                advanced(
+                    io.Combo.Input(
+                        "mode",
+                        options=MODES,
+                        default="preset",
+                        tooltip="Leave 'preset'. causal: each layer is fitted with the earlier layers "
+                        "already steered; at_once: all layers from the unsteered model.",
+                    )
                 ),
                 io.Int.Input(
                     "fit_seed",
@@ -263,21 +285,27 @@ class ACTFitMap(io.ComfyNode):
                     max=1000,
                     tooltip="The steps you sample with: the same as your KSampler's.",
                 ),
-                io.Int.Input(
-                    "batch_size",
-                    default=4,
-                    min=1,
-                    max=256,
-                    tooltip="Only for the first-step presets (unet_norms_first_step, unet_norms_foldable, the "
-                    "text_encoder ones): prompts per model call. The default preset ignores it.",
+                advanced(
+                    io.Int.Input(
+                        "batch_size",
+                        default=4,
+                        min=1,
+                        max=256,
+                        optional=True,
+                        tooltip="Only for the first-step presets (unet_norms_first_step, "
+                        "unet_norms_foldable, the text_encoder ones): prompts per model call. The default "
+                        "preset ignores it.",
+                    )
                 ),
-                io.Combo.Input(
-                    "causal_strategy",
-                    options=CAUSAL_STRATEGIES,
-                    default="auto",
-                    optional=True,
-                    tooltip="Only for the first-step presets: how the layers are fitted in turn. Leave 'auto' (the "
-                    "fastest that fits in memory).",
+                advanced(
+                    io.Combo.Input(
+                        "causal_strategy",
+                        options=CAUSAL_STRATEGIES,
+                        default="auto",
+                        optional=True,
+                        tooltip="Only for the first-step presets: how the layers are fitted in turn. Leave "
+                        "'auto' (the fastest that fits in memory).",
+                    )
                 ),
                 *_sampling_inputs(optional=True),
                 io.String.Input(
@@ -292,7 +320,8 @@ class ACTFitMap(io.ComfyNode):
                 ActMap.Output(
                     "act_map",
                     display_name="act_map",
-                    tooltip="The fitted map: connect it to Apply ACT or Save ACT map (it also works in diffusers).",
+                    tooltip="The fitted map: connect it to Apply ACT or Save ACT map (it also works in "
+                    "diffusers).",
                 ),
                 io.String.Output(
                     "summary",
@@ -319,7 +348,7 @@ class ACTFitMap(io.ComfyNode):
         width,
         height,
         steps,
-        batch_size,
+        batch_size=4,
         causal_strategy="auto",
         cfg=7.0,
         sampler_name="euler",
@@ -373,31 +402,41 @@ class ACTApply(io.ComfyNode):
             display_name="Apply ACT",
             category=CATEGORY,
             description=(
-                "Steer a model with an ACT map. strength is the slider: 0 = the model unchanged, 1 = the full "
-                "effect, negative values push the other way and values past 1 overshoot. Returns steered copies: "
-                "the input model and CLIP stay as they are, and LoRAs loaded before it keep working."
+                "Steer a model with an ACT map. strength is the slider: 0 = the model unchanged, 1 = the "
+                "full effect, negative values push the other way and values past 1 overshoot. Returns "
+                "steered copies: the input model and CLIP stay as they are, and LoRAs loaded before it keep "
+                "working."
             ),
             inputs=[
                 io.Model.Input("model", tooltip="The model to steer (a steered copy comes out)."),
                 io.Clip.Input(
                     "clip",
-                    tooltip="The text encoders, steered when the map has a text-encoder part (else passed through).",
+                    tooltip="The text encoders, steered when the map has a text-encoder part (else passed "
+                    "through).",
                 ),
                 _map_input(),
                 _strength_input(
                     "strength",
                     "The slider: 0 = off, 1 = the full effect, negative = the opposite direction.",
                 ),
-                io.Boolean.Input(
-                    "separate_text_encoder_strength",
-                    default=False,
-                    optional=True,
-                    tooltip="Off: the text encoders follow strength. On: they use text_encoder_strength below.",
+                advanced(
+                    io.Boolean.Input(
+                        "separate_text_encoder_strength",
+                        default=False,
+                        label_on="own strength below",
+                        label_off="same as strength",
+                        optional=True,
+                        tooltip="Off: the text encoders follow strength. On: they use text_encoder_strength "
+                        "below.",
+                    )
                 ),
-                _strength_input(
-                    "text_encoder_strength",
-                    "Used only when separate_text_encoder_strength is on: the strength for the text encoders.",
-                    optional=True,
+                advanced(
+                    _strength_input(
+                        "text_encoder_strength",
+                        "Used only when separate_text_encoder_strength is on: the strength for the text "
+                        "encoders.",
+                        optional=True,
+                    )
                 ),
                 *_window_inputs(),
             ],
@@ -444,16 +483,17 @@ class ACTSaveMap(io.ComfyNode):
             display_name="Save ACT map",
             category=CATEGORY,
             description=(
-                "Save an ACT map as a .safetensors file in ComfyUI's models/act_maps folder, to use it again with "
-                "'Load ACT map' (press R to refresh its list) or in diffusers. The file holds numbers only, no code."
+                "Save an ACT map as a .safetensors file in ComfyUI's models/act_maps folder, to use it again "
+                "with 'Load ACT map' (press R to refresh its list) or in diffusers. The file holds numbers "
+                "only, no code."
             ),
             inputs=[
                 _map_input(),
                 io.String.Input(
                     "filename",
                     default="act_map",
-                    tooltip="File name in models/act_maps ('/' makes subfolders); .safetensors is added. The name "
-                    "must stay inside the folder.",
+                    tooltip="File name in models/act_maps ('/' makes subfolders); .safetensors is added. "
+                    "The name must stay inside the folder.",
                 ),
                 _overwrite_input(),
             ],
@@ -479,8 +519,9 @@ class ACTLoadMap(io.ComfyNode):
             node_id="ACTLoadMap",
             display_name="Load ACT map",
             category=CATEGORY,
-            description="Load an ACT map from ComfyUI's models/act_maps folder (maps saved from diffusers or the "
-            "act command line load too). A map saved while ComfyUI runs is listed after pressing R (refresh).",
+            description="Load an ACT map from ComfyUI's models/act_maps folder (maps saved from diffusers "
+            "or the act command line load too). A map saved while ComfyUI runs is listed after pressing R "
+            "(refresh).",
             inputs=[
                 io.Combo.Input(
                     "act_map_name",
@@ -516,9 +557,10 @@ class ACTExportLoRA(io.ComfyNode):
             display_name="Export ACT as LoRA",
             category=CATEGORY,
             description=(
-                "Write an ACT map as a LoRA file in models/loras: the stock 'Load LoRA' node then applies it, its "
-                "strength being the slider, with no ACT node needed (share it like any LoRA). Only maps fitted with "
-                "the unet_norms_foldable preset (or text_encoder_norms with support 'unbounded') fit into a LoRA."
+                "Write an ACT map as a LoRA file in models/loras: the stock 'Load LoRA' node then applies "
+                "it, its strength being the slider, with no ACT node needed (share it like any LoRA). Only "
+                "maps fitted with the unet_norms_foldable preset (or text_encoder_norms with support "
+                "'unbounded') fit into a LoRA."
             ),
             inputs=[
                 io.Model.Input("model", tooltip="The model the map was fitted on."),
@@ -529,12 +571,14 @@ class ACTExportLoRA(io.ComfyNode):
                     default="act_lora",
                     tooltip="File name in models/loras ('/' makes subfolders); .safetensors is added.",
                 ),
-                io.Combo.Input(
-                    "dtype",
-                    options=LORA_DTYPES,
-                    default="fp32",
-                    tooltip="fp32: exact (the files are small). fp16: half the size; refused if a value does not "
-                    "fit.",
+                advanced(
+                    io.Combo.Input(
+                        "dtype",
+                        options=LORA_DTYPES,
+                        default="fp32",
+                        tooltip="fp32: exact (the files are small). fp16: half the size; refused if a value "
+                        "does not fit.",
+                    )
                 ),
                 _overwrite_input(),
             ],
@@ -574,9 +618,9 @@ class ACTSweep(io.ComfyNode):
             display_name="ACT lambda sweep",
             category=CATEGORY,
             description=(
-                "Render the same prompt and seed once per strength (lambda) value, e.g. '0, 0.25, 0.5, 0.75, 1', "
-                "as one batch: VAE Decode and Preview Image then show the slider from the plain model to the full "
-                "effect."
+                "Render the same prompt and seed once per strength (lambda) value, e.g. '0, 0.25, 0.5, 0.75, "
+                "1', as one batch: VAE Decode and Preview Image then show the slider from the plain model to "
+                "the full effect."
             ),
             inputs=[
                 io.Model.Input("model", tooltip="The model to steer (it stays as it is)."),
@@ -608,13 +652,15 @@ class ACTSweep(io.ComfyNode):
                 io.Combo.Input(
                     "scheduler", options=schedulers, default="normal", tooltip="The noise schedule."
                 ),
-                io.Float.Input(
-                    "denoise",
-                    default=1.0,
-                    min=0.0,
-                    max=1.0,
-                    step=0.01,
-                    tooltip="How much to denoise (1 = all).",
+                advanced(
+                    io.Float.Input(
+                        "denoise",
+                        default=1.0,
+                        min=0.0,
+                        max=1.0,
+                        step=0.01,
+                        tooltip="How much to denoise (1 = all).",
+                    )
                 ),
                 *_window_inputs(),
             ],

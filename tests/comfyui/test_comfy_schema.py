@@ -173,21 +173,77 @@ def test_workflow_widgets_match_the_schemas(classes, path):
         assert outputs == list(zip(cls.RETURN_NAMES, cls.RETURN_TYPES, strict=True))
 
 
-def test_fit_in_templates_follows_their_sampler(classes):
-    """Each template fits with the steps / cfg / sampler / scheduler its own sampler node uses."""
-    for path in WORKFLOWS:
-        nodes = json.loads(path.read_text())["nodes"]
-        fits = [n for n in nodes if n["type"] == "ACTFitMap"]
-        samplers = [n for n in nodes if n["type"] in ("KSampler", "ACTSweep")]
-        for fit in fits:
-            values = dict(
-                zip([w[0] for w in widget_inputs(classes["ACTFitMap"])], fit["widgets_values"], strict=True)
-            )
-            sampler = samplers[0]["widgets_values"]
-            steps, cfg, name, scheduler = sampler[2:6] if samplers[0]["type"] == "KSampler" else sampler[5:9]
-            assert (values["steps"], values["cfg"], values["sampler_name"], values["scheduler"]) == (
-                steps,
-                cfg,
-                name,
-                scheduler,
-            ), path.name
+# Widget values of the core nodes beside the Fit node (seed widgets are followed by their control value).
+CORE_WIDGETS = {
+    "KSampler": ["seed", None, "steps", "cfg", "sampler_name", "scheduler", "denoise"],
+    "EmptyLatentImage": ["width", "height", "batch_size"],
+    "EmptySD3LatentImage": ["width", "height", "batch_size"],
+}
+SHARED_WITH_SAMPLER = ("steps", "cfg", "sampler_name", "scheduler")
+SHARED_WITH_LATENT = ("width", "height")
+
+
+def widget_names(classes, node):
+    if node["type"] in CORE_WIDGETS:
+        return CORE_WIDGETS[node["type"]]
+    names = []
+    for name, _kind, _options, width in widget_inputs(classes[node["type"]]):
+        names += [name] + [None] * (width - 1)
+    return names
+
+
+def setting(classes, workflow, node, name):
+    """(the Primitive node feeding widget ``name`` of ``node`` or None, the value the node gets)."""
+    nodes = {n["id"]: n for n in workflow["nodes"]}
+    links = {link[0]: link for link in workflow["links"]}
+    own = dict(zip(widget_names(classes, node), node["widgets_values"], strict=True))[name]
+    slot = next((s for s in node["inputs"] if s["name"] == name and s.get("link") is not None), None)
+    if slot is None:
+        return None, own
+    origin = nodes[links[slot["link"]][1]]
+    assert origin["type"] == "PrimitiveNode", f"{node['type']}.{name} is fed by {origin['type']}"
+    value = origin["widgets_values"][0]
+    assert own == value, f"{node['type']}.{name}: widget {own!r}, Primitive {value!r} (saved out of step)"
+    return origin["id"], value
+
+
+def _fit_partners(workflow):
+    nodes = workflow["nodes"]
+    sampler = next(n for n in nodes if n["type"] in ("KSampler", "ACTSweep"))
+    latent = next(n for n in nodes if n["type"] in ("EmptyLatentImage", "EmptySD3LatentImage"))
+    return [n for n in nodes if n["type"] == "ACTFitMap"], sampler, latent
+
+
+FIT_TEMPLATES = [p for p in WORKFLOWS if '"ACTFitMap"' in p.read_text()]
+
+
+@pytest.mark.parametrize("path", FIT_TEMPLATES, ids=[p.stem for p in FIT_TEMPLATES])
+def test_fit_in_templates_gets_the_samplers_values(classes, path):
+    """Each template fits with the steps / cfg / sampler / scheduler its sampler uses, at its latent's size."""
+    workflow = json.loads(path.read_text())
+    fits, sampler, latent = _fit_partners(workflow)
+    for fit in fits:
+        for partner, names in ((sampler, SHARED_WITH_SAMPLER), (latent, SHARED_WITH_LATENT)):
+            for name in names:
+                _, fit_value = setting(classes, workflow, fit, name)
+                _, value = setting(classes, workflow, partner, name)
+                assert fit_value == value, (
+                    f"{path.name}: Fit {name}={fit_value!r}, {partner['type']} {value!r}"
+                )
+
+
+@pytest.mark.parametrize("path", FIT_TEMPLATES, ids=[p.stem for p in FIT_TEMPLATES])
+def test_sampler_settings_have_one_source(classes, path):
+    """No setting to keep equal by hand: the Fit node and its sampler (and latent) read one Primitive each."""
+    workflow = json.loads(path.read_text())
+    fits, sampler, latent = _fit_partners(workflow)
+    for fit in fits:
+        for partner, names in ((sampler, SHARED_WITH_SAMPLER), (latent, SHARED_WITH_LATENT)):
+            for name in names:
+                source, _ = setting(classes, workflow, fit, name)
+                assert source is not None, (
+                    f"{path.name}: the Fit node's {name} is not fed by a Primitive node"
+                )
+                assert setting(classes, workflow, partner, name)[0] == source, (
+                    f"{path.name}: {partner['type']}.{name} and the Fit node's are fed by different nodes"
+                )

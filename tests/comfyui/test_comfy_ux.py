@@ -172,3 +172,97 @@ def test_collected_warnings_keep_only_acts_and_show_all_in_the_log(classes, recw
         raise RuntimeError("interrupted")
     assert messages == ["before an interruption"]
     assert "before an interruption" in [str(w.message) for w in recwarn]
+
+
+# ------------------------------------------------------------------------------- 6. widgets that do nothing
+ADVANCED = {
+    "ACTFitMap": {"parts", "method", "support", "mode", "batch_size", "causal_strategy"},
+    "ACTApply": {"separate_text_encoder_strength", "text_encoder_strength", "start_percent", "end_percent"},
+    "ACTSweep": {"denoise", "start_percent", "end_percent"},
+    "ACTExportLoRA": {"dtype"},
+}
+# The widgets in the order saved workflows hold their values (widgets_values is positional: required inputs,
+# then optional ones). Marking inputs advanced or optional must not change it.
+SAVED_WIDGET_ORDER = {
+    "ACTFitMap": [
+        "source_prompts",
+        "target_prompts",
+        "preset",
+        "parts",
+        "method",
+        "support",
+        "mode",
+        "fit_seed",
+        "width",
+        "height",
+        "steps",
+        "batch_size",
+        "causal_strategy",
+        "cfg",
+        "sampler_name",
+        "scheduler",
+        "negative_prompt",
+    ],
+    "ACTApply": [
+        "strength",
+        "separate_text_encoder_strength",
+        "text_encoder_strength",
+        "start_percent",
+        "end_percent",
+    ],
+    "ACTSweep": [
+        "positive",
+        "negative",
+        "lambdas",
+        "seed",
+        "steps",
+        "cfg",
+        "sampler_name",
+        "scheduler",
+        "denoise",
+        "start_percent",
+        "end_percent",
+    ],
+    "ACTExportLoRA": ["filename", "dtype", "overwrite"],
+    "ACTSaveMap": ["filename", "overwrite"],
+    "ACTLoadMap": ["act_map_name"],
+}
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+
+
+def widget_order(cls) -> list[str]:
+    """The frontend's widget order: the node's input_order, required then optional, widgets only."""
+    info = cls.GET_NODE_INFO_V1()
+    spec = {**info["input"]["required"], **info["input"].get("optional", {})}
+    ordered = info["input_order"]["required"] + info["input_order"].get("optional", [])
+    return [name for name in ordered if isinstance(spec[name][0], list) or spec[name][0] in WIDGET_TYPES]
+
+
+@pytest.mark.parametrize("node_id", sorted(SAVED_WIDGET_ORDER))
+def test_saved_workflows_still_line_up(classes, node_id):
+    assert widget_order(classes[node_id]) == SAVED_WIDGET_ORDER[node_id]
+
+
+@pytest.mark.parametrize("node_id", sorted(ADVANCED))
+def test_inputs_for_other_choices_are_advanced(classes, node_id):
+    """Only the inputs that matter for a non-default choice are marked advanced (frontends that know the flag
+    hide them behind "Show Advanced"); every one of them has a default, so a prompt may leave it out."""
+    inputs = _inputs(classes[node_id])
+    marked = {name for name, (_, options) in inputs.items() if options.get("advanced")}
+    assert marked == ADVANCED[node_id]
+    optional = classes[node_id].INPUT_TYPES().get("optional", {})
+    for name in marked:
+        assert name in optional or "default" in inputs[name][1], f"{node_id}.{name}"
+
+
+def test_fit_inputs_for_first_step_presets_are_optional(classes):
+    optional = classes["ACTFitMap"].INPUT_TYPES()["optional"]
+    assert {"batch_size", "causal_strategy"} <= set(optional)
+    for name in ("batch_size", "causal_strategy"):
+        assert "first-step presets" in optional[name][1]["tooltip"]
+
+
+def test_the_text_encoder_toggle_says_what_it_does(classes):
+    options = _inputs(classes["ACTApply"])["separate_text_encoder_strength"][1]
+    assert (options["label_off"], options["label_on"]) == ("same as strength", "own strength below")
+    assert "Used only when" in _inputs(classes["ACTApply"])["text_encoder_strength"][1]["tooltip"]

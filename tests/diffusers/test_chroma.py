@@ -93,8 +93,10 @@ def test_the_fitting_rows_follow_chromapipelines_own_trajectory(pipe, monkeypatc
             yield
 
     ends = []
-    follow = adapter.follow_trajectory
-    monkeypatch.setattr(adapter, "follow_trajectory", lambda *a, **k: ends.append(follow(*a, **k)))
+    import act_core.diffusers.adapter as shared  # every adapter's loop runs through it (follow_scheduler)
+
+    follow = shared.follow_trajectory
+    monkeypatch.setattr(shared, "follow_trajectory", lambda *a, **k: ends.append(follow(*a, **k)))
     prompts = ["a red circle", "a blue square, striped"]
     settings = SamplingSettings(3, guidance, 32, 32, negative, MAX_SEQUENCE_LENGTH)
     run = TrajectoryRun(PlainSession(), prompts, prompts, 7, "steered", False, 2, lambda *a: None)

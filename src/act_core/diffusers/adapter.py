@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +20,7 @@ import torch
 from ..errors import ACTInputError
 from ..families import ModelFamily
 from ..recording import token_mask_hooks
-from ..sampling import SamplingSettings, TrajectoryRun, seeded_noise
+from ..sampling import SamplingSettings, TrajectoryRun, follow_trajectory, seeded_noise
 
 # Rough live activation size of one denoiser forward, per latent pixel and row (SD/SDXL skip connections
 # hold ~1700 channels at latent resolution), to decide how many rows one call can take.
@@ -75,6 +75,28 @@ class DiffusersAdapter:
     timestep_scale: Callable[[Any], float] = default_timestep_scale
     # Image sizes are multiples of vae_scale_factor * patch_size (FLUX and SD3 pack 2x2 latent patches).
     patch_size: int = 1
+    # The pipeline ``__call__`` parameter that is the CFG scale a fit's ``guidance_scale`` stands for (its
+    # default is the fit's default; the CLI's sweep passes ``--guidance`` under this name): QwenImagePipeline's
+    # is ``true_cfg_scale`` (its ``guidance_scale`` feeds guidance-distilled transformers only).
+    guidance_parameter: str = "guidance_scale"
+    # Whether the pipeline runs CFG only when it is given a negative prompt (QwenImagePipeline's true CFG):
+    # without one a fit follows the unguided trajectory, as the pipeline samples.
+    cfg_needs_negative_prompt: bool = False
+
+
+def call_guides(adapter: DiffusersAdapter, arguments: Mapping[str, Any]) -> bool:
+    """Whether a pipeline call with these (bound, defaults applied) arguments runs CFG, by the adapter's
+    guidance parameter and negative-prompt rule (for pipelines with no ``do_classifier_free_guidance``)."""
+    scale = arguments.get(adapter.guidance_parameter)
+    try:
+        guided = scale is not None and float(scale) > 1.0
+    except (TypeError, ValueError):
+        return False
+    if adapter.cfg_needs_negative_prompt:
+        guided = guided and any(
+            arguments.get(name) is not None for name in ("negative_prompt", "negative_prompt_embeds")
+        )
+    return guided
 
 
 def load_adapter(family: ModelFamily) -> DiffusersAdapter:
@@ -117,6 +139,33 @@ def encode(pipe: Any, prompts: list[str], negative_prompt: str | None, guided: b
         return embeds, pooled, negative_embeds, negative_pooled
     embeds, negative_embeds = pipe.encode_prompt(prompts, device, 1, guided, negative_prompt=negative)
     return embeds, None, negative_embeds, None
+
+
+def follow_scheduler(
+    run: TrajectoryRun,
+    latents: torch.Tensor,
+    timesteps: list,
+    scheduler: Any,
+    call: Callable,
+    *,
+    guided: bool,
+    guidance_scale: float,
+    timestep_scale: float = 1000.0,
+    step_options: dict | None = None,
+) -> torch.Tensor:
+    """``follow_trajectory`` with a diffusers scheduler: the noise level is ``t / timestep_scale`` (clamped to
+    [0, 1]) and the latents advance with ``scheduler.step``."""
+    options = step_options or {}
+    return follow_trajectory(
+        run,
+        latents,
+        timesteps,
+        level_of=lambda t: min(1.0, max(0.0, float(t) / timestep_scale)),
+        call=call,
+        advance=lambda prediction, t, x: scheduler.step(prediction, t, x, return_dict=False, **options)[0],
+        guided=guided,
+        guidance_scale=guidance_scale,
+    )
 
 
 def scheduler_step_options(scheduler: Any, seed: int) -> dict:

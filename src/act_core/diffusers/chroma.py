@@ -18,8 +18,8 @@ import torch
 
 from ..errors import ACTInputError
 from ..families.chroma import CHROMA, TEXT_ENCODER
-from ..sampling import CallRows, SamplingSettings, TrajectoryRun, follow_trajectory
-from .adapter import DiffusersAdapter, packed_latents, shifted_flow_timesteps
+from ..sampling import CallRows, SamplingSettings, TrajectoryRun
+from .adapter import DiffusersAdapter, follow_scheduler, packed_latents, shifted_flow_timesteps
 
 
 def _length(settings: SamplingSettings) -> int:
@@ -71,15 +71,8 @@ def run_chroma_trajectory(pipe: Any, run: TrajectoryRun, settings: SamplingSetti
             return_dict=False,
         )[0]
 
-    follow_trajectory(
-        run,
-        latents,
-        timesteps,
-        level_of=lambda t: min(1.0, max(0.0, float(t) / 1000)),
-        call=call,
-        advance=lambda prediction, t, latents: scheduler.step(prediction, t, latents, return_dict=False)[0],
-        guided=guided,
-        guidance_scale=settings.guidance_scale,
+    follow_scheduler(
+        run, latents, timesteps, scheduler, call, guided=guided, guidance_scale=settings.guidance_scale
     )
 
 

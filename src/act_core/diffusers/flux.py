@@ -15,8 +15,8 @@ import torch
 
 from ..errors import ACTInputError
 from ..families.flux import FLUX, TEXT_ENCODER, TEXT_ENCODER_2
-from ..sampling import CallRows, SamplingSettings, TrajectoryRun, follow_trajectory
-from .adapter import DiffusersAdapter, packed_latents, shifted_flow_timesteps
+from ..sampling import CallRows, SamplingSettings, TrajectoryRun
+from .adapter import DiffusersAdapter, follow_scheduler, packed_latents, shifted_flow_timesteps
 
 
 def _flux_encode(pipe: Any, prompts: list[str], max_sequence_length: int):
@@ -59,15 +59,9 @@ def run_flux_trajectory(pipe: Any, run: TrajectoryRun, settings: SamplingSetting
             return_dict=False,
         )[0]
 
-    follow_trajectory(
-        run,
-        latents,
-        timesteps,
-        level_of=lambda t: min(1.0, max(0.0, float(t) / 1000)),
-        call=call,
-        advance=lambda prediction, t, latents: scheduler.step(prediction, t, latents, return_dict=False)[0],
-        guided=False,  # FLUX runs no CFG batch (dev embeds its guidance scale)
-        guidance_scale=settings.guidance_scale,
+    # FLUX runs no CFG batch (dev embeds its guidance scale)
+    follow_scheduler(
+        run, latents, timesteps, scheduler, call, guided=False, guidance_scale=settings.guidance_scale
     )
 
 

@@ -11,8 +11,8 @@ from typing import Any
 import torch
 
 from ..families.sd3 import SD3
-from ..sampling import CallRows, SamplingSettings, TrajectoryRun, follow_trajectory, seeded_noise
-from .adapter import DiffusersAdapter, encode
+from ..sampling import CallRows, SamplingSettings, TrajectoryRun, seeded_noise
+from .adapter import DiffusersAdapter, encode, follow_scheduler
 
 
 @torch.no_grad()  # no autograd graph along the trajectory: memory would grow with every step
@@ -51,15 +51,15 @@ def run_sd3_trajectory(pipe: Any, run: TrajectoryRun, settings: SamplingSettings
             return_dict=False,
         )[0]
 
-    follow_trajectory(
+    follow_scheduler(
         run,
         latents,
         timesteps,
-        level_of=lambda t: min(1.0, max(0.0, float(t) / train_steps)),
-        call=call,
-        advance=lambda prediction, t, latents: scheduler.step(prediction, t, latents, return_dict=False)[0],
+        scheduler,
+        call,
         guided=guided,
         guidance_scale=settings.guidance_scale,
+        timestep_scale=train_steps,
     )
 
 

@@ -19,8 +19,8 @@ from typing import Any
 import torch
 
 from ..families.sdxl import TEXT_ENCODER, TEXT_ENCODER_2
-from ..sampling import CallRows, SamplingSettings, TrajectoryRun, follow_trajectory, seeded_noise
-from .adapter import DiffusersAdapter, encode, scheduler_step_options
+from ..sampling import CallRows, SamplingSettings, TrajectoryRun, seeded_noise
+from .adapter import DiffusersAdapter, encode, follow_scheduler, scheduler_step_options
 
 
 @torch.no_grad()  # no autograd graph along the trajectory: memory would grow with every step
@@ -65,17 +65,16 @@ def run_trajectory(pipe: Any, run: TrajectoryRun, settings: SamplingSettings) ->
         embeds = layout.stack(tgt, src, rows, neg)
         return unet(model_input, t, encoder_hidden_states=embeds, return_dict=False, **kwargs)[0]
 
-    follow_trajectory(
+    follow_scheduler(
         run,
         latents,
         list(scheduler.timesteps),
-        level_of=lambda t: min(1.0, max(0.0, float(t) / train_steps)),
-        call=call,
-        advance=lambda prediction, t, latents: scheduler.step(
-            prediction, t, latents, return_dict=False, **step_options
-        )[0],
+        scheduler,
+        call,
         guided=guided,
         guidance_scale=settings.guidance_scale,
+        timestep_scale=train_steps,
+        step_options=step_options,
     )
 
 
