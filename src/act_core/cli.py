@@ -101,15 +101,15 @@ def check_size(args: argparse.Namespace) -> None:
             check(height if height is not None else 8, width if width is not None else 8)
         except ACTInputError as error:
             raise CLIError(str(error).replace("width and height", "--width and --height")) from None
-    steps = getattr(args, "steps", None)
-    if steps is not None and steps < 1:
-        raise CLIError(f"--steps must be at least 1; got {steps}.")
-    guidance = getattr(args, "guidance", None)
-    if guidance is not None:
+    steps, guidance = getattr(args, "steps", None), getattr(args, "guidance", None)
+    if steps is not None or guidance is not None:  # the mixin's own rule, under the flags' names
         try:
-            check_sampling(steps or 1, guidance)
+            check_sampling(1 if steps is None else steps, 0.0 if guidance is None else guidance)
         except ACTInputError as error:
-            raise CLIError(str(error).replace("guidance_scale", "--guidance")) from None
+            message = (
+                str(error).replace("num_inference_steps", "--steps").replace("guidance_scale", "--guidance")
+            )
+            raise CLIError(message) from None
     statistics_steps = getattr(args, "statistics_steps", 1)
     if statistics_steps != 1 and not 1 <= statistics_steps <= (steps or statistics_steps):
         raise CLIError(f"--statistics-steps must be between 1 and --steps ({steps}); got {statistics_steps}.")
@@ -303,8 +303,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     act_map = load_map(args.map)
     pipe = load_model(args)
     _warn_unknown_words(pipe, prompts)
+    from .diffusers.adapter import load_adapter
+
+    # --guidance is the CFG scale under the pipeline's own name (QwenImagePipeline: true_cfg_scale)
+    guidance = load_adapter(pipe.act_family).guidance_parameter
     generate: dict[str, Any] = {"num_inference_steps": args.steps}
-    for key, value in (("guidance_scale", args.guidance), ("height", args.height), ("width", args.width)):
+    for key, value in ((guidance, args.guidance), ("height", args.height), ("width", args.width)):
         if value is not None:
             generate[key] = value
     if args.negative_prompt:
