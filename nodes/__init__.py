@@ -8,12 +8,12 @@ logic modules beside it) import without ComfyUI.
 from __future__ import annotations
 
 NODE_IDS = {
-    "ACTFitMap": "Fit ACT map",
-    "ACTApply": "Apply ACT",
+    "ACTFitMap": "Fit ACT map (transport slider)",
+    "ACTApply": "Apply ACT (steer, slider)",
     "ACTSaveMap": "Save ACT map",
     "ACTLoadMap": "Load ACT map",
     "ACTExportLoRA": "Export ACT as LoRA",
-    "ACTSweep": "ACT lambda sweep",
+    "ACTSweep": "ACT lambda sweep (slider preview)",
 }
 
 

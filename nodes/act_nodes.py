@@ -19,10 +19,10 @@ from .common import (
     ACT_MAP,
     CATEGORY,
     CAUSAL_STRATEGIES,
-    COMFY_FAMILIES,
     DEFAULT_PRESET,
     DEFAULT_SOURCE_PROMPTS,
     DEFAULT_TARGET_PROMPTS,
+    DISPLAY_NAMES,
     FALLBACK_SAMPLERS,
     FALLBACK_SCHEDULERS,
     LORA_DTYPES,
@@ -37,7 +37,6 @@ from .folders import FOLDER, list_maps, map_path, write_into_folder
 
 ActMap = io.Custom(ACT_MAP)
 # Tooltips are short and plain (hover text); the presets and options are explained in docs/comfyui.md.
-_FAMILY_DEFAULTS = ", ".join(f"{f.display_name}: {f.default_preset}" for f in COMFY_FAMILIES)
 
 
 def _sampler_choices() -> tuple[list[str], list[str]]:
@@ -185,7 +184,7 @@ class ACTFitMap(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="ACTFitMap",
-            display_name="Fit ACT map",
+            display_name=DISPLAY_NAMES["ACTFitMap"],
             category=CATEGORY,
             description=(
                 "Fit an ACT (Activation Transport) map: a steering slider learned from two prompt lists, "
@@ -222,8 +221,8 @@ class ACTFitMap(io.ComfyNode):
                     options=PRESET_NAMES,
                     default=DEFAULT_PRESET,
                     tooltip="Which layers the map changes. Leave 'default': it picks the preset made for "
-                    f"the connected model ({_FAMILY_DEFAULTS}). The others are for experiments; each works "
-                    "on one model family only.",
+                    "the connected model's family (SDXL, FLUX.1 and others). The other presets are for "
+                    "experiments; each works on one model family only.",
                 ),
                 advanced(
                     io.String.Input(
@@ -399,7 +398,7 @@ class ACTApply(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="ACTApply",
-            display_name="Apply ACT",
+            display_name=DISPLAY_NAMES["ACTApply"],
             category=CATEGORY,
             description=(
                 "Steer a model with an ACT map. strength is the slider: 0 = the model unchanged, 1 = the "
@@ -480,7 +479,7 @@ class ACTSaveMap(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="ACTSaveMap",
-            display_name="Save ACT map",
+            display_name=DISPLAY_NAMES["ACTSaveMap"],
             category=CATEGORY,
             description=(
                 "Save an ACT map as a .safetensors file in ComfyUI's models/act_maps folder, to use it again "
@@ -517,7 +516,7 @@ class ACTLoadMap(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="ACTLoadMap",
-            display_name="Load ACT map",
+            display_name=DISPLAY_NAMES["ACTLoadMap"],
             category=CATEGORY,
             description="Load an ACT map from ComfyUI's models/act_maps folder (maps saved from diffusers "
             "or the act command line load too). A map saved while ComfyUI runs is listed after pressing R "
@@ -554,7 +553,7 @@ class ACTExportLoRA(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="ACTExportLoRA",
-            display_name="Export ACT as LoRA",
+            display_name=DISPLAY_NAMES["ACTExportLoRA"],
             category=CATEGORY,
             description=(
                 "Write an ACT map as a LoRA file in models/loras: the stock 'Load LoRA' node then applies "
@@ -615,7 +614,7 @@ class ACTSweep(io.ComfyNode):
         samplers, schedulers = _sampler_choices()
         return io.Schema(
             node_id="ACTSweep",
-            display_name="ACT lambda sweep",
+            display_name=DISPLAY_NAMES["ACTSweep"],
             category=CATEGORY,
             description=(
                 "Render the same prompt and seed once per strength (lambda) value, e.g. '0, 0.25, 0.5, 0.75, "
@@ -672,6 +671,7 @@ class ACTSweep(io.ComfyNode):
                     "lambda_labels", display_name="lambdas", tooltip="The strengths, as a label."
                 ),
             ],
+            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
@@ -695,6 +695,7 @@ class ACTSweep(io.ComfyNode):
     ) -> io.NodeOutput:
         from .sweeping import sweep
 
+        node_id = cls.hidden.unique_id if cls.hidden else None
         latent, labels = sweep(
             model,
             clip,
@@ -711,6 +712,7 @@ class ACTSweep(io.ComfyNode):
             denoise,
             start_percent,
             end_percent,
+            announce=lambda k, n, lam: show_on_node(node_id, f"lambda {k} of {n} ({lam:g})"),
         )
         return io.NodeOutput(latent, labels)
 

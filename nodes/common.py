@@ -11,6 +11,18 @@ from act_core.presets import Preset
 
 CATEGORY = "ACT"
 ACT_MAP = "ACT_MAP"
+# Node titles. The frontend's node search looks at the id and the display name only (fuzzy, and only near the
+# start: Fuse.js with threshold 0.3 and distance 100 finds a word that starts within about the first 30
+# characters), and ComfyUI 0.3.64 has no search aliases: the words artists search for ("slider", "steer",
+# "transport") are in the names themselves.
+DISPLAY_NAMES = {
+    "ACTFitMap": "Fit ACT map (transport slider)",
+    "ACTApply": "Apply ACT (steer, slider)",
+    "ACTSaveMap": "Save ACT map",
+    "ACTLoadMap": "Load ACT map",
+    "ACTExportLoRA": "Export ACT as LoRA",
+    "ACTSweep": "ACT lambda sweep (slider preview)",
+}
 # The families ComfyUI-ACT steers in ComfyUI (``act_core.families`` data).
 COMFY_FAMILIES = [family for family in FAMILIES.values() if "comfyui" in family.hosts]
 # "default": the MODEL family's own default preset, so one Fit node works on every family; then each
@@ -28,8 +40,8 @@ LORA_DTYPES = ["fp32", "fp16"]
 FALLBACK_SAMPLERS = ["euler", "euler_ancestral", "heun", "dpmpp_2m", "dpmpp_2m_sde", "ddim", "uni_pc"]
 FALLBACK_SCHEDULERS = ["normal", "karras", "exponential", "sgm_uniform", "simple", "ddim_uniform", "beta"]
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
-# Strength (lambda) sliders: clicks and drags snap to 0.05 (the frontend rounds every change to ``round``; without
-# it a click lands on -0.01 or 0.92 and exactly 0 needs a pixel-exact click).
+# Strength (lambda) sliders: clicks and drags snap to 0.05 (the frontend rounds every change to ``round``;
+# without it a click lands on -0.01 or 0.92 and exactly 0 needs a pixel-exact click).
 STRENGTH_RANGE = {"default": 1.0, "min": -2.0, "max": 2.0, "step": 0.05, "round": 0.05}
 
 DEFAULT_SOURCE_PROMPTS = "\n".join(

@@ -14,12 +14,12 @@ REPO = Path(__file__).resolve().parents[2]
 WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 EXPECTED_NODES = {
-    "ACTFitMap": "Fit ACT map",
-    "ACTApply": "Apply ACT",
+    "ACTFitMap": "Fit ACT map (transport slider)",
+    "ACTApply": "Apply ACT (steer, slider)",
     "ACTSaveMap": "Save ACT map",
     "ACTLoadMap": "Load ACT map",
     "ACTExportLoRA": "Export ACT as LoRA",
-    "ACTSweep": "ACT lambda sweep",
+    "ACTSweep": "ACT lambda sweep (slider preview)",
 }
 
 

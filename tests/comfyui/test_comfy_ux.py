@@ -94,11 +94,9 @@ def test_tooltips_are_short_and_plain(classes):
 
 
 def test_the_preset_tooltip_says_leave_default(classes):
-    from act_core.families import FLUX, SDXL
-
+    """Short whatever the number of families (each family's presets are in docs/comfyui.md)."""
     tooltip = _inputs(classes["ACTFitMap"])["preset"][1]["tooltip"]
-    assert "Leave 'default'" in tooltip
-    assert f"SDXL: {SDXL.default_preset}" in tooltip and f"FLUX.1: {FLUX.default_preset}" in tooltip
+    assert "Leave 'default'" in tooltip and "unet_norms" not in tooltip
     assert _inputs(classes["ACTFitMap"])["preset"][1]["options"][0] == "default"
 
 
@@ -266,3 +264,100 @@ def test_the_text_encoder_toggle_says_what_it_does(classes):
     options = _inputs(classes["ACTApply"])["separate_text_encoder_strength"][1]
     assert (options["label_off"], options["label_on"]) == ("same as strength", "own strength below")
     assert "Used only when" in _inputs(classes["ACTApply"])["text_encoder_strength"][1]["tooltip"]
+
+
+# ------------------------------------------------------------------------------- 7. search, progress, new maps
+# The frontend's node search (1.27.10, services/nodeSearchService.ts) runs Fuse.js over the node id and the
+# display name only, threshold 0.3, default location 0 and distance 100: an exact word scores (its index) / 100,
+# so it is found only when it starts within the first 30 characters. There are no search aliases in 0.3.64.
+SEARCHES = {
+    "slider": {"ACTFitMap", "ACTApply", "ACTSweep"},
+    "steer": {"ACTApply"},
+    "transport": {"ACTFitMap"},
+    "lambda": {"ACTSweep"},
+    "lora": {"ACTExportLoRA"},
+}
+
+
+def found_by(query: str, classes) -> set[str]:
+    """The nodes the frontend's search lists for ``query`` (an exact word near the start of a searched key)."""
+    hits = set()
+    for node_id, cls in classes.items():
+        for key in (node_id, cls.GET_SCHEMA().display_name):
+            index = key.lower().find(query.lower())
+            if (
+                index >= 0 and index / 100 <= 0.25
+            ):  # Fuse's score for an exact match; 0.3 is the cut, with a margin
+                hits.add(node_id)
+    return hits
+
+
+@pytest.mark.parametrize("query", sorted(SEARCHES))
+def test_search_finds_the_nodes(classes, query):
+    assert SEARCHES[query] <= found_by(query, classes)
+
+
+def test_display_names_keep_their_old_start(classes):
+    """Old names still find the nodes (and read first on the canvas): the search words come after them."""
+    old = {"ACTFitMap": "Fit ACT map", "ACTApply": "Apply ACT", "ACTSweep": "ACT lambda sweep"}
+    for node_id, name in old.items():
+        assert classes[node_id].GET_SCHEMA().display_name.startswith(name)
+
+
+def test_the_sweep_shows_one_progress_bar_and_lambda_k_of_n(classes, tiny, monkeypatch):
+    """One bar over lambdas x steps (it used to restart for every lambda) and 'lambda k of n' on the node."""
+    import comfy.utils
+    import torch
+
+    model, clip = tiny
+    source = "\n".join(f"a photo of a {thing}" for thing in THINGS)
+    target = "\n".join(f"a watercolor painting of a {thing}" for thing in THINGS)
+    act_map, _ = _fit(classes, tiny, source, target)
+    bars, texts = [], []
+    monkeypatch.setattr(
+        comfy.utils,
+        "PROGRESS_BAR_HOOK",
+        lambda value, total, preview, node_id=None: bars.append((value, total)),
+    )
+    act_nodes = __import__(classes["ACTSweep"].__module__, fromlist=["show_on_node"])
+    monkeypatch.setattr(act_nodes, "show_on_node", lambda node_id, text: texts.append((node_id, text)))
+    latent = {"samples": torch.zeros(1, 4, 16, 16)}
+    with torch.inference_mode():
+        out, labels = cs.NodeCaller(classes["ACTSweep"])(
+            model, clip, act_map, latent, "a cat", "", "0, 0.5, 1", 0, 2, 5.0, "euler", "normal", 1.0
+        )
+    assert labels == "0, 0.5, 1" and out["samples"].shape[0] == 3
+    assert bars == [(value, 6) for value in range(1, 7)]
+    assert texts == [
+        ("act-test", "lambda 1 of 3 (0)"),
+        ("act-test", "lambda 2 of 3 (0.5)"),
+        ("act-test", "lambda 3 of 3 (1)"),
+    ]
+
+
+@pytest.fixture()
+def act_maps_folder(tmp_path, monkeypatch):
+    import folder_paths
+
+    folder = tmp_path / "act_maps"
+    folder.mkdir()
+    table = dict(folder_paths.folder_names_and_paths)
+    table["act_maps"] = ([str(folder)], {".safetensors"})
+    monkeypatch.setattr(folder_paths, "folder_names_and_paths", table)
+    monkeypatch.setattr(folder_paths, "filename_list_cache", {})
+    return folder
+
+
+def test_a_saved_map_is_listed_on_the_next_refresh(classes, tiny, act_maps_folder):
+    """The Load node's list is made again on every schema request: a map saved while ComfyUI runs appears when
+    the frontend refreshes the node definitions (R), with no restart or page reload."""
+    source = "\n".join(f"a photo of a {thing}" for thing in THINGS)
+    target = "\n".join(f"a watercolor painting of a {thing}" for thing in THINGS)
+    act_map, _ = _fit(classes, tiny, source, target)
+    load = classes["ACTLoadMap"]
+    assert "fresh_map.safetensors" not in load.INPUT_TYPES()["required"]["act_map_name"][1]["options"]
+    cs.NodeCaller(classes["ACTSaveMap"])(act_map, "fresh_map", False)
+    assert "fresh_map.safetensors" in load.INPUT_TYPES()["required"]["act_map_name"][1]["options"]
+    info = load.GET_NODE_INFO_V1()  # what GET /object_info answers
+    assert "fresh_map.safetensors" in info["input"]["required"]["act_map_name"][1]["options"]
+    assert "R" in info["input"]["required"]["act_map_name"][1]["tooltip"]

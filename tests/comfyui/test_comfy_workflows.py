@@ -136,7 +136,7 @@ def test_pack_loads_in_the_server_with_templates(comfy_server):  # noqa: F811
             and info[name]["python_module"] == f"custom_nodes.{PACK_LINK_NAME}"
         )
         assert info[name]["description"]
-    assert info["ACTApply"]["display_name"] == "Apply ACT"
+    assert info["ACTApply"]["display_name"] == "Apply ACT (steer, slider)"
     assert info["ACTApply"]["input"]["required"]["strength"][1]["display"] == "slider"
     listing = srv.get_json("/workflow_templates")
     assert sorted(listing[PACK_LINK_NAME]) == WORKFLOWS
