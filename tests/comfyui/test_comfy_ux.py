@@ -361,3 +361,39 @@ def test_a_saved_map_is_listed_on_the_next_refresh(classes, tiny, act_maps_folde
     info = load.GET_NODE_INFO_V1()  # what GET /object_info answers
     assert "fresh_map.safetensors" in info["input"]["required"]["act_map_name"][1]["options"]
     assert "R" in info["input"]["required"]["act_map_name"][1]["tooltip"]
+
+
+# ------------------------------------------------------------------------------- 4. templates name their models
+# Loader nodes and the folder each reads (ComfyUI's folder_paths names: the frontend looks the file up there).
+LOADER_FOLDERS = {
+    "CheckpointLoaderSimple": "checkpoints",
+    "UNETLoader": "diffusion_models",
+    "DualCLIPLoader": "text_encoders",
+    "VAELoader": "vae",
+}
+TEMPLATES = sorted((cs.REPO_ROOT / "workflows").glob("*.json"))
+
+
+@pytest.mark.parametrize("path", TEMPLATES, ids=[p.stem for p in TEMPLATES])
+def test_templates_declare_their_model_files(comfyui, path):  # noqa: F811
+    """Each model file a loader names is in its ``properties.models`` (name, url, directory), as ComfyUI's own
+    templates declare them: the frontend checks the folder on load and offers the download of a missing
+    file, instead of a red loader with no guidance."""
+    import json
+    import urllib.parse
+
+    import folder_paths
+
+    for node in json.loads(path.read_text())["nodes"]:
+        if node["type"] not in LOADER_FOLDERS:
+            continue
+        files = [v for v in node["widgets_values"] if isinstance(v, str) and v.endswith(".safetensors")]
+        models = node.get("properties", {}).get("models", [])
+        # what the frontend reads (getSelectedModelsMetadata): the entries whose name a widget holds
+        selected = {model["name"]: model for model in models if model["name"] in files}
+        assert set(selected) == set(files), f"{path.name}: {node['type']} does not declare {files}"
+        for name, model in selected.items():
+            url = urllib.parse.urlparse(model["url"])
+            assert url.scheme == "https" and url.netloc == "huggingface.co", model
+            assert url.path.endswith(f"/resolve/main/{name}") or url.path.endswith(f"/{name}"), model
+            assert model["directory"] == LOADER_FOLDERS[node["type"]] in folder_paths.folder_names_and_paths
