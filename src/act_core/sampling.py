@@ -163,10 +163,13 @@ def follow_trajectory(
     advance: Callable[[torch.Tensor, Any, torch.Tensor], torch.Tensor],
     guided: bool,
     guidance_scale: float,
+    guide: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The sampling loop of hosts that run their own scheduler: at each timestep, every chunk of the run's
     pairs in one denoiser call (``call(latents, t, rows, layout)``) that ``run.session`` fits and
-    transports, then ``advance(prediction, t, latents)`` with the guided prediction of the steered rows."""
+    transports, then ``advance(prediction, t, latents)`` with the guided prediction of the steered rows.
+    ``guide(uncond, cond)`` is the sampler's CFG rule where it is not the plain
+    ``uncond + guidance_scale * (cond - uncond)`` (QwenImagePipeline rescales the result to the cond norm)."""
     session, calibrate = run.session, run.calibrate
     chunks = call_chunks(len(run.source), run.pairs_per_call)
     total, done = len(timesteps) * len(chunks), 0
@@ -194,6 +197,6 @@ def follow_trajectory(
         )
         if guided:
             uncond = torch.cat([output[: layout.k] for layout, output in calls])
-            chosen = uncond + guidance_scale * (chosen - uncond)
+            chosen = uncond + guidance_scale * (chosen - uncond) if guide is None else guide(uncond, chosen)
         latents = advance(chosen, t, latents)
     return latents

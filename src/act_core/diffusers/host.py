@@ -56,7 +56,8 @@ def sampling_settings(
 ) -> SamplingSettings:
     """The settings a fit follows: what was passed, else the pipeline's own defaults, all checked."""
     steps = call_default(pipe, "num_inference_steps", FALLBACK_STEPS) if steps is None else steps
-    guidance = call_default(pipe, "guidance_scale", FALLBACK_GUIDANCE) if guidance is None else guidance
+    if guidance is None:
+        guidance = call_default(pipe, adapter.guidance_parameter, FALLBACK_GUIDANCE)
     steps, guidance = check_sampling(steps, guidance)
     native = getattr(pipe, "default_sample_size", 8) * pipe.vae_scale_factor
     multiple = pipe.vae_scale_factor * adapter.patch_size
@@ -74,7 +75,8 @@ def sampling_settings(
         width,
         negative_prompt,
         max_sequence_length,
-        cfg_batch=family.cfg_batch,
+        # QwenImagePipeline runs its true CFG only with a negative prompt: without one, no uncond rows
+        cfg_batch=family.cfg_batch and (negative_prompt is not None or not adapter.cfg_needs_negative_prompt),
     )
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import inspect
 import os
 import threading
 import warnings
@@ -56,7 +57,7 @@ from ..presets import CFG_ROWS, Preset
 from ..progress import Progress
 from ..validation import check_window
 from ..workflow import FitOptions, fit_act_map, preset_modules
-from .adapter import load_adapter
+from .adapter import call_guides, load_adapter
 from .host import DiffusersFitHost, sampling_settings
 
 _ACTIVE_PIPELINE: contextvars.ContextVar[Any] = contextvars.ContextVar("act_active_pipeline", default=None)
@@ -480,8 +481,20 @@ class ACTPipelineMixin:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         # Lets the denoiser gate ask this pipeline whether the batch is a CFG batch.
-        with _claim_stateful_parts(self), active_pipeline(self):
+        with _claim_stateful_parts(self), active_pipeline(self, self._act_call_guides(args, kwargs)):
             return super().__call__(*args, **kwargs)
+
+    def _act_call_guides(self, args: tuple, kwargs: dict) -> bool | None:
+        """Whether this call runs CFG, for pipelines that do not say so (no ``do_classifier_free_guidance``,
+        as QwenImagePipeline): read off the call's arguments by the family's adapter; None: ask the pipeline."""
+        if not self.act_family.cfg_batch or hasattr(type(self), "do_classifier_free_guidance"):
+            return None
+        try:
+            bound = inspect.signature(super().__call__).bind(*args, **kwargs)
+        except (TypeError, ValueError):
+            return None  # the pipeline's own __call__ raises on these arguments
+        bound.apply_defaults()
+        return call_guides(load_adapter(self.act_family), bound.arguments)
 
 
 @contextlib.contextmanager
