@@ -5,7 +5,7 @@
   lambda: zero cost per step, restored by ComfyUI on unpatch, and stackable with LoRAs.
 * Other maps (the paper's bounded support, spatial-mean feature maps) are forward hooks installed by a
   ``PatcherInjection`` (added in ``patch_model``, removed in ``unpatch_model``), so they exist only while
-  this clone is the loaded one. On the UNet a ``DIFFUSION_MODEL`` wrapper restricts them to the cond rows
+  this clone is the loaded one. On the denoiser an ``APPLY_MODEL`` wrapper restricts them to the cond rows
   of a CFG batch (``transformer_options["cond_or_uncond"]``) and to the start/end window (sigmas).
 
 The input MODEL and CLIP are never modified: everything goes onto clones. Strength 0 adds nothing at all.
@@ -28,7 +28,15 @@ from act_core.lora import as_foldable
 from act_core.maps import ACTMap
 from act_core.validation import check_window
 
-from .comfy_models import check_fits, checkpoint_shells, clip_modules, denoiser_modules, key_table, state_keys
+from .comfy_models import (
+    check_fits,
+    checkpoint_shells,
+    clip_modules,
+    denoiser_modules,
+    key_table,
+    state_keys,
+    timestep_scale,
+)
 from .common import transformer_options_of
 
 log = logging.getLogger("ComfyUI-ACT")
@@ -125,8 +133,10 @@ def denoiser_wrapper(
     cfg_rows: str,
     family: ModelFamily,
 ) -> Callable:
-    """DIFFUSION_MODEL wrapper: per call, the rows to steer (the cond chunks, unless the map steers all
-    rows), the noise level (time-aware maps) and whether the call is inside [sigma_end, sigma_start]."""
+    """APPLY_MODEL wrapper (every ComfyUI model runs it; not every one a DIFFUSION_MODEL wrapper): per call,
+    the rows to steer (the cond chunks, unless the map steers all rows), the noise level (time-aware maps)
+    and whether the call is inside [sigma_end, sigma_start]."""
+    scale = timestep_scale(family, model_sampling)
 
     def wrapper(executor, *args, **kwargs):
         handle = hooks.handle
@@ -141,7 +151,7 @@ def denoiser_wrapper(
                 sigma = float(torch.as_tensor(sigmas).max())
                 if sigma_start is not None:
                     enabled = enabled and sigma_end <= sigma <= sigma_start
-                level = float(model_sampling.timestep(torch.tensor(sigma))) / family.comfy_timestep_scale
+                level = float(model_sampling.timestep(torch.tensor(sigma))) / scale
             handle.set_call([family.denoiser], rows=rows, noise_level=level, in_window=enabled)
         return executor(*args, **kwargs)
 
@@ -217,7 +227,7 @@ def apply_map(
             cfg_rows = act_map.metadata.get("cfg_rows", "cond")
             model_out.set_injections(tag, [hooks.injection()])
             model_out.add_wrapper_with_key(
-                WrappersMP.DIFFUSION_MODEL,
+                WrappersMP.APPLY_MODEL,
                 tag,
                 denoiser_wrapper(hooks, sigma_start, sigma_end, sampling, cfg_rows, family),
             )

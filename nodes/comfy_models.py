@@ -26,6 +26,15 @@ def model_family(model: Any) -> ModelFamily:
     return LEGACY_FAMILY if model is None else family_of_comfy_model(model.model.diffusion_model)
 
 
+def timestep_scale(family: ModelFamily, model_sampling: Any) -> float:
+    """What ``model_sampling.timestep(sigma)`` is divided by to give the noise level u in [0, 1]: the family's
+    ``comfy_timestep_scale``, or (None: a family of several architectures) the timestep of the model's
+    largest sigma, so pure noise is 1 whatever the model's timestep units."""
+    if family.comfy_timestep_scale is not None:
+        return family.comfy_timestep_scale
+    return float(model_sampling.timestep(torch.as_tensor(model_sampling.sigma_max)))
+
+
 def key_table(model: Any) -> KeyTable:
     """ComfyUI's diffusers key table of a MODEL (``comfy.utils.unet_to_diffusers``), computed on first use:
     only families whose names need it (the UNet's) ask for it."""

@@ -82,11 +82,11 @@ def parse_parts(text: str, preset: Preset, family: ModelFamily = LEGACY_FAMILY) 
 
 
 def transformer_options_of(args: tuple, kwargs: dict) -> dict:
-    """The ``transformer_options`` of a DIFFUSION_MODEL wrapper call, whatever the model's signature.
+    """The ``transformer_options`` of an APPLY_MODEL (or DIFFUSION_MODEL) wrapper call, whatever the signature.
 
-    It is the last dict argument: the UNet's ``_forward(x, timesteps, context, y, control, options)`` and
-    FLUX's ``_forward(x, timestep, context, y, guidance, ref_latents, control, options)`` both end with it
-    (``control`` can be a dict too, so the first dict would be wrong).
+    It is the last dict argument: ``apply_model(x, t, c_concat, c_crossattn, control, options)``, the UNet's
+    ``_forward(x, timesteps, context, y, control, options)`` and FLUX's ``_forward(..., control, options)`` all
+    end with it (``control`` can be a dict too, so the first dict would be wrong).
     """
     options = kwargs.get("transformer_options")
     if isinstance(options, dict):

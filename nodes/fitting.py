@@ -49,7 +49,7 @@ from act_core.workflow import (
     text_encoders_steered,
 )
 
-from .comfy_models import clip_modules, denoiser_modules, model_family
+from .comfy_models import clip_modules, denoiser_modules, model_family, timestep_scale
 from .common import COMFY_FAMILIES, FAMILY_DEFAULT_PRESET, parse_parts, transformer_options_of
 from .conditioning import encode_prompts, hf_tokenizer, stack_conds, token_keys
 from .first_step import fit_first_step
@@ -129,7 +129,8 @@ def _rows_of(cond_or_uncond: Sequence[int], batch: int, index: int) -> torch.Ten
 def _session_wrapper(
     session: TrajectoryFit, model_sampling: Any, check: Callable[[], None], timestep_scale: float
 ) -> Callable:
-    """DIFFUSION_MODEL wrapper: one ``session.call`` per UNet call, with this call's rows and noise level."""
+    """APPLY_MODEL wrapper (every ComfyUI model runs it, not every one a DIFFUSION_MODEL wrapper): one
+    ``session.call`` per denoiser call, with this call's rows and noise level."""
 
     def wrapper(executor, *args, **kwargs):
         check()
@@ -248,13 +249,13 @@ class ComfyFitHost:
         )
         patched = model.clone()
         patched.add_wrapper_with_key(
-            comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL,
+            comfy.patcher_extension.WrappersMP.APPLY_MODEL,
             "comfyui_act_fit",
             _session_wrapper(
                 run.session,
                 model.get_model_object("model_sampling"),
                 self.check,
-                self.family.comfy_timestep_scale,
+                timestep_scale(self.family, model.get_model_object("model_sampling")),
             ),
         )
         guider = _FitGuider.build(patched, run.session, run.calibrate, run.trajectory)

@@ -352,16 +352,22 @@ def test_the_fit_node_fits_a_flux_text_encoder_map_on_comfyui_flux_clip(nodes_pa
     pipe.disable_act()
 
 
-def test_an_sd3_map_is_refused_in_comfyui_with_the_reason(nodes_pack, tmp_path):
-    """SD3 maps apply through diffusers only for now: Apply ACT says so instead of matching wrong modules."""
+def test_a_map_of_a_family_without_comfyui_support_is_refused_with_the_reason(
+    nodes_pack, tmp_path, monkeypatch
+):
+    """A map whose family has no ComfyUI fields (steered in diffusers only): Apply ACT says so instead of
+    matching wrong modules. (SD3 maps used to be refused so; SD3 now applies: tests/comfyui/test_comfy_sd3.py.)"""
+    import dataclasses
+
     from tiny_sd3 import build_tiny_sd3
 
+    from act_core import families
     from act_core.diffusers import act_pipeline
     from act_core.errors import ACTModelMismatchError
 
     sd3 = act_pipeline(build_tiny_sd3(tmp_path / "sd3"))
     with pytest.warns(Warning):  # the tests' tokenizer does not know these words
-        act_map = sd3.fit_act(
+        sd3_map = sd3.fit_act(
             SOURCE[:2],
             TARGET[:2],
             num_inference_steps=2,
@@ -370,6 +376,21 @@ def test_an_sd3_map_is_refused_in_comfyui_with_the_reason(nodes_pack, tmp_path):
             max_sequence_length=16,
             progress=False,
         )
+    diffusers_only = dataclasses.replace(
+        families.SD3,
+        name="diffusers_only",
+        display_name="Diffusers-only",
+        comfy_denoisers=(),
+        comfy_denoiser_modules=None,
+        comfy_clip_modules=None,
+        comfy_clip_parts={},
+    )
+    assert diffusers_only.hosts == ("diffusers",)
+    monkeypatch.setitem(families.FAMILIES, diffusers_only.name, diffusers_only)
+    act_map = sd3_map.with_metadata({"family": diffusers_only.name})
     tiny_sdxl, tiny_clip = cs.build_tiny_sdxl(seed=0)
-    with pytest.raises(ACTModelMismatchError, match="SD3 model.*diffusers only"):
+    with pytest.raises(ACTModelMismatchError, match="Diffusers-only models.*diffusers only"):
         nodes_pack["ACTApply"].apply(tiny_sdxl, tiny_clip, act_map, 1.0)
+    # The SD3 map itself is an SD3 map: refused on this SDXL MODEL for being fitted on another family.
+    with pytest.raises(ACTModelMismatchError, match="SD3 model.*this MODEL is SDXL"):
+        nodes_pack["ACTApply"].apply(tiny_sdxl, tiny_clip, sd3_map, 1.0)

@@ -70,8 +70,9 @@ class ModelFamily:
     # text-encoder part -> the encoder's attribute on ComfyUI's ``CLIP.cond_stage_model`` (``clip_l``, ...)
     comfy_clip_parts: Mapping[str, str] = field(default_factory=dict)
     comfy_state_keys: Callable[[Iterable[str], KeyTable], dict[str, str]] | None = None
-    # ComfyUI's model_sampling.timestep(sigma) divided by this is the noise level u in [0, 1].
-    comfy_timestep_scale: float = 1000.0
+    # ComfyUI's model_sampling.timestep(sigma) divided by this is the noise level u in [0, 1]; None (a family
+    # of several architectures, whose timestep units differ): divided by timestep(model_sampling.sigma_max).
+    comfy_timestep_scale: float | None = 1000.0
 
     @property
     def folds(self) -> bool:
