@@ -6,6 +6,7 @@ under a name that is not a top-level module name, with relative imports inside.
 
 import importlib.util
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -251,3 +252,66 @@ def test_the_default_preset_option_is_each_familys_own_default(pack):
     assert fitting.family_preset(FLUX, "default").name == FLUX.default_preset == "pooled_text_and_blocks"
     with pytest.raises(ACTInputError, match="it is for SDXL models.*default pooled_text_and_blocks"):
         fitting.family_preset(FLUX, "unet_norms")
+
+
+# ------------------------------------------------------------------------------------------ install docs
+REGISTRY_WORDS = (
+    "comfy node install",
+    "ComfyUI-Manager",
+    "Comfy Registry",
+    "comfy-cli",
+    "Custom Nodes Manager",
+)
+
+
+def _comfyui_section(readme: str) -> str:
+    start = readme.index("\n## ComfyUI\n")
+    end = readme.find("\n## ", start + 1)
+    return readme[start : end if end > 0 else None]
+
+
+def test_install_docs_do_not_promise_the_registry():
+    """The pack is not in the Comfy Registry: no document tells users to install it from there, except in a
+    sentence that says it is not published yet (docs/dev/publishing.md has the maintainers' steps)."""
+    readme = (REPO / "README.md").read_text()
+    assert "comfy node install" not in readme
+    for name, text in (
+        ("README.md", _comfyui_section(readme)),
+        ("docs/comfyui.md", (REPO / "docs" / "comfyui.md").read_text()),
+    ):
+        for sentence in re.split(r"(?<=[.;])\s+", text):
+            if any(word in sentence for word in REGISTRY_WORDS):
+                assert "not in the Comfy Registry yet" in sentence or "once it is published" in sentence, (
+                    f"{name}: {sentence!r}"
+                )
+
+
+def test_the_documented_clone_install_is_the_one_the_pack_expects():
+    """README and docs/comfyui.md say: clone into ComfyUI/custom_nodes/ComfyUI-ACT, pip install -r
+    requirements.txt with ComfyUI's Python; that is the folder the pack's own hint names, and the pack imports
+    from a plain clone the way ComfyUI imports a custom node (test_pack_imports_without_comfyui_...)."""
+    section = _comfyui_section((REPO / "README.md").read_text())
+    docs = (REPO / "docs" / "comfyui.md").read_text()
+    assert "git clone" in section and "custom_nodes" in section and "ComfyUI-ACT" in section
+    assert "pip install -r ComfyUI-ACT/requirements.txt" in section
+    assert "git clone <url of this repository> ComfyUI/custom_nodes/ComfyUI-ACT" in docs
+    assert "pip install -r ComfyUI/custom_nodes/ComfyUI-ACT/requirements.txt" in docs
+    assert "ComfyUI/custom_nodes/ComfyUI-ACT/requirements.txt" in (REPO / "__init__.py").read_text()
+    assert (REPO / "requirements.txt").is_file() and (REPO / "src" / "act_core" / "__init__.py").is_file()
+
+
+def test_registry_metadata_is_ready_and_publishing_is_documented():
+    tomllib = pytest.importorskip("tomllib")
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    comfy = pyproject["tool"]["comfy"]
+    assert comfy["requires-comfyui"] == ">=0.3.64"
+    guide = (REPO / "docs" / "dev" / "publishing.md").read_text()
+    for needed in (
+        "comfy node publish",
+        "Comfy-Org/publish-node-action",
+        "REGISTRY_ACCESS_TOKEN",
+        f"`{comfy['PublisherId']}`",
+        f"`{pyproject['project']['name']}`",
+        "not published",
+    ):
+        assert needed in guide, needed
