@@ -8,6 +8,7 @@ the test-only tiny SDXL node standing in for the checkpoint loader: VAE decoding
 
 import json
 import time
+import urllib.parse
 from pathlib import Path
 
 import comfy_support as cs  # noqa: E402
@@ -19,6 +20,12 @@ pytestmark = cs.requires_comfyui
 
 WORKFLOW_DIR = Path(__file__).resolve().parents[2] / "workflows"
 WORKFLOWS = sorted(p.stem for p in WORKFLOW_DIR.glob("*.json"))
+# The templates by file name: the frontend shows a custom node's template under its file name.
+STYLE_SLIDER = "ACT style slider, fit and apply (SDXL)"
+FLUX_STYLE_SLIDER = "ACT style slider, fit and apply (FLUX.1 schnell)"
+LAMBDA_SWEEP = "ACT lambda sweep of a saved map (SDXL)"
+CONCEPT_NEGATION = "ACT concept negation (SDXL)"
+LORA_EXPORT = "ACT slider as a LoRA, fit and export (SDXL)"
 OUR_NODES = {"ACTFitMap", "ACTApply", "ACTSaveMap", "ACTLoadMap", "ACTExportLoRA", "ACTSweep"}
 
 
@@ -113,7 +120,7 @@ def saved_map(comfy_server, comfyui):  # noqa: F811
 
     pack = cs.load_node_pack()
     model, clip = cs.build_tiny_sdxl(seed=0)
-    workflow = _workflow("act_fit_apply_style_slider")
+    workflow = _workflow(STYLE_SLIDER)
     fit = next(n for n in workflow["nodes"] if n["type"] == "ACTFitMap")
     with torch.inference_mode():
         act_map, _ = cs.node_callers(pack)["ACTFitMap"](
@@ -141,10 +148,11 @@ def test_pack_loads_in_the_server_with_templates(comfy_server):  # noqa: F811
     listing = srv.get_json("/workflow_templates")
     assert sorted(listing[PACK_LINK_NAME]) == WORKFLOWS
     for name in WORKFLOWS:
-        status_code, body = srv.request("GET", f"/api/workflow_templates/{PACK_LINK_NAME}/{name}.json")
+        url = f"/api/workflow_templates/{PACK_LINK_NAME}/{urllib.parse.quote(name)}"  # as the browser asks
+        status_code, body = srv.request("GET", f"{url}.json")
         body = json.loads(body) if isinstance(body, bytes) else body
         assert status_code == 200 and body == _workflow(name)
-        status_code, _ = srv.request("GET", f"/api/workflow_templates/{PACK_LINK_NAME}/{name}.jpg")
+        status_code, _ = srv.request("GET", f"{url}.jpg")
         assert status_code == 200
 
 
@@ -169,7 +177,7 @@ def test_style_slider_workflow_runs(comfy_server):  # noqa: F811
 
     srv = comfy_server
     target = srv.models_dir("act_maps") / "watercolor_style.safetensors"
-    api = tiny_prompt(srv.ui_to_api(_workflow("act_fit_apply_style_slider")))
+    api = tiny_prompt(srv.ui_to_api(_workflow(STYLE_SLIDER)))
     result = srv.run(api, timeout=600)
     assert result.ok, result.error
     (latent,) = _latents(srv, result).values()
@@ -184,7 +192,7 @@ def test_flux_style_slider_workflow_runs(comfy_server):  # noqa: F811
     from act_core.maps import ACTMap
 
     srv = comfy_server
-    api = tiny_prompt(srv.ui_to_api(_workflow("act_flux_fit_apply_style_slider")))
+    api = tiny_prompt(srv.ui_to_api(_workflow(FLUX_STYLE_SLIDER)))
     result = srv.run(api, timeout=600)
     assert result.ok, result.error
     (latent,) = _latents(srv, result).values()
@@ -196,7 +204,7 @@ def test_flux_style_slider_workflow_runs(comfy_server):  # noqa: F811
 
 def test_lambda_sweep_workflow_runs_and_lambda_zero_is_the_plain_model(comfy_server, saved_map):  # noqa: F811
     srv = comfy_server
-    workflow = _workflow("act_load_map_lambda_sweep")
+    workflow = _workflow(LAMBDA_SWEEP)
     sweep = next(n for n in workflow["nodes"] if n["type"] == "ACTSweep")
     positive, negative, lambdas, seed = sweep["widgets_values"][:4]
     result = srv.run(tiny_prompt(srv.ui_to_api(workflow)), timeout=600)
@@ -212,7 +220,7 @@ def test_lambda_sweep_workflow_runs_and_lambda_zero_is_the_plain_model(comfy_ser
 
 def test_concept_negation_workflow_runs(comfy_server):  # noqa: F811
     srv = comfy_server
-    result = srv.run(tiny_prompt(srv.ui_to_api(_workflow("act_concept_negation"))), timeout=600)
+    result = srv.run(tiny_prompt(srv.ui_to_api(_workflow(CONCEPT_NEGATION))), timeout=600)
     assert result.ok, result.error
     (latent,) = _latents(srv, result).values()
     assert latent.shape == (3, 4, 16, 16)
@@ -223,7 +231,7 @@ def test_foldable_export_workflow_writes_a_lora(comfy_server):  # noqa: F811
     from safetensors import safe_open
 
     srv = comfy_server
-    result = srv.run(tiny_prompt(srv.ui_to_api(_workflow("act_foldable_export_lora"))), timeout=600)
+    result = srv.run(tiny_prompt(srv.ui_to_api(_workflow(LORA_EXPORT))), timeout=600)
     assert result.ok, result.error
     assert "act_watercolor.safetensors" in _texts(result).values()
     with safe_open(str(srv.models_dir("loras") / "act_watercolor.safetensors"), "pt") as f:

@@ -188,14 +188,34 @@ def test_comfy_name_tables():
 
 
 # ------------------------------------------------------------------------------------------ workflows
+TEMPLATE_TITLES = {
+    "ACT style slider, fit and apply (SDXL)",
+    "ACT style slider, fit and apply (FLUX.1 schnell)",
+    "ACT lambda sweep of a saved map (SDXL)",
+    "ACT concept negation (SDXL)",
+    "ACT slider as a LoRA, fit and export (SDXL)",
+}
+
+
 def test_workflow_files_exist():
     names = {p.stem for p in WORKFLOWS}
-    assert {"act_fit_apply_style_slider", "act_load_map_lambda_sweep", "act_concept_negation"} <= names
+    assert names >= TEMPLATE_TITLES
     assert not (REPO / "example_workflows").exists(), (
         "templates live in workflows/ (the first folder ComfyUI serves)"
     )
     for other in ("example", "examples", "workflow"):
         assert not (REPO / other).exists()
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
+def test_templates_have_human_titles(path):
+    """ComfyUI's frontend (1.27.10) shows a custom node's template under its file name, and its description as
+    that name with '-' and '_' made spaces: the file name is the title. A readable one, with a thumbnail."""
+    title = path.stem
+    assert title.startswith("ACT ") and "_" not in title and "-" not in title, title
+    assert title.endswith(")") and 10 <= len(title) <= 60, title
+    assert not set(title) & set('#?%&+:"<>|*\\'), f"{title!r}: a character URLs or file systems mangle"
+    assert path.with_suffix(".jpg").is_file(), f"{title}: no thumbnail"
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
