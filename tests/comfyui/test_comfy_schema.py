@@ -81,6 +81,7 @@ def test_node_contract(classes, node_id):
 
 
 def test_specific_inputs(classes):
+    from act_core.families import FAMILIES
     from act_core.families.flux import PRESETS as FLUX_PRESETS
     from act_core.families.sdxl import PRESETS
 
@@ -88,10 +89,11 @@ def test_specific_inputs(classes):
     required, optional = fit["required"], fit["optional"]
     assert required["source_prompts"][0] == "STRING" and required["source_prompts"][1]["multiline"] is True
     assert required["target_prompts"][1]["multiline"] is True
-    assert (
-        required["preset"][1]["options"] == ["default", *dict.fromkeys([*PRESETS, *FLUX_PRESETS])]
-        and required["preset"][1]["default"] == "default"
-    )
+    presets = required["preset"][1]["options"]
+    # 'default' first, then every preset of every family ComfyUI steers, each once
+    assert presets[0] == required["preset"][1]["default"] == "default" and len(set(presets)) == len(presets)
+    comfy_presets = {name for f in FAMILIES.values() if "comfyui" in f.hosts for name in f.presets}
+    assert set(presets[1:]) == comfy_presets >= {*PRESETS, *FLUX_PRESETS}
     assert required["method"][1]["options"] == ["linear", "mean", "gaussian"]
     assert required["mode"][1]["options"] == ["preset", "causal", "at_once"]
     assert required["support"][1]["options"][:3] == ["auto", "range", "unbounded"]
