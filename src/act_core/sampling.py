@@ -30,11 +30,14 @@ class SamplingSettings:
     negative_prompt: str | None = None
     max_sequence_length: int | None = None  # T5 length (FLUX, SD3)
     cfg_batch: bool = True  # False where guidance is embedded (FLUX.1): no uncond rows
+    # CFG runs when guidance_scale exceeds this: 1 in the usual convention (uncond + scale (cond - uncond)),
+    # 0 where the scale is the excess over the cond prediction (ZImagePipeline: cond + scale (cond - uncond))
+    cfg_threshold: float = 1.0
 
     @property
     def guided(self) -> bool:
         """Whether the sampler runs a CFG batch (uncond rows beside the prompt's)."""
-        return self.cfg_batch and self.guidance_scale > 1.0
+        return self.cfg_batch and self.guidance_scale > self.cfg_threshold
 
     def as_metadata(self, scheduler: str) -> dict:
         info = {

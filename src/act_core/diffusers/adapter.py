@@ -73,8 +73,17 @@ class DiffusersAdapter:
     # (pipe, prompts, settings) -> {text-encoder part: token ids}, padded as the pipeline pads them.
     tokenize: Callable[[Any, list[str], SamplingSettings], dict[str, torch.Tensor]] = tokenize
     timestep_scale: Callable[[Any], float] = default_timestep_scale
+    # Whether the denoiser's timestep runs the other way, from 0 at pure noise (Lumina2Pipeline and
+    # ZImagePipeline pass 1 - sigma): the noise level is then 1 - timestep / timestep_scale.
+    timestep_reversed: bool = False
     # Image sizes are multiples of vae_scale_factor * patch_size (FLUX and SD3 pack 2x2 latent patches).
     patch_size: int = 1
+    # The pipeline's default image size in pixels, for pipelines without ``default_sample_size`` (a fit's
+    # default size); None: ``default_sample_size * vae_scale_factor``.
+    native_size: Callable[[Any], int] | None = None
+    # The pipeline runs CFG when its guidance scale exceeds this: 1 in the usual convention, 0 for
+    # ZImagePipeline, which guides ``cond + scale * (cond - uncond)``.
+    cfg_threshold: float = 1.0
     # The pipeline ``__call__`` parameter that is the CFG scale a fit's ``guidance_scale`` stands for (its
     # default is the fit's default; the CLI's sweep passes ``--guidance`` under this name): QwenImagePipeline's
     # is ``true_cfg_scale`` (its ``guidance_scale`` feeds guidance-distilled transformers only).
@@ -89,7 +98,7 @@ def call_guides(adapter: DiffusersAdapter, arguments: Mapping[str, Any]) -> bool
     guidance parameter and negative-prompt rule (for pipelines with no ``do_classifier_free_guidance``)."""
     scale = arguments.get(adapter.guidance_parameter)
     try:
-        guided = scale is not None and float(scale) > 1.0
+        guided = scale is not None and float(scale) > adapter.cfg_threshold
     except (TypeError, ValueError):
         return False
     if adapter.cfg_needs_negative_prompt:

@@ -59,7 +59,10 @@ def sampling_settings(
     if guidance is None:
         guidance = call_default(pipe, adapter.guidance_parameter, FALLBACK_GUIDANCE)
     steps, guidance = check_sampling(steps, guidance)
-    native = getattr(pipe, "default_sample_size", 8) * pipe.vae_scale_factor
+    if adapter.native_size is not None:
+        native = adapter.native_size(pipe)
+    else:
+        native = getattr(pipe, "default_sample_size", 8) * pipe.vae_scale_factor
     multiple = pipe.vae_scale_factor * adapter.patch_size
     why = f"the VAE downsamples by {pipe.vae_scale_factor}"
     if adapter.patch_size > 1:
@@ -77,6 +80,7 @@ def sampling_settings(
         max_sequence_length,
         # QwenImagePipeline runs its true CFG only with a negative prompt: without one, no uncond rows
         cfg_batch=family.cfg_batch and (negative_prompt is not None or not adapter.cfg_needs_negative_prompt),
+        cfg_threshold=adapter.cfg_threshold,
     )
 
 

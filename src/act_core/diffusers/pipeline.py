@@ -106,8 +106,9 @@ class DenoiserStepGate:
     """A denoiser forward pre-hook: tells the hooks this call's noise level, CFG rows and step window.
 
     Denoising progress is read off the timestep, ``1 - t / timestep_scale`` (0 at pure noise; SDXL's UNet
-    gets t in [0, 1000), FLUX's transformer t / 1000 from its pipeline), the same convention as ComfyUI's
-    start/end percent, so no step counter has to be threaded through.
+    gets t in [0, 1000), FLUX's transformer t / 1000 from its pipeline; with ``timestep_reversed``, Lumina 2's
+    and Z-Image's 1 - t / 1000, the noise level is ``1 - t / timestep_scale``), the same convention as
+    ComfyUI's start/end percent, so no step counter has to be threaded through.
     All of it is per thread (``ACTHandle.set_call``).
     """
 
@@ -120,10 +121,11 @@ class DenoiserStepGate:
         timestep_scale: float,
         part: str,
         cfg_calls: str = "batch",
+        timestep_reversed: bool = False,
     ):
         self.handle, self.start, self.end = handle, start, end
         self.cfg_rows, self.timestep_scale, self.part = cfg_rows, timestep_scale, part
-        self.cfg_calls = cfg_calls
+        self.cfg_calls, self.timestep_reversed = cfg_calls, timestep_reversed
         self.removable = None
 
     @property
@@ -131,11 +133,13 @@ class DenoiserStepGate:
         return {"start": self.start, "end": self.end, "cfg_rows": self.cfg_rows}
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
-        timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
+        sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states", kwargs.get("x")))
+        timestep = args[1] if len(args) > 1 else kwargs.get("timestep", kwargs.get("t"))
         level, in_window = None, True
         if timestep is not None:
             level = float(torch.as_tensor(timestep).flatten()[0]) / self.timestep_scale
+            if self.timestep_reversed:
+                level = 1.0 - level
             progress = 1.0 - level
             in_window = self.start - 1e-6 <= progress <= self.end + 1e-6
         rows = None
@@ -153,8 +157,11 @@ class DenoiserStepGate:
                     # The prompt's call comes first at each timestep, the negative prompt's after it.
                     in_window = in_window and generation.first_call_at(level)
                 else:
-                    batch = sample.shape[0]
-                    rows = slice(batch // 2, batch)  # diffusers orders a CFG batch as [uncond; cond]
+                    # a batch tensor, or a list of one tensor per row (ZImagePipeline)
+                    batch = len(sample) if isinstance(sample, (list, tuple)) else sample.shape[0]
+                    # diffusers orders a CFG batch as [uncond; cond]; ZImagePipeline as [cond; uncond]
+                    cond_first = self.cfg_calls == "batch_cond_first"
+                    rows = slice(0, batch // 2) if cond_first else slice(batch // 2, batch)
         self.handle.set_call([self.part], rows=rows, noise_level=level, in_window=in_window)
 
 
@@ -377,9 +384,16 @@ class ACTPipelineMixin:
             handle = apply_act(self.act_modules(act_map.parts()), act_map, strength)
             denoiser = self.act_family.denoiser
             if denoiser in act_map.parts():
-                scale = load_adapter(self.act_family).timestep_scale(self)
+                adapter = load_adapter(self.act_family)
                 gate = DenoiserStepGate(
-                    handle, start, end, cfg_rows, scale, denoiser, self.act_family.cfg_calls
+                    handle,
+                    start,
+                    end,
+                    cfg_rows,
+                    adapter.timestep_scale(self),
+                    denoiser,
+                    self.act_family.cfg_calls,
+                    adapter.timestep_reversed,
                 )
                 gate.removable = self._act_denoiser.register_forward_pre_hook(gate, with_kwargs=True)
                 self._act_denoiser.__dict__[_GATE_ATTR] = gate

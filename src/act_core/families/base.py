@@ -47,8 +47,9 @@ class ModelFamily:
     # Whether the family's sampler runs a CFG batch ([uncond; cond] rows); False where guidance is an
     # embedding (FLUX.1), so fitting calls have no uncond rows and maps steer every row.
     cfg_batch: bool = True
-    # How the family's diffusers pipeline runs CFG: "batch" (one call on [uncond; cond] rows) or "separate"
-    # (two calls per step, the prompt's first, then the negative prompt's), so hooks know which rows to steer.
+    # How the family's diffusers pipeline runs CFG: "batch" (one call on [uncond; cond] rows),
+    # "batch_cond_first" (one call on [cond; uncond] rows: ZImagePipeline) or "separate" (two calls per step,
+    # the prompt's first, then the negative prompt's), so hooks know which rows to steer.
     cfg_calls: str = "batch"
     # (default, maximum) of the T5 prompt length option ``max_sequence_length``; None: no such option.
     max_sequence_length: tuple[int, int] | None = None
