@@ -314,6 +314,15 @@ class ACTFitMap(io.ComfyNode):
                     optional=True,
                     tooltip="The negative prompt you sample with (not used at cfg 1).",
                 ),
+                io.String.Input(
+                    "less_prompts",
+                    multiline=True,
+                    default="",
+                    optional=True,
+                    tooltip="Optional, for a two-sided slider: prompts with the OPPOSITE effect, one per line. "
+                    "Then strength -1 looks like these prompts and +1 like the target prompts. Leave empty for "
+                    "a one-sided slider.",
+                ),
             ],
             outputs=[
                 ActMap.Output(
@@ -353,6 +362,7 @@ class ACTFitMap(io.ComfyNode):
         sampler_name="euler",
         scheduler="normal",
         negative_prompt="",
+        less_prompts="",
     ) -> io.NodeOutput:
         import comfy.utils
 
@@ -384,6 +394,7 @@ class ACTFitMap(io.ComfyNode):
                 batch_size=batch_size,
                 causal_strategy=causal_strategy,
                 progress=lambda done, total: bar.update_absolute(done, total),
+                less_text=less_prompts,
             )
         # warnings reached only the server log: the summary output (Preview Any) and the node itself show them
         summary = with_warnings(act_map.summary(), messages)
@@ -723,4 +734,6 @@ NODES: list[type[io.ComfyNode]] = [ACTFitMap, ACTApply, ACTSaveMap, ACTLoadMap, 
 class ACTExtension(ComfyExtension):
     @override
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return list(NODES)
+        from .demo_models import DEMO_NODES
+
+        return [*NODES, *DEMO_NODES]
