@@ -25,9 +25,10 @@ def stack_conds(encoded: Sequence[tuple], length: int | None = None) -> list:
     lengths = [cond.shape[1] for cond, _ in encoded]
     common = length or math.lcm(*lengths)
     cond = torch.cat([c.repeat(1, common // c.shape[1], 1) for c, _ in encoded])
-    extra = {}
-    if all(p is not None for _, p in encoded):
-        extra["pooled_output"] = torch.cat([p for _, p in encoded])
+    # "pooled_output" is always there, None for encoders without one (T5 alone), as CLIPTextEncode's output:
+    # some models read it unconditionally (ComfyUI's FLUX and Chroma: encode_adm).
+    pooled = [p for _, p in encoded]
+    extra = {"pooled_output": torch.cat(pooled) if all(p is not None for p in pooled) else None}
     return [[cond, extra]]
 
 

@@ -132,12 +132,20 @@ def text_batches(clip: Any, prompts: Sequence[str], batch_size: int) -> list[dic
 
     Prompt weights only rescale the encoder OUTPUT (after the forward), so they do not change the
     activations ACT records; dropping them avoids the extra empty-prompt row ComfyUI adds for them.
+    Tokenizers that do not pad (T5 alone, as ComfyUI's Chroma CLIP) give prompts of different lengths: a
+    batch holds prompts of one length (padding would change the unmasked encoder's activations).
     """
     tokenized = [clip.tokenize(prompt) for prompt in prompts]
     batches = []
     for start in range(0, len(prompts), batch_size):
         chunk = tokenized[start : start + batch_size]
-        batches.append({key: [[(t[0], 1.0) for t in tokens[key][0]] for tokens in chunk] for key in chunk[0]})
+        groups: dict[tuple, list] = {}
+        for tokens in chunk:
+            groups.setdefault(tuple(len(tokens[key][0]) for key in chunk[0]), []).append(tokens)
+        for group in groups.values():
+            batches.append(
+                {key: [[(t[0], 1.0) for t in tokens[key][0]] for tokens in group] for key in group[0]}
+            )
     return batches
 
 

@@ -50,7 +50,7 @@ def test_chroma_pipeline_gets_the_chroma_family(pipe):
         FAMILIES["chroma"] is pipe.act_family
         and family_of_pipeline_class("ChromaPipeline") is pipe.act_family
     )
-    assert pipe.act_family.hosts == ("diffusers",)
+    assert pipe.act_family.hosts == ("diffusers", "comfyui")  # ComfyUI: tests/comfyui/test_comfy_chroma.py
 
 
 def test_default_preset_hooks_every_block_stream_along_the_guided_trajectory(pipe, chroma_map):

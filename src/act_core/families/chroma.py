@@ -33,9 +33,17 @@ diffusers step gate so: with guidance on it steers the first call at each noise 
 leaves the second alone; with ``guidance_scale <= 1`` there is no uncond call and every row is steered, as
 fitted.
 
-Diffusers only for now: ComfyUI's Chroma model is not mapped yet, and no map folds (block outputs have
-no weights to absorb a map, Chroma's LayerNorms have no affine parameters, T5's RMSNorm no bias), so
-Chroma has no LoRA export.
+No map folds (block outputs have no weights to absorb a map, Chroma's LayerNorms have no affine
+parameters, T5's RMSNorm no bias), so Chroma has no LoRA export.
+
+ComfyUI: ``MODEL.model.diffusion_model`` is a ``Chroma`` (``comfy.ldm.chroma.model``; not a subclass of
+ComfyUI's ``Flux``, and told apart from it by that class name). Its ``double_blocks`` / ``single_blocks``
+are laid out as ComfyUI's FLUX blocks: a double block returns ``(img, txt)``, a single block the joined
+tokens, with the same norms (``img_norm1`` ..., ``pre_norm``), so FLUX's ComfyUI name map gives diffusers'
+Chroma names (Chroma has no pooled-text ``vector_in``). Its flow ``model_sampling.timestep(sigma)`` is
+sigma (diffusers' timestep / 1000). Text encoder: ComfyUI's Chroma CLIP (``pixart_te``) holds T5 as
+``t5xxl``, whose ``.transformer`` has the transformers module paths of ``text_encoder``. ComfyUI batches CFG
+as ``[uncond; cond]`` rows of one call (``cond_or_uncond``), so maps steer the cond rows there directly.
 """
 
 from __future__ import annotations
@@ -45,16 +53,19 @@ import re
 from torch import nn
 
 from ..apply_modes import APPLY_PER_ELEMENT
-from ..errors import ACTInputError
+from ..errors import ACTInputError, ACTModelMismatchError
 from ..presets import Preset
 from ..recording import OutputOf
-from .base import ModelFamily
+from .base import KeyTable, ModelFamily
 from .flux import IMAGE, JOINT, TEXT, block_streams, trajectory_preset
+from .flux import comfy_transformer_modules as flux_comfy_transformer_modules
 
 TRANSFORMER, TEXT_ENCODER = "transformer", "text_encoder"
 PARTS = (TRANSFORMER, TEXT_ENCODER)
 _DOUBLE = re.compile(r"^transformer_blocks\.(\d+)$")
 _SINGLE = re.compile(r"^single_transformer_blocks\.(\d+)$")
+# Text-encoder part -> the encoder's attribute on ComfyUI's Chroma CLIP (``pixart_te``: T5 alone).
+COMFY_CLIP_PARTS = {TEXT_ENCODER: "t5xxl"}
 BLOCK_STREAMS = (
     "transformer_blocks.*:text",
     "transformer_blocks.*:image",
@@ -114,6 +125,35 @@ def component_modules(part: str, component: nn.Module) -> dict[str, nn.Module | 
     return modules
 
 
+def comfy_transformer_modules(
+    diffusion_model: nn.Module, key_table: KeyTable | None = None
+) -> dict[str, nn.Module | OutputOf]:
+    """ComfyUI's ``Chroma`` (``double_blocks`` / ``single_blocks``, FLUX's layout) under diffusers' names."""
+    if not len(getattr(diffusion_model, "double_blocks", ())) and not len(
+        getattr(diffusion_model, "single_blocks", ())
+    ):
+        raise ACTInputError(
+            "This model has no double_blocks / single_blocks: it is not a ComfyUI Chroma model."
+        )
+    return flux_comfy_transformer_modules(diffusion_model, key_table)
+
+
+def comfy_clip_modules(cond_stage_model: nn.Module) -> dict[str, nn.Module]:
+    """ComfyUI's Chroma text encoder (``CLIP.cond_stage_model.t5xxl``) under canonical names:
+    ``t5xxl.transformer.<path>`` is ``text_encoder.<path>``."""
+    modules: dict[str, nn.Module] = {}
+    for part, clip_name in COMFY_CLIP_PARTS.items():
+        transformer = getattr(getattr(cond_stage_model, clip_name, None), "transformer", None)
+        if isinstance(transformer, nn.Module):
+            modules.update({f"{part}.{path}": module for path, module in transformer.named_modules() if path})
+    if not modules:
+        raise ACTModelMismatchError(
+            f"This CLIP ({type(cond_stage_model).__name__}) has no T5 (t5xxl), Chroma's text encoder: connect a "
+            "Chroma CLIP (e.g. CLIPLoader with type 'chroma')."
+        )
+    return modules
+
+
 def lora_key(module_name: str) -> str:
     raise ACTInputError(
         f"Chroma maps do not fold into weights ({module_name!r}: block outputs and Chroma's LayerNorms have "
@@ -137,5 +177,10 @@ CHROMA = ModelFamily(
     diffusers_denoisers=("ChromaTransformer2DModel",),
     diffusers_adapter="act_core.diffusers.chroma",
     diffusers_modules=component_modules,
+    comfy_denoisers=("Chroma",),
+    comfy_denoiser_modules=comfy_transformer_modules,
+    comfy_clip_modules=comfy_clip_modules,
+    comfy_clip_parts=COMFY_CLIP_PARTS,
+    comfy_timestep_scale=1.0,  # ComfyUI's flow model_sampling.timestep(sigma) is sigma
 )
 FAMILY = CHROMA

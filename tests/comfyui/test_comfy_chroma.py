@@ -1,0 +1,273 @@
+"""Chroma maps in real ComfyUI: ComfyUI's own Chroma MODEL (``comfy.ldm.chroma.model.Chroma``) with the weights
+of a tiny diffusers Chroma transformer is the same model; a map fitted in diffusers steers it exactly as it
+steers the diffusers transformer, the Fit node fits on it through ComfyUI's sampler a map that steers KSampler
+and applies to the diffusers pipeline, and Chroma and FLUX MODELs are told apart (skipped without
+COMFYUI_PATH)."""
+
+from __future__ import annotations
+
+import comfy_support as cs  # noqa: E402
+import pytest
+import torch
+from comfy_support import comfyui  # noqa: E402,F401  (session fixture)
+
+pytestmark = cs.requires_comfyui
+
+SOURCE = [f"a red circle number {i}" for i in range(4)]
+TARGET = [f"a blue square, striped, number {i}" for i in range(4)]
+LATENT = (1, 4, 8, 8)  # 4 latent channels, 2x2 patches: 16 image tokens
+PRESETS = ["transformer_blocks", "transformer_norms"]
+
+
+@pytest.fixture(scope="module")
+def chroma(comfyui, tmp_path_factory):  # noqa: F811
+    import comfy_chroma
+
+    from act_core.diffusers import act_pipeline
+
+    pipe = act_pipeline(comfy_chroma.build_chroma_pipeline(tmp_path_factory.mktemp("tiny_chroma_comfy")))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, comfy_chroma.load_chroma_transformer(pipe.transformer)
+
+
+@pytest.fixture(scope="module")
+def chroma_clip(comfyui):  # noqa: F811
+    import comfy_chroma
+
+    return comfy_chroma.build_chroma_clip(seed=0)
+
+
+@pytest.fixture(scope="module")
+def nodes_pack(comfyui):  # noqa: F811
+    return cs.node_callers(cs.load_node_pack())
+
+
+def diffusers_fit(pipe, preset, **options):
+    import warnings
+
+    from comfy_chroma import MAX_SEQUENCE_LENGTH
+
+    sampling = {
+        "num_inference_steps": 3,
+        "height": 32,
+        "width": 32,
+        "guidance_scale": 4.0,
+        "max_sequence_length": MAX_SEQUENCE_LENGTH,
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tests' tokenizer does not know these words
+        return pipe.fit_act(SOURCE, TARGET, preset=preset, progress=False, **sampling, **options)
+
+
+@pytest.fixture(scope="module")
+def chroma_maps(chroma):
+    pipe, _ = chroma
+    return {preset: diffusers_fit(pipe, preset) for preset in PRESETS}
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    from comfy_chroma import MAX_SEQUENCE_LENGTH
+
+    generator = torch.Generator().manual_seed(0)
+    return {
+        "x": torch.randn(LATENT, generator=generator),
+        "context": torch.randn(1, MAX_SEQUENCE_LENGTH, 32, generator=generator),
+    }
+
+
+def diffusers_velocity(pipe, inputs, sigma: float) -> torch.Tensor:
+    """The diffusers transformer's output at noise level ``sigma``, unpacked to ComfyUI's latent layout, every
+    row the prompt's (no CFG in this call: the maps steer it, as ComfyUI's cond-only call)."""
+    from act_core.diffusers.pipeline import active_pipeline
+
+    batch, channels, height, width = LATENT
+    with torch.no_grad(), active_pipeline(pipe, cfg_batch=False):
+        packed = pipe._pack_latents(inputs["x"], batch, channels, height, width)
+        ids = pipe._prepare_latent_image_ids(batch, height // 2, width // 2, "cpu", torch.float32)
+        out = pipe.transformer(
+            hidden_states=packed,
+            timestep=torch.tensor([sigma]),
+            encoder_hidden_states=inputs["context"],
+            txt_ids=torch.zeros(inputs["context"].shape[1], 3),
+            img_ids=ids,
+            return_dict=False,
+        )[0]
+    return pipe._unpack_latents(
+        out, height * pipe.vae_scale_factor, width * pipe.vae_scale_factor, pipe.vae_scale_factor
+    )
+
+
+def comfy_velocity(patcher, inputs, sigma: float) -> torch.Tensor:
+    """ComfyUI's Chroma output for the same inputs, called as its samplers call it (wrappers, sigmas)."""
+    import comfy.model_management as mm
+    import comfy.patcher_extension
+
+    mm.load_models_gpu([patcher])  # patches this clone in (its ACT hooks are injected on load)
+    options = {
+        "wrappers": comfy.patcher_extension.copy_nested_dicts(patcher.wrappers),
+        "sigmas": torch.tensor([sigma]),
+        "cond_or_uncond": [0],
+    }
+    with torch.no_grad():
+        denoised = patcher.model.apply_model(
+            inputs["x"],
+            torch.tensor([sigma]),
+            c_crossattn=inputs["context"],
+            guidance=torch.tensor([0.0]),  # what ComfyUI's Chroma passes (extra_conds)
+            transformer_options=options,
+        )
+    return (inputs["x"] - denoised) / sigma  # ComfyUI's flow models return x - sigma * velocity
+
+
+def test_comfyui_finds_chroma_and_not_flux_and_names_its_modules_as_diffusers(chroma, tmp_path):
+    import comfy_flux
+    from tiny_flux import build_tiny_flux
+
+    from act_core.families import FLUX, family_of_comfy_model
+    from act_core.families.chroma import CHROMA
+
+    pipe, model = chroma
+    diffusion_model = model.model.diffusion_model
+    assert type(diffusion_model).__name__ == "Chroma"
+    assert family_of_comfy_model(diffusion_model) is CHROMA
+    flux = comfy_flux.load_flux_transformer(build_tiny_flux(tmp_path / "flux").transformer)
+    assert family_of_comfy_model(flux.model.diffusion_model) is FLUX  # and FLUX is not taken as Chroma
+    modules = CHROMA.comfy_denoiser_modules(diffusion_model, None)
+    for preset in PRESETS:
+        assert set(pipe.act_preset_modules(preset)) <= set(modules)
+    assert "transformer.time_text_embed.text_embedder" not in modules  # Chroma has no pooled-text route
+
+
+def test_comfyui_chroma_is_the_same_model(chroma, inputs):
+    pipe, model = chroma
+    for sigma in (1.0, 0.55):
+        torch.testing.assert_close(
+            comfy_velocity(model, inputs, sigma),
+            diffusers_velocity(pipe, inputs, sigma),
+            rtol=1e-4,
+            atol=1e-4,
+        )
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_a_diffusers_fitted_chroma_map_steers_comfyui_chroma_as_diffusers(
+    nodes_pack, chroma, chroma_maps, inputs, preset
+):
+    pipe, model = chroma
+    act_map = chroma_maps[preset]
+    assert act_map.metadata["family"] == "chroma" and len(act_map.buckets) == 3
+    sigma = 0.55  # between two of the map's noise levels: both hosts interpolate the same way
+    plain = comfy_velocity(model, inputs, sigma)
+    steered_model, _ = nodes_pack["ACTApply"].apply(model, None, act_map, 1.0)
+    steered = comfy_velocity(steered_model, inputs, sigma)
+    pipe.enable_act(act_map, strength=1.0)
+    try:
+        expected = diffusers_velocity(pipe, inputs, sigma)
+    finally:
+        pipe.disable_act()
+    assert (steered - plain).abs().max() > 1e-3
+    torch.testing.assert_close(steered, expected, rtol=1e-4, atol=1e-4)
+    # The input MODEL is untouched: loading it again gives the plain output, with no ACT hooks left.
+    torch.testing.assert_close(comfy_velocity(model, inputs, sigma), plain, rtol=0, atol=0)
+    assert not [n for n, m in model.model.diffusion_model.named_modules() if hasattr(m, "_act_handle")]
+
+
+def fit_chroma(nodes_pack, model, clip, preset="default", **options):
+    """The Fit ACT map node on a Chroma MODEL: 4 prompt pairs, 3 steps, cfg 4 (Chroma runs real CFG)."""
+    return nodes_pack["ACTFitMap"].fit(
+        model,
+        clip,
+        source_prompts="\n".join(SOURCE),
+        target_prompts="\n".join(TARGET),
+        preset=preset,
+        parts="",
+        method="linear",
+        support="auto",
+        mode="preset",
+        fit_seed=0,
+        width=64,
+        height=64,
+        steps=3,
+        batch_size=4,
+        cfg=4.0,
+        **options,
+    )[0]
+
+
+def test_the_fit_node_fits_on_comfyui_chroma_and_the_map_steers_ksampler_and_diffusers(
+    nodes_pack, chroma, chroma_clip, inputs, caplog
+):
+    """Fit ACT map samples with ComfyUI's own sampler on its Chroma MODEL; the map has diffusers' names,
+    steers KSampler's output (strength 0 exactly the plain output), and applies to the diffusers transformer."""
+    pipe, model = chroma
+    act_map = fit_chroma(nodes_pack, model, chroma_clip)
+    meta = act_map.metadata
+    assert meta["family"] == "chroma" and meta["host"] == "comfyui" and meta["preset"] == "transformer_blocks"
+    assert meta["cfg_rows"] == "cond" and len(act_map.buckets) == 3
+    assert set(act_map.modules) == set(pipe.act_preset_modules("transformer_blocks"))
+
+    def sample(patcher):
+        return cs.sample_tiny(
+            patcher, chroma_clip, "a red circle number 9", seed=3, steps=3, cfg=4.0, size=(8, 8)
+        )
+
+    caplog.set_level("INFO", logger="ComfyUI-ACT")
+    plain = sample(model)
+    at_zero, _ = nodes_pack["ACTApply"].apply(model, chroma_clip, act_map, 0.0)
+    caplog.clear()
+    steered, _ = nodes_pack["ACTApply"].apply(model, chroma_clip, act_map, 1.0)
+    assert torch.equal(sample(at_zero), plain)
+    assert (sample(steered) - plain).abs().max() > 1e-3
+    torch.testing.assert_close(sample(model), plain, rtol=0, atol=0)  # the input MODEL is untouched
+    assert "ACT applied" in caplog.text and "left out" not in caplog.text
+    # Portable: the ComfyUI-fitted map steers the diffusers Chroma transformer, every module matched.
+    pipe.enable_act(act_map, strength=1.0)
+    try:
+        moved = diffusers_velocity(pipe, inputs, 0.55)
+    finally:
+        pipe.disable_act()
+    assert (moved - diffusers_velocity(pipe, inputs, 0.55)).abs().max() > 1e-3
+
+
+def test_chroma_text_encoder_maps_are_portable_both_ways(nodes_pack, chroma, chroma_clip, caplog):
+    """A ``text_encoder_norms`` map fitted in diffusers hooks every T5 norm of ComfyUI's Chroma CLIP and
+    steers its conditioning; the Fit node's text-encoder map has diffusers' names and applies there."""
+    pipe, model = chroma
+    diffusers_map = diffusers_fit(pipe, "text_encoder_norms", support="unbounded")
+    comfy_map = fit_chroma(nodes_pack, model, chroma_clip, preset="text_encoder_norms")
+    assert comfy_map.parts() == ["text_encoder"] == diffusers_map.parts()
+    assert (
+        set(comfy_map.modules)
+        == set(diffusers_map.modules)
+        == set(pipe.act_preset_modules("text_encoder_norms"))
+    )
+    plain = cs.encode(chroma_clip, "a red circle number 9")[0][0]
+    caplog.set_level("INFO", logger="ComfyUI-ACT")
+    for act_map in (diffusers_map, comfy_map):
+        caplog.clear()
+        _, steered = nodes_pack["ACTApply"].apply(None, chroma_clip, act_map, 0.0, True, 1.0)
+        assert (cs.encode(steered, "a red circle number 9")[0][0] - plain).abs().max() > 1e-3
+        assert "left out" not in caplog.text
+    pipe.enable_act(comfy_map, strength=1.0)  # diffusers takes the ComfyUI-fitted map: every module matches
+    pipe.disable_act()
+
+
+def test_flux_and_chroma_maps_are_refused_on_each_other(nodes_pack, chroma, chroma_maps, tmp_path):
+    import comfy_flux
+    from tiny_flux import build_tiny_flux
+
+    from act_core.errors import ACTInputError, ACTModelMismatchError
+    from act_core.families.flux import FLUX
+
+    _, model = chroma
+    chroma_map = chroma_maps["transformer_blocks"]
+    flux = comfy_flux.load_flux_transformer(build_tiny_flux(tmp_path / "flux").transformer)
+    with pytest.raises(ACTModelMismatchError, match="Chroma model.*this MODEL is FLUX"):
+        nodes_pack["ACTApply"].apply(flux, None, chroma_map, 1.0)
+    # A FLUX map (its metadata: the same module names as a Chroma map's blocks) is refused on Chroma.
+    flux_map = chroma_map.with_metadata({"family": FLUX.name})
+    with pytest.raises(ACTModelMismatchError, match="FLUX.1 model.*this MODEL is Chroma"):
+        nodes_pack["ACTApply"].apply(model, None, flux_map, 1.0)
+    with pytest.raises(ACTInputError, match="LoRA"):
+        nodes_pack["ACTExportLoRA"].export(model, None, chroma_map, "chroma_map", "fp32", False)
