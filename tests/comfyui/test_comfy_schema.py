@@ -20,6 +20,7 @@ EXPECTED_NODES = {
     "ACTLoadMap": "Load ACT map",
     "ACTExportLoRA": "Export ACT as LoRA",
     "ACTSweep": "ACT lambda sweep (slider preview)",
+    "ACTDemoModel": "ACT demo model",
 }
 
 
@@ -58,7 +59,7 @@ def test_every_node_is_listed_with_its_id_and_name(classes):
 def test_node_contract(classes, node_id):
     cls = classes[node_id]
     schema = cls.GET_SCHEMA()
-    assert schema.category == "ACT"
+    assert schema.category == ("ACT/demo" if node_id == "ACTDemoModel" else "ACT")
     assert isinstance(schema.description, str) and len(schema.description) > 40
     assert len(cls.RETURN_NAMES) == len(cls.RETURN_TYPES) == len(cls.OUTPUT_TOOLTIPS)
     assert all(cls.OUTPUT_TOOLTIPS)
