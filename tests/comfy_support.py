@@ -105,6 +105,7 @@ def install_torchvision_stub() -> bool:
     """Put an empty in-memory ``torchvision`` package in sys.modules if none is installed; True if it did.
 
     transformers is asked first whether torchvision is available (it caches that answer: no)."""
+    import enum
     import importlib.machinery
     import importlib.util
     import sys
@@ -123,10 +124,31 @@ def install_torchvision_stub() -> bool:
     tv.__path__ = []
     tv.__spec__ = importlib.machinery.ModuleSpec("torchvision", None, is_package=True)
     tr = types.ModuleType("torchvision.transforms")
-    tr.__spec__ = importlib.machinery.ModuleSpec("torchvision.transforms", None)
+    tr.__path__ = []
+    tr.__spec__ = importlib.machinery.ModuleSpec("torchvision.transforms", None, is_package=True)
     tv.transforms = tr
+    # spandrel (ComfyUI's upscale-model nodes) imports these names; without UpscaleModelLoader the frontend
+    # (1.27) cannot build checkpoint, LoRA or VAE loader nodes. Calling them is an error.
+    fn = types.ModuleType("torchvision.transforms.functional")
+    fn.__spec__ = importlib.machinery.ModuleSpec("torchvision.transforms.functional", None)
+
+    def unavailable(*args, **kwargs):
+        raise NotImplementedError("torchvision is a test stand-in here (tests/comfy_support.py)")
+
+    fn.InterpolationMode = enum.Enum(
+        "InterpolationMode",
+        {
+            "NEAREST": "nearest",
+            "NEAREST_EXACT": "nearest-exact",
+            "BILINEAR": "bilinear",
+            "BICUBIC": "bicubic",
+        },
+    )
+    fn.rotate = fn.normalize = unavailable
+    tr.functional = fn
     sys.modules["torchvision"] = tv
     sys.modules["torchvision.transforms"] = tr
+    sys.modules["torchvision.transforms.functional"] = fn
     return True
 
 
@@ -156,7 +178,7 @@ def torchvision_stub():
         yield
     finally:
         if installed:
-            for name in ("torchvision.transforms", "torchvision"):
+            for name in ("torchvision.transforms.functional", "torchvision.transforms", "torchvision"):
                 sys.modules.pop(name, None)
 
 
