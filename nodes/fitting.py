@@ -82,16 +82,37 @@ class _FitGuider:
     the same latents; the latents follow ``source_prediction`` of those rows, guided by ComfyUI's CFG."""
 
     @staticmethod
-    def build(model: Any, session: TrajectoryFit, calibrate: bool, trajectory: str) -> Any:
+    def build(
+        model: Any, session: TrajectoryFit, calibrate: bool, trajectory: str, pairs: int | None = None
+    ) -> Any:
+        """``pairs``: the number of prompt pairs when each pair has conds of its own (``source_<i>`` and
+        ``target_<i>``, evaluated on its own latent); None: one stacked cond per prompt set."""
         import comfy.samplers
 
         class FitGuider(comfy.samplers.CFGGuider):
+            def evaluate(self, x, timestep, model_options, negative):
+                """calc_cond_batch's outputs for [source, negative, target, (plain)], all pairs."""
+                names = (
+                    [("positive", "target")]
+                    if pairs is None
+                    else [(f"source_{i}", f"target_{i}") for i in range(pairs)]
+                )
+                outs = []
+                for i, (source, target) in enumerate(names):
+                    conds = [self.conds[source], negative, self.conds[target]]
+                    if calibrate:
+                        conds.append(self.conds[source])  # PLAIN_COND: not transported
+                    rows = slice(None) if pairs is None else slice(i, i + 1)
+                    outs.append(
+                        comfy.samplers.calc_cond_batch(
+                            self.inner_model, conds, x[rows], timestep[rows], model_options
+                        )
+                    )
+                return [torch.cat([out[k] for out in outs]) for k in range(len(outs[0]))]
+
             def predict_noise(self, x, timestep, model_options={}, seed=None):  # noqa: B006 - ComfyUI's signature
                 negative = None if math.isclose(self.cfg, 1.0) else self.conds.get("negative")
-                conds = [self.conds["positive"], negative, self.conds["target"]]
-                if calibrate:
-                    conds.append(self.conds["positive"])  # PLAIN_COND: not transported
-                out = comfy.samplers.calc_cond_batch(self.inner_model, conds, x, timestep, model_options)
+                out = self.evaluate(x, timestep, model_options, negative)
                 steered = source_prediction(
                     session,
                     out[TARGET_COND],
@@ -107,7 +128,7 @@ class _FitGuider:
                     x,
                     timestep,
                     model_options=model_options,
-                    cond=conds[SOURCE_COND],
+                    cond=self.conds["positive"],
                     uncond=negative,
                 )
 
@@ -218,6 +239,8 @@ class ComfyFitHost:
         return torch.inference_mode(self.inference)
 
     def pairs_per_call(self, num_pairs: int, rows_per_pair: int) -> int:
+        if not self.family.comfy_batched_prompts:
+            return 1  # each pair on its own conds, in calls of its own (ModelFamily.comfy_batched_prompts)
         return num_pairs  # ComfyUI batches the conds itself (calc_cond_batch, by free memory)
 
     def steer_text_encoders(self, text_map: ACTMap) -> contextlib.AbstractContextManager:
@@ -229,11 +252,19 @@ class ComfyFitHost:
         import comfy.samplers
 
         model, clip, settings, pairs = self.model, self.clip, self.settings, len(run.source)
-        encoded = encode_prompts(clip, run.source + run.target, self.check)
-        length = math.lcm(*[cond.shape[1] for cond, _ in encoded])
-        positive = stack_conds(encoded[:pairs], length)
-        target_conds = stack_conds(encoded[pairs:], length)
-        negative = stack_conds(encode_prompts(clip, [settings.negative_prompt or ""], self.check) * pairs)
+        if self.family.comfy_batched_prompts:
+            encoded = encode_prompts(clip, run.source + run.target, self.check)
+            length = math.lcm(*[cond.shape[1] for cond, _ in encoded])
+            positive = stack_conds(encoded[:pairs], length)
+            conds = {"target": stack_conds(encoded[pairs:], length)}
+            negative = stack_conds(encode_prompts(clip, [settings.negative_prompt or ""], self.check) * pairs)
+        else:  # each pair on its own conds, as CLIPTextEncode makes them
+            conds = {
+                f"{side}_{i}": self.conditioning(prompt)
+                for side, prompts in (("source", run.source), ("target", run.target))
+                for i, prompt in enumerate(prompts)
+            }
+            positive, negative = conds["source_0"], self.conditioning(settings.negative_prompt or "")
         latent = torch.zeros((pairs, 4, settings.height // 8, settings.width // 8), dtype=torch.float32)
         latent = comfy.sample.fix_empty_latent_channels(model, latent)
         noise = torch.cat(
@@ -258,9 +289,15 @@ class ComfyFitHost:
                 timestep_scale(self.family, model.get_model_object("model_sampling")),
             ),
         )
-        guider = _FitGuider.build(patched, run.session, run.calibrate, run.trajectory)
+        guider = _FitGuider.build(
+            patched,
+            run.session,
+            run.calibrate,
+            run.trajectory,
+            pairs=None if self.family.comfy_batched_prompts else pairs,
+        )
         guider.set_conds(positive, negative)
-        guider.inner_set_conds({"target": target_conds})
+        guider.inner_set_conds(conds)
         guider.set_cfg(settings.guidance_scale)
 
         def callback(step, x0, x, total_steps):
@@ -276,6 +313,12 @@ class ComfyFitHost:
             seed=run.seed,
         )
         self.check()
+
+    def conditioning(self, prompt: str) -> list:
+        """One prompt's conditioning as CLIPTextEncode makes it (with the text encoder's attention mask, from
+        which Lumina 2's model reads its token count)."""
+        self.check()
+        return self.clip.encode_from_tokens_scheduled(self.clip.tokenize(prompt))
 
     def fit_first_step(self, fit: FirstStepFit) -> ACTMap:
         act_map, _ = fit_first_step(self, fit)

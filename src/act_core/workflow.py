@@ -396,10 +396,11 @@ def _fit_along_trajectory(
     )
     if session.stats.strategy == "lagged":
         warnings.warn(
-            f"ACT fitting split each step's {pairs} prompt pairs over {denoiser} calls (memory: "
-            f"{per_call} per call), so the source rows were steered with the previous step's maps while a "
-            "step was recorded ('lagged': approximately causal). Pass a larger batch_size if memory allows, or "
-            "fewer prompts or a smaller size, for exact fitting.",
+            f"ACT fitting split each step's {pairs} prompt pairs over {denoiser} calls ({per_call} per call: "
+            "memory, or a model that takes each prompt in calls of its own), so the source rows were steered "
+            "with the previous step's maps while a step was recorded ('lagged': approximately causal). Where "
+            "memory is the reason, pass a larger batch_size if memory allows, or fewer prompts or a smaller "
+            "size, for exact fitting.",
             ACTWarning,
             stacklevel=4,
         )

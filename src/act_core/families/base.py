@@ -71,6 +71,12 @@ class ModelFamily:
     # text-encoder part -> the encoder's attribute on ComfyUI's ``CLIP.cond_stage_model`` (``clip_l``, ...)
     comfy_clip_parts: Mapping[str, str] = field(default_factory=dict)
     comfy_state_keys: Callable[[Iterable[str], KeyTable], dict[str, str]] | None = None
+    # Whether ComfyUI's Fit node may run different prompts in one call, their tokens tiled to a common length
+    # as ComfyUI batches cross-attention conds. False where a prompt's token count is part of the model's
+    # input (Lumina 2's NextDiT takes ``num_tokens``; ComfyUI 0.3.64's cannot mask a padded batch): each
+    # prompt pair then runs on its own conditioning, as CLIPTextEncode makes it, in calls of its own, so the
+    # fit runs "lagged".
+    comfy_batched_prompts: bool = True
     # ComfyUI's model_sampling.timestep(sigma) divided by this is the noise level u in [0, 1]; None (a family
     # of several architectures, whose timestep units differ): divided by timestep(model_sampling.sigma_max).
     comfy_timestep_scale: float | None = 1000.0

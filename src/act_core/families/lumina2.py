@@ -154,5 +154,6 @@ LUMINA2 = ModelFamily(
     comfy_denoisers=("NextDiT",),
     comfy_denoiser_modules=comfy_transformer_modules,
     comfy_timestep_scale=1.0,  # ComfyUI's flow model_sampling.timestep(sigma) is sigma
+    comfy_batched_prompts=False,  # NextDiT takes each prompt's token count (num_tokens)
 )
 FAMILY = LUMINA2
