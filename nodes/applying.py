@@ -23,7 +23,7 @@ from torch import nn
 
 from act_core.applying import ACTHandle, check_strength, folded_diffs
 from act_core.errors import ACTInputError, ACTModelMismatchError
-from act_core.families import ModelFamily, family_of_map
+from act_core.families import ModelFamily, check_comfy_map, family_of_map
 from act_core.lora import as_foldable
 from act_core.maps import ACTMap
 from act_core.validation import check_window
@@ -194,6 +194,7 @@ def apply_map(
     if denoiser in parts and strength != 0.0:
         if model is None:
             raise ACTInputError(f"This ACT map steers the {denoiser}: connect a MODEL.")
+        check_comfy_map(act_map.metadata, model.model.diffusion_model)
         modules = denoiser_modules(model, family)
         part_map = act_map.restrict(parts=[denoiser])
         check_fits(part_map, modules, f"this MODEL's {denoiser}")

@@ -30,7 +30,7 @@ from torch import nn
 
 from act_core._version import __version__
 from act_core.errors import ACTInputError
-from act_core.families import ModelFamily
+from act_core.families import COMFY_CLASS_KEY, ModelFamily
 from act_core.maps import ACTMap, part_of
 from act_core.sampling import SamplingSettings, TrajectoryRun, source_prediction
 from act_core.trajectory import TrajectoryFit
@@ -339,7 +339,12 @@ class ComfyFitHost:
         owner = (
             type(self.model.model).__name__ if uses_denoiser else type(self.clip.cond_stage_model).__name__
         )
-        return {"model": f"ComfyUI {owner}", "sampling": sampling, "comfyui_act_version": __version__}
+        info = {"model": f"ComfyUI {owner}", "sampling": sampling, "comfyui_act_version": __version__}
+        if (
+            uses_denoiser
+        ):  # the diffusion model's class (a structural-fallback map applies to that class only)
+            info[COMFY_CLASS_KEY] = type(self.model.model.diffusion_model).__name__
+        return info
 
 
 def log_and_warn(message: str) -> None:

@@ -18,6 +18,7 @@ from .base import ModelFamily
 from .flux import FLUX
 from .sd3 import SD3
 from .sdxl import SDXL
+from .structural import COMFY_CLASS_KEY, STRUCTURAL, fitted_class, structural_modules
 
 
 def _discover() -> dict[str, ModelFamily]:
@@ -50,7 +51,7 @@ def family_of_map(metadata: Mapping[str, Any]) -> ModelFamily:
 
 
 def _supported(host: str) -> str:
-    return ", ".join(f.display_name for f in FAMILIES.values() if host in f.hosts)
+    return ", ".join(f.display_name for f in FAMILIES.values() if host in f.hosts and f is not STRUCTURAL)
 
 
 def family_of_pipeline_class(class_name: str) -> ModelFamily | None:
@@ -71,23 +72,45 @@ def family_of_pipeline(pipe: Any) -> ModelFamily:
 
 
 def family_of_comfy_model(diffusion_model: Any) -> ModelFamily:
-    """The family of a ComfyUI MODEL's ``model.diffusion_model``, from its class."""
+    """The family of a ComfyUI MODEL's ``model.diffusion_model``, from its class; a class no family claims
+    falls back to the structural family when transformer blocks are found in it by structure."""
     name = type(diffusion_model).__name__
     for family in FAMILIES.values():
         if name in family.comfy_denoisers:
             return family
+    if structural_modules(diffusion_model):
+        return STRUCTURAL
     raise ACTModelMismatchError(
-        f"This MODEL's diffusion model is a {name}, which ComfyUI-ACT does not know; in ComfyUI it steers "
-        f"{_supported('comfyui')} models."
+        f"This MODEL's diffusion model is a {name}, which ComfyUI-ACT does not know, and ACT found no "
+        "transformer blocks in it by structure (a list of at least 2 identical attention blocks at the model's "
+        f"hidden width), so it cannot steer it; in ComfyUI it steers {_supported('comfyui')} models, and other "
+        "DiTs by their transformer blocks."
     )
 
 
+def check_comfy_map(metadata: Mapping[str, Any], diffusion_model: Any) -> None:
+    """Refuse a map of the structural family on a ComfyUI diffusion model of another class than the one it
+    was fitted on (its modules are named by that class's structure, not by a family's table)."""
+    if family_of_map(metadata) is not STRUCTURAL:
+        return
+    fitted, name = fitted_class(metadata), type(diffusion_model).__name__
+    if fitted != name:
+        raise ACTModelMismatchError(
+            f"This ACT map was fitted with the structural fallback on a {fitted or 'model of unrecorded class'}, "
+            f"but this MODEL's diffusion model is a {name}: such maps apply only to the class they were fitted "
+            "on. Fit a map on this model."
+        )
+
+
 __all__ = [
+    "COMFY_CLASS_KEY",
     "FAMILIES",
     "FLUX",
     "SD3",
     "SDXL",
+    "STRUCTURAL",
     "ModelFamily",
+    "check_comfy_map",
     "family_of_comfy_model",
     "family_of_map",
     "family_of_pipeline",
