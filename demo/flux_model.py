@@ -12,18 +12,15 @@ need a SentencePiece model; any tokenizer works for ``FluxPipeline``). Sampled w
 from __future__ import annotations
 
 import copy
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-from .shapes import ATTRIBUTES, caption
-from .training import CaptionIds, Checkpointer, TrainConfig, _key, _lr, _set_lr, encode_pool
+from .training import CaptionIds, Checkpointer, TrainConfig, encode_pool, train_flow
 
 MAX_SEQUENCE_LENGTH = 16
 
@@ -125,7 +122,8 @@ def encode(clip, t5, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def train_transformer(
     cfg: FluxDemoConfig, tc: TrainConfig, tokenizer, pool: dict, ckpt: Checkpointer, log=print
 ):
-    """Rectified flow (x_t = (1 - t) x0 + t noise, predict noise - x0), text encoders trained jointly.
+    """Rectified flow (x_t = (1 - t) x0 + t noise, predict noise - x0), text encoders trained jointly
+    (``demo.training.train_flow``).
 
     Unconditional training (caption dropout) encodes the empty string, as FluxPipeline would for an
     empty prompt; FLUX.1-schnell is sampled without guidance, so it is only regularisation here.
@@ -133,57 +131,13 @@ def train_transformer(
     torch.manual_seed(tc.seed + 1)
     clip, t5 = build_text_encoders(cfg, tokenizer)
     transformer = build_transformer(cfg)
-    modules = {"transformer": transformer, "clip": clip, "t5": t5}
-    params = [p for m in modules.values() for p in m.parameters()]
-    opt = torch.optim.AdamW(params, lr=tc.unet_lr, weight_decay=0.0)
-    ema = {k: copy.deepcopy(m).requires_grad_(False) for k, m in modules.items()}
-    start = 0
-    state = ckpt.load("flux")
-    if state is not None:
-        for k, m in modules.items():
-            m.load_state_dict(state[k])
-            ema[k].load_state_dict(state["ema_" + k])
-        opt.load_state_dict(state["opt"])
-        start = state["step"]
-        log(f"flux: resumed at step {start}")
     ids_of = CaptionIds(tokenizer)
-    empty_ids = ids_of([""])
-    scale = float(pool["scaling_factor"])
     size = pool["mean"].shape[-1]
     positions = image_ids(size, size)
     text_positions = torch.zeros(tokenizer.model_max_length, 3)
-    ema_params = [p for k in modules for p in ema[k].parameters()]
-    for m in modules.values():
-        m.train()
-    t0 = time.time()
-    for step in range(start, tc.unet_steps):
-        _set_lr(opt, _lr(step, tc.unet_steps, tc.unet_lr, tc.warmup))
-        rng = np.random.default_rng(_key(tc.seed, 14, step))
-        gen = torch.Generator().manual_seed(_key(tc.seed, 15, step))
-        idx = rng.integers(0, len(pool["mean"]), tc.unet_batch)
-        captions = []
-        for i in idx:
-            attrs = {k: ATTRIBUTES[k][int(pool[k][i])] for k in ATTRIBUTES}
-            captions.append(
-                caption(
-                    attrs["shape"],
-                    attrs["colour"],
-                    attrs["style"],
-                    bool(rng.random() < tc.explicit_style_prob),
-                )
-            )
-        ids = ids_of(captions)
-        ids[torch.from_numpy(rng.random(tc.unet_batch) < tc.cond_dropout)] = empty_ids
-        text, pooled = encode(clip, t5, ids)
-        i_t = torch.from_numpy(idx)
-        x0 = (
-            pool["mean"][i_t].float()
-            + pool["std"][i_t].float() * torch.randn(pool["mean"][i_t].shape, generator=gen)
-        ) * scale
-        noise = torch.randn(x0.shape, generator=gen)
-        # logit-normal timesteps (as FLUX / SD3 train): more weight on the middle of the trajectory
-        t = torch.sigmoid(torch.randn(tc.unet_batch, generator=gen))
-        xt = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * noise
+
+    def step_loss(captions, x0, noise, t, xt):
+        text, pooled = encode(clip, t5, ids_of(captions))
         pred = transformer(
             hidden_states=pack(xt),
             timestep=t,
@@ -193,25 +147,12 @@ def train_transformer(
             img_ids=positions,
             return_dict=False,
         )[0]
-        loss = F.mse_loss(pred, pack(noise - x0))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        with torch.no_grad():
-            decay = min(tc.ema_decay, (1 + step) / (10 + step))
-            torch._foreach_lerp_(ema_params, params, 1 - decay)
-        done = step + 1
-        if step % 50 == 0 or done == tc.unet_steps:
-            rate = (done - start) / max(1e-9, time.time() - t0)
-            log(
-                f"flux step {done}/{tc.unet_steps} loss {loss.item():.4f} ({time.time() - t0:.0f}s, {rate:.2f} it/s)"
-            )
-        if done % tc.checkpoint_every == 0 or done == tc.unet_steps:
-            state = {k: m.state_dict() for k, m in modules.items()}
-            state.update({"ema_" + k: m.state_dict() for k, m in ema.items()})
-            ckpt.save("flux", {**state, "opt": opt.state_dict(), "step": done})
-    return ema["transformer"].eval(), ema["clip"].eval(), ema["t5"].eval()
+        return F.mse_loss(pred, pack(noise - x0))
+
+    ema = train_flow(
+        "flux", {"transformer": transformer, "clip": clip, "t5": t5}, step_loss, tc, pool, ckpt, log
+    )
+    return ema["transformer"], ema["clip"], ema["t5"]
 
 
 def save_flux_dir(out: Path, vae: AutoencoderKL, transformer, clip, t5, tokenizer, scaling: float) -> Path:

@@ -92,3 +92,68 @@ def save_tokenizer(folder: str | Path, model_max_length: int = MODEL_MAX_LENGTH)
     )
     tok.save_pretrained(folder)
     return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
+
+
+# ---------------------------------------------------------------- Qwen's byte-level BPE (Z-Image, Qwen-Image)
+
+QWEN_SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+# Qwen3's chat template for one user message and the generation prompt, without the thinking part (which
+# ZImagePipeline's ``enable_thinking=True`` leaves out): what the real Z-Image tokenizer renders.
+QWEN3_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _qwen_words(text: str) -> list[str]:
+    """The letter runs of ``text`` as Qwen2's pre-tokenizer cuts them: a word after a space carries it."""
+    import re
+
+    for special in QWEN_SPECIAL:
+        text = text.replace(special, "\n")
+    return re.findall(r" ?[A-Za-z]+", text)
+
+
+def save_qwen_tokenizer(folder: str | Path, text: str = "", chat_template: str | None = None):
+    """A byte-level BPE ``Qwen2Tokenizer`` (the tokenizer class of Qwen3 and Qwen2.5-VL) written to ``folder``.
+
+    Every byte is a token, and merges spell whole, as Qwen's own tokenizer does, every caption word (alone
+    and after a space) and every word of ``text`` (the pipeline's prompt template), so the templates count
+    the tokens they count with the real tokenizer. Special tokens: ``<|endoftext|>`` (padding),
+    ``<|im_start|>``, ``<|im_end|>`` (EOS). Merges are added word by word as in ``build_vocab_and_merges``,
+    so no word's merges change how another splits.
+    """
+    from transformers import Qwen2Tokenizer
+
+    folder = Path(folder)
+    symbols = _bytes_to_unicode()
+    space = symbols[ord(" ")]
+    vocab = {s: i for i, s in enumerate(symbols)}
+    merges: list[tuple[str, str]] = []
+    ranks: dict[tuple[str, str], int] = {}
+    captions = [w for w in caption_words() if w.isalpha()]
+    words = _qwen_words(text) + captions + [" " + w for w in captions]
+    for word in dict.fromkeys(words):
+        pieces = _apply_merges(list(word.replace(" ", space)), ranks)
+        while len(pieces) > 1:
+            pair = (pieces[0], pieces[1])
+            ranks[pair] = len(merges)
+            merges.append(pair)
+            vocab.setdefault(pair[0] + pair[1], len(vocab))
+            pieces = [pair[0] + pair[1], *pieces[2:]]
+    for special in QWEN_SPECIAL:
+        vocab[special] = len(vocab)
+    tokenizer = Qwen2Tokenizer(
+        vocab=vocab,
+        merges=merges,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+        model_max_length=32768,
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(str(folder))
+    return Qwen2Tokenizer.from_pretrained(str(folder), local_files_only=True)

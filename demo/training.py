@@ -88,10 +88,20 @@ class Checkpointer:
 # ---------------------------------------------------------------- VAE
 
 
-def train_vae(cfg: DemoModelConfig, tc: TrainConfig, ckpt: Checkpointer, log: Log = print):
-    """Pixel L1 + MSE with a light KL; fresh generator images every step."""
+def train_vae(
+    cfg: DemoModelConfig,
+    tc: TrainConfig,
+    ckpt: Checkpointer,
+    log: Log = print,
+    vae: torch.nn.Module | None = None,
+):
+    """Pixel L1 + MSE with a light KL; fresh generator images every step.
+
+    ``vae``: another autoencoder to train (built by the caller), with ``encode(x).latent_dist`` and
+    ``decode(z).sample`` on (B, C, H, W) tensors; default: the demo model's ``AutoencoderKL``.
+    """
     torch.manual_seed(tc.seed)
-    vae = build_vae(cfg)
+    vae = build_vae(cfg) if vae is None else vae
     opt = torch.optim.AdamW(vae.parameters(), lr=tc.vae_lr, weight_decay=0.0)
     start = 0
     state = ckpt.load("vae")
@@ -188,6 +198,30 @@ class CaptionIds:
             ).input_ids
             self.cache.update(zip(missing, ids, strict=True))
         return torch.stack([self.cache[c] for c in captions])
+
+
+class TemplateIds:
+    """(token ids, attention mask) of prompts wrapped in a pipeline's template (``render``), padded to
+    ``max_length``, cached per prompt: what a chat-template pipeline (Z-Image, Qwen-Image) tokenizes."""
+
+    def __init__(self, tokenizer, render: Callable[[str], str], max_length: int):
+        self.tokenizer, self.render, self.max_length = tokenizer, render, max_length
+        self.cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        missing = [p for p in dict.fromkeys(prompts) if p not in self.cache]
+        if missing:
+            tokens = self.tokenizer(
+                [self.render(p) for p in missing],
+                padding="max_length",
+                max_length=self.max_length,
+                truncation=True,
+                return_tensors="pt",
+            )
+            masks = tokens.attention_mask.bool()
+            self.cache.update(zip(missing, zip(tokens.input_ids, masks, strict=True), strict=True))
+        ids, masks = zip(*(self.cache[p] for p in prompts), strict=True)
+        return torch.stack(ids), torch.stack(masks)
 
 
 def _captions(
@@ -292,6 +326,83 @@ def train_unet(
             state.update({"ema_" + k: m.state_dict() for k, m in ema.items()})
             ckpt.save("unet", {**state, "opt": opt.state_dict(), "step": done})
     return ema["unet"].eval(), ema["te1"].eval(), ema["te2"].eval()
+
+
+# ---------------------------------------------------------------- rectified flow (FLUX, Z-Image, Qwen-Image)
+
+
+def train_flow(
+    name: str,
+    modules: dict[str, torch.nn.Module],
+    step_loss: Callable[[list[str], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    tc: TrainConfig,
+    pool: dict,
+    ckpt: Checkpointer,
+    log: Log = print,
+    shift: torch.Tensor | None = None,
+    scale: torch.Tensor | float | None = None,
+) -> dict[str, torch.nn.Module]:
+    """Rectified flow on the latent pool: x_t = (1 - t) x0 + t noise, logit-normal t (as FLUX / SD3 train).
+
+    ``modules`` (denoiser and text encoders, trained jointly; checkpoint ``name``) are what ``step_loss(captions,
+    x0, noise, t, x_t)`` runs to give the batch's loss (the model's own prediction target and conventions).
+    Captions dropped for unconditional training (``tc.cond_dropout``) are the empty string, which the
+    pipelines encode for an empty prompt. Latents are ``(sample - shift) * scale`` (default: no shift, the
+    pool's ``scaling_factor``). AdamW with warmup and cosine decay, grad clip 1, EMA; every random draw is
+    keyed by (seed, stage, step) so a resumed run continues exactly. Returns the EMA modules, in eval mode.
+    """
+    params = [p for m in modules.values() for p in m.parameters()]
+    opt = torch.optim.AdamW(params, lr=tc.unet_lr, weight_decay=0.0)
+    ema = {k: copy.deepcopy(m).requires_grad_(False) for k, m in modules.items()}
+    start = 0
+    state = ckpt.load(name)
+    if state is not None:
+        for k, m in modules.items():
+            m.load_state_dict(state[k])
+            ema[k].load_state_dict(state["ema_" + k])
+        opt.load_state_dict(state["opt"])
+        start = state["step"]
+        log(f"{name}: resumed at step {start}")
+    scale = float(pool["scaling_factor"]) if scale is None else scale
+    ema_params = [p for k in modules for p in ema[k].parameters()]
+    for m in modules.values():
+        m.train()
+    t0 = time.time()
+    for step in range(start, tc.unet_steps):
+        _set_lr(opt, _lr(step, tc.unet_steps, tc.unet_lr, tc.warmup))
+        rng = np.random.default_rng(_key(tc.seed, 14, step))
+        gen = torch.Generator().manual_seed(_key(tc.seed, 15, step))
+        idx = rng.integers(0, len(pool["mean"]), tc.unet_batch)
+        captions = _captions(pool, idx, rng, tc)
+        drop = rng.random(tc.unet_batch) < tc.cond_dropout
+        captions = ["" if dropped else c for c, dropped in zip(captions, drop, strict=True)]
+        i_t = torch.from_numpy(idx)
+        sample = pool["mean"][i_t].float() + pool["std"][i_t].float() * torch.randn(
+            pool["mean"][i_t].shape, generator=gen
+        )
+        x0 = (sample if shift is None else sample - shift) * scale
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.sigmoid(torch.randn(tc.unet_batch, generator=gen))
+        xt = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * noise
+        loss = step_loss(captions, x0, noise, t, xt)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        with torch.no_grad():
+            decay = min(tc.ema_decay, (1 + step) / (10 + step))
+            torch._foreach_lerp_(ema_params, params, 1 - decay)
+        done = step + 1
+        if step % 50 == 0 or done == tc.unet_steps:
+            rate = (done - start) / max(1e-9, time.time() - t0)
+            log(
+                f"{name} step {done}/{tc.unet_steps} loss {loss.item():.4f} ({time.time() - t0:.0f}s, {rate:.2f} it/s)"
+            )
+        if done % tc.checkpoint_every == 0 or done == tc.unet_steps:
+            state = {k: m.state_dict() for k, m in modules.items()}
+            state.update({"ema_" + k: m.state_dict() for k, m in ema.items()})
+            ckpt.save(name, {**state, "opt": opt.state_dict(), "step": done})
+    return {k: m.eval() for k, m in ema.items()}
 
 
 def train_config_dict(tc: TrainConfig) -> dict:
