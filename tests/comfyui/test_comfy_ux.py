@@ -200,6 +200,7 @@ SAVED_WIDGET_ORDER = {
         "sampler_name",
         "scheduler",
         "negative_prompt",
+        "less_prompts",  # added last (two-sided sliders): older workflows simply lack its value
     ],
     "ACTApply": [
         "strength",
