@@ -40,7 +40,7 @@ from demo.zimage_model import (  # noqa: E402
 )
 
 SEED = 6
-STEPS = 3000  # 0.5-0.8 s a step on one shared core (batch 64)
+STEPS = 2500  # 0.8-1 s a step on one shared core beside another training (batch 64)
 EVAL_STEPS = 20
 # ZImagePipeline's guidance_scale: 0 samples unguided (Z-Image-Turbo's way), g > 0 guides cond + g (cond - uncond)
 GUIDANCES = (0.0, 2.0)
