@@ -19,12 +19,28 @@ def encode_prompts(clip: Any, prompts: Sequence[str], check: Callable[[], None])
     return out
 
 
+# Repeating every prompt's tokens up to the least common multiple of their lengths leaves cross-attention
+# unchanged (ComfyUI batches conds of different lengths the same way); with tokenizers that do not pad to a
+# fixed chunk (T5, Qwen) that multiple can reach hundreds of thousands of tokens, so beyond this many times
+# the longest prompt the tokens are repeated cyclically up to the longest prompt instead (not exact).
+MAX_REPEAT_FACTOR = 4
+
+
+def common_length(lengths: Sequence[int]) -> tuple[int, bool]:
+    """(token length every prompt's conditioning is stretched to, whether the stretch is exact repetition)."""
+    exact, longest = math.lcm(*lengths), max(lengths)
+    return (exact, True) if exact <= MAX_REPEAT_FACTOR * longest else (longest, False)
+
+
+def stretch(cond: torch.Tensor, length: int) -> torch.Tensor:
+    """``cond`` (1, T, C) repeated along tokens to ``length`` (cut where ``length`` is not a multiple of T)."""
+    return cond.repeat(1, -(-length // cond.shape[1]), 1)[:, :length]
+
+
 def stack_conds(encoded: Sequence[tuple], length: int | None = None) -> list:
-    """One conditioning entry for a batch of prompts (token lengths made equal by repetition, which leaves
-    cross-attention unchanged: ComfyUI batches conds of different lengths the same way)."""
-    lengths = [cond.shape[1] for cond, _ in encoded]
-    common = length or math.lcm(*lengths)
-    cond = torch.cat([c.repeat(1, common // c.shape[1], 1) for c, _ in encoded])
+    """One conditioning entry for a batch of prompts, token lengths made equal (``common_length``)."""
+    common = length or common_length([cond.shape[1] for cond, _ in encoded])[0]
+    cond = torch.cat([stretch(c, common) for c, _ in encoded])
     # "pooled_output" is always there, None for encoders without one (T5 alone), as CLIPTextEncode's output:
     # some models read it unconditionally (ComfyUI's FLUX and Chroma: encode_adm).
     pooled = [p for _, p in encoded]

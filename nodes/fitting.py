@@ -51,7 +51,7 @@ from act_core.workflow import (
 
 from .comfy_models import clip_modules, denoiser_modules, model_family, timestep_scale
 from .common import COMFY_FAMILIES, FAMILY_DEFAULT_PRESET, parse_parts, transformer_options_of
-from .conditioning import encode_prompts, hf_tokenizer, stack_conds, token_keys
+from .conditioning import common_length, encode_prompts, hf_tokenizer, stack_conds, token_keys
 from .first_step import fit_first_step
 
 log = logging.getLogger("ComfyUI-ACT")
@@ -254,7 +254,14 @@ class ComfyFitHost:
         model, clip, settings, pairs = self.model, self.clip, self.settings, len(run.source)
         if self.family.comfy_batched_prompts:
             encoded = encode_prompts(clip, run.source + run.target, self.check)
-            length = math.lcm(*[cond.shape[1] for cond, _ in encoded])
+            length, exact = common_length([cond.shape[1] for cond, _ in encoded])
+            if not exact:
+                log_and_warn(
+                    "ACT fit: the prompts have token lengths "
+                    f"{sorted({cond.shape[1] for cond, _ in encoded})}, too many different ones to batch exactly, "
+                    f"so each was repeated up to {length} tokens; models with joint attention see slightly "
+                    "other prompts. Prompts of equal token length fit exactly."
+                )
             positive = stack_conds(encoded[:pairs], length)
             conds = {"target": stack_conds(encoded[pairs:], length)}
             negative = stack_conds(encode_prompts(clip, [settings.negative_prompt or ""], self.check) * pairs)

@@ -336,3 +336,18 @@ def test_registry_metadata_is_ready_and_publishing_is_documented():
         "not published",
     ):
         assert needed in guide, needed
+
+
+def test_prompt_conditionings_stretch_exactly_when_cheap_and_boundedly_otherwise(pack):
+    """CLIP prompts (equal chunks) or a few lengths: exact repetition to their least common multiple; the
+    lengths of a real T5/Qwen prompt list (lcm 371,280 for 8 prompts): cyclic, to the longest prompt."""
+    import torch
+
+    conditioning = importlib.import_module(pack.__name__ + ".nodes.conditioning")
+    assert conditioning.common_length([77, 77, 154]) == (154, True)
+    assert conditioning.common_length([14, 14, 15, 13, 16, 16, 17, 15]) == (17, False)
+    cond = torch.arange(3.0).reshape(1, 3, 1)
+    assert conditioning.stretch(cond, 6).flatten().tolist() == [0, 1, 2, 0, 1, 2]
+    assert conditioning.stretch(cond, 5).flatten().tolist() == [0, 1, 2, 0, 1]
+    stacked = conditioning.stack_conds([(torch.zeros(1, 13, 4), None), (torch.ones(1, 17, 4), None)])
+    assert stacked[0][0].shape == (2, 17, 4) and stacked[0][1]["pooled_output"] is None
