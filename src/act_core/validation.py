@@ -309,6 +309,7 @@ def unknown_words(tokenizer: Any, prompts: Sequence[str]) -> list[str]:
     which the model never learned as a word (the shipped demo tokenizer knows only the caption words).
     Real CLIP tokenizers split rare words into sub-words, which this does not flag.
     """
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor's text tokenizer (Flux2Pipeline)
     if tokenizer is None or not hasattr(tokenizer, "tokenize"):
         return []
     found: list[str] = []

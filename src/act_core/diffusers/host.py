@@ -103,6 +103,7 @@ class DiffusersFitHost:
 
     def check_prompt_sets(self, source: list[str], target: list[str]) -> None:
         tokenizer = getattr(self.pipe, "tokenizer", None) or getattr(self.pipe, "tokenizer_2", None)
+        tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor's text tokenizer (Flux2Pipeline)
         if tokenizer is None:
             check_prompt_sets(source, target)
             return

@@ -69,7 +69,8 @@ def sweep_images(
             pipe.set_act_strength(lam)
             for row, prompt in enumerate(prompts):
                 generator = torch.Generator("cpu").manual_seed(seed)
-                images[row][column] = pipe(prompt, generator=generator, **generate_kwargs).images[0]
+                # by name: some pipelines (Flux2Pipeline) take an image first
+                images[row][column] = pipe(prompt=prompt, generator=generator, **generate_kwargs).images[0]
                 done += 1
                 if progress is not None:
                     progress(done, total)
