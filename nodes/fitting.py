@@ -213,6 +213,12 @@ class ComfyFitHost:
             )
         return modules
 
+    def has_part(self, part: str) -> bool:
+        encoder = self.family.comfy_clip_parts.get(part)
+        if self.clip is None or encoder is None:
+            return True  # unknown here: part_modules says what is missing
+        return getattr(self.clip.cond_stage_model, encoder, None) is not None
+
     def dead_modules(self, part: str) -> tuple[str, ...]:
         encoders = self.family.comfy_clip_parts
         if self.clip is None or part not in encoders:
@@ -431,7 +437,8 @@ def fit_map(
     )
     options = FitOptions(
         preset=spec,
-        parts=parse_parts(parts, spec, family),
+        # blank: the preset whole, on the parts this model has (an SD 1.x CLIP has no clip_g)
+        parts=parse_parts(parts, spec, family) if (parts or "").strip() else None,
         method=method,
         support=None if support == "auto" else support,
         mode=None if mode == "preset" else mode,

@@ -91,6 +91,10 @@ class FitHost(Protocol):
     def part_modules(self, part: str) -> Mapping[str, nn.Module]:
         """Every module of ``part`` under its canonical name (the preset picks among them)."""
 
+    def has_part(self, part: str) -> bool:
+        """Whether this model has ``part`` (False only for a part it is known to lack: SD 1.x and 2.x have no
+        text_encoder_2 of the SDXL family); a preset fitted whole skips the parts the model lacks."""
+
     def dead_modules(self, part: str) -> tuple[str, ...]:
         """Module-path globs of ``part`` whose output never reaches the denoiser."""
 
@@ -175,7 +179,10 @@ def check_family_sampling(family: ModelFamily, negative_prompt: Any, max_sequenc
 def preset_modules(host: FitHost, spec: Preset, parts: Sequence[str] | None = None) -> dict[str, nn.Module]:
     """The modules ``spec`` hooks on this host's model (optionally only some of its parts), in order."""
     family = host.family
-    parts = spec.parts if parts is None else check_parts(parts, family.parts)
+    if parts is None:  # the preset whole: the parts this model has (SD 1.x / 2.x lack SDXL's text_encoder_2)
+        parts = tuple(part for part in spec.parts if host.has_part(part)) or spec.parts
+    else:
+        parts = check_parts(parts, family.parts)
     selected: dict[str, nn.Module] = {}
     for part in parts:
         if part not in spec.patterns:

@@ -96,6 +96,9 @@ class DiffusersFitHost:
     def part_modules(self, part: str) -> Mapping[str, nn.Module]:
         return self.pipe.act_modules([part])
 
+    def has_part(self, part: str) -> bool:
+        return getattr(self.pipe, part, None) is not None
+
     def dead_modules(self, part: str) -> tuple[str, ...]:
         config = getattr(getattr(self.pipe, part, None), "config", None)
         layers = int(getattr(config, "num_hidden_layers", 0) or 0)
