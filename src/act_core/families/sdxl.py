@@ -1,4 +1,4 @@
-"""Stable Diffusion XL (and SD 1.x): parts, presets, and module names in diffusers, ComfyUI and LoRAs.
+"""Stable Diffusion XL, SD 1.x and SD 2.x: parts, presets, and module names in diffusers, ComfyUI and LoRAs.
 
 A canonical module name is ``<part>.<path>``; part is ``unet``, ``text_encoder`` or ``text_encoder_2``
 and path the diffusers / Hugging Face module path, with the text encoders always written with their
@@ -13,6 +13,14 @@ ComfyUI names the same modules ``diffusion_model.<LDM path>``, ``clip_l.transfor
 ``clip_g.transformer.text_model...``. The UNet's diffusers <-> LDM path table comes from ComfyUI at run
 time (``comfy.utils.unet_to_diffusers(unet_config)``, parameter keys); ``unet_module_table`` turns it
 into a module table. Nothing here imports ComfyUI or diffusers.
+
+SD 1.x and 2.x are this family: diffusers' ``StableDiffusionPipeline`` has the same ``UNet2DConditionModel``,
+ComfyUI's SD15 / SD20 ``BaseModel`` the same ``UNetModel``, and the UNet's names come from the same table. They
+have one CLIP encoder (``text_encoder``; ComfyUI's SD1 CLIP holds it as ``clip_l``), no pooled vector and no
+``text_encoder_2``: a preset fitted whole hooks the parts the model has. SD 1.x reads the last layer's
+normalised output, and diffusers' SD 2.x encoder ends at OpenCLIP-H's penultimate layer, so nothing is dead.
+ComfyUI's SD 2.x CLIP holds OpenCLIP-H as ``clip_h`` (all 24 layers, read at the penultimate), which is not
+named here: SD 2.x text-encoder maps are diffusers-only (its UNet maps work in both hosts and fold).
 """
 
 from __future__ import annotations
@@ -223,7 +231,7 @@ def comfy_clip_key(name: str) -> str:
 
 SDXL = ModelFamily(
     name="sdxl",
-    display_name="SDXL",
+    display_name="SDXL / SD 1.x / SD 2.x",  # one family: the same UNet classes in both hosts
     parts=PARTS,
     denoiser=UNET,
     presets=PRESETS,
