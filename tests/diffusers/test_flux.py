@@ -2,27 +2,22 @@
 
 from __future__ import annotations
 
-import numpy as np
+import family_checks as fc
 import pytest
 import torch
+from family_checks import SOURCE, TARGET
 from tiny_flux import MAX_SEQUENCE_LENGTH, build_tiny_flux
 
 from act_core import ACTMap
 from act_core.diffusers import act_pipeline
 from act_core.errors import ACTInputError
 
-SOURCE = [f"a red circle number {i}" for i in range(6)]
-TARGET = [f"a blue square, striped, number {i}" for i in range(6)]
 SAMPLING = {"num_inference_steps": 3, "height": 32, "width": 32, "max_sequence_length": MAX_SEQUENCE_LENGTH}
 
 
 @pytest.fixture(scope="module")
 def pipe(tmp_path_factory):
-    base = build_tiny_flux(tmp_path_factory.mktemp("tiny_flux"))
-    base.set_progress_bar_config(disable=True)
-    wrapped = act_pipeline(base)
-    yield wrapped
-    wrapped.disable_act()
+    yield from fc.act_pipe(build_tiny_flux(tmp_path_factory.mktemp("tiny_flux")))
 
 
 @pytest.fixture(scope="module")
@@ -67,13 +62,9 @@ def test_default_preset_hooks_the_pooled_text_and_every_block_stream_along_the_t
 
 def test_lambda_zero_is_exact_one_steers_disable_restores(pipe, block_map, tmp_path):
     for steps in (3, 5):
-        base = generate(pipe, steps)
-        pipe.enable_act(block_map, strength=0.0)
-        assert np.array_equal(generate(pipe, steps), base)
-        pipe.set_act_strength(1.0)
-        assert np.abs(generate(pipe, steps) - base).max() > 1e-3
-        pipe.disable_act()
-        assert np.array_equal(generate(pipe, steps), base)
+        fc.check_zero_is_exact_one_steers_disable_restores(
+            pipe, block_map, lambda pipe, steps=steps: generate(pipe, steps)
+        )
     loaded = ACTMap.load(block_map.save(tmp_path / "flux.safetensors"))
     assert loaded.equal(block_map)
 
@@ -90,10 +81,7 @@ def test_norm_and_text_encoder_presets(pipe):
         handle.remove()
     assert calls == [] and text.parts() == ["text_encoder", "text_encoder_2"]
     assert any(name.startswith("text_encoder_2.encoder.block.") for name in text.modules)
-    base = generate(pipe)
-    pipe.enable_act(text, strength=1.0)
-    assert np.abs(generate(pipe) - base).max() > 1e-3
-    pipe.disable_act()
+    fc.check_the_map_steers(pipe, text, generate)
 
 
 def test_flux_maps_do_not_fold_and_refuse_clearly(pipe, block_map, tmp_path):
@@ -111,8 +99,7 @@ def test_cli_fits_a_flux_folder_with_the_flux_default(tmp_path, capsys):
 
     build_tiny_flux(tmp_path / "flux")
     common = ["fit", "--model", str(tmp_path / "flux"), "--steps", "2", "--height", "32", "--width", "32"]
-    prompts = ["--source-prompt", "a red circle", "--source-prompt", "a blue circle"]
-    prompts += ["--target-prompt", "a red square", "--target-prompt", "a blue square"]
+    prompts = fc.CLI_PROMPTS
     out = tmp_path / "map.safetensors"
     assert main([*common, *prompts, "--max-sequence-length", "16", "--output", str(out), "-q"]) == 0
     fitted = ACTMap.load(out)
@@ -135,20 +122,12 @@ def test_flux_dev_style_guidance_embedding_fits_and_steers(tmp_path):
     assert "transformer.time_text_embed.text_embedder" in act_map.modules
     assert act_map.metadata["sampling"]["guidance_scale"] == 3.5 and len(act_map.buckets) == 3
 
-    def image():
-        return dev(
+    def image(pipe):
+        return pipe(
             "a red circle",
             generator=torch.Generator().manual_seed(0),
             output_type="np",
             **settings,
         ).images
 
-    plain = image()
-    dev.enable_act(act_map, strength=0.0)
-    at_zero = image()
-    dev.set_act_strength(1.0)
-    steered = image()
-    dev.disable_act()
-    assert np.array_equal(at_zero, plain)
-    assert np.abs(steered - plain).max() > 1e-3
-    assert np.array_equal(image(), plain)
+    fc.check_zero_is_exact_one_steers_disable_restores(dev, act_map, image)

@@ -3,40 +3,30 @@ built offline: one CLIP text encoder, no pooled route (``tests/tiny_sd15.py``)."
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 
+import family_checks as fc
 import numpy as np
 import pytest
 import torch
+from family_checks import SOURCE, TARGET
 from safetensors.torch import load_file
 from tiny_sd15 import build_tiny_sd2, build_tiny_sd15
 
 from act_core import ACTMap
-from act_core.diffusers import act_pipeline
 
-SOURCE = [f"a red circle number {i}" for i in range(6)]
-TARGET = [f"a blue square, striped, number {i}" for i in range(6)]
 SAMPLING = {"num_inference_steps": 3, "height": 32, "width": 32}
 BUILDERS = {"sd15": build_tiny_sd15, "sd2": build_tiny_sd2}
 
 
 @pytest.fixture(scope="module", params=list(BUILDERS))
 def pipe(request, tmp_path_factory):
-    base = BUILDERS[request.param](tmp_path_factory.mktemp(f"tiny_{request.param}"))
-    base.set_progress_bar_config(disable=True)
-    wrapped = act_pipeline(base)
-    yield wrapped
-    wrapped.disable_act()
+    yield from fc.act_pipe(BUILDERS[request.param](tmp_path_factory.mktemp(f"tiny_{request.param}")))
 
 
 @pytest.fixture(scope="module")
 def sd15(tmp_path_factory):
-    base = build_tiny_sd15(tmp_path_factory.mktemp("tiny_sd15_only"))
-    base.set_progress_bar_config(disable=True)
-    wrapped = act_pipeline(base)
-    yield wrapped
-    wrapped.disable_act()
+    yield from fc.act_pipe(build_tiny_sd15(tmp_path_factory.mktemp("tiny_sd15_only")))
 
 
 def fit(pipe, **options):
@@ -90,48 +80,25 @@ def test_the_fitting_rows_follow_the_pipelines_own_trajectory(pipe, monkeypatch,
     import act_core.diffusers.adapter as shared
     import act_core.diffusers.sdxl as adapter
     from act_core.sampling import SamplingSettings
-    from act_core.workflow import TrajectoryRun
 
-    class PlainSession:  # records nothing, transports nothing
-        replayed, current_level = True, None
-
-        @contextlib.contextmanager
-        def call(self, level, *, source, target):
-            yield
-
-    ends = []
-    follow = shared.follow_trajectory
-    monkeypatch.setattr(shared, "follow_trajectory", lambda *a, **k: ends.append(follow(*a, **k)))
-    prompts = ["a red circle", "a blue square, striped"]
     settings = SamplingSettings(3, guidance, 32, 32, negative)
-    run = TrajectoryRun(PlainSession(), prompts, prompts, 7, "steered", False, 2, lambda *a: None)
-    adapter.run_trajectory(pipe, run, settings)
-    for i, prompt in enumerate(prompts):
-        expected = generate(
-            pipe, prompt, seed=7 + i, guidance_scale=guidance, negative_prompt=negative, output_type="latent"
+
+    def expected(seed, prompt):
+        return generate(
+            pipe, prompt, seed=seed, guidance_scale=guidance, negative_prompt=negative, output_type="latent"
         )
-        torch.testing.assert_close(ends[0][i : i + 1], expected, rtol=1e-4, atol=1e-5)
+
+    fc.check_rows_follow_the_pipeline(
+        monkeypatch, shared, lambda run: adapter.run_trajectory(pipe, run, settings), expected
+    )
 
 
 def test_lambda_zero_is_exact_one_steers_disable_restores_and_the_file_round_trips(
     pipe, default_map, tmp_path
 ):
-    plain = generate(pipe)
-    pipe.enable_act(default_map, strength=0.0)
-    at_zero = generate(pipe)
-    pipe.set_act_strength(1.0)
-    steered = generate(pipe)
-    pipe.disable_act()
-    assert np.array_equal(at_zero, plain)
-    assert np.abs(steered - plain).max() > 1e-3
-    assert np.array_equal(generate(pipe), plain)
-    loaded = ACTMap.load(default_map.save(tmp_path / "sd.safetensors"))
-    assert loaded.equal(default_map)
-    pipe.enable_act(loaded, strength=1.0)
-    try:
-        assert np.array_equal(generate(pipe), steered)
-    finally:
-        pipe.disable_act()
+    fc.check_lambda_zero_exact_one_steers_disable_restores_and_the_file_round_trips(
+        pipe, default_map, generate, tmp_path / "sd.safetensors"
+    )
 
 
 def test_the_foldable_map_fuses_into_the_weights_as_its_hooks_steer(pipe):
@@ -163,12 +130,7 @@ def test_text_encoder_presets_fit_the_one_encoder(sd15, tmp_path):
     assert "text_encoder.text_model.encoder.layers.3.layer_norm2" in text.modules
     both = fit(sd15, preset="text_encoder_and_unet_norms")
     assert both.parts() == ["text_encoder", "unet"]
-    plain = generate(sd15)
-    sd15.enable_act(text, strength=1.0)
-    try:
-        assert np.abs(generate(sd15) - plain).max() > 1e-3
-    finally:
-        sd15.disable_act()
+    fc.check_the_map_steers(sd15, text, generate)
     # unbounded text-encoder maps fold: the LoRA keys are ComfyUI's SD1 CLIP's (clip_l)
     path = export_lora(text, sd15, tmp_path / "text_lora.safetensors", strength=1.0, dtype="fp32")
     keys = set(load_file(str(path)))
@@ -186,21 +148,15 @@ def test_cli_fits_exports_and_describes_a_sd15_folder(tmp_path, capsys):
     folder = tmp_path / "sd15"
     build_tiny_sd15(folder)
     fast = ["--steps", "2", "--height", "32", "--width", "32"]
-    prompts = ["--source-prompt", "a red circle", "--source-prompt", "a blue circle"]
-    prompts += ["--target-prompt", "a red square", "--target-prompt", "a blue square"]
     maps = {}
     for preset in ("default", "unet_norms_foldable"):
         maps[preset] = tmp_path / f"{preset}.safetensors"
-        argv = ["fit", "-q", "--model", str(folder), *fast, *prompts, "--output", str(maps[preset])]
+        argv = ["fit", "-q", "--model", str(folder), *fast, *fc.CLI_PROMPTS, "--output", str(maps[preset])]
         argv += [] if preset == "default" else ["--preset", preset]
         assert main(argv) == 0, capsys.readouterr().err
-    fitted = ACTMap.load(maps["default"])
-    assert fitted.metadata["family"] == "sdxl" and fitted.metadata["preset"] == "unet_norms"
-    assert fitted.metadata["model"] == "StableDiffusionPipeline" and len(fitted.buckets) == 2
-    capsys.readouterr()
-    assert main(["info", str(maps["default"])]) == 0
-    info = capsys.readouterr().out
-    assert "model: StableDiffusionPipeline" in info and "cfg_rows: cond" in info and "buckets: 2" in info
+    model = "StableDiffusionPipeline"
+    fc.check_cli_fitted_map(maps["default"], family="sdxl", preset="unet_norms", model=model)
+    fc.check_cli_info(capsys, maps["default"], model=model, cfg_rows="cond")
     lora = tmp_path / "lora.safetensors"
     argv = ["export-lora", "-q", "--model", str(folder), "--map", str(maps["unet_norms_foldable"])]
     assert main([*argv, "--output", str(lora), "--dtype", "fp32"]) == 0, capsys.readouterr().err

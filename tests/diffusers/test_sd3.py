@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import numpy as np
+import family_checks as fc
 import pytest
 import torch
 from tiny_sd3 import build_tiny_sd3
 
 from act_core import ACTMap
-from act_core.diffusers import act_pipeline
-from act_core.errors import ACTInputError
 
-SOURCE = [f"a red circle number {i}" for i in range(6)]
-TARGET = [f"a blue square, striped, number {i}" for i in range(6)]
 SAMPLING = {
     "num_inference_steps": 3,
     "height": 32,
@@ -24,17 +20,12 @@ SAMPLING = {
 
 @pytest.fixture(scope="module")
 def pipe(tmp_path_factory):
-    base = build_tiny_sd3(tmp_path_factory.mktemp("tiny_sd3"))
-    base.set_progress_bar_config(disable=True)
-    wrapped = act_pipeline(base)
-    yield wrapped
-    wrapped.disable_act()
+    yield from fc.act_pipe(build_tiny_sd3(tmp_path_factory.mktemp("tiny_sd3")))
 
 
 @pytest.fixture(scope="module")
 def sd3_map(pipe):
-    with pytest.warns(Warning):  # the tests' tokenizer does not know these words
-        return pipe.fit_act(SOURCE, TARGET, progress=False, **SAMPLING)
+    return fc.fit_warned(pipe, SAMPLING)  # warns: the tests' tokenizer does not know these words
 
 
 def generate(pipe, seed=0):
@@ -66,38 +57,16 @@ def test_default_preset_hooks_the_pooled_text_and_every_block_stream_along_the_g
 
 
 def test_lambda_zero_is_exact_one_steers_disable_restores_and_the_file_round_trips(pipe, sd3_map, tmp_path):
-    plain = generate(pipe)
-    pipe.enable_act(sd3_map, strength=0.0)
-    at_zero = generate(pipe)
-    pipe.set_act_strength(1.0)
-    steered = generate(pipe)
-    pipe.disable_act()
-    assert np.array_equal(at_zero, plain)
-    assert np.abs(steered - plain).max() > 1e-3
-    assert np.array_equal(generate(pipe), plain)
-    path = tmp_path / "sd3.safetensors"
-    sd3_map.save(path)
-    loaded = ACTMap.load(path)
-    pipe.enable_act(loaded, strength=1.0)
-    try:
-        assert np.array_equal(generate(pipe), steered)
-    finally:
-        pipe.disable_act()
+    fc.check_lambda_zero_exact_one_steers_disable_restores_and_the_file_round_trips(
+        pipe, sd3_map, generate, tmp_path / "sd3.safetensors"
+    )
 
 
 def test_the_reference_style_preset_and_clear_refusals(pipe, sd3_map, tmp_path):
-    from act_core.lora import export_lora
-
-    with pytest.warns(Warning):
-        blocks = pipe.fit_act(SOURCE, TARGET, preset="transformer_blocks", progress=False, **SAMPLING)
+    blocks = fc.fit_warned(pipe, SAMPLING, preset="transformer_blocks")
     assert "transformer.time_text_embed.text_embedder" not in blocks.modules and len(blocks) == 5
-    with pytest.raises(ACTInputError, match="Unknown ACT preset 'unet_norms' for sd3"):
-        pipe.fit_act(SOURCE, TARGET, preset="unet_norms", progress=False, **SAMPLING)
-    with pytest.raises(ACTInputError, match="time-aware map .* cannot be folded"):
-        pipe.fuse_act(sd3_map)
-    assert pipe.act_map is None
-    with pytest.raises(ACTInputError, match="SD3 maps do not fold.*LoRA"):
-        export_lora(sd3_map, pipe, tmp_path / "x.safetensors")
+    fc.check_unknown_preset_refused(pipe, "unet_norms", "sd3", SAMPLING)
+    fc.check_maps_do_not_fold(pipe, sd3_map, tmp_path, "SD3")
 
 
 def test_cli_fits_an_sd3_folder_with_the_sd3_default(tmp_path, capsys):
@@ -106,8 +75,7 @@ def test_cli_fits_an_sd3_folder_with_the_sd3_default(tmp_path, capsys):
     build_tiny_sd3(tmp_path / "sd3")
     out = tmp_path / "map.safetensors"
     args = ["fit", "--model", str(tmp_path / "sd3"), "--steps", "2", "--height", "32", "--width", "32"]
-    args += ["--guidance", "4", "--source-prompt", "a red circle", "--source-prompt", "a blue circle"]
-    args += ["--target-prompt", "a red square", "--target-prompt", "a blue square"]
+    args += ["--guidance", "4", *fc.CLI_PROMPTS]
     assert main([*args, "--max-sequence-length", "16", "--output", str(out), "-q"]) == 0
     assert "act fit: warning: The tokenizer does not know" in capsys.readouterr().err
     fitted = ACTMap.load(out)
