@@ -6,6 +6,7 @@ COMFYUI_PATH)."""
 
 from __future__ import annotations
 
+import comfy_family_checks as cfc
 import comfy_support as cs  # noqa: E402
 import pytest
 import torch
@@ -23,11 +24,8 @@ PRESETS = ["transformer_blocks", "transformer_norms"]
 def chroma(comfyui, tmp_path_factory):  # noqa: F811
     import comfy_chroma
 
-    from act_core.diffusers import act_pipeline
-
-    pipe = act_pipeline(comfy_chroma.build_chroma_pipeline(tmp_path_factory.mktemp("tiny_chroma_comfy")))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe, comfy_chroma.load_chroma_transformer(pipe.transformer)
+    base = comfy_chroma.build_chroma_pipeline(tmp_path_factory.mktemp("tiny_chroma_comfy"))
+    return cfc.act_pipe_and_comfy_model(base, comfy_chroma.load_chroma_transformer)
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +41,6 @@ def nodes_pack(comfyui):  # noqa: F811
 
 
 def diffusers_fit(pipe, preset, **options):
-    import warnings
-
     from comfy_chroma import MAX_SEQUENCE_LENGTH
 
     sampling = {
@@ -54,9 +50,7 @@ def diffusers_fit(pipe, preset, **options):
         "guidance_scale": 4.0,
         "max_sequence_length": MAX_SEQUENCE_LENGTH,
     }
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the tests' tokenizer does not know these words
-        return pipe.fit_act(SOURCE, TARGET, preset=preset, progress=False, **sampling, **options)
+    return cfc.fit_quietly(pipe, SOURCE, TARGET, {preset: options}, **sampling)[preset]
 
 
 @pytest.fixture(scope="module")
@@ -100,24 +94,13 @@ def diffusers_velocity(pipe, inputs, sigma: float) -> torch.Tensor:
 
 def comfy_velocity(patcher, inputs, sigma: float) -> torch.Tensor:
     """ComfyUI's Chroma output for the same inputs, called as its samplers call it (wrappers, sigmas)."""
-    import comfy.model_management as mm
-    import comfy.patcher_extension
-
-    mm.load_models_gpu([patcher])  # patches this clone in (its ACT hooks are injected on load)
-    options = {
-        "wrappers": comfy.patcher_extension.copy_nested_dicts(patcher.wrappers),
-        "sigmas": torch.tensor([sigma]),
-        "cond_or_uncond": [0],
-    }
-    with torch.no_grad():
-        denoised = patcher.model.apply_model(
-            inputs["x"],
-            torch.tensor([sigma]),
-            c_crossattn=inputs["context"],
-            guidance=torch.tensor([0.0]),  # what ComfyUI's Chroma passes (extra_conds)
-            transformer_options=options,
-        )
-    return (inputs["x"] - denoised) / sigma  # ComfyUI's flow models return x - sigma * velocity
+    return cfc.comfy_velocity(
+        patcher,
+        inputs["x"],
+        sigma,
+        c_crossattn=inputs["context"],
+        guidance=torch.tensor([0.0]),  # what ComfyUI's Chroma passes (extra_conds)
+    )
 
 
 def test_comfyui_finds_chroma_and_not_flux_and_names_its_modules_as_diffusers(chroma, tmp_path):
@@ -141,13 +124,7 @@ def test_comfyui_finds_chroma_and_not_flux_and_names_its_modules_as_diffusers(ch
 
 def test_comfyui_chroma_is_the_same_model(chroma, inputs):
     pipe, model = chroma
-    for sigma in (1.0, 0.55):
-        torch.testing.assert_close(
-            comfy_velocity(model, inputs, sigma),
-            diffusers_velocity(pipe, inputs, sigma),
-            rtol=1e-4,
-            atol=1e-4,
-        )
+    cfc.check_same_model(pipe, model, inputs, comfy_velocity, diffusers_velocity)
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -157,42 +134,14 @@ def test_a_diffusers_fitted_chroma_map_steers_comfyui_chroma_as_diffusers(
     pipe, model = chroma
     act_map = chroma_maps[preset]
     assert act_map.metadata["family"] == "chroma" and len(act_map.buckets) == 3
-    sigma = 0.55  # between two of the map's noise levels: both hosts interpolate the same way
-    plain = comfy_velocity(model, inputs, sigma)
-    steered_model, _ = nodes_pack["ACTApply"].apply(model, None, act_map, 1.0)
-    steered = comfy_velocity(steered_model, inputs, sigma)
-    pipe.enable_act(act_map, strength=1.0)
-    try:
-        expected = diffusers_velocity(pipe, inputs, sigma)
-    finally:
-        pipe.disable_act()
-    assert (steered - plain).abs().max() > 1e-3
-    torch.testing.assert_close(steered, expected, rtol=1e-4, atol=1e-4)
-    # The input MODEL is untouched: loading it again gives the plain output, with no ACT hooks left.
-    torch.testing.assert_close(comfy_velocity(model, inputs, sigma), plain, rtol=0, atol=0)
-    assert not [n for n, m in model.model.diffusion_model.named_modules() if hasattr(m, "_act_handle")]
+    cfc.check_a_diffusers_map_steers_comfyui_as_diffusers(
+        nodes_pack["ACTApply"].apply, pipe, model, act_map, inputs, comfy_velocity, diffusers_velocity
+    )
 
 
 def fit_chroma(nodes_pack, model, clip, preset="default", **options):
     """The Fit ACT map node on a Chroma MODEL: 4 prompt pairs, 3 steps, cfg 4 (Chroma runs real CFG)."""
-    return nodes_pack["ACTFitMap"].fit(
-        model,
-        clip,
-        source_prompts="\n".join(SOURCE),
-        target_prompts="\n".join(TARGET),
-        preset=preset,
-        parts="",
-        method="linear",
-        support="auto",
-        mode="preset",
-        fit_seed=0,
-        width=64,
-        height=64,
-        steps=3,
-        batch_size=4,
-        cfg=4.0,
-        **options,
-    )[0]
+    return cfc.fit_node(nodes_pack, model, clip, SOURCE, TARGET, preset=preset, cfg=4.0, **options)[0]
 
 
 def test_the_fit_node_fits_on_comfyui_chroma_and_the_map_steers_ksampler_and_diffusers(
@@ -207,27 +156,15 @@ def test_the_fit_node_fits_on_comfyui_chroma_and_the_map_steers_ksampler_and_dif
     assert meta["cfg_rows"] == "cond" and len(act_map.buckets) == 3
     assert set(act_map.modules) == set(pipe.act_preset_modules("transformer_blocks"))
 
-    def sample(patcher):
+    def sample(patcher, _clip):  # the transformer map's CLIP is the input one
         return cs.sample_tiny(
             patcher, chroma_clip, "a red circle number 9", seed=3, steps=3, cfg=4.0, size=(8, 8)
         )
 
-    caplog.set_level("INFO", logger="ComfyUI-ACT")
-    plain = sample(model)
-    at_zero, _ = nodes_pack["ACTApply"].apply(model, chroma_clip, act_map, 0.0)
-    caplog.clear()
-    steered, _ = nodes_pack["ACTApply"].apply(model, chroma_clip, act_map, 1.0)
-    assert torch.equal(sample(at_zero), plain)
-    assert (sample(steered) - plain).abs().max() > 1e-3
-    torch.testing.assert_close(sample(model), plain, rtol=0, atol=0)  # the input MODEL is untouched
-    assert "ACT applied" in caplog.text and "left out" not in caplog.text
+    apply = nodes_pack["ACTApply"].apply
+    cfc.check_the_map_steers_ksampler(apply, model, chroma_clip, act_map, sample, caplog)
     # Portable: the ComfyUI-fitted map steers the diffusers Chroma transformer, every module matched.
-    pipe.enable_act(act_map, strength=1.0)
-    try:
-        moved = diffusers_velocity(pipe, inputs, 0.55)
-    finally:
-        pipe.disable_act()
-    assert (moved - diffusers_velocity(pipe, inputs, 0.55)).abs().max() > 1e-3
+    cfc.check_a_comfyui_map_steers_diffusers(pipe, act_map, inputs, diffusers_velocity)
 
 
 def test_chroma_text_encoder_maps_are_portable_both_ways(nodes_pack, chroma, chroma_clip, caplog):
@@ -257,7 +194,7 @@ def test_flux_and_chroma_maps_are_refused_on_each_other(nodes_pack, chroma, chro
     import comfy_flux
     from tiny_flux import build_tiny_flux
 
-    from act_core.errors import ACTInputError, ACTModelMismatchError
+    from act_core.errors import ACTModelMismatchError
     from act_core.families.flux import FLUX
 
     _, model = chroma
@@ -269,5 +206,4 @@ def test_flux_and_chroma_maps_are_refused_on_each_other(nodes_pack, chroma, chro
     flux_map = chroma_map.with_metadata({"family": FLUX.name})
     with pytest.raises(ACTModelMismatchError, match="FLUX.1 model.*this MODEL is Chroma"):
         nodes_pack["ACTApply"].apply(model, None, flux_map, 1.0)
-    with pytest.raises(ACTInputError, match="LoRA"):
-        nodes_pack["ACTExportLoRA"].export(model, None, chroma_map, "chroma_map", "fp32", False)
+    cfc.check_no_lora_export(nodes_pack["ACTExportLoRA"].export, model, chroma_map, "chroma_map")

@@ -3,6 +3,7 @@ the diffusers transformer (skipped without COMFYUI_PATH)."""
 
 from __future__ import annotations
 
+import comfy_family_checks as cfc
 import comfy_support as cs  # noqa: E402
 import pytest
 import torch
@@ -20,17 +21,12 @@ LATENT = (1, 4, 8, 8)  # ComfyUI's FLUX latent (4 channels for the tiny VAE), 2x
 def flux(comfyui, tmp_path_factory):  # noqa: F811
     import comfy_flux
 
-    from act_core.diffusers import act_pipeline
-
-    pipe = act_pipeline(build_tiny_flux(tmp_path_factory.mktemp("tiny_flux")))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe, comfy_flux.load_flux_transformer(pipe.transformer)
+    base = build_tiny_flux(tmp_path_factory.mktemp("tiny_flux"))
+    return cfc.act_pipe_and_comfy_model(base, comfy_flux.load_flux_transformer)
 
 
 @pytest.fixture(scope="module")
 def flux_maps(flux):
-    import warnings
-
     pipe, _ = flux
     sampling = {
         "num_inference_steps": 3,
@@ -38,12 +34,8 @@ def flux_maps(flux):
         "width": 32,
         "max_sequence_length": MAX_SEQUENCE_LENGTH,
     }
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the tests' tokenizer does not know these words
-        return {
-            preset: pipe.fit_act(SOURCE, TARGET, preset=preset, progress=False, **sampling)
-            for preset in ("pooled_text_and_blocks", "transformer_blocks", "transformer_norms")
-        }
+    presets = ("pooled_text_and_blocks", "transformer_blocks", "transformer_norms")
+    return cfc.fit_quietly(pipe, SOURCE, TARGET, presets, **sampling)
 
 
 @pytest.fixture(scope="module")
@@ -78,32 +70,12 @@ def diffusers_velocity(pipe, inputs, sigma: float) -> torch.Tensor:
 
 def comfy_velocity(patcher, inputs, sigma: float) -> torch.Tensor:
     """ComfyUI's FLUX output for the same inputs, called as its samplers call it (wrappers, sigmas)."""
-    import comfy.model_management as mm
-    import comfy.patcher_extension
-
-    mm.load_models_gpu([patcher])  # patches this clone in (its ACT hooks are injected on load)
-    options = {
-        "wrappers": comfy.patcher_extension.copy_nested_dicts(patcher.wrappers),
-        "sigmas": torch.tensor([sigma]),
-        "cond_or_uncond": [0],
-    }
-    t = torch.tensor([sigma])
-    with torch.no_grad():
-        denoised = patcher.model.apply_model(
-            inputs["x"], t, c_crossattn=inputs["context"], y=inputs["pooled"], transformer_options=options
-        )
-    return (inputs["x"] - denoised) / sigma  # ComfyUI's flow models return x - sigma * velocity
+    return cfc.comfy_velocity(patcher, inputs["x"], sigma, c_crossattn=inputs["context"], y=inputs["pooled"])
 
 
 def test_comfyui_flux_is_the_same_model(flux, inputs):
     pipe, model = flux
-    for sigma in (1.0, 0.55):
-        torch.testing.assert_close(
-            comfy_velocity(model, inputs, sigma),
-            diffusers_velocity(pipe, inputs, sigma),
-            rtol=1e-4,
-            atol=1e-4,
-        )
+    cfc.check_same_model(pipe, model, inputs, comfy_velocity, diffusers_velocity)
 
 
 @pytest.mark.parametrize("preset", ["pooled_text_and_blocks", "transformer_blocks", "transformer_norms"])
@@ -113,21 +85,9 @@ def test_a_diffusers_fitted_flux_map_steers_comfyui_flux_as_diffusers(
     pipe, model = flux
     act_map = flux_maps[preset]
     assert len(act_map.buckets) == 3
-    sigma = 0.55  # between two of the map's noise levels: both hosts interpolate the same way
-    plain = comfy_velocity(model, inputs, sigma)
-    steered_model, _ = nodes_pack["ACTApply"].apply(model, None, act_map, 1.0)
-    steered = comfy_velocity(steered_model, inputs, sigma)
-    pipe.enable_act(act_map, strength=1.0)
-    try:
-        expected = diffusers_velocity(pipe, inputs, sigma)
-    finally:
-        pipe.disable_act()
-    assert (steered - plain).abs().max() > 1e-3
-    torch.testing.assert_close(steered, expected, rtol=1e-4, atol=1e-4)
-    # The input MODEL is untouched: loading it again gives the plain output, with no ACT hooks left.
-    torch.testing.assert_close(comfy_velocity(model, inputs, sigma), plain, rtol=0, atol=0)
-    hooked = [n for n, m in model.model.diffusion_model.named_modules() if hasattr(m, "_act_handle")]
-    assert hooked == []
+    cfc.check_a_diffusers_map_steers_comfyui_as_diffusers(
+        nodes_pack["ACTApply"].apply, pipe, model, act_map, inputs, comfy_velocity, diffusers_velocity
+    )
 
 
 def test_strength_zero_adds_nothing_and_wrong_family_maps_are_refused(
@@ -144,32 +104,14 @@ def test_strength_zero_adds_nothing_and_wrong_family_maps_are_refused(
         nodes_pack["ACTApply"].apply(tiny_sdxl, tiny_clip, act_map, 1.0)
     with pytest.raises(ACTModelMismatchError, match="does not fit this CLIP"):  # not a FLUX CLIP: no T5
         nodes_pack["ACTApply"].apply(None, tiny_clip, flux_text_map, 1.0)
-    with pytest.raises(ACTInputError, match="LoRA"):
-        nodes_pack["ACTExportLoRA"].export(model, None, act_map, "flux_map", "fp32", False)
+    cfc.check_no_lora_export(nodes_pack["ACTExportLoRA"].export, model, act_map, "flux_map")
     with pytest.raises(ACTInputError, match="not a FLUX preset.*pooled_text_and_blocks"):
         fit_flux(nodes_pack, model, None, preset="unet_norms")
 
 
 def fit_flux(nodes_pack, model, clip, preset="pooled_text_and_blocks", **options):
     """The Fit ACT map node on a FLUX MODEL: 4 prompt pairs, 3 steps, cfg 1 (FLUX.1 runs no CFG batch)."""
-    return nodes_pack["ACTFitMap"].fit(
-        model,
-        clip,
-        source_prompts="\n".join(f"a red circle number {i}" for i in range(4)),
-        target_prompts="\n".join(f"a blue square, striped, number {i}" for i in range(4)),
-        preset=preset,
-        parts="",
-        method="linear",
-        support="auto",
-        mode="preset",
-        fit_seed=0,
-        width=64,
-        height=64,
-        steps=3,
-        batch_size=4,
-        cfg=1.0,
-        **options,
-    )[0]
+    return cfc.fit_node(nodes_pack, model, clip, SOURCE[:4], TARGET[:4], preset=preset, cfg=1.0, **options)[0]
 
 
 @pytest.fixture(scope="module")
@@ -193,27 +135,14 @@ def test_the_fit_node_fits_on_comfyui_flux_and_the_map_steers_ksampler_and_diffu
     assert act_map.metadata["preset"] == resolved
     assert set(act_map.modules) == set(pipe.act_preset_modules(resolved))  # diffusers' names, all of them
 
-    def sample(patcher):
+    def sample(patcher, _clip):  # the transformer map's CLIP is the input one
         return cs.sample_tiny(
             patcher, flux_clip, "a red circle number 9", seed=3, steps=3, cfg=1.0, size=(8, 8)
         )
 
-    caplog.set_level("INFO", logger="ComfyUI-ACT")
-    plain = sample(model)
-    at_zero, _ = nodes_pack["ACTApply"].apply(model, flux_clip, act_map, 0.0)
-    caplog.clear()  # strength 0 logs that it leaves the transformer out; strength 1 must hook all of it
-    steered, _ = nodes_pack["ACTApply"].apply(model, flux_clip, act_map, 1.0)
-    assert torch.equal(sample(at_zero), plain)
-    assert (sample(steered) - plain).abs().max() > 1e-3
-    torch.testing.assert_close(sample(model), plain, rtol=0, atol=0)  # the input MODEL is untouched
-    assert "ACT applied" in caplog.text and "left out" not in caplog.text  # every map module hooked
+    cfc.check_the_map_steers_ksampler(nodes_pack["ACTApply"].apply, model, flux_clip, act_map, sample, caplog)
     # Portable: the same map steers the diffusers FLUX transformer.
-    pipe.enable_act(act_map, strength=1.0)
-    try:
-        moved = diffusers_velocity(pipe, inputs, 0.55)
-    finally:
-        pipe.disable_act()
-    assert (moved - diffusers_velocity(pipe, inputs, 0.55)).abs().max() > 1e-3
+    cfc.check_a_comfyui_map_steers_diffusers(pipe, act_map, inputs, diffusers_velocity)
 
 
 @pytest.fixture(scope="module")
@@ -223,19 +152,10 @@ def nodes_pack(comfyui):  # noqa: F811
 
 @pytest.fixture(scope="module")
 def flux_text_map(flux):
-    import warnings
-
     pipe, _ = flux
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the tests' tokenizer does not know these words
-        return pipe.fit_act(
-            SOURCE,
-            TARGET,
-            preset="text_encoder_norms",
-            support="unbounded",
-            progress=False,
-            max_sequence_length=MAX_SEQUENCE_LENGTH,
-        )
+    presets = {"text_encoder_norms": {"support": "unbounded"}}
+    maps = cfc.fit_quietly(pipe, SOURCE, TARGET, presets, max_sequence_length=MAX_SEQUENCE_LENGTH)
+    return maps["text_encoder_norms"]
 
 
 def test_a_diffusers_fitted_flux_text_encoder_map_steers_comfyui_flux_clip_as_diffusers(

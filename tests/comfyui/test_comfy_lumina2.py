@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import warnings
 
+import comfy_family_checks as cfc
 import comfy_support as cs  # noqa: E402
 import pytest
 import torch
@@ -68,12 +69,7 @@ def clip(comfyui):  # noqa: F811
 @pytest.fixture(scope="module")
 def lumina_maps(lumina):
     pipe, _ = lumina
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the tests' tokenizer does not know these words
-        return {
-            preset: pipe.fit_act(SOURCE, TARGET, preset=preset, progress=False, **SAMPLING)
-            for preset in ("transformer_blocks", "transformer_norms")
-        }
+    return cfc.fit_quietly(pipe, SOURCE, TARGET, ("transformer_blocks", "transformer_norms"), **SAMPLING)
 
 
 @pytest.fixture(scope="module")
@@ -102,37 +98,9 @@ def diffusers_velocity(pipe, inputs, sigma: float) -> torch.Tensor:
 def comfy_velocity(patcher, inputs, sigma: float) -> torch.Tensor:
     """ComfyUI's NextDiT output for the same inputs, called as its samplers call it (wrappers, sigmas, the
     conditioning's token count)."""
-    import comfy.model_management as mm
-    import comfy.patcher_extension
-
-    mm.load_models_gpu([patcher])  # patches this clone in (its ACT hooks are injected on load)
-    options = {
-        "wrappers": comfy.patcher_extension.copy_nested_dicts(patcher.wrappers),
-        "sigmas": torch.tensor([sigma]),
-        "cond_or_uncond": [0],
-    }
-    with torch.no_grad():
-        denoised = patcher.model.apply_model(
-            inputs["x"],
-            torch.tensor([sigma]),
-            c_crossattn=inputs["context"],
-            num_tokens=TEXT_TOKENS,
-            transformer_options=options,
-        )
-    return (inputs["x"] - denoised) / sigma  # ComfyUI's flow models return x - sigma * velocity
-
-
-def steered_diffusers_velocity(pipe, act_map, inputs, sigma: float) -> torch.Tensor:
-    """The diffusers transformer with ``act_map`` at strength 1: outside a generation the gate is told the
-    pipeline does not guide, so every row is the prompt's (as ComfyUI's cond rows)."""
-    from act_core.diffusers import active_pipeline
-
-    pipe.enable_act(act_map, strength=1.0)
-    try:
-        with active_pipeline(pipe, cfg_batch=False):
-            return diffusers_velocity(pipe, inputs, sigma)
-    finally:
-        pipe.disable_act()
+    return cfc.comfy_velocity(
+        patcher, inputs["x"], sigma, c_crossattn=inputs["context"], num_tokens=TEXT_TOKENS
+    )
 
 
 def hooked(patcher) -> set[str]:
@@ -150,13 +118,7 @@ def test_comfyui_nextdit_is_the_same_model_with_the_same_module_names(lumina, in
     pipe, model = lumina
     assert type(model.model.diffusion_model).__name__ == "NextDiT"
     assert family_of_comfy_model(model.model.diffusion_model) is pipe.act_family
-    for sigma in (1.0, 0.55):
-        torch.testing.assert_close(
-            comfy_velocity(model, inputs, sigma),
-            diffusers_velocity(pipe, inputs, sigma),
-            rtol=1e-4,
-            atol=1e-4,
-        )
+    cfc.check_same_model(pipe, model, inputs, comfy_velocity, diffusers_velocity)
     # Every preset module of the diffusers transformer has a ComfyUI module of the same name, the same
     # weights where it has any (the norms), and the blocks' streams are whole blocks in both hosts.
     comfy_modules = comfy_transformer_modules(model.model.diffusion_model)
@@ -177,17 +139,20 @@ def test_a_diffusers_fitted_lumina2_map_steers_comfyui_nextdit_as_diffusers(
     pipe, model = lumina
     act_map = lumina_maps[preset]
     assert act_map.metadata["family"] == "lumina2" and len(act_map.buckets) == 3
-    sigma = 0.55  # between two of the map's noise levels: both hosts interpolate the same way
-    plain = comfy_velocity(model, inputs, sigma)
-    steered_model, _ = nodes_pack["ACTApply"].apply(model, None, act_map, 1.0)
-    steered = comfy_velocity(steered_model, inputs, sigma)
-    assert set(act_map.modules) <= hooked(model)  # every module of the map is matched and hooked
-    expected = steered_diffusers_velocity(pipe, act_map, inputs, sigma)
-    assert (steered - plain).abs().max() > 1e-3
-    torch.testing.assert_close(steered, expected, rtol=1e-4, atol=1e-4)
-    # The input MODEL is untouched: loading it again gives the plain output, with no ACT hooks left.
-    torch.testing.assert_close(comfy_velocity(model, inputs, sigma), plain, rtol=0, atol=0)
-    assert hooked(model) == set()
+    # every module of the map is matched and hooked; in diffusers outside a generation the gate is told the
+    # pipeline does not guide, so every row is the prompt's (as ComfyUI's cond rows)
+    cfc.check_a_diffusers_map_steers_comfyui_as_diffusers(
+        nodes_pack["ACTApply"].apply,
+        pipe,
+        model,
+        act_map,
+        inputs,
+        comfy_velocity,
+        diffusers_velocity,
+        prompt_rows=True,
+        hooked=hooked,
+        must_hook=act_map.modules,
+    )
 
 
 def fit_lumina(nodes_pack, model, clip, preset="default"):
@@ -195,23 +160,7 @@ def fit_lumina(nodes_pack, model, clip, preset="default"):
     Returns the map and the fit's warnings."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        out = nodes_pack["ACTFitMap"].fit(
-            model,
-            clip,
-            source_prompts="\n".join(SOURCE),
-            target_prompts="\n".join(TARGET),
-            preset=preset,
-            parts="",
-            method="linear",
-            support="auto",
-            mode="preset",
-            fit_seed=0,
-            width=64,
-            height=64,
-            steps=3,
-            batch_size=4,
-            cfg=4.0,
-        )
+        out = cfc.fit_node(nodes_pack, model, clip, SOURCE, TARGET, preset=preset, cfg=4.0)
     result = out["result"] if isinstance(out, dict) else out  # a node with warnings shows them in the UI
     return result[0], [str(w.message) for w in caught]
 
@@ -237,23 +186,17 @@ def test_the_fit_node_fits_on_comfyui_nextdit_and_the_map_steers_ksampler_and_di
     assert len(act_map.buckets) == 3 and len(meta["calibration_gains"]) == 3
     assert set(act_map.modules) == set(pipe.act_preset_modules())  # diffusers' names, all of them
 
-    def sample(patcher):
+    def sample(patcher, _clip):  # the transformer map's CLIP is the input one
         return comfy_lumina2.sample(patcher, clip, "a red circle number 9", seed=3)
 
-    caplog.set_level("INFO", logger="ComfyUI-ACT")
-    plain = sample(model)
-    at_zero, _ = nodes_pack["ACTApply"].apply(model, clip, act_map, 0.0)
-    caplog.clear()  # strength 0 logs that it leaves the transformer out; strength 1 must hook all of it
-    steered, _ = nodes_pack["ACTApply"].apply(model, clip, act_map, 1.0)
-    assert torch.equal(sample(at_zero), plain)
-    assert (sample(steered) - plain).abs().max() > 1e-3
-    torch.testing.assert_close(sample(model), plain, rtol=0, atol=0)  # the input MODEL is untouched
-    assert "ACT applied" in caplog.text and "left out" not in caplog.text  # every map module hooked
+    steered = cfc.check_the_map_steers_ksampler(
+        nodes_pack["ACTApply"].apply, model, clip, act_map, sample, caplog
+    )
     # Portable: the same map steers the diffusers twin exactly as it steers NextDiT.
-    sigma = 0.55
-    in_comfyui = comfy_velocity(steered, inputs, sigma)
-    in_diffusers = steered_diffusers_velocity(pipe, act_map, inputs, sigma)
-    assert (in_diffusers - diffusers_velocity(pipe, inputs, sigma)).abs().max() > 1e-3
+    in_comfyui = comfy_velocity(steered, inputs, cfc.SIGMA)
+    in_diffusers = cfc.check_a_comfyui_map_steers_diffusers(
+        pipe, act_map, inputs, diffusers_velocity, prompt_rows=True
+    )
     torch.testing.assert_close(in_comfyui, in_diffusers, rtol=1e-4, atol=1e-4)
 
 
@@ -298,10 +241,6 @@ def test_zimage_checkpoints_are_nextdit_models_which_the_lumina2_mapping_serves(
 
 
 def test_lumina2_maps_do_not_export_as_lora(nodes_pack, lumina, lumina_maps):
-    from act_core.errors import ACTInputError
-
     _, model = lumina
-    with pytest.raises(ACTInputError, match="LoRA"):
-        nodes_pack["ACTExportLoRA"].export(
-            model, None, lumina_maps["transformer_blocks"], "lumina_map", "fp32", False
-        )
+    export = nodes_pack["ACTExportLoRA"].export
+    cfc.check_no_lora_export(export, model, lumina_maps["transformer_blocks"], "lumina_map")

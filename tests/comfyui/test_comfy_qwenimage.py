@@ -4,6 +4,7 @@ every module matched, on a ComfyUI model with the diffusers transformer's weight
 
 from __future__ import annotations
 
+import comfy_family_checks as cfc
 import comfy_support as cs  # noqa: E402
 import pytest
 import torch
@@ -22,11 +23,8 @@ TEXT_TOKENS = 7
 def qwen(comfyui, tmp_path_factory):  # noqa: F811
     import comfy_qwenimage
 
-    from act_core.diffusers import act_pipeline
-
-    pipe = act_pipeline(build_tiny_qwenimage(tmp_path_factory.mktemp("tiny_qwenimage")))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe, comfy_qwenimage.load_qwenimage_transformer(pipe.transformer)
+    base = build_tiny_qwenimage(tmp_path_factory.mktemp("tiny_qwenimage"))
+    return cfc.act_pipe_and_comfy_model(base, comfy_qwenimage.load_qwenimage_transformer)
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +41,6 @@ def nodes_pack(comfyui):  # noqa: F811
 
 @pytest.fixture(scope="module")
 def qwen_maps(qwen):
-    import warnings
-
     pipe, _ = qwen
     sampling = {
         "num_inference_steps": 3,
@@ -53,12 +49,7 @@ def qwen_maps(qwen):
         "guidance_scale": 4.0,
         "negative_prompt": "",
     }
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the tests' tokenizer does not know these words
-        return {
-            preset: pipe.fit_act(SOURCE, TARGET, preset=preset, progress=False, **sampling)
-            for preset in ("transformer_blocks", "transformer_norms")
-        }
+    return cfc.fit_quietly(pipe, SOURCE, TARGET, ("transformer_blocks", "transformer_norms"), **sampling)
 
 
 @pytest.fixture(scope="module")
@@ -88,20 +79,7 @@ def diffusers_velocity(pipe, inputs, sigma: float) -> torch.Tensor:
 
 def comfy_velocity(patcher, inputs, sigma: float) -> torch.Tensor:
     """ComfyUI's Qwen-Image output for the same inputs, called as its samplers call it (wrappers, sigmas)."""
-    import comfy.model_management as mm
-    import comfy.patcher_extension
-
-    mm.load_models_gpu([patcher])  # patches this clone in (its ACT hooks are injected on load)
-    options = {
-        "wrappers": comfy.patcher_extension.copy_nested_dicts(patcher.wrappers),
-        "sigmas": torch.tensor([sigma]),
-        "cond_or_uncond": [0],
-    }
-    with torch.no_grad():
-        denoised = patcher.model.apply_model(
-            inputs["x"], torch.tensor([sigma]), c_crossattn=inputs["context"], transformer_options=options
-        )
-    return (inputs["x"] - denoised) / sigma  # ComfyUI's flow models return x - sigma * velocity
+    return cfc.comfy_velocity(patcher, inputs["x"], sigma, c_crossattn=inputs["context"])
 
 
 def hooked(patcher) -> set[str]:
@@ -120,13 +98,7 @@ def test_comfyui_qwenimage_is_the_same_model_with_the_same_module_names(qwen, in
 
     pipe, model = qwen
     assert family_of_comfy_model(model.model.diffusion_model) is pipe.act_family
-    for sigma in (1.0, 0.55):
-        torch.testing.assert_close(
-            comfy_velocity(model, inputs, sigma),
-            diffusers_velocity(pipe, inputs, sigma),
-            rtol=1e-4,
-            atol=1e-4,
-        )
+    cfc.check_same_model(pipe, model, inputs, comfy_velocity, diffusers_velocity)
     # Every preset module of the diffusers transformer has a ComfyUI module of the same name and kind.
     comfy_modules = comfy_transformer_modules(model.model.diffusion_model)
     for preset in pipe.act_family.presets:
@@ -142,26 +114,21 @@ def test_a_diffusers_fitted_qwenimage_map_steers_comfyui_as_diffusers(
     pipe, model = qwen
     act_map = qwen_maps[preset]
     assert len(act_map.buckets) == 3
-    sigma = 0.55  # between two of the map's noise levels: both hosts interpolate the same way
-    plain = comfy_velocity(model, inputs, sigma)
-    steered_model, _ = nodes_pack["ACTApply"].apply(model, None, act_map, 1.0)
-    steered = comfy_velocity(steered_model, inputs, sigma)
-    assert set(act_map.modules) <= hooked(model)  # every module of the map is matched and hooked
-    # The prompt's rows: ComfyUI's cond rows, diffusers' first call of a step (outside a generation, the gate
-    # needs to be told whether the pipeline guides: here it does not, so every row is the prompt's).
-    from act_core.diffusers import active_pipeline
-
-    pipe.enable_act(act_map, strength=1.0)
-    try:
-        with active_pipeline(pipe, cfg_batch=False):
-            expected = diffusers_velocity(pipe, inputs, sigma)
-    finally:
-        pipe.disable_act()
-    assert (steered - plain).abs().max() > 1e-3
-    torch.testing.assert_close(steered, expected, rtol=1e-4, atol=1e-4)
-    # The input MODEL is untouched: loading it again gives the plain output, with no ACT hooks left.
-    torch.testing.assert_close(comfy_velocity(model, inputs, sigma), plain, rtol=0, atol=0)
-    assert hooked(model) == set()
+    # Every module of the map is matched and hooked. The prompt's rows: ComfyUI's cond rows, diffusers' first
+    # call of a step (outside a generation, the gate needs to be told whether the pipeline guides: here it
+    # does not, so every row is the prompt's).
+    cfc.check_a_diffusers_map_steers_comfyui_as_diffusers(
+        nodes_pack["ACTApply"].apply,
+        pipe,
+        model,
+        act_map,
+        inputs,
+        comfy_velocity,
+        diffusers_velocity,
+        prompt_rows=True,
+        hooked=hooked,
+        must_hook=act_map.modules,
+    )
 
 
 def fit_qwen(nodes_pack, model, clip, preset="default", **options):
@@ -170,24 +137,9 @@ def fit_qwen(nodes_pack, model, clip, preset="default", **options):
     The prompts of a pair tokenize to the same length: ComfyUI conditions Qwen-Image with its text tokens'
     positions (no padding mask), and the Fit node makes a batch's lengths equal by repeating the shorter
     conds, which only prompts of one length leave exact."""
-    return nodes_pack["ACTFitMap"].fit(
-        model,
-        clip,
-        source_prompts="\n".join(f"a red circle number {i}" for i in range(4)),
-        target_prompts="\n".join(f"a blue square number {i}" for i in range(4)),
-        preset=preset,
-        parts="",
-        method="linear",
-        support="auto",
-        mode="preset",
-        fit_seed=0,
-        width=64,
-        height=64,
-        steps=3,
-        batch_size=4,
-        cfg=4.0,
-        **options,
-    )[0]
+    source = [f"a red circle number {i}" for i in range(4)]
+    target = [f"a blue square number {i}" for i in range(4)]
+    return cfc.fit_node(nodes_pack, model, clip, source, target, preset=preset, cfg=4.0, **options)[0]
 
 
 def test_the_fit_node_fits_on_comfyui_qwenimage_and_the_map_steers_ksampler_and_diffusers(
@@ -206,46 +158,29 @@ def test_the_fit_node_fits_on_comfyui_qwenimage_and_the_map_steers_ksampler_and_
     assert len(act_map.buckets) == 3 and len(meta["calibration_gains"]) == 3
     assert set(act_map.modules) == set(pipe.act_preset_modules())  # diffusers' names, all of them
 
-    def sample(patcher):
+    def sample(patcher, _clip):  # the transformer map's CLIP is the input one
         return cs.sample_tiny(
             patcher, qwen_clip, "a red circle number 9", seed=3, steps=3, cfg=4.0, size=(8, 8)
         )
 
-    caplog.set_level("INFO", logger="ComfyUI-ACT")
-    plain = sample(model)
-    at_zero, _ = nodes_pack["ACTApply"].apply(model, qwen_clip, act_map, 0.0)
-    caplog.clear()  # strength 0 logs that it leaves the transformer out; strength 1 must hook all of it
-    steered, _ = nodes_pack["ACTApply"].apply(model, qwen_clip, act_map, 1.0)
-    assert torch.equal(sample(at_zero), plain)
-    assert (sample(steered) - plain).abs().max() > 1e-3
-    torch.testing.assert_close(sample(model), plain, rtol=0, atol=0)  # the input MODEL is untouched
-    assert "ACT applied" in caplog.text and "left out" not in caplog.text  # every map module hooked
+    apply = nodes_pack["ACTApply"].apply
+    steered = cfc.check_the_map_steers_ksampler(apply, model, qwen_clip, act_map, sample, caplog)
     # Portable: the same map steers the diffusers Qwen-Image transformer...
-    from act_core.diffusers import active_pipeline
-
-    plain_velocity = diffusers_velocity(pipe, inputs, 0.55)
-    pipe.enable_act(act_map, strength=1.0)
-    try:
-        with active_pipeline(pipe, cfg_batch=False):
-            moved = diffusers_velocity(pipe, inputs, 0.55)
-    finally:
-        pipe.disable_act()
-    assert (moved - plain_velocity).abs().max() > 1e-3
+    moved = cfc.check_a_comfyui_map_steers_diffusers(
+        pipe, act_map, inputs, diffusers_velocity, prompt_rows=True
+    )
     # ... as it steers ComfyUI's model (the prompt's rows of both)
     torch.testing.assert_close(comfy_velocity(steered, inputs, 0.55), moved, rtol=1e-4, atol=1e-4)
 
 
 def test_wrong_family_maps_other_presets_and_lora_export_are_refused(nodes_pack, qwen, qwen_maps):
-    from act_core.errors import ACTInputError, ACTModelMismatchError
+    from act_core.errors import ACTInputError
 
     _, model = qwen
     act_map = qwen_maps["transformer_blocks"]
     same, _ = nodes_pack["ACTApply"].apply(model, None, act_map, 0.0)
     assert not same.wrappers and not same.injections
-    tiny_sdxl, tiny_clip = cs.build_tiny_sdxl(seed=0)
-    with pytest.raises(ACTModelMismatchError, match="Qwen-Image"):
-        nodes_pack["ACTApply"].apply(tiny_sdxl, tiny_clip, act_map, 1.0)
-    with pytest.raises(ACTInputError, match="LoRA"):
-        nodes_pack["ACTExportLoRA"].export(model, None, act_map, "qwen_map", "fp32", False)
+    cfc.check_refused_on_sdxl(nodes_pack["ACTApply"].apply, act_map, "Qwen-Image")
+    cfc.check_no_lora_export(nodes_pack["ACTExportLoRA"].export, model, act_map, "qwen_map")
     with pytest.raises(ACTInputError, match="not a QWENIMAGE preset.*transformer_blocks"):
         fit_qwen(nodes_pack, model, None, preset="unet_norms")

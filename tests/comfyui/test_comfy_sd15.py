@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import importlib
 import logging
-import warnings
 
+import comfy_family_checks as cfc
 import comfy_support as cs  # noqa: E402
 import pytest
 import torch
@@ -41,11 +41,8 @@ def sd15(comfyui, tmp_path_factory):  # noqa: F811
     """(ACT diffusers pipeline, ComfyUI MODEL with its UNet's weights)."""
     from tiny_sd15 import build_tiny_sd15, load_comfy_unet
 
-    from act_core.diffusers import act_pipeline
-
-    pipe = act_pipeline(build_tiny_sd15(tmp_path_factory.mktemp("tiny_sd15_comfy")))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe, load_comfy_unet(pipe.unet)
+    base = build_tiny_sd15(tmp_path_factory.mktemp("tiny_sd15_comfy"))
+    return cfc.act_pipe_and_comfy_model(base, load_comfy_unet, denoiser="unet")
 
 
 @pytest.fixture(scope="module")
@@ -58,17 +55,8 @@ def clip(comfyui):  # noqa: F811
 @pytest.fixture(scope="module")
 def diffusers_maps(sd15):
     pipe, _ = sd15
-    sampling = {"num_inference_steps": 3, "height": 32, "width": 32}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the tests' tokenizer does not know these words
-        return {
-            preset: pipe.fit_act(SOURCE, TARGET, preset=preset, progress=False, **sampling, **options)
-            for preset, options in (
-                ("unet_norms", {}),
-                ("unet_norms_foldable", {}),
-                ("text_encoder_norms", {"support": "unbounded"}),
-            )
-        }
+    presets = {"unet_norms": {}, "unet_norms_foldable": {}, "text_encoder_norms": {"support": "unbounded"}}
+    return cfc.fit_quietly(pipe, SOURCE, TARGET, presets, num_inference_steps=3, height=32, width=32)
 
 
 @pytest.fixture()
@@ -89,24 +77,9 @@ def folders(tmp_path, monkeypatch, pack):
 
 def fit_node(nodes, model, clip, preset="default", **options):
     """The Fit ACT map node on the SD 1.5 MODEL: 4 prompt pairs, 3 euler steps, cfg 5."""
-    args = {
-        "source_prompts": "\n".join(SOURCE),
-        "target_prompts": "\n".join(TARGET),
-        "preset": preset,
-        "parts": "",
-        "method": "linear",
-        "support": "auto",
-        "mode": "preset",
-        "fit_seed": 0,
-        "width": 128,
-        "height": 128,
-        "steps": 3,
-        "batch_size": 4,
-        "cfg": 5.0,
-    }
-    args.update(options)
+    options = {"width": 128, "height": 128, "cfg": 5.0, **options}
     with torch.inference_mode():  # as ComfyUI's executor runs nodes
-        return nodes["ACTFitMap"].fit(model, clip, **args)[0]
+        return cfc.fit_node(nodes, model, clip, SOURCE, TARGET, preset=preset, **options)[0]
 
 
 def inputs():
@@ -116,20 +89,7 @@ def inputs():
 
 def comfy_eps(patcher, x, context, sigma: float) -> torch.Tensor:
     """ComfyUI's UNet prediction (eps) at ``sigma``, called as its samplers call it (cond rows only)."""
-    import comfy.model_management as mm
-    import comfy.patcher_extension
-
-    mm.load_models_gpu([patcher])  # patches this clone in (its ACT hooks or weight patches)
-    options = {
-        "wrappers": comfy.patcher_extension.copy_nested_dicts(patcher.wrappers),
-        "sigmas": torch.tensor([sigma]),
-        "cond_or_uncond": [0],
-    }
-    with torch.no_grad():
-        denoised = patcher.model.apply_model(
-            x, torch.tensor([sigma]), c_crossattn=context, transformer_options=options
-        )
-    return (x - denoised) / sigma
+    return cfc.comfy_velocity(patcher, x, sigma, c_crossattn=context)
 
 
 def diffusers_eps(pipe, patcher, x, context, sigma: float) -> torch.Tensor:
@@ -197,23 +157,16 @@ def test_the_fit_node_fits_sd15_through_comfyuis_sampler_and_the_map_steers_ksam
     assert meta["cfg_rows"] == "cond" and len(act_map.buckets) == 3  # one per sampler step
     assert set(act_map.modules) == set(pipe.act_preset_modules("unet_norms"))
 
-    def sample(patcher, c=clip):
+    def sample(patcher, c):
         return cs.sample_tiny(patcher, c, "a photo of a lamp", seed=3, steps=3, cfg=5.0)
 
-    plain = sample(model)
-    at_zero, c0 = nodes["ACTApply"].apply(model, clip, act_map, 0.0)
-    steered, c1 = nodes["ACTApply"].apply(model, clip, act_map, 1.0)
-    assert torch.equal(sample(at_zero, c0), plain)
-    assert (sample(steered, c1) - plain).abs().max() > 1e-3
-    torch.testing.assert_close(sample(model), plain, rtol=0, atol=0)  # the input MODEL is untouched
+    cfc.check_the_map_steers_ksampler(nodes["ACTApply"].apply, model, clip, act_map, sample)
+
     # the ComfyUI-fitted map steers the diffusers UNet, every module matched
-    x, context = inputs()
-    pipe.enable_act(act_map, strength=1.0)
-    try:
-        moved = diffusers_eps(pipe, model, x, context, SIGMA)
-    finally:
-        pipe.disable_act()
-    assert (moved - diffusers_eps(pipe, model, x, context, SIGMA)).abs().max() > 1e-3
+    def eps(pipe, x_and_context, sigma):
+        return diffusers_eps(pipe, model, *x_and_context, sigma)
+
+    cfc.check_a_comfyui_map_steers_diffusers(pipe, act_map, inputs(), eps, sigma=SIGMA)
 
 
 def test_text_encoder_presets_fit_sd1s_one_clip(nodes, sd15, clip, diffusers_maps):
@@ -307,19 +260,12 @@ def test_sd2_in_comfyui_steers_the_unet_as_diffusers_and_loads_its_lora(nodes, f
     from tiny_sd15 import build_tiny_sd2, load_comfy_unet
 
     import nodes as comfy_nodes
-    from act_core.diffusers import act_pipeline
     from act_core.lora import export_lora
 
-    pipe = act_pipeline(build_tiny_sd2(tmp_path_factory.mktemp("tiny_sd2_comfy")))
-    pipe.set_progress_bar_config(disable=True)
-    model = load_comfy_unet(pipe.unet)
+    base = build_tiny_sd2(tmp_path_factory.mktemp("tiny_sd2_comfy"))
+    pipe, model = cfc.act_pipe_and_comfy_model(base, load_comfy_unet, denoiser="unet")
     assert model.model.model_type == comfy.model_base.ModelType.V_PREDICTION
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        maps = {
-            preset: pipe.fit_act(SOURCE, TARGET, preset=preset, progress=False, num_inference_steps=3)
-            for preset in ("unet_norms", "unet_norms_foldable")
-        }
+    maps = cfc.fit_quietly(pipe, SOURCE, TARGET, ("unet_norms", "unet_norms_foldable"), num_inference_steps=3)
     x, context = inputs()
     # v-prediction: compare the raw UNet call (ComfyUI's diffusion_model) at one timestep
     plain = model.model.diffusion_model(x, timesteps=torch.tensor([500.0]), context=context)

@@ -5,6 +5,7 @@ COMFYUI_PATH)."""
 
 from __future__ import annotations
 
+import comfy_family_checks as cfc
 import comfy_support as cs  # noqa: E402
 import pytest
 import torch
@@ -73,24 +74,9 @@ def nodes_pack(comfyui):  # noqa: F811
 
 def fit(nodes_pack, model, clip, **options):
     """The Fit ACT map node with its default preset: 4 prompt pairs, 3 steps, cfg 4."""
-    return nodes_pack["ACTFitMap"].fit(
-        model,
-        clip,
-        source_prompts="\n".join(f"a red circle number {i}" for i in range(4)),
-        target_prompts="\n".join(f"a blue square, striped, number {i}" for i in range(4)),
-        preset="default",
-        parts="",
-        method="linear",
-        support="auto",
-        mode="preset",
-        fit_seed=0,
-        width=64,
-        height=64,
-        steps=3,
-        batch_size=4,
-        cfg=4.0,
-        **options,
-    )
+    source = [f"a red circle number {i}" for i in range(4)]
+    target = [f"a blue square, striped, number {i}" for i in range(4)]
+    return cfc.fit_node(nodes_pack, model, clip, source, target, cfg=4.0, **options)
 
 
 @pytest.fixture(scope="module")
@@ -135,23 +121,15 @@ def test_the_fit_node_fits_by_structure_says_so_and_the_map_steers_ksampler(
     assert "structural fallback" in summary and "6 modules" in summary and "MMDiT" in summary
     assert any("structural fallback" in text for text in fitted[2])  # shown on the node too
 
-    def sample(patcher):
+    def sample(patcher, _clip):  # the transformer map's CLIP is the input one
         return cs.sample_tiny(patcher, clip, "a red circle number 9", seed=3, steps=3, cfg=4.0, size=(8, 8))
 
-    caplog.set_level("INFO", logger="ComfyUI-ACT")
-    plain = sample(auraflow)
-    at_zero, _ = nodes_pack["ACTApply"].apply(auraflow, clip, act_map, 0.0)
-    caplog.clear()
-    steered, _ = nodes_pack["ACTApply"].apply(auraflow, clip, act_map, 1.0)
-    assert torch.equal(sample(at_zero), plain)
-    assert (sample(steered) - plain).abs().max() > 1e-3
-    assert "ACT applied" in caplog.text and "left out" not in caplog.text  # every map module hooked
-    torch.testing.assert_close(sample(auraflow), plain, rtol=0, atol=0)  # the input MODEL is untouched
-    assert not [n for n, m in auraflow.model.diffusion_model.named_modules() if hasattr(m, "_act_handle")]
+    cfc.check_the_map_steers_ksampler(nodes_pack["ACTApply"].apply, auraflow, clip, act_map, sample, caplog)
+    assert cfc.hooked_modules(auraflow) == set()
 
 
 def test_structural_maps_apply_only_to_the_class_they_were_fitted_on(nodes_pack, auraflow, fitted):
-    from act_core.errors import ACTInputError, ACTModelMismatchError
+    from act_core.errors import ACTModelMismatchError
     from act_core.families import family_of_map
 
     act_map = fitted[0]
@@ -163,8 +141,7 @@ def test_structural_maps_apply_only_to_the_class_they_were_fitted_on(nodes_pack,
     tiny_sdxl, _ = cs.build_tiny_sdxl(seed=0)
     with pytest.raises(ACTModelMismatchError, match="structural fallback on a MMDiT.*UNetModel"):
         nodes_pack["ACTApply"].apply(tiny_sdxl, None, act_map, 1.0)
-    with pytest.raises(ACTInputError, match="LoRA"):
-        nodes_pack["ACTExportLoRA"].export(auraflow, None, act_map, "structural_map", "fp32", False)
+    cfc.check_no_lora_export(nodes_pack["ACTExportLoRA"].export, auraflow, act_map, "structural_map")
     with pytest.raises(ACTModelMismatchError, match="comfyui only"):  # no diffusers host
         family_of_map(act_map.metadata).check_host("diffusers")
 
