@@ -40,7 +40,7 @@ class ACTDemoModel(io.ComfyNode):
                     "model_name",
                     options=list(SHAPES_SDXL),
                     default=DEFAULT_DEMO_MODEL,
-                    tooltip="shapes-sdxl: the shipped demo model (docs/demo_model.md); shapes-sdxl-d: a second, "
+                    tooltip="shapes-sdxl: the shipped demo model; shapes-sdxl-d: a second, "
                     "independently trained one (other drawing style and sizes).",
                 ),
             ],
