@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from comfy_support import init_weights, setup_comfy
+from comfy_support import patcher_of, setup_comfy, tiny_comfy_clip
 
 MAX_SEQUENCE_LENGTH = 32
 MODULATION_ROWS = 344  # Chroma1's (19 double, 38 single blocks), which ComfyUI's Chroma hard-codes
@@ -27,25 +27,14 @@ APPROXIMATOR_KEYS = {"linear_1": "in_layer", "linear_2": "out_layer"}
 
 def build_chroma_pipeline(folder: Path, seed: int = 0) -> Any:
     """A tiny diffusers ChromaPipeline whose transformer ComfyUI's Chroma can hold (see above)."""
-    from diffusers import ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
+    from diffusers import ChromaPipeline, FlowMatchEulerDiscreteScheduler
     from diffusers.models.embeddings import get_timestep_embedding
+    from tiny_chroma import tiny_chroma_transformer
     from tiny_flux import tiny_t5
-    from tiny_sdxl import tiny_vae, write_tokenizer
+    from tiny_sdxl import finish_tiny_pipeline, tiny_vae, write_tokenizer
 
     torch.manual_seed(seed)
-    transformer = ChromaTransformer2DModel(
-        patch_size=1,
-        in_channels=16,
-        num_layers=2,
-        num_single_layers=2,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=32,
-        axes_dims_rope=(4, 6, 6),
-        approximator_num_channels=64,
-        approximator_hidden_dim=32,
-        approximator_layers=1,
-    )
+    transformer = tiny_chroma_transformer(approximator_num_channels=64)
     embed = transformer.time_text_embed
     channels = embed.time_proj.num_channels
     embed.mod_proj = get_timestep_embedding(  # as diffusers builds it, for Chroma1's 344 rows
@@ -59,9 +48,7 @@ def build_chroma_pipeline(folder: Path, seed: int = 0) -> Any:
         tokenizer=tokenizer,
         transformer=transformer,
     )
-    for name in ("transformer", "vae", "text_encoder"):
-        getattr(pipe, name).eval()
-    return pipe.to(torch.float32)
+    return finish_tiny_pipeline(pipe)
 
 
 def comfy_state(transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -87,8 +74,6 @@ def comfy_state(transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
 def load_chroma_transformer(transformer: torch.nn.Module) -> Any:
     """A float32 CPU ModelPatcher of ComfyUI's Chroma with ``transformer``'s weights."""
     setup_comfy()
-    import comfy.model_management as mm
-    import comfy.model_patcher
     import comfy.supported_models
 
     ours = transformer.config
@@ -117,29 +102,15 @@ def load_chroma_transformer(transformer: torch.nn.Module) -> Any:
     model_config.set_inference_dtype(torch.float32, None)
     base = model_config.get_model({})
     base.latent_format.latent_channels = ours.in_channels // 4  # the tests' 4-channel latents, 2x2 patches
-    missing, unexpected = base.diffusion_model.load_state_dict(comfy_state(transformer), strict=False)
-    if missing or unexpected:
-        raise RuntimeError(f"weights do not fit: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    base.eval()
-    return comfy.model_patcher.ModelPatcher(
-        base, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device()
-    )
+    return patcher_of(base, comfy_state(transformer))
 
 
 def build_chroma_clip(seed: int = 0) -> Any:
     """ComfyUI's own Chroma text encoder (``comfy.text_encoders.pixart_t5``: T5 alone, as ComfyUI's Chroma
     model config asks) at tiny widths, random weights, with ComfyUI's real T5 tokenizer."""
     setup_comfy()
-    import comfy.sd
-    import comfy.supported_models_base
-    import comfy.text_encoders.pixart_t5
+    import comfy.text_encoders.pixart_t5 as pixart_t5
 
-    target = comfy.supported_models_base.ClipTarget(
-        comfy.text_encoders.pixart_t5.PixArtTokenizer, comfy.text_encoders.pixart_t5.pixart_te()
+    return tiny_comfy_clip(
+        pixart_t5.PixArtTokenizer, pixart_t5.pixart_te(), seed, t5xxl_model_config=dict(TINY_CHROMA_T5)
     )
-    clip = comfy.sd.CLIP(
-        target, model_options={"dtype": torch.float32, "t5xxl_model_config": dict(TINY_CHROMA_T5)}
-    )
-    init_weights(clip.cond_stage_model, seed + 1)
-    clip.cond_stage_model.eval()
-    return clip

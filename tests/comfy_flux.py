@@ -12,15 +12,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from comfy_support import setup_comfy
+from comfy_support import patcher_of, setup_comfy, tiny_comfy_clip
 
 
 def load_flux_transformer(transformer: torch.nn.Module) -> Any:
     """A float32 CPU ModelPatcher of ComfyUI's FLUX with ``transformer``'s weights."""
     setup_comfy()
     import comfy.model_detection
-    import comfy.model_management as mm
-    import comfy.model_patcher
 
     # Copies: the conversion rewrites some tensors in place (FLUX's final scale/shift swap), which would
     # otherwise change the diffusers model's own parameters.
@@ -47,13 +45,7 @@ def load_flux_transformer(transformer: torch.nn.Module) -> Any:
     # ComfyUI's FLUX latent format says 16 channels (FLUX.1's VAE); the tiny VAE has in_channels / 4. Empty
     # latents (the Fit node's, EmptyLatentImage's) take their channel count from here.
     base.latent_format.latent_channels = (ours.in_channels) // 4
-    missing, unexpected = base.diffusion_model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise RuntimeError(f"weights do not fit: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    base.eval()
-    return comfy.model_patcher.ModelPatcher(
-        base, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device()
-    )
+    return patcher_of(base, state)
 
 
 # Tiny widths matching tests/tiny_flux.py's transformer (joint_attention_dim 32, pooled_projection_dim 32).
@@ -70,25 +62,15 @@ def build_flux_clip(seed: int = 0) -> Any:
     """ComfyUI's own FLUX text encoders (clip_l + t5xxl, ``comfy.text_encoders.flux``) at tiny widths, random
     weights, with ComfyUI's real CLIP and T5 tokenizers: what a FLUX checkpoint's CLIP output is, small."""
     setup_comfy()
-    import comfy.sd
-    import comfy.supported_models_base
-    import comfy.text_encoders.flux
-    from comfy_support import init_weights
+    import comfy.text_encoders.flux as flux
 
-    target = comfy.supported_models_base.ClipTarget(
-        comfy.text_encoders.flux.FluxTokenizer, comfy.text_encoders.flux.FluxClipModel
+    return tiny_comfy_clip(
+        flux.FluxTokenizer,
+        flux.FluxClipModel,
+        seed,
+        clip_l_model_config=dict(TINY_FLUX_CLIP_L),
+        t5xxl_model_config=dict(TINY_FLUX_T5),
     )
-    clip = comfy.sd.CLIP(
-        target,
-        model_options={
-            "dtype": torch.float32,
-            "clip_l_model_config": dict(TINY_FLUX_CLIP_L),
-            "t5xxl_model_config": dict(TINY_FLUX_T5),
-        },
-    )
-    init_weights(clip.cond_stage_model, seed + 1)
-    clip.cond_stage_model.eval()
-    return clip
 
 
 def flux_clip_like(pipe: Any, seed: int = 0) -> Any:

@@ -22,7 +22,7 @@ import io
 from typing import Any
 
 import torch
-from comfy_support import init_weights, setup_comfy
+from comfy_support import init_weights, patcher_of, setup_comfy, tiny_comfy_clip
 
 # NextDiT config (ComfyUI's unet_config) at the widths diffusers' converter can split: Lumina-Image-2.0's
 # attention widths (3 heads of 768, 1 key-value head), everything else small (2 main blocks, 1 refiner each,
@@ -57,8 +57,6 @@ TINY_GEMMA2 = {
 def build_nextdit(config: dict = NEXTDIT, seed: int = 0) -> Any:
     """A float32 CPU ModelPatcher of ComfyUI's Lumina 2 (NextDiT) with ``config``, random weights."""
     setup_comfy()
-    import comfy.model_management as mm
-    import comfy.model_patcher
     import comfy.supported_models
 
     model_config = comfy.supported_models.Lumina2(dict(config))
@@ -68,10 +66,7 @@ def build_nextdit(config: dict = NEXTDIT, seed: int = 0) -> Any:
     # node's, EmptyLatentImage's) take their channel count from here.
     base.latent_format.latent_channels = config["in_channels"]
     init_weights(base.diffusion_model, seed)
-    base.eval()
-    return comfy.model_patcher.ModelPatcher(
-        base, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device()
-    )
+    return patcher_of(base)
 
 
 def diffusers_twin(patcher: Any, config: dict = NEXTDIT) -> torch.nn.Module:
@@ -133,22 +128,15 @@ def build_lumina2_clip(seed: int = 0) -> Any:
     """ComfyUI's Lumina 2 CLIP (Gemma 2, ``comfy.text_encoders.lumina2``) at tiny widths, random weights, with
     ComfyUI's Gemma tokenizer class on a small SentencePiece model."""
     setup_comfy()
-    import comfy.sd
-    import comfy.supported_models_base
-    import comfy.text_encoders.lumina2
+    import comfy.text_encoders.lumina2 as lumina2
 
-    target = comfy.supported_models_base.ClipTarget(
-        comfy.text_encoders.lumina2.LuminaTokenizer, comfy.text_encoders.lumina2.te()
+    return tiny_comfy_clip(
+        lumina2.LuminaTokenizer,
+        lumina2.te(),
+        seed,
+        tokenizer_data={"spiece_model": torch.ByteTensor(list(spiece_model()))},
+        gemma2_2b_model_config=dict(TINY_GEMMA2),
     )
-    tokenizer_data = {"spiece_model": torch.ByteTensor(list(spiece_model()))}
-    clip = comfy.sd.CLIP(
-        target,
-        tokenizer_data=tokenizer_data,
-        model_options={"dtype": torch.float32, "gemma2_2b_model_config": dict(TINY_GEMMA2)},
-    )
-    init_weights(clip.cond_stage_model, seed + 1)
-    clip.cond_stage_model.eval()
-    return clip
 
 
 def conditioning(clip: Any, prompt: str) -> list:

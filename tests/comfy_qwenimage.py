@@ -20,7 +20,7 @@ import contextlib
 from typing import Any
 
 import torch
-from comfy_support import init_weights, setup_comfy
+from comfy_support import patcher_of, setup_comfy, tiny_comfy_clip
 
 # ComfyUI's Qwen2.5-VL config fields (Qwen25_7BVLI_Config) at the tiny diffusers text encoder's width; its
 # head_dim (128) and multimodal RoPE sections are class constants.
@@ -37,8 +37,6 @@ def load_qwenimage_transformer(transformer: torch.nn.Module) -> Any:
     """A float32 CPU ModelPatcher of ComfyUI's Qwen-Image with ``transformer``'s weights."""
     setup_comfy()
     import comfy.model_detection
-    import comfy.model_management as mm
-    import comfy.model_patcher
 
     state = {
         key: value.detach().to(torch.float32, copy=True) for key, value in transformer.state_dict().items()
@@ -65,13 +63,7 @@ def load_qwenimage_transformer(transformer: torch.nn.Module) -> Any:
     latent_format.latent_channels = channels
     latent_format.latents_mean = torch.zeros(1, channels, 1, 1, 1)
     latent_format.latents_std = torch.ones(1, channels, 1, 1, 1)
-    missing, unexpected = base.diffusion_model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise RuntimeError(f"weights do not fit: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    base.eval()
-    return comfy.model_patcher.ModelPatcher(
-        base, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device()
-    )
+    return patcher_of(base, state)
 
 
 @contextlib.contextmanager
@@ -95,17 +87,9 @@ def build_qwenimage_clip(seed: int = 0) -> Any:
     """ComfyUI's Qwen-Image CLIP (``comfy.text_encoders.qwen_image``) at tiny widths, random weights, with
     ComfyUI's real Qwen2.5 tokenizer and template."""
     setup_comfy()
-    import comfy.sd
-    import comfy.supported_models_base
-    import comfy.text_encoders.qwen_image
+    import comfy.text_encoders.qwen_image as qwen_image
 
-    target = comfy.supported_models_base.ClipTarget(
-        comfy.text_encoders.qwen_image.QwenImageTokenizer, comfy.text_encoders.qwen_image.te()
-    )
     with _tiny_vision_tower():
-        clip = comfy.sd.CLIP(
-            target, model_options={"dtype": torch.float32, "qwen25_7b_model_config": dict(TINY_QWEN25)}
+        return tiny_comfy_clip(
+            qwen_image.QwenImageTokenizer, qwen_image.te(), seed, qwen25_7b_model_config=dict(TINY_QWEN25)
         )
-    init_weights(clip.cond_stage_model, seed + 1)
-    clip.cond_stage_model.eval()
-    return clip

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from comfy_support import init_weights, setup_comfy
+from comfy_support import patcher_of, setup_comfy, tiny_comfy_clip
 
 CONTEXT_WIDTH = 4096  # ComfyUI's SD3ClipModel pads the CLIP hidden states to T5-XXL's width
 TINY_SD3_CLIP_L = {
@@ -34,7 +34,7 @@ def build_sd3_pipeline(folder: Path, seed: int = 0) -> Any:
     """A tiny diffusers StableDiffusion3Pipeline whose transformer ComfyUI's MMDiT can hold (see above)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from tiny_flux import tiny_t5
-    from tiny_sdxl import text_config, tiny_vae, write_tokenizer
+    from tiny_sdxl import finish_tiny_pipeline, text_config, tiny_vae, write_tokenizer
     from transformers import CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
@@ -63,9 +63,7 @@ def build_sd3_pipeline(folder: Path, seed: int = 0) -> Any:
         tokenizer_3=tokenizers[2],
         transformer=transformer,
     )
-    for name in ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
-        getattr(pipe, name).eval()
-    return pipe.to(torch.float32)
+    return finish_tiny_pipeline(pipe)
 
 
 def load_sd3_transformer(transformer: torch.nn.Module) -> Any:
@@ -74,8 +72,6 @@ def load_sd3_transformer(transformer: torch.nn.Module) -> Any:
     configured by its ``detect_unet_config``."""
     setup_comfy()
     import comfy.model_detection
-    import comfy.model_management as mm
-    import comfy.model_patcher
     import comfy.supported_models
 
     weights = {  # copies: the conversion rewrites some tensors in place (the scale/shift swaps)
@@ -87,35 +83,19 @@ def load_sd3_transformer(transformer: torch.nn.Module) -> Any:
     model_config.set_inference_dtype(torch.float32, None)
     base = model_config.get_model(state)
     base.latent_format.latent_channels = transformer.config.in_channels  # the tests' 4-channel latents
-    missing, unexpected = base.diffusion_model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise RuntimeError(f"weights do not fit: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    base.eval()
-    return comfy.model_patcher.ModelPatcher(
-        base, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device()
-    )
+    return patcher_of(base, state)
 
 
 def build_sd3_clip(seed: int = 0) -> Any:
     """ComfyUI's own SD3 text encoders (``comfy.text_encoders.sd3_clip``: clip_l + clip_g, no T5, as an SD3
     checkpoint without T5 loads) at tiny widths, random weights, with ComfyUI's real tokenizers."""
     setup_comfy()
-    import comfy.sd
-    import comfy.supported_models_base
-    import comfy.text_encoders.sd3_clip
+    import comfy.text_encoders.sd3_clip as sd3_clip
 
-    target = comfy.supported_models_base.ClipTarget(
-        comfy.text_encoders.sd3_clip.SD3Tokenizer,
-        comfy.text_encoders.sd3_clip.sd3_clip(clip_l=True, clip_g=True, t5=False),
+    return tiny_comfy_clip(
+        sd3_clip.SD3Tokenizer,
+        sd3_clip.sd3_clip(clip_l=True, clip_g=True, t5=False),
+        seed,
+        clip_l_model_config=dict(TINY_SD3_CLIP_L),
+        clip_g_model_config=dict(TINY_SD3_CLIP_G),
     )
-    clip = comfy.sd.CLIP(
-        target,
-        model_options={
-            "dtype": torch.float32,
-            "clip_l_model_config": dict(TINY_SD3_CLIP_L),
-            "clip_g_model_config": dict(TINY_SD3_CLIP_G),
-        },
-    )
-    init_weights(clip.cond_stage_model, seed + 1)
-    clip.cond_stage_model.eval()
-    return clip

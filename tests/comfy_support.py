@@ -318,11 +318,41 @@ def init_weights(module, seed: int) -> None:
             p.copy_(r.to(p.dtype))
 
 
+def patcher_of(base, state=None):
+    """A float32 CPU ModelPatcher of ComfyUI's model ``base``, in eval mode; with ``state``, its diffusion
+    model's weights are loaded first, every key fitting."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+
+    if state is not None:
+        missing, unexpected = base.diffusion_model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise RuntimeError(f"weights do not fit: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    base.eval()
+    return comfy.model_patcher.ModelPatcher(
+        base, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device()
+    )
+
+
+def tiny_comfy_clip(tokenizer, model, seed: int = 0, tokenizer_data=None, **model_options):
+    """ComfyUI's own CLIP of its ``tokenizer`` and text ``model`` classes in float32, ``model_options``
+    sizing its encoders (``<name>_model_config``), random weights from ``seed``, in eval mode."""
+    setup_comfy()
+    import comfy.sd
+    import comfy.supported_models_base
+    import torch
+
+    target = comfy.supported_models_base.ClipTarget(tokenizer, model)
+    extra = {} if tokenizer_data is None else {"tokenizer_data": tokenizer_data}
+    clip = comfy.sd.CLIP(target, model_options={"dtype": torch.float32, **model_options}, **extra)
+    init_weights(clip.cond_stage_model, seed + 1)
+    clip.cond_stage_model.eval()
+    return clip
+
+
 def build_tiny_unet(seed: int = 0):
     """A tiny SDXL UNet (ComfyUI ``model_base.SDXL``, EPS) wrapped in a ModelPatcher, float32 on CPU."""
     setup_comfy()
-    import comfy.model_management as mm
-    import comfy.model_patcher
     import comfy.supported_models
     import torch
 
@@ -330,35 +360,22 @@ def build_tiny_unet(seed: int = 0):
     model_config.set_inference_dtype(torch.float32, None)
     base = model_config.get_model({})
     init_weights(base.diffusion_model, seed)
-    base.eval()
-    return comfy.model_patcher.ModelPatcher(
-        base, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device()
-    )
+    return patcher_of(base)
 
 
 def build_tiny_clip(seed: int = 0):
     """A tiny SDXL text-encoder pair (clip_l + clip_g, 3 layers each, float32) as ``comfy.sd.CLIP``,
     with ComfyUI's real CLIP tokenizers."""
     setup_comfy()
-    import comfy.sd
     import comfy.sdxl_clip
-    import comfy.supported_models_base
-    import torch
 
-    target = comfy.supported_models_base.ClipTarget(
-        comfy.sdxl_clip.SDXLTokenizer, comfy.sdxl_clip.SDXLClipModel
+    return tiny_comfy_clip(
+        comfy.sdxl_clip.SDXLTokenizer,
+        comfy.sdxl_clip.SDXLClipModel,
+        seed,
+        clip_l_model_config=dict(TINY_CLIP_L),
+        clip_g_model_config=dict(TINY_CLIP_G),
     )
-    clip = comfy.sd.CLIP(
-        target,
-        model_options={
-            "dtype": torch.float32,
-            "clip_l_model_config": dict(TINY_CLIP_L),
-            "clip_g_model_config": dict(TINY_CLIP_G),
-        },
-    )
-    init_weights(clip.cond_stage_model, seed + 1)
-    clip.cond_stage_model.eval()
-    return clip
 
 
 def build_tiny_sdxl(seed: int = 0):

@@ -6,10 +6,22 @@ from pathlib import Path
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-from tiny_sdxl import text_config, tiny_vae, write_tokenizer
+from tiny_sdxl import finish_tiny_pipeline, text_config, tiny_vae, write_tokenizer
 from transformers import CLIPTextModel, T5Config, T5EncoderModel
 
 MAX_SEQUENCE_LENGTH = 16
+# The tiny FLUX transformer's layout (2 double and 2 single blocks of 2 heads of 16, 4 latent channels in 2x2
+# patches), which the tiny Chroma transformers share.
+TINY_FLUX_BLOCKS = {
+    "patch_size": 1,
+    "in_channels": 16,
+    "num_layers": 2,
+    "num_single_layers": 2,
+    "attention_head_dim": 16,
+    "num_attention_heads": 2,
+    "joint_attention_dim": 32,
+    "axes_dims_rope": (4, 6, 6),
+}
 
 
 def tiny_t5(vocab_size: int, d_model: int) -> T5EncoderModel:
@@ -34,16 +46,7 @@ def build_tiny_flux(folder: Path, seed: int = 0, guidance_embeds: bool = False) 
     """Build, save to ``folder`` (a diffusers folder) and return a tiny FluxPipeline (2 double, 2 single blocks)."""
     torch.manual_seed(seed)
     transformer = FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=16,
-        num_layers=2,
-        num_single_layers=2,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=32,
-        pooled_projection_dim=32,
-        guidance_embeds=guidance_embeds,
-        axes_dims_rope=(4, 6, 6),
+        **TINY_FLUX_BLOCKS, pooled_projection_dim=32, guidance_embeds=guidance_embeds
     )
     vae = tiny_vae(shift_factor=0.0, scaling_factor=1.0)
     tokenizer = write_tokenizer(folder / "tokenizer")
@@ -59,7 +62,4 @@ def build_tiny_flux(folder: Path, seed: int = 0, guidance_embeds: bool = False) 
         tokenizer_2=tokenizer_2,
         transformer=transformer,
     )
-    for module in (transformer, vae, text_encoder, text_encoder_2):
-        module.eval()  # built from configs, they start in training mode (T5's dropout would be live)
-    pipe.save_pretrained(str(folder))
-    return pipe.to(torch.float32)
+    return finish_tiny_pipeline(pipe, folder)

@@ -26,7 +26,7 @@ from diffusers import (
     Flux2Pipeline,
     Flux2Transformer2DModel,
 )
-from tiny_sdxl import write_tokenizer
+from tiny_sdxl import finish_tiny_pipeline, write_tokenizer
 from transformers import Mistral3Config, Mistral3ForConditionalGeneration
 
 TEXT_WIDTH = 16  # the language model's hidden size; the transformer reads 3 of its layers stacked
@@ -126,7 +126,4 @@ def build_tiny_flux2(folder: Path, seed: int = 0) -> Flux2Pipeline:
         tokenizer=tokenizer,
         transformer=transformer,
     )
-    for module in (transformer, vae, text_encoder):
-        module.eval()  # built from configs, they start in training mode
-    pipe.save_pretrained(str(folder))
-    return pipe.to(torch.float32)
+    return finish_tiny_pipeline(pipe, folder)

@@ -13,28 +13,32 @@ from pathlib import Path
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, Lumina2Pipeline, Lumina2Transformer2DModel
-from tiny_sdxl import tiny_vae, write_tokenizer
+from tiny_sdxl import finish_tiny_pipeline, tiny_vae, write_tokenizer
 from transformers import Gemma2Config, Gemma2Model
 
 TEXT_WIDTH = 32  # Gemma's hidden size: the transformer's cap_feat_dim
 
 
+def tiny_decoder_config(vocab_size: int, max_position_embeddings: int) -> dict:
+    """A 2-layer decoder-only text encoder's config fields (width TEXT_WIDTH, 2 heads of 16, 1 key-value
+    head) on the tests' character tokenizer's ids: Gemma 2's here, Qwen3's for Z-Image."""
+    return {
+        "vocab_size": vocab_size,
+        "hidden_size": TEXT_WIDTH,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "head_dim": 16,
+        "max_position_embeddings": max_position_embeddings,
+        "pad_token_id": 1,
+        "bos_token_id": 0,
+        "eos_token_id": 1,
+    }
+
+
 def tiny_gemma2(vocab_size: int) -> Gemma2Model:
-    return Gemma2Model(
-        Gemma2Config(
-            vocab_size=vocab_size,
-            hidden_size=TEXT_WIDTH,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            head_dim=16,
-            max_position_embeddings=512,
-            pad_token_id=1,
-            bos_token_id=0,
-            eos_token_id=1,
-        )
-    )
+    return Gemma2Model(Gemma2Config(**tiny_decoder_config(vocab_size, max_position_embeddings=512)))
 
 
 def tiny_lumina2_transformer() -> Lumina2Transformer2DModel:
@@ -68,7 +72,4 @@ def build_tiny_lumina2(folder: Path, seed: int = 0) -> Lumina2Pipeline:
         text_encoder=text_encoder,
         tokenizer=tokenizer,
     )
-    for module in (transformer, vae, text_encoder):
-        module.eval()
-    pipe.save_pretrained(str(folder))
-    return pipe.to(torch.float32)
+    return finish_tiny_pipeline(pipe, folder)

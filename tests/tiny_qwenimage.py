@@ -22,6 +22,7 @@ from diffusers import (
     QwenImagePipeline,
     QwenImageTransformer2DModel,
 )
+from tiny_sdxl import finish_tiny_pipeline
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
 
 # QwenImagePipeline's template (``prompt_template_encode``) and how many tokens it drops.
@@ -154,7 +155,4 @@ def build_tiny_qwenimage(folder: Path, seed: int = 0) -> QwenImagePipeline:
         tokenizer=tokenizer,
         transformer=transformer,
     )
-    for module in (transformer, vae, text_encoder):
-        module.eval()
-    pipe.save_pretrained(str(folder))
-    return pipe.to(torch.float32)
+    return finish_tiny_pipeline(pipe, folder)

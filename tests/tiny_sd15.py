@@ -178,26 +178,17 @@ def load_comfy_unet(unet: UNet2DConditionModel) -> Any:
 def build_comfy_sd1_clip(seed: int = 0) -> Any:
     """ComfyUI's SD1 CLIP (``sd1_clip.SD1ClipModel``: ``clip_l``, the last layer's normalised output) at the
     tiny encoder's width and depth, float32, on ComfyUI's real SD1 tokenizer; random weights."""
-    from comfy_support import init_weights, setup_comfy
+    from comfy_support import setup_comfy, tiny_comfy_clip
 
     setup_comfy()
-    import comfy.sd
     import comfy.sd1_clip
-    import comfy.supported_models_base
 
-    target = comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel)
-    clip = comfy.sd.CLIP(
-        target,
-        model_options={
-            "dtype": torch.float32,
-            "clip_l_model_config": {
-                "hidden_size": TEXT_WIDTH,
-                "intermediate_size": 64,
-                "num_attention_heads": 2,
-                "num_hidden_layers": TEXT_LAYERS,
-            },
-        },
+    clip_l = {
+        "hidden_size": TEXT_WIDTH,
+        "intermediate_size": 64,
+        "num_attention_heads": 2,
+        "num_hidden_layers": TEXT_LAYERS,
+    }
+    return tiny_comfy_clip(
+        comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel, seed, clip_l_model_config=clip_l
     )
-    init_weights(clip.cond_stage_model, seed + 1)
-    clip.cond_stage_model.eval()
-    return clip

@@ -16,7 +16,7 @@ from diffusers import (
     StableDiffusion3Pipeline,
 )
 from tiny_flux import tiny_t5
-from tiny_sdxl import text_config, tiny_vae, write_tokenizer
+from tiny_sdxl import finish_tiny_pipeline, text_config, tiny_vae, write_tokenizer
 from transformers import CLIPTextModelWithProjection
 
 
@@ -54,7 +54,4 @@ def build_tiny_sd3(folder: Path, seed: int = 0) -> StableDiffusion3Pipeline:
         tokenizer_3=tokenizer_3,
         transformer=transformer,
     )
-    for module in (transformer, vae, text_encoder, text_encoder_2, text_encoder_3):
-        module.eval()
-    pipe.save_pretrained(str(folder))
-    return pipe.to(torch.float32)
+    return finish_tiny_pipeline(pipe, folder)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import string
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
@@ -51,6 +52,17 @@ def text_config(vocab_size: int, projection_dim: int = 32) -> CLIPTextConfig:
         eos_token_id=1,
         pad_token_id=1,
     )
+
+
+def finish_tiny_pipeline(pipe: Any, folder: Path | None = None) -> Any:
+    """``pipe`` ready for the tests: its models in eval mode (built from configs, they start in training
+    mode: T5's dropout would be live), saved to ``folder`` as a diffusers folder when one is given, float32."""
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()
+    if folder is not None:
+        pipe.save_pretrained(str(folder))
+    return pipe.to(torch.float32)
 
 
 def tiny_vae(**config) -> AutoencoderKL:

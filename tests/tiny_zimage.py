@@ -13,10 +13,11 @@ from pathlib import Path
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
-from tiny_sdxl import tiny_vae, write_tokenizer
+from tiny_lumina2 import TEXT_WIDTH, tiny_decoder_config
+from tiny_sdxl import finish_tiny_pipeline, tiny_vae, write_tokenizer
 from transformers import Qwen3Config, Qwen3Model
 
-TEXT_WIDTH = 32  # Qwen3's hidden size: the transformer's cap_feat_dim
+# Qwen3's hidden size, TEXT_WIDTH (32), is the transformer's cap_feat_dim.
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -24,21 +25,7 @@ CHAT_TEMPLATE = (
 
 
 def tiny_qwen3(vocab_size: int) -> Qwen3Model:
-    return Qwen3Model(
-        Qwen3Config(
-            vocab_size=vocab_size,
-            hidden_size=TEXT_WIDTH,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            head_dim=16,
-            max_position_embeddings=1024,
-            pad_token_id=1,
-            bos_token_id=0,
-            eos_token_id=1,
-        )
-    )
+    return Qwen3Model(Qwen3Config(**tiny_decoder_config(vocab_size, max_position_embeddings=1024)))
 
 
 def tiny_zimage_transformer() -> ZImageTransformer2DModel:
@@ -76,7 +63,4 @@ def build_tiny_zimage(folder: Path, seed: int = 0) -> ZImagePipeline:
         tokenizer=tokenizer,
         transformer=transformer,
     )
-    for module in (transformer, vae, text_encoder):
-        module.eval()
-    pipe.save_pretrained(str(folder))
-    return pipe.to(torch.float32)
+    return finish_tiny_pipeline(pipe, folder)

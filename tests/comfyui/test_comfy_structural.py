@@ -41,18 +41,13 @@ STREAMS = [
 def build_tiny_auraflow(seed: int = 0, **config):
     """A ModelPatcher of ComfyUI's own AuraFlow (``model_base.AuraFlow``, ``comfy.ldm.aura.mmdit.MMDiT``)."""
     cs.setup_comfy()
-    import comfy.model_management as mm
-    import comfy.model_patcher
     import comfy.supported_models
 
     model_config = comfy.supported_models.AuraFlow({**TINY_AURAFLOW, **config})
     model_config.set_inference_dtype(torch.float32, None)
     base = model_config.get_model({})
     cs.init_weights(base.diffusion_model, seed)
-    base.eval()
-    return comfy.model_patcher.ModelPatcher(
-        base, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device()
-    )
+    return cs.patcher_of(base)
 
 
 @pytest.fixture(scope="module")
