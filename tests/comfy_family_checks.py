@@ -63,6 +63,21 @@ def comfy_velocity(patcher: Any, x: torch.Tensor, sigma: float, **conds: Any) ->
     return (x - denoised) / sigma  # ComfyUI's flow models return x - sigma * velocity
 
 
+def flux_layout_velocity(pipe: Any, x: torch.Tensor, sigma: float, **conds: Any) -> torch.Tensor:
+    """A diffusers FLUX-layout transformer's output (FLUX.1's, Chroma's) for ComfyUI's latents ``x`` at
+    ``sigma``: ``x`` packed into 2x2-patch tokens with their image ids, ``conds`` the transformer's text
+    inputs, the output unpacked back to ComfyUI's latent layout."""
+    batch, channels, height, width = x.shape
+    with torch.no_grad():
+        packed = pipe._pack_latents(x, batch, channels, height, width)
+        ids = pipe._prepare_latent_image_ids(batch, height // 2, width // 2, "cpu", torch.float32)
+        out = pipe.transformer(
+            hidden_states=packed, timestep=torch.tensor([sigma]), img_ids=ids, return_dict=False, **conds
+        )[0]
+    scale = pipe.vae_scale_factor
+    return pipe._unpack_latents(out, height * scale, width * scale, scale)
+
+
 def hooked_modules(patcher: Any) -> set[str]:
     """The paths of the ComfyUI diffusion model's modules that carry ACT hooks."""
     return {n for n, m in patcher.model.diffusion_model.named_modules() if hasattr(m, "_act_handle")}

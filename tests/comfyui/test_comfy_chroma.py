@@ -75,21 +75,14 @@ def diffusers_velocity(pipe, inputs, sigma: float) -> torch.Tensor:
     row the prompt's (no CFG in this call: the maps steer it, as ComfyUI's cond-only call)."""
     from act_core.diffusers.pipeline import active_pipeline
 
-    batch, channels, height, width = LATENT
-    with torch.no_grad(), active_pipeline(pipe, cfg_batch=False):
-        packed = pipe._pack_latents(inputs["x"], batch, channels, height, width)
-        ids = pipe._prepare_latent_image_ids(batch, height // 2, width // 2, "cpu", torch.float32)
-        out = pipe.transformer(
-            hidden_states=packed,
-            timestep=torch.tensor([sigma]),
+    with active_pipeline(pipe, cfg_batch=False):
+        return cfc.flux_layout_velocity(
+            pipe,
+            inputs["x"],
+            sigma,
             encoder_hidden_states=inputs["context"],
             txt_ids=torch.zeros(inputs["context"].shape[1], 3),
-            img_ids=ids,
-            return_dict=False,
-        )[0]
-    return pipe._unpack_latents(
-        out, height * pipe.vae_scale_factor, width * pipe.vae_scale_factor, pipe.vae_scale_factor
-    )
+        )
 
 
 def comfy_velocity(patcher, inputs, sigma: float) -> torch.Tensor:

@@ -50,21 +50,13 @@ def inputs():
 
 def diffusers_velocity(pipe, inputs, sigma: float) -> torch.Tensor:
     """The diffusers transformer's output at noise level ``sigma``, unpacked to ComfyUI's latent layout."""
-    batch, channels, height, width = LATENT
-    with torch.no_grad():
-        packed = pipe._pack_latents(inputs["x"], batch, channels, height, width)
-        ids = pipe._prepare_latent_image_ids(batch, height // 2, width // 2, "cpu", torch.float32)
-        out = pipe.transformer(
-            hidden_states=packed,
-            timestep=torch.tensor([sigma]),
-            pooled_projections=inputs["pooled"],
-            encoder_hidden_states=inputs["context"],
-            txt_ids=torch.zeros(MAX_SEQUENCE_LENGTH, 3),
-            img_ids=ids,
-            return_dict=False,
-        )[0]
-    return pipe._unpack_latents(
-        out, height * pipe.vae_scale_factor, width * pipe.vae_scale_factor, pipe.vae_scale_factor
+    return cfc.flux_layout_velocity(
+        pipe,
+        inputs["x"],
+        sigma,
+        pooled_projections=inputs["pooled"],
+        encoder_hidden_states=inputs["context"],
+        txt_ids=torch.zeros(MAX_SEQUENCE_LENGTH, 3),
     )
 
 
