@@ -133,8 +133,15 @@ def test_a_diffusers_fitted_chroma_map_steers_comfyui_chroma_as_diffusers(
 
 
 def fit_chroma(nodes_pack, model, clip, preset="default", **options):
-    """The Fit ACT map node on a Chroma MODEL: 4 prompt pairs, 3 steps, cfg 4 (Chroma runs real CFG)."""
-    return cfc.fit_node(nodes_pack, model, clip, SOURCE, TARGET, preset=preset, cfg=4.0, **options)[0]
+    """The Fit ACT map node on a Chroma MODEL: 4 prompt pairs, 3 steps, cfg 4 (Chroma runs real CFG).
+
+    Chroma's T5 does not pad, so these prompts have four token lengths: the node stretches them to the longest
+    and says so in its UI text (``nodes/conditioning.common_length``)."""
+    out = cfc.fit_node(nodes_pack, model, clip, SOURCE, TARGET, preset=preset, cfg=4.0, **options)
+    if isinstance(out, dict):  # a node with warnings shows them in the UI
+        assert any("token lengths" in text for text in out["ui"]["text"]), out["ui"]
+        out = out["result"]
+    return out[0]
 
 
 def test_the_fit_node_fits_on_comfyui_chroma_and_the_map_steers_ksampler_and_diffusers(
