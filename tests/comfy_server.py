@@ -54,6 +54,19 @@ PACK_LINK_NAME = "ComfyUI-ACT"  # the folder name ComfyUI sees for this repo (as
 MODEL_FOLDERS = ("checkpoints", "loras", "vae", "text_encoders", "diffusion_models", "embeddings", "act_maps")
 
 
+def _die_with_parent() -> None:
+    """In the server's child process: ask Linux to end it when the test process dies (PR_SET_PDEATHSIG);
+    elsewhere nothing (stop() still ends it on a normal exit)."""
+    import contextlib
+    import ctypes
+    import signal
+    import sys
+
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
 class ComfyServerError(RuntimeError):
     pass
 
@@ -250,6 +263,7 @@ class ComfyServer:
             stdout=self._log_file,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group, so stop() can end it and its children
+            preexec_fn=_die_with_parent,  # a test run killed outright (timeout, SIGKILL) leaves no server behind
         )
         try:
             self._wait_ready(timeout)
