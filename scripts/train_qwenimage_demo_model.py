@@ -44,7 +44,7 @@ from demo.training import Checkpointer, TrainConfig, encode_pool, train_vae  # n
 
 SEED = 7
 VAE_STEPS = 1500  # about 0.6-0.7 s a step (batch 32); 800 left stripes and dots blurred (style 0.86 on reconstructions)
-STEPS = 3000  # about 0.35 s a step on one shared core (batch 64)
+STEPS = 5000  # about 0.2-0.35 s a step on one shared core (batch 64); 3000 left the default 0.005 short on style
 EVAL_STEPS = 20
 # QwenImagePipeline's true_cfg_scale: 1 samples unguided (no negative prompt); above 1 with negative_prompt=""
 TRUE_CFGS = (1.0, 3.0)
