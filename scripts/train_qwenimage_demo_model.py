@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train the tiny Qwen-Image-architecture shapes model (``models/shapes-qwenimage``) from scratch.
 
-    python scripts/train_qwenimage_demo_model.py           # full run, ~40 CPU minutes on one (shared) core
+    python scripts/train_qwenimage_demo_model.py           # full run, ~25 CPU minutes on one (shared) core
     python scripts/train_qwenimage_demo_model.py --smoke   # seconds; writes to outputs/qwenimage_train_smoke/
 
 Three stages on the same procedural shapes as the SDXL demo model (``demo/qwenimage_model.py``): a small
@@ -43,8 +43,8 @@ from demo.qwenimage_model import (  # noqa: E402
 from demo.training import Checkpointer, TrainConfig, encode_pool, train_vae  # noqa: E402
 
 SEED = 7
-VAE_STEPS = 1500  # about 0.6-0.7 s a step (batch 32); 800 left stripes and dots blurred (style 0.86 on reconstructions)
-STEPS = 5000  # about 0.2-0.35 s a step on one shared core (batch 64); 3000 left the default 0.005 short on style
+VAE_STEPS = 1500  # 0.5-0.7 s a step (batch 32); 800 blurred stripes and dots (docs/demo_model.md)
+STEPS = 5000  # 0.12-0.35 s a step (batch 64); draws best of 2500 / 3000 / 5000 (docs/demo_model.md)
 EVAL_STEPS = 20
 # QwenImagePipeline's true_cfg_scale: 1 samples unguided (no negative prompt); above 1 with negative_prompt=""
 TRUE_CFGS = (1.0, 3.0)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train the tiny Z-Image-architecture shapes model (``models/shapes-zimage``) from scratch.
 
-    python scripts/train_zimage_demo_model.py           # full run, ~40 CPU minutes on one (shared) core
+    python scripts/train_zimage_demo_model.py           # full run, ~32 CPU minutes on one (shared) core
     python scripts/train_zimage_demo_model.py --smoke   # seconds; writes to outputs/zimage_train_smoke/
 
 Rectified flow on the same procedural shapes as the SDXL demo model, in the latent space of the shipped
