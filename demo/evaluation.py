@@ -22,7 +22,12 @@ def generate(
     batch_size: int = 64,
     **kwargs,
 ) -> np.ndarray:
-    """uint8 (N, H, W, 3) samples, image i drawn with seed `seed + i` (so results do not depend on batching)."""
+    """uint8 (N, H, W, 3) samples, image i drawn with seed `seed + i` (so results do not depend on batching).
+
+    ``guidance`` is passed as the pipeline's CFG scale: ``guidance_scale``, or on an ACT pipeline its family's
+    guidance parameter (QwenImagePipeline's ``true_cfg_scale``; its ``guidance_scale`` is for distilled models).
+    """
+    parameter = _guidance_parameter(pipe)
     out = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
@@ -30,13 +35,22 @@ def generate(
         images = pipe(
             chunk,
             num_inference_steps=steps,
-            guidance_scale=guidance,
             generator=gens,
+            **{parameter: guidance},
             output_type="np",
             **kwargs,
         ).images
         out.append(np.clip(np.rint(images * 255), 0, 255).astype(np.uint8))
     return np.concatenate(out)
+
+
+def _guidance_parameter(pipe) -> str:
+    family = getattr(pipe, "act_family", None)
+    if family is None:
+        return "guidance_scale"
+    from act_core.diffusers.adapter import load_adapter
+
+    return load_adapter(family).guidance_parameter
 
 
 def all_attribute_prompts(repeats: int = 1) -> tuple[list[str], dict[str, np.ndarray]]:
@@ -109,7 +123,8 @@ def sample_grid(
             if c == 0:
                 ax.set_ylabel(prompt, rotation=0, ha="right", va="center", fontsize=9)
     steps, guidance = gen_kwargs.get("steps", DEFAULT_STEPS), gen_kwargs.get("guidance", DEFAULT_GUIDANCE)
-    fig.suptitle(f"{title} samples ({steps} Euler steps, guidance {guidance}, seeds {seed}..)", fontsize=10)
+    settings = f"{steps} Euler steps" + ("" if guidance is None else f", guidance {guidance}")
+    fig.suptitle(f"{title} samples ({settings}, seeds {seed}..)", fontsize=10)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

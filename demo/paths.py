@@ -19,18 +19,25 @@ _MISSING = "{what} not found at {path}; run `python scripts/train_demo_model.py`
 
 
 def load_demo_pipeline(dtype: torch.dtype = torch.float32, path: str | Path = DEMO_MODEL_PATH):
-    """The shipped tiny SDXL as a `StableDiffusionXLPipeline`, loaded from disk only (never the network).
+    """A shipped shapes model as its diffusers pipeline, loaded from disk only (never the network).
 
+    The pipeline class is the folder's own (``model_index.json``: ``StableDiffusionXLPipeline`` for the SDXL
+    models, ``FluxPipeline``, ``ZImagePipeline``, ``QwenImagePipeline``; SDXL's without the watermarker).
     Weights are stored as fp16 to keep the repo small; they are upcast to `dtype` on load.
     """
-    from diffusers import StableDiffusionXLPipeline
+    import inspect
+    import json
+
+    import diffusers
 
     path = Path(path)
     if not (path / "model_index.json").is_file():
         raise FileNotFoundError(_MISSING.format(what="demo model", path=path))
-    pipe = StableDiffusionXLPipeline.from_pretrained(
-        path, dtype=dtype, local_files_only=True, add_watermarker=False
+    pipeline = getattr(diffusers, json.loads((path / "model_index.json").read_text())["_class_name"])
+    options = (
+        {"add_watermarker": False} if "add_watermarker" in inspect.signature(pipeline).parameters else {}
     )
+    pipe = pipeline.from_pretrained(path, dtype=dtype, local_files_only=True, **options)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

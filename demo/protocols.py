@@ -31,7 +31,9 @@ from torch import nn
 from act_core.diffusers import act_pipeline
 from act_core.errors import ACTWarning
 from act_core.families.flux import PRESETS as FLUX_PRESETS
+from act_core.families.qwenimage import PRESETS as QWENIMAGE_PRESETS
 from act_core.families.sdxl import PRESETS, TEXT_ENCODER, TEXT_ENCODER_2, UNET
+from act_core.families.zimage import PRESETS as ZIMAGE_PRESETS
 from act_core.maps import APPLY_SPATIAL_MEAN
 
 from .classifier import predict_proba
@@ -39,6 +41,7 @@ from .evaluation import generate
 from .flux_model import MAX_SEQUENCE_LENGTH as FLUX_MAX_SEQUENCE_LENGTH
 from .paths import REPO_ROOT, load_demo_classifier, load_demo_pipeline
 from .shapes import IMAGE_SIZE, SHAPES, STYLES, caption
+from .zimage_model import MAX_SEQUENCE_LENGTH as ZIMAGE_MAX_SEQUENCE_LENGTH
 
 FIT_SEED, EVAL_SEED = 0, 10_000
 LAMBDAS = (0.0, 0.5, 1.0, 1.5)
@@ -101,20 +104,46 @@ MODELS = {
         family="flux",
         sampling={"max_sequence_length": FLUX_MAX_SEQUENCE_LENGTH},
     ),
+    # The Z-Image-architecture shapes model (single-stream DiT, Qwen3 captions; the shipped VAE's latents, as
+    # "flux"), sampled with CFG: ZImagePipeline's guidance_scale 2 is cond + 2 (cond - uncond), the usual scale 3
+    # (unguided, its samples keep the shape 0.83 of the time, 0.95 guided). ZImagePipeline has no
+    # default_sample_size (its default is 1024 px): the size is a sampling setting.
+    "zimage": Model(
+        "zimage",
+        REPO_ROOT / "models" / "shapes-zimage",
+        REPO_ROOT / "models" / "shapes-classifier",
+        20,
+        2.0,
+        family="zimage",
+        sampling={
+            "max_sequence_length": ZIMAGE_MAX_SEQUENCE_LENGTH,
+            "height": IMAGE_SIZE,
+            "width": IMAGE_SIZE,
+        },
+    ),
+    # The Qwen-Image-architecture shapes model (double-stream MMDiT, Qwen2.5-VL text stream, its own Qwen-Image
+    # VAE), sampled with true CFG 3 (the family's guidance parameter, true_cfg_scale, see generate; it runs only
+    # with a negative prompt): unguided, its samples keep the shape 0.84 of the time, 0.98 guided.
+    "qwenimage": Model(
+        "qwenimage",
+        REPO_ROOT / "models" / "shapes-qwenimage",
+        REPO_ROOT / "models" / "shapes-classifier",
+        20,
+        3.0,
+        family="qwenimage",
+        sampling={"negative_prompt": ""},
+    ),
 }
 
 
 def load_model_pipeline(model: Model):
-    """The model's diffusers pipeline, from disk only, wrapped by ``act_pipeline``, with the model's sampler."""
-    if model.family == "flux":
-        from diffusers import FluxPipeline
-
-        pipe = act_pipeline(FluxPipeline.from_pretrained(model.path, local_files_only=True))
-        pipe.set_progress_bar_config(disable=True)
-        # FluxPipeline's default size is 1024 px (a fixed default_sample_size of 128); the model draws 32 px.
+    """The model's diffusers pipeline (the folder's own class), from disk only, wrapped by ``act_pipeline``,
+    with the model's sampler."""
+    pipe = act_pipeline(load_demo_pipeline(path=model.path))
+    if hasattr(pipe, "default_sample_size"):
+        # FluxPipeline's default size is 1024 px (a fixed default_sample_size of 128), QwenImagePipeline's 512;
+        # the models draw 32 px (SDXL's default_sample_size is already the UNet's, 32 px)
         pipe.default_sample_size = IMAGE_SIZE // pipe.vae_scale_factor
-    else:
-        pipe = act_pipeline(load_demo_pipeline(path=model.path))
     use_scheduler(pipe, model.scheduler)
     return pipe
 
@@ -156,9 +185,13 @@ FLOW_DPM_2M = (
 )
 
 
+# Families sampled by flow matching (FlowMatchEulerDiscreteScheduler): their other samplers are flow ones.
+FLOW_FAMILIES = ("flux", "zimage", "qwenimage")
+
+
 def sampler_variants(model: Model) -> dict[str, Model]:
     """The model under other samplers, and with a fit-at-one, apply-at-another sampler transfer."""
-    if model.family == "flux":
+    if model.family in FLOW_FAMILIES:
         return {
             f"{model.name}@dpm2m": replace(
                 model, name=f"{model.name}@dpm2m", scheduler=FLOW_DPM_2M, steps=12
@@ -278,7 +311,8 @@ _WITH_TEXT = replace(
     patterns={TEXT_ENCODER: ("*layer_norm*",), TEXT_ENCODER_2: ("*layer_norm*",), UNET: ("*norm*",)},
 )
 
-BOTH = ("sdxl", "flux")
+# Every family with a shapes model: the protocols that are fit options, not presets, apply to all of them.
+ALL = ("sdxl", "flux", "zimage", "qwenimage")
 
 
 def _flux_streams(*patterns: str):
@@ -288,38 +322,44 @@ def _flux_streams(*patterns: str):
     )
 
 
+def _dit_streams(family: str, *patterns: str):
+    """A Z-Image / Qwen-Image default preset (``transformer_blocks``) on other transformer modules."""
+    presets = ZIMAGE_PRESETS if family == "zimage" else QWENIMAGE_PRESETS
+    return replace(presets["transformer_blocks"], name=f"{family}_custom", patterns={"transformer": patterns})
+
+
 PROTOCOLS = {
     p.name: p
     for p in (
         Protocol(
             "new_default",
-            "the default (SDXL unet_norms, FLUX pooled_text_and_blocks): steered trajectory, per step, exact causal, "
-            "per element, every position, calibrated",
-            families=BOTH,
+            "the default (SDXL unet_norms, FLUX pooled_text_and_blocks, Z-Image and Qwen-Image transformer_blocks): "
+            "steered trajectory, per step, exact causal, per element, every position, calibrated",
+            families=ALL,
         ),
         Protocol(
             "first_default",
             "the first trajectory default: one mean per sample, no calibration",
             {"statistic": "mean", "calibrate": False},
-            families=BOTH,
+            families=ALL,
         ),
         Protocol(
-            "mean_statistic", "new default with one mean per sample", {"statistic": "mean"}, families=BOTH
+            "mean_statistic", "new default with one mean per sample", {"statistic": "mean"}, families=ALL
         ),
         Protocol(
-            "uncalibrated", "new default without the output calibration", {"calibrate": False}, families=BOTH
+            "uncalibrated", "new default without the output calibration", {"calibrate": False}, families=ALL
         ),
         Protocol(
             "old_default",
             "unet_norms_first_step: the paper's (first step, range, spatial mean)",
             {"preset": "unet_norms_first_step"},
         ),
-        Protocol("mean", "new default with Mean-AcT", {"method": "mean"}, families=BOTH),
+        Protocol("mean", "new default with Mean-AcT", {"method": "mean"}, families=ALL),
         Protocol(
             "range_support",
             "new default with source [min, max] support",
             {"support": "range"},
-            families=BOTH,
+            families=ALL,
         ),
         Protocol(
             "spatial_mean", "new default, feature maps moved by their spatial mean", {"preset": _SPATIAL}
@@ -328,13 +368,13 @@ PROTOCOLS = {
             "at_once",
             "new default fitted at once (no transport while fitting)",
             {"mode": "at_once"},
-            families=BOTH,
+            families=ALL,
         ),
         Protocol(
             "target_trajectory",
             "new default on the target's trajectory (teacher forcing)",
             {"trajectory": "target"},
-            families=BOTH,
+            families=ALL,
         ),
         Protocol(
             "unguided_fit",
@@ -346,13 +386,13 @@ PROTOCOLS = {
             "no_guard",
             "new default with the plain Linear-AcT estimator",
             {"shrinkage": 0.0, "max_omega": 1e4},
-            families=BOTH,
+            families=ALL,
         ),
         Protocol(
             "lagged",
             "new default split into calls of 4 pairs (bounded-memory fallback)",
             {"batch_size": 4},
-            families=BOTH,
+            families=ALL,
         ),
         Protocol("attention_norms", "new default on transformer-block norms only", {"preset": _ATTENTION}),
         Protocol("resnet_norms", "new default on ResNet norms only", {"preset": _RESNET}),
@@ -397,6 +437,36 @@ PROTOCOLS = {
             "FLUX: the LayerNorms before every block's modulation, along the trajectory",
             {"preset": "transformer_norms"},
             families=("flux",),
+        ),
+        Protocol(
+            "dit_norms",
+            "Z-Image / Qwen-Image: the norms before every block's modulation (their transformer_norms preset)",
+            {"preset": "transformer_norms"},
+            families=("zimage", "qwenimage"),
+        ),
+        Protocol(
+            "zimage_caption_stream",
+            "Z-Image: the context refiner blocks' output (the caption tokens alone, before they join the image's)",
+            {"preset": _dit_streams("zimage", "context_refiner.*:text")},
+            families=("zimage",),
+        ),
+        Protocol(
+            "zimage_caption_and_joint",
+            "Z-Image: the context refiner blocks' caption tokens + every main block's joint output",
+            {"preset": _dit_streams("zimage", "context_refiner.*:text", "layers.*:joint")},
+            families=("zimage",),
+        ),
+        Protocol(
+            "qwenimage_text_stream",
+            "Qwen-Image: every block's text output only",
+            {"preset": _dit_streams("qwenimage", "transformer_blocks.*:text")},
+            families=("qwenimage",),
+        ),
+        Protocol(
+            "qwenimage_image_stream",
+            "Qwen-Image: every block's image output only",
+            {"preset": _dit_streams("qwenimage", "transformer_blocks.*:image")},
+            families=("qwenimage",),
         ),
         Protocol(
             "flux_image_streams",
@@ -631,9 +701,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument(
         "--models",
         default="shipped,b,c",
-        help="comma-separated: shipped, b, c, d, flux, flux-b (d, flux-b: held out), and any of them under "
-        "another sampler: NAME@dpm2m, NAME@euler_a (SDXL), NAME@to_dpm40 (SDXL: fitted with its own sampler, "
-        "applied with DPM++ 2M at 40 steps), NAME@to8 (FLUX: fitted at its steps, applied at 8)",
+        help="comma-separated: shipped, b, c, d, flux, flux-b, zimage, qwenimage (d, flux-b: held out), and any "
+        "of them under another sampler: NAME@dpm2m, NAME@euler_a (SDXL), NAME@to_dpm40 (SDXL: fitted with its own "
+        "sampler, applied with DPM++ 2M at 40 steps), NAME@to8 (flow models: fitted at their steps, applied at 8)",
     )
     parser.add_argument("--tasks", default=",".join(tasks()))
     parser.add_argument(
