@@ -48,8 +48,6 @@ as ``[uncond; cond]`` rows of one call (``cond_or_uncond``), so maps steer the c
 
 from __future__ import annotations
 
-import re
-
 from torch import nn
 
 from ..apply_modes import APPLY_PER_ELEMENT
@@ -57,13 +55,11 @@ from ..errors import ACTInputError, ACTModelMismatchError
 from ..presets import Preset
 from ..recording import OutputOf
 from .base import KeyTable, ModelFamily
-from .flux import IMAGE, JOINT, TEXT, block_streams, trajectory_preset
 from .flux import comfy_transformer_modules as flux_comfy_transformer_modules
+from .flux import joined_block_modules, trajectory_preset
 
 TRANSFORMER, TEXT_ENCODER = "transformer", "text_encoder"
 PARTS = (TRANSFORMER, TEXT_ENCODER)
-_DOUBLE = re.compile(r"^transformer_blocks\.(\d+)$")
-_SINGLE = re.compile(r"^single_transformer_blocks\.(\d+)$")
 # Text-encoder part -> the encoder's attribute on ComfyUI's Chroma CLIP (``pixart_te``: T5 alone).
 COMFY_CLIP_PARTS = {TEXT_ENCODER: "t5xxl"}
 BLOCK_STREAMS = (
@@ -108,21 +104,7 @@ DEFAULT_PRESET = "transformer_blocks"
 
 def component_modules(part: str, component: nn.Module) -> dict[str, nn.Module | OutputOf]:
     """Every named submodule of a diffusers Chroma component by canonical name, plus the blocks' streams."""
-    if part not in PARTS:
-        raise ACTInputError(f"Unknown Chroma part {part!r}; expected one of {PARTS}.")
-    modules: dict[str, nn.Module | OutputOf] = {}
-    for path, module in component.named_modules():
-        if not path:
-            continue
-        name = f"{part}.{path}"
-        modules[name] = module
-        if part != TRANSFORMER:
-            continue
-        if _DOUBLE.match(path):
-            modules.update(block_streams(name, module, (TEXT, IMAGE)))
-        elif _SINGLE.match(path):
-            modules[f"{name}:{JOINT}"] = module  # returns the joined text and image tokens itself
-    return modules
+    return joined_block_modules(part, component, PARTS, "Chroma")
 
 
 def comfy_transformer_modules(

@@ -149,6 +149,29 @@ def component_modules(part: str, component: nn.Module) -> dict[str, nn.Module | 
     return modules
 
 
+def joined_block_modules(
+    part: str, component: nn.Module, parts: tuple[str, ...], label: str
+) -> dict[str, nn.Module | OutputOf]:
+    """A FLUX-layout diffusers component by canonical name for models whose single blocks return the joined
+    text and image tokens as one tensor (Chroma, FLUX.2): every submodule, each double block's text and image
+    streams, each single block itself as its joint stream."""
+    if part not in parts:
+        raise ACTInputError(f"Unknown {label} part {part!r}; expected one of {parts}.")
+    modules: dict[str, nn.Module | OutputOf] = {}
+    for path, module in component.named_modules():
+        if not path:
+            continue
+        name = f"{part}.{path}"
+        modules[name] = module
+        if part != TRANSFORMER:
+            continue
+        if _DOUBLE.match(path):
+            modules.update(block_streams(name, module, (TEXT, IMAGE)))
+        elif _SINGLE.match(path):
+            modules[f"{name}:{JOINT}"] = module
+    return modules
+
+
 def block_streams(name: str, block: nn.Module, streams: tuple[str, ...]) -> dict[str, OutputOf]:
     """``name:stream`` entries for the streams of a diffusers block's tuple output (FLUX's, SD3's)."""
     width = block_width(block)

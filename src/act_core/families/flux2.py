@@ -44,20 +44,16 @@ adapter refuses it (``act_core.diffusers.flux2``).
 
 from __future__ import annotations
 
-import re
-
 from torch import nn
 
 from ..errors import ACTInputError
 from ..presets import Preset
 from ..recording import OutputOf
 from .base import ModelFamily
-from .flux import IMAGE, JOINT, TEXT, block_streams, trajectory_preset
+from .flux import joined_block_modules, trajectory_preset
 
 TRANSFORMER, TEXT_ENCODER = "transformer", "text_encoder"
 PARTS = (TRANSFORMER, TEXT_ENCODER)
-_DOUBLE = re.compile(r"^transformer_blocks\.(\d+)$")
-_SINGLE = re.compile(r"^single_transformer_blocks\.(\d+)$")
 BLOCK_STREAMS = (
     "transformer_blocks.*:text",
     "transformer_blocks.*:image",
@@ -91,21 +87,7 @@ DEFAULT_PRESET = "transformer_blocks"
 
 def component_modules(part: str, component: nn.Module) -> dict[str, nn.Module | OutputOf]:
     """Every named submodule of a diffusers FLUX.2 component by canonical name, plus the blocks' streams."""
-    if part not in PARTS:
-        raise ACTInputError(f"Unknown FLUX.2 part {part!r}; expected one of {PARTS}.")
-    modules: dict[str, nn.Module | OutputOf] = {}
-    for path, module in component.named_modules():
-        if not path:
-            continue
-        name = f"{part}.{path}"
-        modules[name] = module
-        if part != TRANSFORMER:
-            continue
-        if _DOUBLE.match(path):
-            modules.update(block_streams(name, module, (TEXT, IMAGE)))
-        elif _SINGLE.match(path):
-            modules[f"{name}:{JOINT}"] = module  # run on the joined tokens: returns them as one tensor
-    return modules
+    return joined_block_modules(part, component, PARTS, "FLUX.2")
 
 
 def lora_key(module_name: str) -> str:

@@ -91,8 +91,16 @@ DEFAULT_PRESET = "transformer_blocks"
 def component_modules(part: str, component: nn.Module) -> dict[str, nn.Module | OutputOf]:
     """Every named submodule of the diffusers Lumina 2 transformer by canonical name, plus the blocks'
     streams (each block's output is one tensor: the stream is the block)."""
-    if part not in PARTS:
-        raise ACTInputError(f"Unknown Lumina 2 part {part!r}; expected one of {PARTS}.")
+    return nextdit_modules(part, component, PARTS, "Lumina 2")
+
+
+def nextdit_modules(
+    part: str, component: nn.Module, parts: tuple[str, ...], label: str
+) -> dict[str, nn.Module | OutputOf]:
+    """The NextDiT module tree by canonical name (Lumina 2's and Z-Image's): every submodule, plus each main,
+    context-refiner and noise-refiner block as its stream (``layers.N:joint`` ...)."""
+    if part not in parts:
+        raise ACTInputError(f"Unknown {label} part {part!r}; expected one of {parts}.")
     modules: dict[str, nn.Module | OutputOf] = {}
     for path, module in component.named_modules():
         if not path:

@@ -50,7 +50,7 @@ from ..presets import Preset
 from ..recording import OutputOf
 from .base import ModelFamily
 from .flux import trajectory_preset
-from .lumina2 import BLOCK_LISTS, BLOCK_PATH, BLOCK_STREAMS
+from .lumina2 import BLOCK_STREAMS, nextdit_modules
 
 TRANSFORMER = "transformer"
 PARTS = (TRANSFORMER,)
@@ -77,18 +77,8 @@ DEFAULT_PRESET = "transformer_blocks"
 
 def component_modules(part: str, component: nn.Module) -> dict[str, nn.Module | OutputOf]:
     """Every named submodule of the diffusers Z-Image transformer by canonical name, plus the blocks'
-    streams (each block's output is one tensor: the stream is the block)."""
-    if part not in PARTS:
-        raise ACTInputError(f"Unknown Z-Image part {part!r}; expected one of {PARTS}.")
-    modules: dict[str, nn.Module | OutputOf] = {}
-    for path, module in component.named_modules():
-        if not path:
-            continue
-        modules[f"{part}.{path}"] = module
-        match = BLOCK_PATH.match(path)
-        if match:
-            modules[f"{part}.{path}:{BLOCK_LISTS[match.group(1)]}"] = module
-    return modules
+    streams (Lumina 2's NextDiT tree: ``lumina2.nextdit_modules``)."""
+    return nextdit_modules(part, component, PARTS, "Z-Image")
 
 
 def lora_key(module_name: str) -> str:
