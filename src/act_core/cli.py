@@ -222,8 +222,10 @@ def _status(args: argparse.Namespace, message: str) -> None:
 def cmd_fit(args: argparse.Namespace) -> int:
     from .validation import check_balance, check_prompts
 
-    if args.batch_size is not None and args.batch_size < 1:
-        raise CLIError(f"--batch-size must be at least 1; got {args.batch_size}.")
+    for flag in ("batch_size", "max_pairs_per_call"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise CLIError(f"--{flag.replace('_', '-')} must be at least 1; got {value}.")
     check_size(args)
     check_seed(args)
     if args.max_sequence_length is not None:
@@ -273,6 +275,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         support=args.support,
         mode=args.mode,
         batch_size=args.batch_size,
+        max_pairs_per_call=args.max_pairs_per_call,
         seed=args.seed,
         height=args.height,
         width=args.width,
@@ -553,8 +556,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-size",
         type=int,
         default=None,
-        help="prompt pairs per UNet call (default: all that fit in memory, which fits exactly; first-step "
-        "presets: 8 prompts)",
+        help="prompts per batch of the first-step presets (default 8) and the text encoders",
+    )
+    fit.add_argument(
+        "--max-pairs-per-call",
+        type=int,
+        default=None,
+        help="at most this many prompt pairs per denoiser call of a trajectory fit (default: as many as fit in "
+        "memory); a step split over several calls gives the same map (its calls meet at every module)",
     )
     fit.add_argument("--seed", type=int, default=0, help="prompt pair i gets the noise of seed + i")
     sampling = fit.add_argument_group("the sampling settings you generate with (the fit follows them)")

@@ -9,6 +9,7 @@ itself (ComfyUI), the per-evaluation rule (``source_prediction``). Plain torch: 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -91,35 +92,54 @@ class TrajectoryRun:
     progress: Report
 
 
+ROW_KINDS = ("uncond", "target", "source", "plain")
+
+
 @dataclass(frozen=True)
 class CallRows:
     """Where one fitting call's rows sit: ``[uncond (guided only); target; source; plain source (calibrate
-    only)]``, ``k`` pairs each. Every host that lays out its own calls lays them out this way."""
+    only)]``, ``k`` pairs each. Every host that lays out its own calls lays them out this way. A split step
+    runs calls that hold only some of the kinds (``kinds``): the target-side rows, then the source rows."""
 
     k: int
     guided: bool
     calibrate: bool
+    kinds: tuple[str, ...] = ROW_KINDS
 
     @property
-    def offset(self) -> int:
-        return self.k if self.guided else 0
+    def held(self) -> tuple[str, ...]:
+        """The kinds of rows this call holds, in batch order."""
+        used = {"uncond": self.guided, "target": True, "source": True, "plain": self.calibrate}
+        return tuple(kind for kind in ROW_KINDS if used[kind] and kind in self.kinds)
 
     @property
     def copies(self) -> int:
         """How many rows each pair has in the call."""
-        return (1 if self.guided else 0) + 2 + (1 if self.calibrate else 0)
+        return len(self.held)
+
+    def rows(self, kind: str) -> slice | None:
+        """The rows of ``kind`` (None when the call does not hold it)."""
+        held = self.held
+        if kind not in held:
+            return None
+        start = held.index(kind) * self.k
+        return slice(start, start + self.k)
 
     @property
-    def target(self) -> slice:
-        return slice(self.offset, self.offset + self.k)
+    def uncond(self) -> slice | None:
+        return self.rows("uncond")
 
     @property
-    def source(self) -> slice:
-        return slice(self.offset + self.k, self.offset + 2 * self.k)
+    def target(self) -> slice | None:
+        return self.rows("target")
 
     @property
-    def plain(self) -> slice:
-        return slice(self.offset + 2 * self.k, None)
+    def source(self) -> slice | None:
+        return self.rows("source")
+
+    @property
+    def plain(self) -> slice | None:
+        return self.rows("plain")
 
     def stack(
         self,
@@ -129,8 +149,30 @@ class CallRows:
         negative: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One conditioning tensor (embeddings, pooled vectors) for this call's rows, in the layout above."""
-        parts = ([negative[rows]] if self.guided else []) + [target[rows], source[rows]]
-        return torch.cat(parts + ([source[rows]] if self.calibrate else []))
+        parts = {"uncond": negative, "target": target, "source": source, "plain": source}
+        return torch.cat([parts[kind][rows] for kind in self.held])
+
+
+def split_step_calls(
+    num_pairs: int, pairs_per_call: int, guided: bool, calibrate: bool
+) -> list[list[tuple[range, CallRows]]]:
+    """The calls of one step, as phases of ``(pairs, layout)``: all rows in calls of ``pairs_per_call`` pairs
+    when they fit in one call; else the target-side rows (uncond, target, plain: never transported) in
+    calls of as many rows, then the source rows, one per pair, in calls that ``TrajectoryFit.run_together``
+    (a module's map needs every pair's source rows; the target rows are then all recorded)."""
+    if pairs_per_call >= num_pairs:
+        return [[(range(num_pairs), CallRows(num_pairs, guided, calibrate))]]
+    budget = pairs_per_call * CallRows(1, guided, calibrate).copies  # rows per call
+    others = tuple(kind for kind in CallRows(1, guided, calibrate).held if kind != "source")
+    phases = []
+    for kinds, per_call in ((others, max(1, budget // len(others))), (("source",), budget)):
+        phases.append(
+            [
+                (chunk, CallRows(len(chunk), guided, calibrate, kinds))
+                for chunk in call_chunks(num_pairs, per_call)
+            ]
+        )
+    return phases
 
 
 def source_prediction(
@@ -156,6 +198,19 @@ def source_prediction(
     return transported if trajectory == "steered" else target
 
 
+def _fitting_call(
+    session: TrajectoryFit,
+    level: float,
+    call: Callable[[torch.Tensor, Any, list[int], CallRows], torch.Tensor],
+    latents: torch.Tensor,
+    t: Any,
+    chunk: range,
+    layout: CallRows,
+) -> torch.Tensor:
+    with session.call(level, source=layout.source, target=layout.target):
+        return call(latents, t, list(chunk), layout)
+
+
 def follow_trajectory(
     run: TrajectoryRun,
     latents: torch.Tensor,
@@ -168,38 +223,38 @@ def follow_trajectory(
     guidance_scale: float,
     guide: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """The sampling loop of hosts that run their own scheduler: at each timestep, every chunk of the run's
-    pairs in one denoiser call (``call(latents, t, rows, layout)``) that ``run.session`` fits and
+    """The sampling loop of hosts that run their own scheduler: at each timestep, the run's pairs in
+    denoiser calls (``call(latents, t, rows, layout)``; ``split_step_calls``) that ``run.session`` fits and
     transports, then ``advance(prediction, t, latents)`` with the guided prediction of the steered rows.
     ``guide(uncond, cond)`` is the sampler's CFG rule where it is not the plain
     ``uncond + guidance_scale * (cond - uncond)`` (QwenImagePipeline rescales the result to the cond norm)."""
-    session, calibrate = run.session, run.calibrate
-    chunks = call_chunks(len(run.source), run.pairs_per_call)
-    total, done = len(timesteps) * len(chunks), 0
+    session, calibrate, pairs = run.session, run.calibrate, len(run.source)
+    phases = split_step_calls(pairs, run.pairs_per_call, guided, calibrate)
+    total, done = len(timesteps) * sum(len(phase) for phase in phases), 0
     for step, t in enumerate(timesteps):
         level = level_of(t)
-        calls = []
-        for chunk in chunks:
-            rows = list(chunk)
-            layout = CallRows(len(rows), guided, calibrate)
-            with session.call(level, source=layout.source, target=layout.target):
-                output = call(latents, t, rows, layout)
-            calls.append((layout, output))
-            done += 1
+        joined: dict[str, list[torch.Tensor]] = {kind: [] for kind in ROW_KINDS}
+        for phase in phases:
+            outputs = session.run_together(
+                [
+                    functools.partial(_fitting_call, session, level, call, latents, t, chunk, layout)
+                    for chunk, layout in phase
+                ]
+            )
+            for (_, layout), output in zip(phase, outputs, strict=True):
+                for kind in layout.held:
+                    joined[kind].append(output[layout.rows(kind)])
+            done += len(phase)
             run.progress(done, total, f"step {step + 1}/{len(timesteps)}")
-        joined = {
-            name: torch.cat([output[getattr(layout, name)] for layout, output in calls])
-            for name in ("target", "source", "plain")
-        }
         chosen = source_prediction(
             session,
-            joined["target"],
-            joined["source"],
-            joined["plain"] if calibrate else None,
+            torch.cat(joined["target"]),
+            torch.cat(joined["source"]),
+            torch.cat(joined["plain"]) if calibrate else None,
             trajectory=run.trajectory,
         )
         if guided:
-            uncond = torch.cat([output[: layout.k] for layout, output in calls])
+            uncond = torch.cat(joined["uncond"])
             chosen = uncond + guidance_scale * (chosen - uncond) if guide is None else guide(uncond, chosen)
         latents = advance(chosen, t, latents)
     return latents

@@ -38,10 +38,12 @@ plain model's activations, and the latents follow the un-steered source rows.
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -62,6 +64,7 @@ from .recording import (
 )
 
 Rows = slice | torch.Tensor
+T = TypeVar("T")
 TRAJECTORIES = ("steered", "target")
 CALIBRATION_RANGE = (0.5, 3.0)
 TRAJECTORY_MODES = ("causal", "at_once")
@@ -80,6 +83,31 @@ class TrajectoryStats:
     steps: int = 0
     estimation_seconds: float = 0.0
     strategy: str = "exact"
+    concurrent_calls: int = 0  # calls that ran in rendezvous groups (``TrajectoryFit.run_together``)
+
+
+class _Aborted(Exception):
+    """Raised in a rendezvous member when another member failed; the first error is re-raised."""
+
+
+@dataclass
+class _Call:
+    """One model call in flight (per thread): its rows, what it recorded, its place in the step."""
+
+    source: Rows | None
+    target: Rows | None
+    key: tuple[int, int]
+    group: _Group | None
+    ran: set[str] = field(default_factory=set)
+    rows: tuple[int, int] | None = None
+
+
+@dataclass
+class _Group:
+    """Calls that run together in threads and meet at every hooked module (``run_together``)."""
+
+    live: int
+    error: BaseException | None = None
 
 
 class TrajectoryFit(ForwardHooks):
@@ -92,12 +120,16 @@ class TrajectoryFit(ForwardHooks):
     ...         ...                                  # advance the latents with the source rows' guided output
     ...     act_map = session.result(metadata)
 
-    A step is all the calls at one noise level. When its first call holds all ``num_pairs`` source and
-    target rows, every module is fitted inside that call (exact causal). When the host splits the
-    rows over several calls (memory), the step's maps are fitted once all pairs were seen, and the
-    source rows are transported with the previous step's maps meanwhile (``"lagged"``). A call at a
-    noise level that was fitted before (e.g. Heun's second evaluation) is steered with that level's
-    maps and not recorded.
+    A step is all the calls at one noise level. A module's map for the step is fitted as soon as every
+    pair's source and target rows have passed it, and the source rows are transported with it before the
+    forward goes on (exact causal). Target rows never need a map, so a host short of memory runs a step as:
+    calls holding the target (and uncond / plain) rows first, then the source rows in one call, or in
+    several calls that ``run_together`` in threads and meet at every hooked module (one runs at a time, so
+    memory holds one call's working set plus the others' paused state). Only where a call's source rows
+    must be transported before the step's other source rows can reach a module (calls run one after the
+    other) are they transported with the previous step's map (``"lagged"``, reported and warned about). A
+    call at a noise level fitted before (e.g. Heun's second evaluation) is steered with that level's maps
+    and not recorded.
     """
 
     def __init__(
@@ -129,15 +161,19 @@ class TrajectoryFit(ForwardHooks):
         self.gains: dict[int, float] = {}
         self.order: list[str] = []
         self.maps: dict[str, list[ModuleMap]] = {}
-        self._samples: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        # module -> (source, target) samples of the open step, each with its call's key (pair order)
+        self._samples: dict[str, tuple[list, list]] = {}
+        self._counts: dict[str, list[int]] = {}  # module -> [source rows, target rows] seen this step
         self._level: float | None = None
         self._seen = {"source": 0, "target": 0}
-        self._exact = False
         self._replay: int | None = None  # bucket index of a call at an already fitted level
         self._last_level: float | None = None
-        self._call: tuple[Rows | None, Rows | None] | None = None
-        self._call_rows: tuple[int, int] | None = None
-        self._ran: set[str] = set()
+        self._local = threading.local()
+        # The baton: a rendezvous member holds it while it runs and lets go only while it waits at a module.
+        self._cond = threading.Condition(threading.RLock())
+        self._waiting: dict[int, str] = {}  # waiting thread -> module
+        self._epoch = 0  # bumped when every live member waits and none can complete a module (a stall)
+        self._calls = 0
         self._strategies: set[str] = set()
 
     # ------------------------------------------------------------------------------------ host API
@@ -145,40 +181,96 @@ class TrajectoryFit(ForwardHooks):
     def call(self, level: float, *, source: Rows | None, target: Rows | None) -> Iterator[None]:
         """One model call at noise level ``level`` (in [0, 1], 1 = pure noise) with these rows.
 
-        ``source`` / ``target`` select the rows of each prompt set in the call's batch; a host whose
-        calls carry only one of the two (memory splits) passes None for the other.
+        ``source`` / ``target`` select the rows of each prompt set in the call's batch; a call that holds
+        only one of the two (a split step) passes None for the other.
         """
-        if self._call is not None:
+        if getattr(self._local, "call", None) is not None:
             raise ACTInputError("TrajectoryFit.call() cannot be nested.")
         level = float(level)
         if not 0.0 <= level <= 1.0:
             raise ACTInputError(f"Noise levels are in [0, 1] (1 = pure noise), got {level}.")
-        level = self._known_level(level)
-        if level != self._level:
-            self._close_step()
-            self._replay = self.levels.index(level) if level in self.levels else None
-            if self._replay is None:
-                self._level, self._seen, self._exact = level, {"source": 0, "target": 0}, False
-                self.levels.append(level)
+        with self._cond:
+            level = self._open(level)
+            member = getattr(self._local, "member", None)  # set in a ``run_together`` thread
+            if member is None:
+                self._calls += 1
+                key, group = (self._calls, 0), None
             else:
-                self._level = None  # replayed calls never open a step
-        self._call, self._call_rows, self._ran = (source, target), None, set()
-        self._last_level = level
+                key, group = member
+            context = _Call(source, target, key, group)
+            self._local.call = context
+            self._last_level = level
         try:
             yield
         finally:
-            self._call = None
-            self.stats.model_calls += 1
-        if self._replay is None and self._call_rows is not None:
-            for side, count in zip(("source", "target"), self._call_rows, strict=True):
-                self._seen[side] += count
-                if self._seen[side] > self.num_pairs:
-                    raise ACTInputError(
-                        f"Noise level {level} saw {self._seen[side]} {side} rows, more than num_pairs="
-                        f"{self.num_pairs}; each prompt pair must run once per step."
-                    )
-            if self._seen["source"] == self._seen["target"] == self.num_pairs:
-                self._close_step()
+            with self._cond:
+                self._local.call = None
+                self.stats.model_calls += 1
+                if group is not None:
+                    self.stats.concurrent_calls += 1
+        with self._cond:
+            self._count_rows(level, context)
+
+    def run_together(self, calls: Sequence[Callable[[], T]]) -> list[T]:
+        """Run ``calls`` each in a thread, their model calls (``call``, inside them) meeting at every hooked
+        module: a module's map is fitted once every source row of the step has reached it, so calls that
+        hold parts of a step's source rows give the maps of one call holding them all.
+
+        One runs at a time (the others wait at a module), so memory holds one call's working set and the
+        others' paused activations. Returns the results in order; a failure in one stops all and is
+        re-raised here. A single call runs in the calling thread.
+        """
+        if len(calls) == 1:
+            return [calls[0]()]
+        grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+        group = _Group(live=len(calls))
+        with self._cond:
+            self._calls += 1
+            first = self._calls
+        results: list[Any] = [None] * len(calls)
+
+        def member(slot: int, run: Callable[[], T]) -> None:
+            try:
+                with self._cond, torch.set_grad_enabled(grad), torch.inference_mode(inference):
+                    if group.error is not None:
+                        raise _Aborted
+                    self._local.member = ((first, slot), group)
+                    results[slot] = run()
+            except _Aborted:
+                pass
+            except BaseException as error:  # noqa: BLE001 - re-raised in the calling thread below
+                self._fail(group, error)
+            finally:
+                self._local.member = None
+                with self._cond:
+                    group.live -= 1
+                    self._check_stall(group)
+
+        threads = [
+            threading.Thread(
+                target=contextvars.copy_context().run,  # the members see the caller's context variables
+                args=(member, slot, run),
+                name=f"act-fit-call-{slot}",
+                daemon=True,
+            )
+            for slot, run in enumerate(calls)
+        ]
+        started: list[threading.Thread] = []
+        try:
+            for thread in threads:
+                thread.start()
+                started.append(thread)
+            for thread in threads:
+                while thread.is_alive():
+                    thread.join(timeout=0.05)
+        except BaseException as error:  # e.g. KeyboardInterrupt here: stop the members too
+            self._fail(group, error)
+            for thread in started:
+                thread.join()
+            raise
+        if group.error is not None:
+            raise group.error
+        return results
 
     @property
     def current_level(self) -> float | None:
@@ -224,7 +316,7 @@ class TrajectoryFit(ForwardHooks):
                 *(torch.stack([getattr(m, f) for m in per_step]) for f in ("omega", "beta", "low", "high")),
                 apply_mode=per_step[0].apply_mode,
             )
-        strategy = "exact" if self._strategies <= {"exact"} else "lagged"
+        strategy = "lagged" if "lagged" in self._strategies else "exact"
         self.stats.strategy = strategy
         info = {
             "mode": self.mode,
@@ -241,7 +333,7 @@ class TrajectoryFit(ForwardHooks):
     # ------------------------------------------------------------------------------------ hooks
     def _make_hook(self, name: str):
         def hook(module: nn.Module, args: Any, output: Any) -> Any:
-            call = self._call
+            call: _Call | None = getattr(self._local, "call", None)
             if call is None:
                 return None  # a forward that is not part of this fit
             x = read_output(self.modules[name], output)
@@ -249,44 +341,119 @@ class TrajectoryFit(ForwardHooks):
                 raise ACTInputError(
                     f"Module {name!r} returned {type(output).__name__}, not a tensor; it cannot be hooked."
                 )
-            if name in self._ran:
+            if name in call.ran:
                 raise ACTInputError(
                     f"Module {name!r} ran more than once in one model call; trajectory fitting needs each "
                     "hooked module to run once per call (pick other modules)."
                 )
-            self._ran.add(name)
-            source_rows, target_rows = call
-            source = x[source_rows] if source_rows is not None else x[:0]
-            target = x[target_rows] if target_rows is not None else x[:0]
+            call.ran.add(name)
+            source = x[call.source] if call.source is not None else x[:0]
+            target = x[call.target] if call.target is not None else x[:0]
             if self._replay is not None:
                 module_map = self._map_at(name, self._replay)
             else:
-                module_map = self._record(name, source, target)
-            if module_map is None or self.mode == "at_once" or source_rows is None:
+                module_map = self._record(name, call, source, target)
+            if module_map is None or self.mode == "at_once" or call.source is None:
                 return None
             y = x.clone()
-            y[source_rows] = transport(source, module_map, 1.0)
+            y[call.source] = transport(source, module_map, 1.0)
             return write_output(self.modules[name], output, y)
 
         return hook
 
-    def _record(self, name: str, source: torch.Tensor, target: torch.Tensor) -> ModuleMap | None:
-        """Pool this call's rows; fit now when the call holds the whole step (exact), else lag."""
-        if self._call_rows is None:
-            self._call_rows = (source.shape[0], target.shape[0])
-            if self._seen["source"] == self._seen["target"] == 0:
-                self._exact = source.shape[0] == target.shape[0] == self.num_pairs
-                self._strategies.add("exact" if self._exact else "lagged")
-        if name not in self.order:
-            self.order.append(name)
-        sources, targets = self._samples.setdefault(name, ([], []))
-        if source.shape[0]:
-            sources.append(self.summarise(source))
-        if target.shape[0]:
-            targets.append(self.summarise(target))
-        if self._exact:
-            return self._fit(name)
-        return self._map_at(name, len(self.levels) - 2)  # the previous step's map (none at the first)
+    def _record(self, name: str, call: _Call, source: torch.Tensor, target: torch.Tensor) -> ModuleMap | None:
+        """Pool this call's rows; the step's map once every pair reached this module (waiting for the other
+        members of a rendezvous group), else the previous step's map (lagged)."""
+        pooled = (
+            self.summarise(source) if source.shape[0] else None,
+            self.summarise(target) if target.shape[0] else None,
+        )
+        with self._cond:
+            if call.rows is None:
+                call.rows = (source.shape[0], target.shape[0])
+            if name not in self.order:
+                self.order.append(name)
+            samples = self._samples.setdefault(name, ([], []))
+            counts = self._counts.setdefault(name, [0, 0])
+            for side, part in enumerate(pooled):
+                if part is not None:
+                    samples[side].append((call.key, part))
+                    counts[side] += (source, target)[side].shape[0]
+            if self.mode == "at_once" or call.source is None:
+                return None  # nothing of this call is transported: no need to wait
+            released = False
+            while True:
+                if self._fitted_now(name):
+                    return self.maps[name][-1]
+                if self._counts[name] == [self.num_pairs, self.num_pairs]:
+                    module_map = self._fit(name)
+                    self._waiting = {t: at for t, at in self._waiting.items() if at != name}
+                    self._cond.notify_all()
+                    return module_map
+                if call.group is None or released:
+                    self._strategies.add("lagged")
+                    return self._map_at(name, len(self.levels) - 2)  # the previous step's (none at the first)
+                released = self._wait(name, call.group)
+
+    def _wait(self, name: str, group: _Group) -> bool:
+        """Wait (letting another member run) until ``name`` is fitted; True when released by a stall."""
+        epoch, me = self._epoch, threading.get_ident()
+        self._waiting[me] = name
+        self._check_stall(group)
+        while (
+            not self._fitted_now(name)
+            and self._counts[name] != [self.num_pairs, self.num_pairs]
+            and epoch == self._epoch
+            and group.error is None
+        ):
+            self._cond.wait()
+        self._waiting.pop(me, None)
+        if group.error is not None:
+            raise _Aborted
+        return epoch != self._epoch
+
+    def _check_stall(self, group: _Group) -> None:
+        """Every live member waits and none can bring the rows a module lacks (a member split its rows over
+        calls of its own): release them all, to go on with the previous step's maps (lagged)."""
+        if group.live > 0 and len(self._waiting) >= group.live and group.error is None:
+            self._epoch += 1
+            self._waiting.clear()
+            self._cond.notify_all()
+
+    def _fail(self, group: _Group, error: BaseException) -> None:
+        with self._cond:
+            if group.error is None:
+                group.error = error
+            self._cond.notify_all()
+
+    def _fitted_now(self, name: str) -> bool:
+        return len(self.maps.get(name, ())) == len(self.levels)
+
+    def _open(self, level: float) -> float:
+        """The known level equal to ``level``; a new level opens a step (closing the previous one)."""
+        level = self._known_level(level)
+        if level != self._level:
+            self._close_step()
+            self._replay = self.levels.index(level) if level in self.levels else None
+            if self._replay is None:
+                self._level, self._seen, self._counts = level, {"source": 0, "target": 0}, {}
+                self.levels.append(level)
+            else:
+                self._level = None  # replayed calls never open a step
+        return level
+
+    def _count_rows(self, level: float, call: _Call) -> None:
+        if self._replay is not None or call.rows is None:
+            return
+        for side, count in zip(("source", "target"), call.rows, strict=True):
+            self._seen[side] += count
+            if self._seen[side] > self.num_pairs:
+                raise ACTInputError(
+                    f"Noise level {level} saw {self._seen[side]} {side} rows, more than num_pairs="
+                    f"{self.num_pairs}; each prompt pair must run once per step."
+                )
+        if self._seen["source"] == self._seen["target"] == self.num_pairs:
+            self._close_step()
 
     def _known_level(self, level: float) -> float:
         """A fitted level equal to ``level`` up to float noise (a scheduler that computes one timestep twice
@@ -303,30 +470,35 @@ class TrajectoryFit(ForwardHooks):
     def _fit(self, name: str) -> ModuleMap:
         start = time.perf_counter()
         sources, targets = self._samples.pop(name)
-        module_map = self.estimate(name, torch.cat(sources), torch.cat(targets))
+        ordered = [
+            torch.cat([part for _, part in sorted(side, key=lambda item: item[0])])
+            for side in (sources, targets)
+        ]
+        module_map = self.estimate(name, *ordered)
         self.maps.setdefault(name, []).append(module_map)
         self.stats.estimation_seconds += time.perf_counter() - start
         return module_map
 
     def _close_step(self) -> None:
-        """Fit what a split step recorded, and check that every module has this step's map."""
-        if self._level is None:
-            return
-        level, self._level = self._level, None
-        if set(self._seen.values()) - {0, self.num_pairs} or len(set(self._seen.values())) > 1:
-            raise ACTInputError(
-                f"Noise level {level} saw {self._seen['source']} source and {self._seen['target']} target rows of "
-                f"{self.num_pairs} prompt pairs; every pair must run at every step."
-            )
-        for name in [n for n in self.order if n in self._samples]:
-            self._fit(name)
-        missing = [n for n in self.order if len(self.maps.get(n, [])) != len(self.levels)]
-        if missing:
-            raise ACTInputError(
-                f"Module {missing[0]!r} did not run at noise level {level}; every hooked module must run at "
-                "every step."
-            )
-        self.stats.steps += 1
+        """Fit what a split step left unfitted, and check that every module has this step's map."""
+        with self._cond:
+            if self._level is None:
+                return
+            level, self._level = self._level, None
+            if set(self._seen.values()) - {0, self.num_pairs} or len(set(self._seen.values())) > 1:
+                raise ACTInputError(
+                    f"Noise level {level} saw {self._seen['source']} source and {self._seen['target']} target "
+                    f"rows of {self.num_pairs} prompt pairs; every pair must run at every step."
+                )
+            for name in [n for n in self.order if n in self._samples]:
+                self._fit(name)
+            missing = [n for n in self.order if len(self.maps.get(n, [])) != len(self.levels)]
+            if missing:
+                raise ACTInputError(
+                    f"Module {missing[0]!r} did not run at noise level {level}; every hooked module must run at "
+                    "every step."
+                )
+            self.stats.steps += 1
 
 
 def calibration_gain(target: torch.Tensor, transported: torch.Tensor, plain: torch.Tensor) -> float:

@@ -55,7 +55,8 @@ class FitOptions:
     trajectory: str = "steered"
     statistic: str | None = None
     calibrate: bool | None = None
-    batch_size: int | None = None
+    batch_size: int | None = None  # the first-step engine's batches; the trajectory's too, unless:
+    max_pairs_per_call: int | None = None  # prompt pairs per denoiser call of a trajectory fit (None: memory)
     seed: int = 0
     statistics_steps: int = 1
     causal_strategy: str = "auto"
@@ -259,6 +260,8 @@ def _fit_one_side(
         raise ACTInputError("statistics_steps must be at most the number of sampling steps.")
     if options.batch_size is not None:
         check_positive_int(options.batch_size, "batch_size")
+    if options.max_pairs_per_call is not None:
+        check_positive_int(options.max_pairs_per_call, "max_pairs_per_call")
     host.check_prompt_sets(source, target)
     modules = preset_modules(host, spec, options.parts)
     denoiser_modules = {n: m for n, m in modules.items() if part_of(n) == family.denoiser}
@@ -300,6 +303,7 @@ def _fit_one_side(
                 statistic=options.statistic or spec.statistic,
                 calibrate=spec.calibrate if options.calibrate is None else bool(options.calibrate),
                 batch_size=options.batch_size,
+                max_pairs_per_call=options.max_pairs_per_call or options.batch_size,
                 progress=progress,
             )
     uses_denoiser = bool(denoiser_modules)
@@ -340,6 +344,7 @@ def _fit_along_trajectory(
     statistic: str,
     calibrate: bool,
     batch_size: int | None,
+    max_pairs_per_call: int | None,
     progress: Report | None,
 ) -> ACTMap:
     """Text-encoder modules first (first-step engine, no denoiser), then the denoiser along the trajectory
@@ -367,7 +372,7 @@ def _fit_along_trajectory(
     source_pairs, target_pairs = prompt_pairs(source, target)
     pairs = len(source_pairs)
     rows_per_pair = CallRows(1, host.settings.guided, calibrate).copies
-    per_call = batch_size or host.pairs_per_call(pairs, rows_per_pair)
+    per_call = min(pairs, max_pairs_per_call or host.pairs_per_call(pairs, rows_per_pair))
     estimator = ModuleEstimator(
         estimator_options["method"],
         estimator_options["support"],
@@ -403,11 +408,11 @@ def _fit_along_trajectory(
     )
     if session.stats.strategy == "lagged":
         warnings.warn(
-            f"ACT fitting split each step's {pairs} prompt pairs over {denoiser} calls ({per_call} per call: "
-            "memory, or a model that takes each prompt in calls of its own), so the source rows were steered "
-            "with the previous step's maps while a step was recorded ('lagged': approximately causal). Where "
-            "memory is the reason, pass a larger batch_size if memory allows, or fewer prompts or a smaller "
-            "size, for exact fitting.",
+            f"ACT fitting could not bring each step's {pairs} prompt pairs to the {denoiser}'s modules together "
+            f"(the host ran their source rows in calls one after the other), so some source rows were steered "
+            "with the previous step's maps while a step was recorded ('lagged': approximately causal, weaker "
+            "at lambda 1). Lower max_pairs_per_call (fewer rows per call) so that the fit plans the split "
+            "itself, which is exact.",
             ACTWarning,
             stacklevel=4,
         )

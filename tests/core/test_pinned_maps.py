@@ -23,7 +23,7 @@ DIFFUSERS_CASES = [name for name in pinned_maps.CASES if name != "comfy_fit_node
 def test_diffusers_fits_equal_the_pinned_maps(name):
     """Every tensor within float32 rounding of the pinned one (``compare`` raises naming the module)."""
     fitted = pinned_maps.CASES[name]()
-    pinned = ACTMap.load(pinned_maps.PINNED / f"{name}.safetensors")
+    pinned = ACTMap.load(pinned_maps.pinned_path(name))
     pinned_maps.compare(fitted, pinned, pinned_maps.LOOSE.get(name, (pinned_maps.RTOL, pinned_maps.ATOL)))
 
 

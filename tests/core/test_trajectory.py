@@ -111,6 +111,72 @@ def test_split_calls_fall_back_to_lagged_and_stay_close():
         assert gap < 0.25 * exact.modules[name].beta.abs().mean() + 0.02, name
 
 
+def fitted_together(model, calls_of_sources=3, member_splits=1, levels=LEVELS, fail_in=None):
+    """Each step as a split host runs it: the target rows in one call, then the source rows in
+    ``calls_of_sources`` calls that meet at every module (``run_together``); a member may itself run its
+    rows as ``member_splits`` calls one after the other (what ComfyUI does when memory is short)."""
+    modules = select_modules(model, ["*norm*"])
+    session = TrajectoryFit(modules, ModuleEstimator("linear", "unbounded", "per_element"), num_pairs=N)
+    source, target = data()
+    chunk = N // calls_of_sources
+    with session, torch.no_grad():
+        for level in levels:
+            with session.call(level, source=None, target=slice(0, N)):
+                model(target * (1 + level))
+
+            def member(k, level=level):
+                rows = source[k * chunk : (k + 1) * chunk] * (1 + level)
+                if k == fail_in:
+                    raise RuntimeError("out of memory in member")
+                if member_splits == 1:
+                    return model(rows)
+                part = chunk // member_splits
+                outputs = []
+                for j in range(member_splits):
+                    with session.call(level, source=slice(0, part), target=None):
+                        outputs.append(model(rows[j * part : (j + 1) * part]))
+                return torch.cat(outputs)
+
+            def opened(k, level=level):
+                with session.call(level, source=slice(0, chunk), target=None):
+                    return member(k)
+
+            runs = [
+                lambda k=k: member(k) if member_splits > 1 else opened(k) for k in range(calls_of_sources)
+            ]
+            outputs = session.run_together(runs)
+            assert torch.cat(outputs).shape == (N, 16)
+    return session, session.result()
+
+
+@pytest.mark.parametrize("calls", [2, 3, 12])
+def test_source_calls_that_meet_at_every_module_give_the_one_call_maps(calls):
+    """Exact fitting at any memory budget: the step's source rows over several calls (one pair each at
+    most), meeting at every module, give the maps of one call holding all rows."""
+    model = Stack(depth=4)
+    _, exact, _ = fitted(model)
+    session, together = fitted_together(model, calls_of_sources=calls)
+    assert session.stats.strategy == "exact" and together.metadata["causal_strategy"] == "exact"
+    assert session.stats.concurrent_calls == calls * len(LEVELS)
+    for name, module_map in exact.modules.items():
+        torch.testing.assert_close(together.modules[name].omega, module_map.omega, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(together.modules[name].beta, module_map.beta, rtol=1e-5, atol=1e-6)
+
+
+def test_a_member_that_splits_its_rows_falls_back_to_lagged_without_deadlock():
+    """A member running its rows as calls one after the other cannot bring them to a module together: the
+    rendezvous notices that every live member waits, releases them (lagged), and the fit completes."""
+    model = Stack(depth=3)
+    session, act_map = fitted_together(model, calls_of_sources=2, member_splits=2)
+    assert session.stats.strategy == "lagged" and act_map.buckets == LEVELS
+
+
+def test_a_failing_member_stops_the_group_and_raises_its_error():
+    model = Stack(depth=3)
+    with pytest.raises(RuntimeError, match="out of memory in member"):
+        fitted_together(model, calls_of_sources=3, fail_in=1)
+
+
 def test_at_once_never_transports_while_fitting():
     model = Stack(depth=3)
     session, act_map, _ = fitted(model, mode="at_once")

@@ -257,6 +257,7 @@ class ACTPipelineMixin:
         statistic: str | None = None,
         calibrate: bool | None = None,
         batch_size: int | None = None,
+        max_pairs_per_call: int | None = None,
         seed: int = 0,
         statistics_steps: int = 1,
         causal_strategy: str = "auto",
@@ -279,8 +280,11 @@ class ACTPipelineMixin:
 
         Protocol ``"first_step"`` (preset ``unet_norms_first_step``, the paper's) uses the cond branch of
         the first ``statistics_steps`` steps, guidance off. Text-encoder-only presets run no denoiser.
-        ``batch_size``: prompt pairs per denoiser call (default: all that fit in memory, which is exact;
-        fewer fall back to "lagged" fitting, with a warning). ``progress`` shows a tqdm bar (True), nothing
+        ``max_pairs_per_call``: at most this many prompt pairs per denoiser call (default: as many as fit in
+        memory). A step that does not fit in one call runs the target-side rows first, then the source rows
+        in calls that meet at every hooked module: the maps equal the one-call fit's, for the same denoiser
+        work. ``batch_size``: the first-step engine's batches (and max_pairs_per_call's default, for
+        compatibility). ``progress`` shows a tqdm bar (True), nothing
         (False), or calls your ``progress(done, total, what)``.
         """
         settings = sampling_settings(
@@ -305,6 +309,7 @@ class ACTPipelineMixin:
             statistic=statistic,
             calibrate=calibrate,
             batch_size=batch_size,
+            max_pairs_per_call=max_pairs_per_call,
             seed=seed,
             statistics_steps=statistics_steps,
             causal_strategy=causal_strategy,
