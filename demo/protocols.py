@@ -389,9 +389,9 @@ PROTOCOLS = {
             families=ALL,
         ),
         Protocol(
-            "lagged",
-            "new default split into calls of 4 pairs (bounded-memory fallback)",
-            {"batch_size": 4},
+            "split_calls",
+            "new default with every step split into calls of 1 pair (exact at any memory budget)",
+            {"max_pairs_per_call": 1},
             families=ALL,
         ),
         Protocol("attention_norms", "new default on transformer-block norms only", {"preset": _ATTENTION}),

@@ -323,6 +323,18 @@ class ACTFitMap(io.ComfyNode):
                     "Then strength -1 looks like these prompts and +1 like the target prompts. Leave empty for "
                     "a one-sided slider.",
                 ),
+                advanced(
+                    io.Int.Input(
+                        "max_pairs_per_call",
+                        default=0,
+                        min=0,
+                        max=256,
+                        optional=True,
+                        tooltip="0 (auto): as many prompt pairs per model call as ComfyUI's memory estimate "
+                        "allows. Lower it if the fit runs out of memory: the map stays the same (the calls of "
+                        "a step meet at every layer), only slower.",
+                    )
+                ),
             ],
             outputs=[
                 ActMap.Output(
@@ -363,6 +375,7 @@ class ACTFitMap(io.ComfyNode):
         scheduler="normal",
         negative_prompt="",
         less_prompts="",
+        max_pairs_per_call=0,
     ) -> io.NodeOutput:
         import comfy.utils
 
@@ -395,6 +408,7 @@ class ACTFitMap(io.ComfyNode):
                 causal_strategy=causal_strategy,
                 progress=lambda done, total: bar.update_absolute(done, total),
                 less_text=less_prompts,
+                max_pairs_per_call=max_pairs_per_call,
             )
         # warnings reached only the server log: the summary output (Preview Any) and the node itself show them
         summary = with_warnings(act_map.summary(), messages)

@@ -20,6 +20,7 @@ Prompt pair i (source i, target i; the shorter list repeats) gets the noise of s
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -32,7 +33,7 @@ from act_core._version import __version__
 from act_core.errors import ACTInputError
 from act_core.families import COMFY_CLASS_KEY, ModelFamily
 from act_core.maps import ACTMap, part_of
-from act_core.sampling import SamplingSettings, TrajectoryRun, source_prediction
+from act_core.sampling import SamplingSettings, TrajectoryRun, call_chunks, source_prediction
 from act_core.trajectory import TrajectoryFit
 from act_core.validation import (
     check_prompt_sets,
@@ -76,39 +77,75 @@ def family_preset(family: ModelFamily, preset_name: str) -> Any:
 
 
 # ------------------------------------------------------------------------------------------ trajectory
+def source_chunks(pairs: int, pairs_per_call: int) -> list[range]:
+    """The pairs of each source call of a step (all in one when they fit)."""
+    return call_chunks(pairs, max(1, min(pairs, pairs_per_call)))
+
+
 class _FitGuider:
-    """Factory for a CFGGuider subclass (ComfyUI is imported lazily): at every model evaluation the source
-    conds, the negative, the target conds and (``calibrate``) the source conds again, untransported, run on
-    the same latents; the latents follow ``source_prediction`` of those rows, guided by ComfyUI's CFG."""
+    """Factory for a CFGGuider subclass (ComfyUI is imported lazily). At every model evaluation: the negative,
+    the target conds and (``calibrate``) the source conds again, untransported, through ComfyUI's
+    ``calc_cond_batch`` (batched and split as ComfyUI sees fit: nothing there is transported); then the source
+    conds, in calls that meet at every hooked module (``TrajectoryFit.run_together``), so each module's map
+    is fitted on every pair's rows before any source row goes on: exact at any memory budget. The latents
+    follow ``source_prediction`` of those rows, guided by ComfyUI's CFG."""
 
     @staticmethod
     def build(
-        model: Any, session: TrajectoryFit, calibrate: bool, trajectory: str, pairs: int | None = None
+        model: Any,
+        session: TrajectoryFit,
+        calibrate: bool,
+        trajectory: str,
+        chunks: list[range],
+        pairs: int | None = None,
     ) -> Any:
-        """``pairs``: the number of prompt pairs when each pair has conds of its own (``source_<i>`` and
-        ``target_<i>``, evaluated on its own latent); None: one stacked cond per prompt set."""
+        """``chunks``: the pairs of each call (conds ``source_chunk_<c>``, ``target_chunk_<c>`` and
+        ``negative_chunk_<c>`` when there are several); ``pairs``: the number of prompt pairs when each pair has conds of its own (``source_<i>`` and
+        ``target_<i>``, evaluated on its own latent, one call each); None: one stacked cond per prompt set."""
         import comfy.samplers
 
         class FitGuider(comfy.samplers.CFGGuider):
             def evaluate(self, x, timestep, model_options, negative):
                 """calc_cond_batch's outputs for [source, negative, target, (plain)], all pairs."""
-                names = (
-                    [("positive", "target")]
-                    if pairs is None
-                    else [(f"source_{i}", f"target_{i}") for i in range(pairs)]
-                )
-                outs = []
-                for i, (source, target) in enumerate(names):
-                    conds = [self.conds[source], negative, self.conds[target]]
-                    if calibrate:
-                        conds.append(self.conds[source])  # PLAIN_COND: not transported
-                    rows = slice(None) if pairs is None else slice(i, i + 1)
-                    outs.append(
+                guided = negative is not None
+                if pairs is not None:
+                    groups = [
+                        (slice(i, i + 1), self.conds[f"source_{i}"], self.conds[f"target_{i}"], negative)
+                        for i in range(pairs)
+                    ]
+                elif len(chunks) == 1:
+                    groups = [(slice(None), self.conds["positive"], self.conds["target"], negative)]
+                else:
+                    groups = [
+                        (
+                            slice(chunk.start, chunk.stop),
+                            self.conds[f"source_chunk_{c}"],
+                            self.conds[f"target_chunk_{c}"],
+                            self.conds[f"negative_chunk_{c}"] if guided else None,
+                        )
+                        for c, chunk in enumerate(chunks)
+                    ]
+                others = []
+                for rows, source, target, uncond in groups:  # never transported: ComfyUI batches as it likes
+                    conds = [None, uncond, target] + ([source] if calibrate else [])
+                    others.append(
                         comfy.samplers.calc_cond_batch(
                             self.inner_model, conds, x[rows], timestep[rows], model_options
                         )
                     )
-                return [torch.cat([out[k] for out in outs]) for k in range(len(outs[0]))]
+
+                def source_call(rows, source):
+                    conds = [source, None, None] + ([None] if calibrate else [])
+                    return comfy.samplers.calc_cond_batch(
+                        self.inner_model, conds, x[rows], timestep[rows], model_options
+                    )[SOURCE_COND]
+
+                steered = session.run_together(
+                    [functools.partial(source_call, rows, source) for rows, source, _, _ in groups]
+                )
+                outs = [torch.cat([out[k] for out in others]) for k in range(len(others[0]))]
+                outs[SOURCE_COND] = torch.cat(steered)
+                return outs
 
             def predict_noise(self, x, timestep, model_options={}, seed=None):  # noqa: B006 - ComfyUI's signature
                 negative = None if math.isclose(self.cfg, 1.0) else self.conds.get("negative")
@@ -245,9 +282,18 @@ class ComfyFitHost:
         return torch.inference_mode(self.inference)
 
     def pairs_per_call(self, num_pairs: int, rows_per_pair: int) -> int:
+        """Source pairs per call: as many as ComfyUI's own estimate (``memory_required``, with the 1.5 margin
+        ``calc_cond_batch`` uses) fits in free memory; the other rows are ComfyUI's to batch."""
         if not self.family.comfy_batched_prompts:
             return 1  # each pair on its own conds, in calls of its own (ModelFamily.comfy_batched_prompts)
-        return num_pairs  # ComfyUI batches the conds itself (calc_cond_batch, by free memory)
+        import comfy.model_management as mm
+
+        settings, base = self.settings, self.model.model
+        channels = int(getattr(getattr(base, "latent_format", None), "latent_channels", 4) or 4)
+        shape = [channels, settings.height // 8, settings.width // 8]
+        free = mm.get_free_memory(self.model.load_device)
+        fits = [k for k in range(1, num_pairs + 1) if base.memory_required([k, *shape]) * 1.5 < free]
+        return max(fits, default=1)
 
     def steer_text_encoders(self, text_map: ACTMap) -> contextlib.AbstractContextManager:
         return text_encoders_steered(clip_modules(self.clip, self.family), text_map)
@@ -258,6 +304,7 @@ class ComfyFitHost:
         import comfy.samplers
 
         model, clip, settings, pairs = self.model, self.clip, self.settings, len(run.source)
+        chunks = source_chunks(pairs, run.pairs_per_call)
         if self.family.comfy_batched_prompts:
             encoded = encode_prompts(clip, run.source + run.target, self.check)
             length, exact = common_length([cond.shape[1] for cond, _ in encoded])
@@ -270,7 +317,13 @@ class ComfyFitHost:
                 )
             positive = stack_conds(encoded[:pairs], length)
             conds = {"target": stack_conds(encoded[pairs:], length)}
-            negative = stack_conds(encode_prompts(clip, [settings.negative_prompt or ""], self.check) * pairs)
+            unguided = encode_prompts(clip, [settings.negative_prompt or ""], self.check)
+            negative = stack_conds(unguided * pairs)
+            if len(chunks) > 1:  # the calls of a split step take the conds of their pairs
+                for c, chunk in enumerate(chunks):
+                    conds[f"source_chunk_{c}"] = stack_conds([encoded[i] for i in chunk], length)
+                    conds[f"target_chunk_{c}"] = stack_conds([encoded[pairs + i] for i in chunk], length)
+                    conds[f"negative_chunk_{c}"] = stack_conds(unguided * len(chunk))
         else:  # each pair on its own conds, as CLIPTextEncode makes them
             conds = {
                 f"{side}_{i}": self.conditioning(prompt)
@@ -307,6 +360,7 @@ class ComfyFitHost:
             run.session,
             run.calibrate,
             run.trajectory,
+            chunks,
             pairs=None if self.family.comfy_batched_prompts else pairs,
         )
         guider.set_conds(positive, negative)
@@ -358,6 +412,13 @@ class ComfyFitHost:
         ):  # the diffusion model's class (a structural-fallback map applies to that class only)
             info[COMFY_CLASS_KEY] = type(self.model.model.diffusion_model).__name__
         return info
+
+
+def check_pairs_per_call(value: Any) -> int | None:
+    """The node's max_pairs_per_call as FitOptions takes it: None for 0 (auto)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ACTInputError(f"max_pairs_per_call must be a whole number >= 0 (0: automatic); got {value!r}.")
+    return value or None
 
 
 def log_and_warn(message: str) -> None:
@@ -412,11 +473,13 @@ def fit_map(
     causal_strategy: str = "auto",
     progress: NodeProgress | None = None,
     less_text: str = "",
+    max_pairs_per_call: int = 0,
 ) -> ACTMap:
     """Fit an ACT map with the one fit workflow. Raises on interruption (nothing stays hooked).
 
     ``less_text`` (prompts, one per line; empty: none) makes the map two-sided: strength -1 moves toward
-    these prompts, +1 toward the target prompts."""
+    these prompts, +1 toward the target prompts. ``max_pairs_per_call`` (0: ComfyUI's memory estimate) bounds
+    the prompt pairs of one model call; the map is the same at any value."""
     source = parse_prompt_lines(source_text, "source")
     target = parse_prompt_lines(target_text, "target")
     less = parse_prompt_lines(less_text, "less") if isinstance(less_text, str) and less_text.strip() else None
@@ -444,6 +507,7 @@ def fit_map(
         mode=None if mode == "preset" else mode,
         # ComfyUI batches the trajectory's conds itself; batch_size is the first-step engine's
         batch_size=batch_size if spec.protocol == "first_step" else None,
+        max_pairs_per_call=check_pairs_per_call(max_pairs_per_call),
         seed=seed,
         causal_strategy=causal_strategy,
     )

@@ -170,6 +170,16 @@ def fit_node(nodes: Mapping, model: Any, clip: Any, source: list[str], target: l
     return nodes["ACTFitMap"].fit(model, clip, **args)
 
 
+def check_same_maps(fitted: Any, reference: Any, rtol: float = 1e-4, atol: float = 1e-5) -> None:
+    """Every module's omega and beta within float32 rounding of the reference map's (same modules, levels)."""
+    assert sorted(fitted.modules) == sorted(reference.modules) and fitted.buckets == reference.buckets
+    for name, module_map in reference.modules.items():
+        for field in ("omega", "beta"):
+            torch.testing.assert_close(
+                getattr(fitted.modules[name], field), getattr(module_map, field), rtol=rtol, atol=atol
+            )
+
+
 def check_the_map_steers_ksampler(
     apply: Callable,
     model: Any,

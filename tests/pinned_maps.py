@@ -38,7 +38,11 @@ RTOL, ATOL = 1e-4, 1e-5
 LOOSE = {"sdxl_first_step": (1e-3, 1e-4)}
 # A fit forced to calls of one pair is exact (its calls meet at every module): it must give the one-call
 # fit's pinned map (measured: 6e-6 apart on the shipped SDXL model), so it has no file of its own.
-SAME_AS = {"sdxl_split_calls": "sdxl_default", "flux_split_calls": "flux_default"}
+SAME_AS = {
+    "sdxl_split_calls": "sdxl_default",
+    "flux_split_calls": "flux_default",
+    "comfy_fit_node_split_calls": "comfy_fit_node",
+}
 
 
 def pinned_path(name: str) -> Path:
@@ -106,7 +110,7 @@ def sd3_tiny():
         )
 
 
-def comfy_fit_node():
+def comfy_fit_node(max_pairs_per_call: int = 0):
     """The Fit node on the shipped SDXL model in real ComfyUI (needs COMFYUI_PATH)."""
     sys.path.insert(0, str(REPO / "tests"))
     import comfy_shapes
@@ -137,8 +141,13 @@ def comfy_fit_node():
             cfg=3.0,
             sampler_name="euler",
             scheduler="simple",
+            max_pairs_per_call=max_pairs_per_call,
         )
     return act_map
+
+
+def comfy_fit_node_split_calls():
+    return comfy_fit_node(max_pairs_per_call=1)
 
 
 CASES: dict[str, Callable] = {
@@ -150,6 +159,7 @@ CASES: dict[str, Callable] = {
     "flux_split_calls": flux_split_calls,
     "sd3_tiny": sd3_tiny,
     "comfy_fit_node": comfy_fit_node,
+    "comfy_fit_node_split_calls": comfy_fit_node_split_calls,
 }
 
 

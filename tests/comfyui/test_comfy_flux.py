@@ -306,3 +306,14 @@ def test_a_map_of_a_family_without_comfyui_support_is_refused_with_the_reason(
     # The SD3 map itself is an SD3 map: refused on this SDXL MODEL for being fitted on another family.
     with pytest.raises(ACTModelMismatchError, match="SD3 model.*this MODEL is SDXL"):
         nodes_pack["ACTApply"].apply(tiny_sdxl, tiny_clip, sd3_map, 1.0)
+
+
+def test_the_fit_node_split_into_calls_of_one_pair_gives_the_one_call_map(nodes_pack, flux, flux_clip):
+    """max_pairs_per_call=1: the source rows of each step run in calls that meet at every hooked module,
+    and the map equals the fit whose calls hold every pair (issue 19)."""
+    _, model = flux
+    whole = fit_flux(nodes_pack, model, flux_clip)
+    split = fit_flux(nodes_pack, model, flux_clip, max_pairs_per_call=1)
+    assert whole.metadata["pairs_per_call"] == 4 and split.metadata["pairs_per_call"] == 1
+    assert split.metadata["causal_strategy"] == "exact"
+    cfc.check_same_maps(split, whole)

@@ -16,7 +16,7 @@ from comfy_support import comfyui  # noqa: E402,F401  (session fixture)
 
 from act_core.maps import ACTMap  # noqa: E402
 
-DIFFUSERS_CASES = [name for name in pinned_maps.CASES if name != "comfy_fit_node"]
+DIFFUSERS_CASES = [name for name in pinned_maps.CASES if not name.startswith("comfy_")]
 
 
 @pytest.mark.parametrize("name", DIFFUSERS_CASES)
@@ -28,6 +28,9 @@ def test_diffusers_fits_equal_the_pinned_maps(name):
 
 
 @cs.requires_comfyui
-def test_the_comfyui_fit_node_equals_its_pinned_map(comfyui):  # noqa: F811
-    fitted = pinned_maps.comfy_fit_node()
-    pinned_maps.compare(fitted, ACTMap.load(pinned_maps.PINNED / "comfy_fit_node.safetensors"))
+@pytest.mark.parametrize("name", ["comfy_fit_node", "comfy_fit_node_split_calls"])
+def test_the_comfyui_fit_node_equals_its_pinned_map(comfyui, name):  # noqa: F811
+    """Also split into calls of one pair (ComfyUI's source calls meet at every module): the same map."""
+    fitted = pinned_maps.CASES[name]()
+    assert fitted.metadata["causal_strategy"] == "exact"
+    pinned_maps.compare(fitted, ACTMap.load(pinned_maps.pinned_path(name)))

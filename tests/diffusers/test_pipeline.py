@@ -228,14 +228,26 @@ def test_time_aware_map_applies_at_other_step_counts_lam_zero_exact(pipe, timed_
         assert np.array_equal(generate(pipe, steps=steps), base)
 
 
-def test_split_batches_warn_about_lagged_fitting(pipe):
+def test_a_fit_split_over_calls_equals_the_one_call_fit(pipe):
+    """At any memory budget the fit is exact: the target-side rows first, then the source rows in calls that
+    meet at every module, give the one-call maps (no lagged warning)."""
+    import warnings
+
     from act_core.errors import ACTWarning
 
-    with pytest.warns(ACTWarning, match="lagged"):
-        act_map = pipe.fit_act(
-            SOURCE, TARGET, num_inference_steps=2, height=32, width=32, batch_size=3, progress=False
-        )
-    assert act_map.metadata["causal_strategy"] == "lagged" and act_map.metadata["pairs_per_call"] == 3
+    settings = {"num_inference_steps": 2, "height": 32, "width": 32, "progress": False}
+    whole = pipe.fit_act(SOURCE, TARGET, **settings)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ACTWarning)
+        split = pipe.fit_act(SOURCE, TARGET, max_pairs_per_call=1, **settings)
+    assert not [w for w in caught if "lagged" in str(w.message)]
+    assert split.metadata["causal_strategy"] == "exact" and split.metadata["pairs_per_call"] == 1
+    assert whole.metadata["pairs_per_call"] > 1
+    for name, module_map in whole.modules.items():
+        torch.testing.assert_close(split.modules[name].omega, module_map.omega, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(split.modules[name].beta, module_map.beta, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ACTInputError, match="max_pairs_per_call"):
+        pipe.fit_act(SOURCE, TARGET, max_pairs_per_call=0, **settings)
 
 
 def test_fit_refuses_a_steered_pipeline_and_identical_prompts(pipe, timed_map):
