@@ -69,7 +69,8 @@ def clip(comfyui):  # noqa: F811
 @pytest.fixture(scope="module")
 def lumina_maps(lumina):
     pipe, _ = lumina
-    return cfc.fit_quietly(pipe, SOURCE, TARGET, ("transformer_blocks", "transformer_norms"), **SAMPLING)
+    presets = ("caption_stream", "transformer_blocks", "transformer_norms")
+    return cfc.fit_quietly(pipe, SOURCE, TARGET, presets, **SAMPLING)
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +133,7 @@ def test_comfyui_nextdit_is_the_same_model_with_the_same_module_names(lumina, in
                 assert torch.equal(ours.weight, module.weight), name
 
 
-@pytest.mark.parametrize("preset", ["transformer_blocks", "transformer_norms"])
+@pytest.mark.parametrize("preset", ["caption_stream", "transformer_blocks", "transformer_norms"])
 def test_a_diffusers_fitted_lumina2_map_steers_comfyui_nextdit_as_diffusers(
     nodes_pack, lumina, lumina_maps, inputs, preset
 ):
@@ -177,9 +178,7 @@ def test_the_fit_node_fits_on_comfyui_nextdit_and_the_map_steers_ksampler_and_di
     pipe, model = lumina
     act_map, caught = fit_lumina(nodes_pack, model, clip)
     meta = act_map.metadata
-    assert (
-        meta["family"] == "lumina2" and meta["host"] == "comfyui" and meta["preset"] == "transformer_blocks"
-    )
+    assert meta["family"] == "lumina2" and meta["host"] == "comfyui" and meta["preset"] == "caption_stream"
     assert meta["cfg_rows"] == "cond" and meta["sampling"]["cfg"] == 4.0
     assert meta["causal_strategy"] == "lagged" and meta["pairs_per_call"] == 1
     assert any("lagged" in message and "calls of its own" in message for message in caught)

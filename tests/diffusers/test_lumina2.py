@@ -30,14 +30,16 @@ def test_lumina2_pipeline_gets_the_lumina2_family(pipe):
     fc.check_pipeline_family(pipe, "lumina2", "Lumina2Pipeline", ("diffusers", "comfyui"))
 
 
-def test_default_preset_hooks_every_main_block_along_the_guided_trajectory(pipe, lumina_map):
+def test_default_preset_hooks_the_caption_stream_along_the_guided_trajectory(pipe, lumina_map):
+    """The default, caption_stream (as Z-Image's): every context refiner block's output."""
     fc.check_time_aware_default_map(
         lumina_map,
-        modules=["transformer.layers.0:joint", "transformer.layers.1:joint"],
+        modules=["transformer.context_refiner.0:text"],
         width=pipe.transformer.config.hidden_size,
         family="lumina2",
         cfg_rows="cond",
         sampling={"guidance_scale": 4.0},
+        preset="caption_stream",
     )
 
 
@@ -93,7 +95,10 @@ def test_a_cond_rows_map_leaves_the_negative_prompts_call_alone(pipe, lumina_map
     fc.check_a_cond_rows_map_leaves_the_negative_call_alone(pipe, lumina_map, generate)
 
 
-def test_norm_preset_and_refusals(pipe, lumina_map, tmp_path):
+def test_other_presets_and_refusals(pipe, lumina_map, tmp_path):
+    blocks = fc.fit_warned(pipe, SAMPLING, preset="transformer_blocks")
+    assert list(blocks.modules) == ["transformer.layers.0:joint", "transformer.layers.1:joint"]
+    fc.check_the_map_steers(pipe, blocks, generate)
     norms = fc.fit_warned(pipe, SAMPLING, preset="transformer_norms")
     assert list(norms.modules) == [
         f"transformer.layers.{i}.{norm}" for i in range(2) for norm in ("norm1.norm", "ffn_norm1")
@@ -114,4 +119,5 @@ def test_cli_fits_a_lumina2_folder_with_the_lumina2_default(tmp_path, capsys):
         family="lumina2",
         model="Lumina2Pipeline",
         cfg_rows="cond",
+        preset="caption_stream",
     )

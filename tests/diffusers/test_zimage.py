@@ -50,15 +50,17 @@ def test_a_fit_defaults_to_the_pipelines_own_size_guidance_and_steps(pipe):
         assert tuned.guided is guided
 
 
-def test_default_preset_hooks_every_main_block_along_the_trajectory(pipe, zimage_map, turbo_map):
+def test_default_preset_hooks_the_caption_stream_along_the_trajectory(pipe, zimage_map, turbo_map):
+    """The default, caption_stream: every context refiner block's output (the caption tokens alone)."""
     for act_map, guidance in ((zimage_map, 3.0), (turbo_map, 0.0)):
         fc.check_time_aware_default_map(
             act_map,
-            modules=["transformer.layers.0:joint", "transformer.layers.1:joint"],
+            modules=["transformer.context_refiner.0:text"],
             width=pipe.transformer.dim,
             family="zimage",
             cfg_rows="cond",
             sampling={"guidance_scale": guidance},
+            preset="caption_stream",
         )
 
 
@@ -114,7 +116,10 @@ def test_the_step_gate_reads_the_noise_level_off_zimages_reversed_timestep(pipe,
     fc.check_the_step_gate_reads_sigma(pipe, turbo_map, generate, **TURBO)
 
 
-def test_norm_preset_and_refusals(pipe, zimage_map, tmp_path):
+def test_other_presets_and_refusals(pipe, zimage_map, tmp_path):
+    blocks = fc.fit_warned(pipe, TURBO, preset="transformer_blocks")
+    assert list(blocks.modules) == ["transformer.layers.0:joint", "transformer.layers.1:joint"]
+    fc.check_the_map_steers(pipe, blocks, generate, **TURBO)
     norms = fc.fit_warned(pipe, TURBO, preset="transformer_norms")
     assert list(norms.modules) == [
         f"transformer.layers.{i}.{norm}" for i in range(2) for norm in ("attention_norm1", "ffn_norm1")
@@ -135,4 +140,5 @@ def test_cli_fits_a_zimage_folder_with_the_zimage_default(tmp_path, capsys):
         model="ZImagePipeline",
         cfg_rows="cond",
         sampling={"guidance_scale": 0.0},
+        preset="caption_stream",
     )

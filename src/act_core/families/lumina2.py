@@ -16,12 +16,21 @@ hidden states) pass ``time_caption_embed.caption_embedder`` (ComfyUI ``cap_embed
 refiner blocks (caption tokens only, no modulation), then join the image tokens in ONE sequence that every
 main block (``layers``) attends over jointly. There is no pooled caption vector: the modulation (adaLN) of
 the noise refiner, the main blocks and the output layer reads the timestep embedding alone, and the noise
-refiner sees the image tokens alone. So the text tokens of the joint stream are the prompt's only route,
-and the default ``transformer_blocks`` hooks the output of every main block (its caption and image tokens:
-what the prompt says, and what it did to the image). The caption embedder and the context refiners are the
-entry of the same route one block earlier (the first main block's output carries them), so they are not
-hooked separately, as Chroma's ``context_embedder``. ``transformer_norms`` hooks the RMSNorms before each
-main block's modulation instead.
+refiner sees the image tokens alone. So the caption tokens are the prompt's only route, and everything the
+prompt does passes the context refiner's output.
+
+Default preset, and why: ``caption_stream``, the output of every context refiner block (the caption tokens
+alone, before they join the image tokens), as Z-Image's default, argued from structure: Lumina 2 and Z-Image
+are the same NextDiT (ComfyUI runs both on this class), with the same one route. ACT's maps are per channel
+over every position of a module's output, and a main block's output is ONE sequence of caption and image
+tokens, so a map there (``transformer_blocks``) shares each channel's transport between the caption tokens
+and the image tokens' values. On the trained Z-Image-architecture shapes model that joint stream under-steers
+every harness task at lambda 1 (0/4) and the caption stream passes them all (4/4; ``families/zimage.py``,
+docs/demo_model.md). No Lumina 2 model was trained here: on Lumina 2 itself this is not measured. In ComfyUI
+this default is also the one Z-Image checkpoints get (they load as NextDiT, this family's class). Lumina 2
+puts a long fixed system prompt before the user's; its tokens are part of the caption stream (as they are of
+the joint stream), so a map is fitted on them too. ``transformer_blocks`` (every main block's joint output)
+and ``transformer_norms`` (the RMSNorms before each main block's modulation) are the other presets.
 
 The noise level: diffusers' Lumina2Pipeline passes ``1 - sigma`` to the transformer ("Lumina uses t=0 as the
 noise"), so its adapter declares the timestep reversed and the diffusers step gate reads the noise level as
@@ -62,6 +71,7 @@ PARTS = (TRANSFORMER,)
 BLOCK_LISTS = {"layers": JOINT, "context_refiner": TEXT, "noise_refiner": IMAGE}
 BLOCK_PATH = re.compile(r"^(layers|context_refiner|noise_refiner)\.(\d+)$")
 BLOCK_STREAMS = ("layers.*:joint",)
+CAPTION_STREAMS = ("context_refiner.*:text",)  # the caption tokens alone
 # diffusers norm path inside a block -> ComfyUI's. A block with modulation wraps its first norm in
 # LuminaRMSNormZero (``norm1.norm``); one without, the context refiner's, has it as ``norm1``.
 COMFY_NORMS = {"norm2": "attention_norm2", "ffn_norm1": "ffn_norm1", "ffn_norm2": "ffn_norm2"}
@@ -69,13 +79,21 @@ COMFY_FIRST_NORM = "attention_norm1"
 CAPTION_EMBEDDER = ("time_caption_embed.caption_embedder", "cap_embedder")
 
 PRESETS: dict[str, Preset] = {
+    "caption_stream": trajectory_preset(
+        "caption_stream",
+        "The output of every context refiner block (the caption tokens alone, before they join the image "
+        "tokens), fitted along your sampler's guided trajectory: the prompt's one route into the NextDiT "
+        "transformer of Lumina 2 and Z-Image (its modulation does not see the prompt), where no image token "
+        "shares the map.",
+        CAPTION_STREAMS,
+        cfg_rows="cond",  # fitted with un-steered uncond rows: the maps steer the prompt's branch
+    ),
     "transformer_blocks": trajectory_preset(
         "transformer_blocks",
         "The output of every main transformer block (the joint sequence of caption and image tokens), fitted "
-        "along your sampler's guided trajectory: the one route by which the prompt reaches Lumina 2's "
-        "transformer (its modulation does not see the prompt).",
+        "along your sampler's guided trajectory.",
         BLOCK_STREAMS,
-        cfg_rows="cond",  # fitted with un-steered uncond rows: the maps steer the prompt's branch
+        cfg_rows="cond",
     ),
     "transformer_norms": trajectory_preset(
         "transformer_norms",
@@ -85,7 +103,7 @@ PRESETS: dict[str, Preset] = {
         cfg_rows="cond",
     ),
 }
-DEFAULT_PRESET = "transformer_blocks"
+DEFAULT_PRESET = "caption_stream"
 
 
 def component_modules(part: str, component: nn.Module) -> dict[str, nn.Module | OutputOf]:

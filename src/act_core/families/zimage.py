@@ -15,11 +15,22 @@ caption tokens (Qwen3's second-to-last hidden states, padding dropped) pass ``ca
 context refiner blocks (caption tokens only, no modulation), then join the image tokens in ONE sequence
 (``[image; caption]``, each padded to a multiple of 32 with learned pad tokens) that every main block
 (``layers``) attends over jointly. There is no pooled caption vector: the modulation (adaLN) of the noise
-refiner, the main blocks and the final layer reads ``t_embedder``'s timestep embedding alone. So the text
-tokens of the joint stream are the prompt's only route, and the default ``transformer_blocks`` hooks the
-output of every main block; ``cap_embedder`` and the context refiners are the entry of the same route one
-block earlier (the first main block's output carries them), so they are not hooked separately.
-``transformer_norms`` hooks the RMSNorms before each main block's modulation instead.
+refiner, the main blocks and the final layer reads ``t_embedder``'s timestep embedding alone. So the caption
+tokens are the prompt's only route, and everything the prompt does passes the context refiner's output.
+
+Default preset, and why: ``caption_stream``, the output of every context refiner block (the caption tokens
+alone, before they join the image tokens). ACT's maps are per channel over every position of a module's
+output; a main block's output is ONE sequence of image and caption tokens, so a map there is fitted on (and
+applied to) both at once, and the caption tokens' transport shares its map with the image tokens' values. On
+the trained Z-Image-architecture shapes model (``models/shapes-zimage``, docs/demo_model.md) the main blocks'
+joint outputs (``transformer_blocks``) under-steer every harness task at lambda 1 (0/4: style 0.00, colour
+0.01, red->yellow 0.28, negation 0.60), while the context refiner's output passes all four (4/4: 0.96 /
+1.03 / 1.00 / 1.00), and passes them again when the map fitted at 20 steps is applied at 8; hooking the
+refiner and the main blocks together also passes 4/4 but steers less on every task where the two differ
+(style 0.91, outlined 0.06 vs 0.13, blue->orange 0.68 vs 0.76). The context refiners see neither the
+timestep nor the image, so each step's map is fitted on the same caption activations (the steps differ
+in what the steered captions do downstream, which the calibration measures). ``transformer_blocks`` (every main block's joint output) and
+``transformer_norms`` (the RMSNorms before each main block's modulation) are the other presets.
 
 The noise level: ZImagePipeline passes ``(1000 - t) / 1000 = 1 - sigma`` to the transformer, so its adapter
 declares the timestep reversed and the diffusers step gate reads the noise level as ``1 - timestep``.
@@ -38,7 +49,9 @@ transformer (``layers.N``, ``context_refiner.N``, ``noise_refiner.N``, ``cap_emb
 NextDiT) steers Z-Image: fit with the Fit node on the Z-Image checkpoint, and the map is a ``lumina2`` map.
 A map fitted here in diffusers names the same modules (``tests/comfyui/test_comfy_lumina2.py`` pins the
 names), but it is a ``zimage`` map, which ComfyUI does not take (this family has no ComfyUI fields: the
-NextDiT class is Lumina 2's). No map folds, so Z-Image has no LoRA export.
+NextDiT class is Lumina 2's). The ``lumina2`` family's default is this one's (``caption_stream``, the same
+modules), so a Z-Image checkpoint fitted in ComfyUI with the Fit node's default hooks what this family's
+default hooks in diffusers. No map folds, so Z-Image has no LoRA export.
 """
 
 from __future__ import annotations
@@ -50,19 +63,26 @@ from ..presets import Preset
 from ..recording import OutputOf
 from .base import ModelFamily
 from .flux import trajectory_preset
-from .lumina2 import BLOCK_STREAMS, nextdit_modules
+from .lumina2 import BLOCK_STREAMS, CAPTION_STREAMS, nextdit_modules
 
 TRANSFORMER = "transformer"
 PARTS = (TRANSFORMER,)
 
 PRESETS: dict[str, Preset] = {
+    "caption_stream": trajectory_preset(
+        "caption_stream",
+        "The output of every context refiner block (the caption tokens alone, before they join the image "
+        "tokens), fitted along your sampler's trajectory: the prompt's one route into Z-Image's transformer "
+        "(its modulation does not see the prompt), where no image token shares the map.",
+        CAPTION_STREAMS,
+        cfg_rows="cond",  # with CFG, fitted with un-steered uncond rows: the maps steer the prompt's branch
+    ),
     "transformer_blocks": trajectory_preset(
         "transformer_blocks",
         "The output of every main transformer block (the joint sequence of image and caption tokens), fitted "
-        "along your sampler's trajectory: the one route by which the prompt reaches Z-Image's transformer "
-        "(its modulation does not see the prompt).",
+        "along your sampler's trajectory.",
         BLOCK_STREAMS,
-        cfg_rows="cond",  # with CFG, fitted with un-steered uncond rows: the maps steer the prompt's branch
+        cfg_rows="cond",
     ),
     "transformer_norms": trajectory_preset(
         "transformer_norms",
@@ -72,7 +92,7 @@ PRESETS: dict[str, Preset] = {
         cfg_rows="cond",
     ),
 }
-DEFAULT_PRESET = "transformer_blocks"
+DEFAULT_PRESET = "caption_stream"
 
 
 def component_modules(part: str, component: nn.Module) -> dict[str, nn.Module | OutputOf]:
