@@ -394,6 +394,24 @@ PROTOCOLS = {
             {"max_pairs_per_call": 1},
             families=ALL,
         ),
+        Protocol(
+            "half_steps_fit",
+            "new default fitted at half the sampler's steps (its maps keyed by noise level), applied at all",
+            {"fit_steps_divisor": 2},
+            families=ALL,
+        ),
+        Protocol(
+            "six_pairs",
+            "new default fitted on 6 of the 24 prompt pairs (evenly spaced)",
+            {"fit_pairs": 6},
+            families=ALL,
+        ),
+        Protocol(
+            "cheap_fit",
+            "new default fitted on 6 pairs at half the steps (an eighth of the default fit's denoiser work)",
+            {"fit_pairs": 6, "fit_steps_divisor": 2},
+            families=ALL,
+        ),
         Protocol("attention_norms", "new default on transformer-block norms only", {"preset": _ATTENTION}),
         Protocol("resnet_norms", "new default on ResNet norms only", {"preset": _RESNET}),
         Protocol(
@@ -563,6 +581,11 @@ def fit_map(pipe, model: Model, task: Task, protocol: Protocol):
         **model.sampling,
         **protocol.fit,
     }
+    divisor = fit.pop("fit_steps_divisor", 1)
+    fit["num_inference_steps"] = max(2, fit["num_inference_steps"] // divisor)
+    pairs = fit.pop("fit_pairs", None)
+    if pairs is not None:
+        task = fewer_pairs(task, pairs)
     if fit.get("statistics_steps") == -1:
         fit["statistics_steps"] = model.steps
     start = time.perf_counter()
