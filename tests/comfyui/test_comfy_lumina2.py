@@ -170,8 +170,8 @@ def test_the_fit_node_fits_on_comfyui_nextdit_and_the_map_steers_ksampler_and_di
     nodes_pack, lumina, clip, inputs, caplog
 ):
     """Fit ACT map samples with ComfyUI's own sampler (its CFG, CLIPTextEncode's conditioning of each prompt:
-    NextDiT takes each prompt's token count, so each pair runs in calls of its own and the fit says it ran
-    lagged); the map steers KSampler, adds nothing at strength 0, and steers the diffusers twin as it steers
+    NextDiT takes each prompt's token count, so each pair runs in calls of its own, which meet at every hooked
+    module: still exact); the map steers KSampler, adds nothing at strength 0, and steers the diffusers twin as it steers
     NextDiT, every module matched."""
     import comfy_lumina2
 
@@ -180,8 +180,8 @@ def test_the_fit_node_fits_on_comfyui_nextdit_and_the_map_steers_ksampler_and_di
     meta = act_map.metadata
     assert meta["family"] == "lumina2" and meta["host"] == "comfyui" and meta["preset"] == "caption_stream"
     assert meta["cfg_rows"] == "cond" and meta["sampling"]["cfg"] == 4.0
-    assert meta["causal_strategy"] == "lagged" and meta["pairs_per_call"] == 1
-    assert any("lagged" in message and "calls of its own" in message for message in caught)
+    assert meta["causal_strategy"] == "exact" and meta["pairs_per_call"] == 1
+    assert not any("lagged" in message for message in caught)
     assert len(act_map.buckets) == 3 and len(meta["calibration_gains"]) == 3
     assert set(act_map.modules) == set(pipe.act_preset_modules())  # diffusers' names, all of them
 
