@@ -164,6 +164,22 @@ def test_fit_with_statistics_over_several_steps(model_dir, fitted, prompt_files,
     assert "--statistics-steps must be between 1 and --steps" in err
 
 
+def test_fit_at_one_pair_per_call_writes_the_one_call_map(model_dir, prompt_files, tmp_path, capsys):
+    """``--max-pairs-per-call 1`` splits every step of the default fit and still writes the exact map."""
+    source, target = prompt_files
+    base = ["fit", "-q", "--model", str(model_dir), "--source", str(source), "--target", str(target), *FAST]
+    whole, split = tmp_path / "whole.safetensors", tmp_path / "split.safetensors"
+    assert main([*base, "--output", str(whole)]) == 0
+    assert main([*base, "--max-pairs-per-call", "1", "--output", str(split)]) == 0
+    whole_map, split_map = ACTMap.load(whole), ACTMap.load(split)
+    assert split_map.metadata["pairs_per_call"] == 1 < whole_map.metadata["pairs_per_call"]
+    assert split_map.metadata["causal_strategy"] == "exact"
+    for name, module_map in whole_map.modules.items():
+        torch.testing.assert_close(split_map.modules[name].beta, module_map.beta, rtol=1e-4, atol=1e-5)
+    err = run_error([*base, "--max-pairs-per-call", "0", "--output", str(split)], capsys)
+    assert "--max-pairs-per-call must be at least 1" in err
+
+
 def test_missing_and_empty_prompt_files(model_dir, prompt_files, tmp_path, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_text("# only a comment\n\n")
