@@ -4,7 +4,9 @@
 
 At equal prompts, each fit is timed (median of interleaved rounds, one thread) together with the UNet
 calls it makes and the UNet rows (samples) those calls process; the unit for scale is one plain
-generation of the 24 source prompts with the same sampling settings (CFG doubles its rows).
+generation of the 24 source prompts with the same sampling settings (CFG doubles its rows). The
+estimation columns are the seconds spent in ``ModuleEstimator`` (every module's map, every step) and their
+share of the fit; the rest is the UNet and its hooks.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import warnings
 from pathlib import Path
 
 import torch
+
+import act_core.estimators as estimators
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -46,6 +50,29 @@ class UNetCounter:
 
     def __exit__(self, *exc):
         self.handle.remove()
+
+
+class EstimationTimer:
+    """Seconds spent in ``ModuleEstimator`` calls (both fitting engines call it once per module and step)."""
+
+    def __init__(self):
+        self.seconds = 0.0
+
+    def __enter__(self):
+        self.original = original = estimators.ModuleEstimator.__call__
+
+        def timed(estimator, *args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return original(estimator, *args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - start
+
+        estimators.ModuleEstimator.__call__ = timed
+        return self
+
+    def __exit__(self, *exc):
+        estimators.ModuleEstimator.__call__ = self.original
 
 
 def variants_for(pipe, model, task) -> dict:
@@ -78,6 +105,7 @@ def main(argv=None) -> None:
         pipe = act_pipeline(load_demo_pipeline(path=model.path))
         variants = variants_for(pipe, model, task)
         seconds = {name: [] for name in variants}
+        estimation = {name: [] for name in variants}
         counts = {}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ACTWarning)
@@ -85,20 +113,33 @@ def main(argv=None) -> None:
                 names = list(variants)
                 names = names[round_index % len(names) :] + names[: round_index % len(names)]
                 for name in names:
-                    with UNetCounter(pipe.unet) as counter:
+                    with UNetCounter(pipe.unet) as counter, EstimationTimer() as timer:
                         start = time.perf_counter()
                         variants[name]()
                         seconds[name].append(time.perf_counter() - start)
+                    estimation[name].append(timer.seconds)
                     counts[name] = (counter.calls, counter.rows)
         unit = statistics.median(seconds["generate the 24 source prompts"])
         for name in variants:
             median = statistics.median(seconds[name])
             calls, samples = counts[name]
-            rows.append([model_name, name, f"{median:.2f}", f"{median / unit:.2f}", str(calls), str(samples)])
+            estimated = statistics.median(estimation[name])
+            rows.append(
+                [
+                    model_name,
+                    name,
+                    f"{median:.2f}",
+                    f"{median / unit:.2f}",
+                    f"{estimated:.2f}",
+                    f"{100 * estimated / median:.1f}%",
+                    str(calls),
+                    str(samples),
+                ]
+            )
     table(
         f"fit cost, 24 + 24 prompts (median of {args.rounds} interleaved rounds, 1 thread); "
         "x gen = seconds / one plain generation of the source prompts",
-        ["model", "what", "seconds", "x gen", "UNet calls", "UNet rows"],
+        ["model", "what", "seconds", "x gen", "estimation s", "estimation share", "UNet calls", "UNet rows"],
         rows,
     )
 
