@@ -202,7 +202,7 @@ class PhaseClock:
         self.calls: dict[str, int] = {"text": 0, "unet": 0}
         self.handles: list[Any] = []
         self.local = threading.local()
-        self._fit_module = None
+        self._originals: list[tuple[type, str, Any]] = []
 
     def __enter__(self) -> PhaseClock:
         from act_core import fitting
@@ -212,19 +212,27 @@ class PhaseClock:
             for module in modules:
                 self.handles.append(module.register_forward_pre_hook(lambda *a, p=part: self._start(p)))
                 self.handles.append(module.register_forward_hook(lambda *a, p=part: self._stop(p)))
-        # Time estimation by wrapping the session method that estimates one module (benchmark only).
-        self._fit_module = original = fitting._FitSession.fit_module
+        # Time estimation by wrapping the session methods that estimate one module (benchmark only): the
+        # first-step engine's and the trajectory engine's.
+        from act_core import trajectory
+
+        self._originals = [
+            (fitting._FitSession, "fit_module", fitting._FitSession.fit_module),
+            (trajectory.TrajectoryFit, "_fit", trajectory.TrajectoryFit._fit),
+        ]
         clock = self
 
-        def fit_module(session: Any, name: str) -> None:
-            start = time.perf_counter()
-            try:
-                original(session, name)
-            finally:
-                with clock.lock:
-                    clock.spans["estimation"].append((start, time.perf_counter()))
+        for owner, name, original in self._originals:
 
-        fitting._FitSession.fit_module = fit_module
+            def estimate(session: Any, module: str, _original: Any = original) -> Any:
+                start = time.perf_counter()
+                try:
+                    return _original(session, module)
+                finally:
+                    with clock.lock:
+                        clock.spans["estimation"].append((start, time.perf_counter()))
+
+            setattr(owner, name, estimate)
         return self
 
     def _start(self, part: str) -> None:
@@ -236,11 +244,10 @@ class PhaseClock:
             self.calls[part] += 1
 
     def __exit__(self, *exc: object) -> None:
-        from act_core import fitting
-
         for handle in self.handles:
             handle.remove()
-        fitting._FitSession.fit_module = self._fit_module
+        for owner, name, original in self._originals:
+            setattr(owner, name, original)
 
     def partition(self, start: float, end: float) -> dict[str, float]:
         """Seconds of [start, end] in each phase, by priority estimation > text > unet > other.
@@ -281,11 +288,11 @@ def timed_fit(pipe: Any, size: int, **options: Any) -> tuple[Any, dict[str, floa
 def bench_fit(pipe: Any, size: int, steps: int) -> tuple[Any, Any, Any]:
     rows, maps = [], {}
     runs = [
-        # 2 pairs per UNet call (6 rows): all 12 rows at once beside the full-size UNet's 13 GB of weights
-        # exhausted 24 GB; the fit then runs "lagged", at the same UNet cost
+        # at most 2 pairs per UNet call: all 16 rows at once beside the full-size UNet's weights exhausted 24 GB;
+        # a split step is exact (the target-side rows first, then the source calls meet at every module)
         (
             "unet_norms",
-            {"num_inference_steps": steps, "guidance_scale": 5.0, "batch_size": 2},
+            {"num_inference_steps": steps, "guidance_scale": 5.0, "max_pairs_per_call": 2},
             f"default: trajectory, {steps} steps",
         ),
         ("unet_norms_first_step", {"batch_size": 4, "num_inference_steps": 30}, "paper preset, first step"),
@@ -313,7 +320,46 @@ def bench_fit(pipe: Any, size: int, steps: int) -> tuple[Any, Any, Any]:
         ["fit", "modules", "total", "text enc", "UNet", "estimation", "other", "UNet calls"],
         rows,
     )
+    bench_fit_against_generation(pipe, size, steps)
     return maps["unet_norms_first_step"], maps["unet_norms_foldable"], maps["unet_norms"]
+
+
+def bench_fit_against_generation(pipe: Any, size: int, steps: int) -> None:
+    """The default fit against a plain generation of the same source prompts at the same steps, guidance and
+    size (latents out: the fit decodes nothing), both in calls of at most 2 pairs, run back to back twice
+    (order swapped) and compared by their medians. The row floor is 2x: four rows per pair against two."""
+    options = {"num_inference_steps": steps, "guidance_scale": 5.0, "height": size, "width": size}
+    fits, generations, estimation = [], [], []
+    for round_ in range(2):
+        order = ("fit", "generate") if round_ == 0 else ("generate", "fit")
+        for what in order:
+            log(f"{what} (round {round_ + 1}/2) ... ({load()})")
+            if what == "fit":
+                _, split = timed_fit(
+                    pipe, size, num_inference_steps=steps, guidance_scale=5.0, max_pairs_per_call=2
+                )
+                fits.append(split["total"])
+                estimation.append(split["estimation"])
+            else:
+                start = time.perf_counter()
+                for first in range(0, len(SOURCE), 2):
+                    pipe(SOURCE[first : first + 2], output_type="latent", **options)
+                generations.append(time.perf_counter() - start)
+    fit, generation = statistics.median(fits), statistics.median(generations)
+    table(
+        f"default fit against a plain generation of the same {len(SOURCE)} prompts ({steps} steps, {size}x{size}; "
+        "medians of 2 rounds)",
+        ["fit (s)", "generation (s)", "fit / generation", "estimation (s)", "estimation share of the fit"],
+        [
+            [
+                f"{fit:.1f}",
+                f"{generation:.1f}",
+                f"{fit / generation:.2f}x",
+                f"{statistics.median(estimation):.2f}",
+                f"{statistics.median(estimation) / fit:.1%}",
+            ]
+        ],
+    )
 
 
 # ----------------------------------------------------------------------------------------- step times
