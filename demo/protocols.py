@@ -187,16 +187,23 @@ FLOW_DPM_2M = (
 
 # Families sampled by flow matching (FlowMatchEulerDiscreteScheduler): their other samplers are flow ones.
 FLOW_FAMILIES = ("flux", "zimage", "qwenimage")
+# ZImagePipeline and QwenImagePipeline always set their scheduler's timesteps from sigmas of their own, which
+# DPMSolverMultistepScheduler.set_timesteps does not take (diffusers 0.42.1 refuses the pipeline call): no
+# DPM++ variant for them.
+CUSTOM_SIGMA_FAMILIES = ("zimage", "qwenimage")
 
 
 def sampler_variants(model: Model) -> dict[str, Model]:
     """The model under other samplers, and with a fit-at-one, apply-at-another sampler transfer."""
     if model.family in FLOW_FAMILIES:
+        to8 = {f"{model.name}@to8": replace(model, name=f"{model.name}@to8", apply_steps=8)}
+        if model.family in CUSTOM_SIGMA_FAMILIES:
+            return to8
         return {
             f"{model.name}@dpm2m": replace(
                 model, name=f"{model.name}@dpm2m", scheduler=FLOW_DPM_2M, steps=12
             ),
-            f"{model.name}@to8": replace(model, name=f"{model.name}@to8", apply_steps=8),
+            **to8,
         }
     return {
         f"{model.name}@dpm2m": replace(model, name=f"{model.name}@dpm2m", scheduler=DPM_2M, steps=25),
@@ -333,7 +340,8 @@ PROTOCOLS = {
     for p in (
         Protocol(
             "new_default",
-            "the default (SDXL unet_norms, FLUX pooled_text_and_blocks, Z-Image and Qwen-Image transformer_blocks): "
+            "the default (SDXL unet_norms, FLUX pooled_text_and_blocks, Z-Image caption_stream, Qwen-Image "
+            "transformer_blocks): "
             "steered trajectory, per step, exact causal, per element, every position, calibrated",
             families=ALL,
         ),
@@ -464,8 +472,16 @@ PROTOCOLS = {
         ),
         Protocol(
             "zimage_caption_stream",
-            "Z-Image: the context refiner blocks' output (the caption tokens alone, before they join the image's)",
+            "Z-Image: the context refiner blocks' output (the caption tokens alone, before they join the image's; "
+            "the family's default preset, caption_stream, since it passed here)",
             {"preset": _dit_streams("zimage", "context_refiner.*:text")},
+            families=("zimage",),
+        ),
+        Protocol(
+            "zimage_joint_stream",
+            "Z-Image: every main block's joint output of image and caption tokens (its transformer_blocks "
+            "preset, the family's first default)",
+            {"preset": "transformer_blocks"},
             families=("zimage",),
         ),
         Protocol(
@@ -725,7 +741,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "--models",
         default="shipped,b,c",
         help="comma-separated: shipped, b, c, d, flux, flux-b, zimage, qwenimage (d, flux-b: held out), and any "
-        "of them under another sampler: NAME@dpm2m, NAME@euler_a (SDXL), NAME@to_dpm40 (SDXL: fitted with its own "
+        "of them under another sampler: NAME@dpm2m (not zimage, qwenimage), NAME@euler_a (SDXL), NAME@to_dpm40 "
+        "(SDXL: fitted with its own "
         "sampler, applied with DPM++ 2M at 40 steps), NAME@to8 (flow models: fitted at their steps, applied at 8)",
     )
     parser.add_argument("--tasks", default=",".join(tasks()))
