@@ -1,9 +1,10 @@
 """Record pooled activations of named modules, in the order the modules actually run.
 
-Only pooled vectors are kept (one per sample per call, float32, on CPU), so recording hundreds of
-prompts on hundreds of modules stays small. Pooling follows the spec: mean over real tokens for
-(B, T, D) outputs (the host marks real tokens with ``token_mask``), mean over spatial axes for
-(B, C, H, W) outputs, identity for (B, D).
+Only pooled vectors are kept (one per sample per call, float32), so recording hundreds of prompts on
+hundreds of modules stays small. They stay on the activation's device: pooling reads nothing back to the
+host (no per-module device sync in a fit's hot path), and the estimators work where the samples are.
+Pooling follows the spec: mean over real tokens for (B, T, D) outputs (the host marks real tokens with
+``token_mask``), mean over spatial axes for (B, C, H, W) outputs, identity for (B, D).
 """
 
 from __future__ import annotations
@@ -158,15 +159,42 @@ def replace_first_tensor(output: Any, tensor: torch.Tensor) -> Any:
     return type(output)([tensor, *output[1:]]) if isinstance(output, list) else (tensor, *output[1:])
 
 
+_MASK_ON_DEVICE = threading.local()
+
+
+def _mask_weights(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``mask`` as (B, T, 1) weights on ``like``'s device and dtype, converted once per mask and device.
+
+    A host's mask is often on the CPU (built from token ids) while the activations are on an accelerator:
+    every hooked module of the encoder pools with the same mask, and a copy per module would be a device
+    sync per module. The last conversion is kept per thread (lockstep fitting runs batches in threads).
+    """
+    key = (mask, like.device, like.dtype)
+    cached = getattr(_MASK_ON_DEVICE, "entry", None)
+    if cached is not None and cached[0] is mask and cached[1:3] == key[1:]:
+        return cached[3]
+    weights = mask.to(device=like.device, dtype=like.dtype).unsqueeze(-1)
+    _MASK_ON_DEVICE.entry = (*key, weights)
+    return weights
+
+
+def _owned(samples: torch.Tensor, activation: torch.Tensor) -> torch.Tensor:
+    """``samples``, copied if they are a view of ``activation`` (a float32 2-D output, or tokens kept as
+    they are): kept samples must not change when the model later writes into its activation."""
+    if samples.untyped_storage().data_ptr() == activation.untyped_storage().data_ptr():
+        return samples.clone()
+    return samples
+
+
 def pool(activation: torch.Tensor) -> torch.Tensor:
-    """One vector per sample: (B, D) float32 on CPU (see the module docstring for the rule)."""
+    """One vector per sample: (B, D) float32 on the activation's device (see the module docstring for the rule)."""
     x = activation.detach().float()
     if x.ndim == 2:
         pooled = x
     elif x.ndim == 3:
         mask = _TOKEN_MASK.get()
         if mask is not None and tuple(mask.shape) == tuple(x.shape[:2]):
-            weights = mask.to(device=x.device, dtype=x.dtype).unsqueeze(-1)
+            weights = _mask_weights(mask, x)
             pooled = (x * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
         else:
             pooled = x.mean(dim=1)
@@ -176,7 +204,7 @@ def pool(activation: torch.Tensor) -> torch.Tensor:
         raise ACTInputError(
             f"Cannot pool a {x.ndim}-D activation of shape {tuple(x.shape)}; expected 2-D or more."
         )
-    return pooled.cpu()
+    return _owned(pooled, activation)
 
 
 STATISTICS = ("mean", "positions")
@@ -185,7 +213,8 @@ MAX_POSITIONS = 256
 
 
 def positions(activation: torch.Tensor, max_positions: int = MAX_POSITIONS) -> torch.Tensor:
-    """Every spatial position (or token) of every sample as a sample of its own: (B * P, D) float32, CPU.
+    """Every spatial position (or token) of every sample as a sample of its own: (B * P, D) float32, on the
+    activation's device.
 
     The "positions" statistic: where ``pool`` keeps one mean per sample, this keeps the distribution
     of values across a feature map, which is what a texture (stripes, dots) changes and a mean does not
@@ -194,13 +223,13 @@ def positions(activation: torch.Tensor, max_positions: int = MAX_POSITIONS) -> t
     """
     x = activation.detach().float()
     if x.ndim == 2:
-        return x.cpu()
+        return _owned(x, activation)
     x = x.transpose(1, 2) if x.ndim == 3 else x.flatten(2)  # (B, D, T) or (B, C, H*W)
     count = x.shape[2]
     if count > max_positions:
         index = torch.linspace(0, count - 1, max_positions, device=x.device).round().long()
         x = x[:, :, index]
-    return x.transpose(1, 2).reshape(-1, x.shape[1]).cpu()
+    return _owned(x.transpose(1, 2).reshape(-1, x.shape[1]), activation)
 
 
 def module_width(module: nn.Module | OutputOf) -> int | None:
@@ -282,7 +311,7 @@ class ActivationRecorder(ForwardHooks):
         return hook
 
     def samples(self, name: str) -> torch.Tensor:
-        """All pooled samples recorded at ``name``: (num_samples, width)."""
+        """All pooled samples recorded at ``name``: (num_samples, width), on the device the module ran on."""
         if not self._samples.get(name):
             raise ACTInputError(
                 f"Module {name!r} never ran while recording. Check that the host actually runs it "
