@@ -35,7 +35,7 @@ from torch import nn
 from ._version import __version__
 from .applying import transport
 from .errors import ACTError, ACTInputError
-from .estimators import DEFAULT_SHRINKAGE, MAX_OMEGA, ModuleEstimator
+from .estimators import DEFAULT_SHRINKAGE, MAX_OMEGA, ModuleEstimator, on_host
 from .maps import APPLY_SPATIAL_MEAN, ACTMap, ModuleMap, model_fingerprint
 from .progress import Report
 from .recording import ForwardHooks, pool, read_output, widths_of, write_output
@@ -439,7 +439,7 @@ def fit_with_stats(
             "None of the selected modules ran during fitting; check that run_model runs the hooked model."
         )
     fitted = {name: session.fitted[name] for name in session.order if name in session.fitted}
-    estimate.check_not_identical(len(fitted))
+    estimate.check_not_identical(len(fitted))  # reads the estimates' deferred checks (NaN or Inf raises)
     info = {
         **estimate.metadata(),
         "mode": mode,
@@ -453,7 +453,8 @@ def fit_with_stats(
         "act_version": __version__,
     }
     info.update(metadata or {})
-    return ACTMap(fitted, info), session.stats
+    # the maps stayed on the activations' device while fitting; the result is on CPU (what maps are saved as)
+    return ACTMap({name: on_host(module_map) for name, module_map in fitted.items()}, info), session.stats
 
 
 def fit(
