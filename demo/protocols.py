@@ -335,6 +335,8 @@ def _dit_streams(family: str, *patterns: str):
     return replace(presets["transformer_blocks"], name=f"{family}_custom", patterns={"transformer": patterns})
 
 
+_QWEN_STREAMS = QWENIMAGE_PRESETS["transformer_blocks"].patterns["transformer"]
+
 PROTOCOLS = {
     p.name: p
     for p in (
@@ -501,6 +503,32 @@ PROTOCOLS = {
             "Qwen-Image: every block's image output only",
             {"preset": _dit_streams("qwenimage", "transformer_blocks.*:image")},
             families=("qwenimage",),
+        ),
+        # Attempts at Qwen-Image's style shortfall (docs/demo_model.md): the default's streams and one more
+        # module, or the text stream of later blocks only.
+        *(
+            Protocol(
+                f"qwenimage_{name}",
+                f"Qwen-Image: {description}",
+                {"preset": _dit_streams("qwenimage", *patterns)},
+                families=("qwenimage",),
+            )
+            for name, description, patterns in (
+                ("txt_in", "the text-input projection + the default's streams", ("txt_in", *_QWEN_STREAMS)),
+                ("txt_norm", "the text-input norm + the default's streams", ("txt_norm", *_QWEN_STREAMS)),
+                ("img_in", "the image-input projection + the default's streams", ("img_in", *_QWEN_STREAMS)),
+                ("norm_out", "the default's streams + the output norm", ("norm_out", *_QWEN_STREAMS)),
+                (
+                    "late_text",
+                    "every block's image output + the text output of the second half of the blocks",
+                    ("transformer_blocks.*:image", "transformer_blocks.1:text", "transformer_blocks.2:text"),
+                ),
+                (
+                    "last_text",
+                    "every block's image output + the last text output (the third of four blocks)",
+                    ("transformer_blocks.*:image", "transformer_blocks.2:text"),
+                ),
+            )
         ),
         Protocol(
             "flux_image_streams",

@@ -2,12 +2,14 @@
 
 For each model (default: ``shapes-sdxl``, 20 Euler steps at guidance 3; ``shapes-sdxl-b``, trained
 independently here, 25 steps at guidance 4; ``shapes-flux``, the FLUX.1-architecture model, 20 steps, no
-CFG; ``shapes-flux-b``, a second FLUX model trained independently, 25 steps; and two sampler transfers:
-the shipped SDXL fitted with its Euler sampler and applied with DPM++ 2M at 40 steps, the shipped FLUX fitted
-at 20 steps and applied at 8) and each task (style solid -> striped, solid -> outlined, colour green ->
+CFG; ``shapes-flux-b``, a second FLUX model trained independently, 25 steps; ``shapes-zimage`` and
+``shapes-qwenimage``, the Z-Image- and Qwen-Image-architecture models, 20 steps with CFG; and two sampler
+transfers: the shipped SDXL fitted with its Euler sampler and applied with DPM++ 2M at 40 steps, the shipped
+FLUX fitted at 20 steps and applied at 8) and each task (style solid -> striped, solid -> outlined, colour green ->
 purple, colour red -> yellow, negation: remove the "striped" the prompt asks for), a map is fitted with ``pipe.fit_act`` for each protocol of the model's
 family (SDXL: the default, the paper's first-step protocol, text encoders only; FLUX: the default
-``pooled_text_and_blocks``, the reference's ``transformer_blocks``, text encoders only), applied with ``pipe.enable_act`` at
+``pooled_text_and_blocks``, the reference's ``transformer_blocks``, text encoders only; Z-Image and
+Qwen-Image: their defaults, ``caption_stream`` and ``transformer_blocks``), applied with ``pipe.enable_act`` at
 lambda 0 ... 2, and the model's attribute classifier scores the images (the role the paper gives CLIP
 scores). Writes to the output folder:
 
@@ -46,10 +48,13 @@ LAMBDAS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
 MAIN_PROTOCOLS = {  # per model family; the first is the default, whose sweep grids are written
     "sdxl": ("new_default", "old_default", "text_encoder_norms"),
     "flux": ("new_default", "flux_blocks", "flux_text_encoders"),
+    # one row each: the family's default (the protocol study of docs/demo_model.md compares the others)
+    "zimage": ("new_default",),
+    "qwenimage": ("new_default",),
 }
-# The shipped models, and a sampler transfer on each family: a map fitted with the model's own sampler, applied
-# with another (SDXL: DPM++ 2M at 40 steps; FLUX: 8 steps).
-MAIN_MODELS = ("shipped", "b", "flux", "flux-b", "shipped@to_dpm40", "flux@to8")
+# The shipped models (one per family at least), and a sampler transfer on SDXL and FLUX: a map fitted with the
+# model's own sampler, applied with another (SDXL: DPM++ 2M at 40 steps; FLUX: 8 steps).
+MAIN_MODELS = ("shipped", "b", "flux", "flux-b", "zimage", "qwenimage", "shipped@to_dpm40", "flux@to8")
 MAIN_TASKS = ("style", "outline", "colour", "colour_red_yellow", "negation")
 GRID_ROWS = 4
 
@@ -106,11 +111,14 @@ def plot_curves(results: dict, path: Path) -> None:
 
 def write_sweep(pipe, act_map, model, task, lambdas, out: Path) -> Path:
     """A grid of the default protocol: a few source prompts (rows) at every lambda (columns)."""
+    from act_core.diffusers.adapter import load_adapter
     from act_core.diffusers.sweep import save_grid, sweep_grid
 
     step = max(1, len(task.source) // GRID_ROWS)
     prompts = list(task.source[::step][:GRID_ROWS])
     gen, scheduler = generation_settings(model)
+    # the CFG scale under the family's own name (QwenImagePipeline: true_cfg_scale), as generate() passes it
+    guidance = load_adapter(pipe.act_family).guidance_parameter
     use_scheduler(pipe, scheduler)
     try:
         grid = sweep_grid(
@@ -120,7 +128,7 @@ def write_sweep(pipe, act_map, model, task, lambdas, out: Path) -> Path:
             lambdas,
             seed=EVAL_SEED,
             num_inference_steps=gen.pop("steps"),
-            guidance_scale=gen.pop("guidance"),
+            **{guidance: gen.pop("guidance")},
             **gen,
         )
     finally:

@@ -211,3 +211,22 @@ def test_the_cli_fits_describes_and_sweeps_a_map_on_the_shipped_model(name, tmp_
         colours = [classifier.labels["colour"][i] for i in probs["colour"].argmax(-1).tolist()]
         drawn = [classifier.labels["shape"][i] for i in probs["shape"].argmax(-1).tolist()]
         assert colours == [colour] * len(shapes) and drawn == shapes, (column, colours, drawn)
+
+
+def test_the_main_job_has_a_row_per_family_with_a_trained_model(models, monkeypatch, tmp_path):
+    """``python -m demo`` fits every family that has a shipped model, with protocols of that family; its sweep
+    grids sample as its scores do (Qwen-Image's CFG scale is its true_cfg_scale, not guidance_scale)."""
+    import act_core.diffusers.sweep as sweep
+    from demo import run_demo
+
+    families = {model.family for name, model in MODELS.items() if "@" not in name}
+    assert {MODELS[name].family for name in run_demo.MAIN_MODELS} == families
+    for family in families:
+        assert all(family in PROTOCOLS[name].families for name in run_demo.MAIN_PROTOCOLS[family])
+    called: dict = {}
+    monkeypatch.setattr(sweep, "sweep_grid", lambda pipe, act_map, prompts, lambdas, **kw: called.update(kw))
+    monkeypatch.setattr(sweep, "save_grid", lambda grid, path, info: path)
+    pipe, _ = models("qwenimage")
+    run_demo.write_sweep(pipe, None, MODELS["qwenimage"], tasks()["style"], (0.0, 1.0), tmp_path)
+    assert called["true_cfg_scale"] == 3.0 and "guidance_scale" not in called
+    assert called["negative_prompt"] == "" and called["num_inference_steps"] == 20
