@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -292,7 +293,8 @@ class TrajectoryFit(ForwardHooks):
         index = self.levels.index(self._known_level(float(level)))
         for maps in self.maps.values():
             m = maps[index]
-            maps[index] = ModuleMap(1.0 + gain * (m.omega - 1.0), gain * m.beta, m.low, m.high, m.apply_mode)
+            # the same kind of map (an estimator's device map stays on the device: no copy to the host)
+            maps[index] = dataclasses.replace(m, omega=1.0 + gain * (m.omega - 1.0), beta=gain * m.beta)
         self.gains[index] = float(gain)
 
     def result(self, metadata: Mapping[str, Any] | None = None) -> ACTMap:
