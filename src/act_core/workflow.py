@@ -23,7 +23,7 @@ from torch import nn
 from .applying import apply_act
 from .errors import ACTInputError, ACTWarning
 from .estimators import DEFAULT_SHRINKAGE, MAX_OMEGA, ModuleEstimator
-from .families import ModelFamily
+from .families import FAMILIES, ModelFamily
 from .maps import ACTMap, part_of, prompt_digest
 from .presets import PROTOCOLS, Preset
 from .progress import Report
@@ -168,9 +168,10 @@ def check_family_sampling(family: ModelFamily, negative_prompt: Any, max_sequenc
     if max_sequence_length is None:
         return None
     if family.max_sequence_length is None:
+        having = ", ".join(f.display_name for f in FAMILIES.values() if f.max_sequence_length is not None)
         raise ACTInputError(
-            "max_sequence_length (--max-sequence-length) is the T5 prompt length of FLUX and SD3 models; "
-            f"{family.display_name} has none. Drop it."
+            "max_sequence_length (--max-sequence-length) is the prompt length in tokens of the families whose "
+            f"text encoder takes one ({having}); {family.display_name} has none. Drop it."
         )
     return check_max_sequence_length(
         max_sequence_length, family.max_sequence_length[1], what="max_sequence_length (--max-sequence-length)"

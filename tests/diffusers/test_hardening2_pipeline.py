@@ -59,7 +59,7 @@ def test_finding6_flux_refuses_t5_lengths_flux_refuses(flux, length):
 
 
 def test_finding6_a_t5_length_on_a_model_without_t5_is_refused(tiny_pipe):
-    with pytest.raises(ACTInputError, match="T5 prompt length.*SDXL / SD 1.x / SD 2.x has none"):
+    with pytest.raises(ACTInputError, match="prompt length in tokens.*SDXL / SD 1.x / SD 2.x has none"):
         tiny_pipe.fit_act(SOURCE, TARGET, max_sequence_length=16, num_inference_steps=2, **SMALL)
 
 
