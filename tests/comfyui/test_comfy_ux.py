@@ -174,7 +174,15 @@ def test_collected_warnings_keep_only_acts_and_show_all_in_the_log(classes, recw
 
 # ------------------------------------------------------------------------------- 6. widgets that do nothing
 ADVANCED = {
-    "ACTFitMap": {"parts", "method", "support", "mode", "batch_size", "causal_strategy"},
+    "ACTFitMap": {
+        "parts",
+        "method",
+        "support",
+        "mode",
+        "batch_size",
+        "causal_strategy",
+        "max_pairs_per_call",
+    },
     "ACTApply": {"separate_text_encoder_strength", "text_encoder_strength", "start_percent", "end_percent"},
     "ACTSweep": {"denoise", "start_percent", "end_percent"},
     "ACTExportLoRA": {"dtype"},
@@ -201,6 +209,7 @@ SAVED_WIDGET_ORDER = {
         "scheduler",
         "negative_prompt",
         "less_prompts",  # added last (two-sided sliders): older workflows simply lack its value
+        "max_pairs_per_call",  # then this (fitting at any memory budget), likewise
     ],
     "ACTApply": [
         "strength",
