@@ -14,6 +14,7 @@ import torch
 from act_core.errors import ACTError
 from act_core.fitting import fit_with_stats
 from act_core.maps import ACTMap, part_of
+from act_core.memory import SAFETY_FRACTION, activation_bytes, latent_pixels
 from act_core.recording import token_mask_hooks
 from act_core.workflow import FirstStepFit
 
@@ -22,8 +23,6 @@ from .conditioning import encode_prompts, stack_conds
 log = logging.getLogger("ComfyUI-ACT")
 FIRST_STEP_SCHEDULER = "normal"  # first-step protocol: only sigma_max matters
 FIRST_STEP_SAMPLER = "euler"
-# Rough live activation size of one denoiser forward at a lockstep rendezvous, per latent pixel and sample.
-_ACTIVATION_ELEMENTS_PER_LATENT_PIXEL = 2500
 
 
 class _Captured(Exception):
@@ -107,7 +106,7 @@ def denoiser_batches(
     return batches
 
 
-def lockstep_ok(model: Any, num_samples: int, width: int, height: int) -> tuple[bool, str]:
+def lockstep_ok(model: Any, family: Any, num_samples: int, width: int, height: int) -> tuple[bool, str]:
     """Whether concurrent UNet forwards are safe and fit in memory here (see the module docstring)."""
     import comfy.model_management as mm
 
@@ -116,9 +115,10 @@ def lockstep_ok(model: Any, num_samples: int, width: int, height: int) -> tuple[
     if getattr(mm, "NUM_STREAMS", 1) > 1:
         return False, "ComfyUI's async weight offload streams are shared between threads"
     itemsize = torch.empty((), dtype=model.model_dtype()).element_size()
-    need = num_samples * (width // 8) * (height // 8) * _ACTIVATION_ELEMENTS_PER_LATENT_PIXEL * itemsize
+    # the family's measured peak per row for every sample at once: an upper bound of the rendezvous' memory
+    need = activation_bytes(family, latent_pixels(height, width), itemsize, num_samples)
     free = mm.get_free_memory(model.load_device)
-    if need > 0.8 * free:
+    if need > SAFETY_FRACTION * free:
         return (
             False,
             f"all {num_samples} forwards at once would need ~{need / 2**30:.1f} GiB (free: {free / 2**30:.1f})",
@@ -210,7 +210,9 @@ def fit_first_step(host: Any, fit: FirstStepFit) -> tuple[ACTMap, Any]:
         mm.load_models_gpu([model])
         diffusion_model = model.model.diffusion_model
         if fit.mode == "causal" and fit.causal_strategy == "auto":
-            ok, why = lockstep_ok(model, len(fit.source) + len(fit.target), settings.width, settings.height)
+            ok, why = lockstep_ok(
+                model, family, len(fit.source) + len(fit.target), settings.width, settings.height
+            )
             if not ok:
                 log.info("ACT fit: group-wise causal fitting because %s.", why)
                 strategy = "groupwise"

@@ -17,14 +17,12 @@ from typing import Any
 
 import torch
 
+from .. import memory
 from ..errors import ACTInputError
 from ..families import ModelFamily
 from ..recording import token_mask_hooks
 from ..sampling import SamplingSettings, TrajectoryRun, follow_trajectory, seeded_noise
 
-# Rough live activation size of one denoiser forward, per latent pixel and row (SD/SDXL skip connections
-# hold ~1700 channels at latent resolution), to decide how many rows one call can take.
-ACTIVATION_ELEMENTS_PER_LATENT_PIXEL = 2500
 # diffusers' convention: text_encoder_N is tokenized by tokenizer_N.
 TOKENIZERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2", "text_encoder_3": "tokenizer_3"}
 
@@ -121,11 +119,10 @@ def denoiser_of(pipe: Any, family: ModelFamily) -> torch.nn.Module:
 def pairs_per_call(
     pipe: Any, family: ModelFamily, num_pairs: int, settings: SamplingSettings, rows: int
 ) -> int:
-    """How many prompt pairs one denoiser call can take: all of them (exact) when memory allows."""
+    """How many prompt pairs one denoiser call can take: all of them (exact) when memory allows, by the
+    family's measured activation memory against the device's free memory (``act_core.memory``)."""
     device = pipe._execution_device
-    latent_pixels = (settings.height // pipe.vae_scale_factor) * (settings.width // pipe.vae_scale_factor)
     itemsize = torch.empty((), dtype=denoiser_of(pipe, family).dtype).element_size()
-    per_pair = rows * latent_pixels * ACTIVATION_ELEMENTS_PER_LATENT_PIXEL * itemsize
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
     else:
@@ -133,7 +130,14 @@ def pairs_per_call(
             free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         except (ValueError, OSError, AttributeError):
             return num_pairs
-    return max(1, min(num_pairs, int(0.5 * free // max(1, per_pair))))
+    return memory.pairs_per_call(
+        family,
+        latent_pixels=memory.latent_pixels(settings.height, settings.width),
+        itemsize=itemsize,
+        rows_per_pair=rows,
+        free_bytes=free,
+        num_pairs=num_pairs,
+    )
 
 
 def encode(pipe: Any, prompts: list[str], negative_prompt: str | None, guided: bool, **options):

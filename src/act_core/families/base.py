@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from ..errors import ACTInputError, ACTModelMismatchError
+from ..memory import ActivationMemory
 from ..presets import Preset
 
 # A zero-argument callable giving ComfyUI's ``{diffusers parameter key: ComfyUI key}`` table of a MODEL
@@ -80,6 +81,9 @@ class ModelFamily:
     # ComfyUI's model_sampling.timestep(sigma) divided by this is the noise level u in [0, 1]; None (a family
     # of several architectures, whose timestep units differ): divided by timestep(model_sampling.sigma_max).
     comfy_timestep_scale: float | None = 1000.0
+    # The denoiser's measured activation memory per batch row (benchmarks/bench_memory.py): how many prompt pairs
+    # one call can take (``act_core.memory.pairs_per_call``). None: unmeasured (``act_core.memory.UNMEASURED``).
+    activation_memory: ActivationMemory | None = None
 
     @property
     def folds(self) -> bool:

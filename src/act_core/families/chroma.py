@@ -54,7 +54,7 @@ from ..apply_modes import APPLY_PER_ELEMENT
 from ..errors import ACTInputError, ACTModelMismatchError
 from ..presets import Preset
 from ..recording import OutputOf
-from .base import KeyTable, ModelFamily
+from .base import ActivationMemory, KeyTable, ModelFamily
 from .flux import comfy_transformer_modules as flux_comfy_transformer_modules
 from .flux import joined_block_modules, trajectory_preset
 
@@ -164,5 +164,7 @@ CHROMA = ModelFamily(
     comfy_clip_modules=comfy_clip_modules,
     comfy_clip_parts=COMFY_CLIP_PARTS,
     comfy_timestep_scale=1.0,  # ComfyUI's flow model_sampling.timestep(sigma) is sigma
+    # measured (python benchmarks/bench_memory.py, bf16, 256-1024 px): Chroma1-HD
+    activation_memory=ActivationMemory(59_100_000, 26_800, 24_600_000, 11_400),
 )
 FAMILY = CHROMA

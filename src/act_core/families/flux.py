@@ -39,7 +39,7 @@ from ..apply_modes import APPLY_PER_ELEMENT
 from ..errors import ACTInputError, ACTModelMismatchError
 from ..presets import Preset
 from ..recording import OutputOf
-from .base import KeyTable, ModelFamily
+from .base import ActivationMemory, KeyTable, ModelFamily
 
 TRANSFORMER, TEXT_ENCODER, TEXT_ENCODER_2 = "transformer", "text_encoder", "text_encoder_2"
 PARTS = (TRANSFORMER, TEXT_ENCODER, TEXT_ENCODER_2)
@@ -262,5 +262,8 @@ FLUX = ModelFamily(
     comfy_clip_modules=comfy_clip_modules,
     comfy_clip_parts=COMFY_CLIP_PARTS,
     comfy_timestep_scale=1.0,  # ComfyUI's flow model_sampling.timestep(sigma) is sigma
+    # measured (python benchmarks/bench_memory.py, bf16, 256-1024 px):
+    # FLUX.1-dev's (512 T5 tokens; schnell's 256)
+    activation_memory=ActivationMemory(58_300_000, 26_500, 23_700_000, 9_510),
 )
 FAMILY = FLUX

@@ -49,7 +49,7 @@ from torch import nn
 from ..errors import ACTInputError
 from ..presets import Preset
 from ..recording import OutputOf
-from .base import ModelFamily
+from .base import ActivationMemory, ModelFamily
 from .flux import joined_block_modules, trajectory_preset
 
 TRANSFORMER, TEXT_ENCODER = "transformer", "text_encoder"
@@ -112,5 +112,7 @@ FLUX2 = ModelFamily(
     diffusers_denoisers=("Flux2Transformer2DModel",),
     diffusers_adapter="act_core.diffusers.flux2",
     diffusers_modules=component_modules,
+    # measured (python benchmarks/bench_memory.py, bf16, 256-1024 px): FLUX.2 [dev]
+    activation_memory=ActivationMemory(156_000_000, 65_100, 54_800_000, 19_100),
 )
 FAMILY = FLUX2

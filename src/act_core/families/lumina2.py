@@ -62,7 +62,7 @@ from torch import nn
 from ..errors import ACTInputError
 from ..presets import Preset
 from ..recording import OutputOf
-from .base import KeyTable, ModelFamily
+from .base import ActivationMemory, KeyTable, ModelFamily
 from .flux import IMAGE, JOINT, TEXT, trajectory_preset
 
 TRANSFORMER = "transformer"
@@ -181,5 +181,7 @@ LUMINA2 = ModelFamily(
     comfy_denoiser_modules=comfy_transformer_modules,
     comfy_timestep_scale=1.0,  # ComfyUI's flow model_sampling.timestep(sigma) is sigma
     comfy_batched_prompts=False,  # NextDiT takes each prompt's token count (num_tokens)
+    # measured (python benchmarks/bench_memory.py, bf16, 256-1024 px): Lumina-Image-2.0
+    activation_memory=ActivationMemory(33_800_000, 30_400, 10_200_000, 7_330),
 )
 FAMILY = LUMINA2

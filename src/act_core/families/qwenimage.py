@@ -47,7 +47,7 @@ from torch import nn
 from ..errors import ACTInputError
 from ..presets import Preset
 from ..recording import OutputOf
-from .base import KeyTable, ModelFamily
+from .base import ActivationMemory, KeyTable, ModelFamily
 from .flux import DIFFUSERS_STREAMS, IMAGE, TEXT, trajectory_preset
 
 TRANSFORMER, TEXT_ENCODER = "transformer", "text_encoder"
@@ -145,5 +145,7 @@ QWEN_IMAGE = ModelFamily(
     comfy_denoisers=("QwenImageTransformer2DModel",),
     comfy_denoiser_modules=comfy_transformer_modules,
     comfy_timestep_scale=1.0,  # ComfyUI's Qwen-Image samples flow with multiplier 1: timestep(sigma) = sigma
+    # measured (python benchmarks/bench_memory.py, bf16, 256-1024 px): Qwen-Image, 512 caption tokens
+    activation_memory=ActivationMemory(44_200_000, 23_400, 26_900_000, 12_600),
 )
 FAMILY = QWEN_IMAGE

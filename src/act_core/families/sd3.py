@@ -28,7 +28,7 @@ from torch import nn
 from ..errors import ACTInputError, ACTModelMismatchError
 from ..presets import Preset
 from ..recording import OutputOf
-from .base import KeyTable, ModelFamily
+from .base import ActivationMemory, KeyTable, ModelFamily
 from .flux import IMAGE, POOLED_TEXT, TEXT, block_streams, trajectory_preset
 
 TRANSFORMER, TEXT_ENCODER, TEXT_ENCODER_2, TEXT_ENCODER_3 = (
@@ -142,5 +142,8 @@ SD3 = ModelFamily(
     comfy_clip_modules=comfy_clip_modules,
     comfy_clip_parts=COMFY_CLIP_PARTS,
     comfy_timestep_scale=1000.0,  # ComfyUI's SD3 model_sampling.timestep(sigma) is 1000 * sigma
+    # measured (python benchmarks/bench_memory.py, bf16, 256-1024 px):
+    # SD3.5 large's; SD3 / 3.5 medium 9.9 / 10.6 kB per latent px
+    activation_memory=ActivationMemory(12_300_000, 15_900, 5_980_000, 2_470),
 )
 FAMILY = SD3

@@ -32,7 +32,7 @@ from torch import nn
 from ..apply_modes import APPLY_PER_ELEMENT
 from ..errors import ACTInputError
 from ..presets import Preset
-from .base import KeyTable, ModelFamily
+from .base import ActivationMemory, KeyTable, ModelFamily
 
 UNET, TEXT_ENCODER, TEXT_ENCODER_2 = "unet", "text_encoder", "text_encoder_2"
 PARTS = (UNET, TEXT_ENCODER, TEXT_ENCODER_2)
@@ -249,5 +249,8 @@ SDXL = ModelFamily(
     comfy_clip_modules=comfy_clip_modules,
     comfy_clip_parts=COMFY_CLIP_PARTS,
     comfy_state_keys=comfy_state_keys,
+    # measured (python benchmarks/bench_memory.py, bf16, 256-1024 px):
+    # SD 1.5 / 2.1's 16.6 kB per latent px; SDXL's 10.1 kB
+    activation_memory=ActivationMemory(324_000, 16_700, 324_000, 7_050),
 )
 FAMILY = SDXL

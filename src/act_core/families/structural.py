@@ -38,6 +38,7 @@ from typing import Any
 from torch import nn
 
 from ..errors import ACTInputError, ACTWarning
+from ..memory import UNMEASURED
 from ..recording import OutputOf
 from .base import KeyTable, ModelFamily
 from .flux import trajectory_preset
@@ -197,6 +198,8 @@ STRUCTURAL = ModelFamily(
     comfy_denoisers=(),  # claims no class: family_of_comfy_model falls back to it by structure
     comfy_denoiser_modules=comfy_transformer_modules,
     comfy_timestep_scale=None,  # timestep units differ between architectures: relative to sigma_max
+    # any DiT: the largest per-row figures measured on a family (act_core.memory.UNMEASURED)
+    activation_memory=UNMEASURED,
 )
 FAMILY = STRUCTURAL
 

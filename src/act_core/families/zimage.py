@@ -61,7 +61,7 @@ from torch import nn
 from ..errors import ACTInputError
 from ..presets import Preset
 from ..recording import OutputOf
-from .base import ModelFamily
+from .base import ActivationMemory, ModelFamily
 from .flux import trajectory_preset
 from .lumina2 import BLOCK_STREAMS, CAPTION_STREAMS, nextdit_modules
 
@@ -126,5 +126,8 @@ ZIMAGE = ModelFamily(
     diffusers_denoisers=("ZImageTransformer2DModel",),
     diffusers_adapter="act_core.diffusers.zimage",
     diffusers_modules=component_modules,
+    # measured (python benchmarks/bench_memory.py, bf16, 256-1024 px):
+    # Z-Image, diffusers' default configuration
+    activation_memory=ActivationMemory(65_200_000, 30_400, 23_300_000, 9_900),
 )
 FAMILY = ZIMAGE

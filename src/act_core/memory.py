@@ -1,0 +1,91 @@
+"""How many prompt pairs one denoiser call can take: each family's measured activation memory against free memory.
+
+A family's ``ModelFamily.activation_memory`` is what ``benchmarks/bench_memory.py`` measured on its published
+denoisers at full size (fake tensors, no weights; a bf16 forward, batch 1, at 256-1024 px): the peak activation
+bytes of one forward per batch row, ``peak_per_row + peak_per_latent_pixel * P`` with P the latent pixels
+(``latent_pixels``), and the largest state alive when a module one of its presets hooks returns (what a call
+paused there keeps), in the same form. Attention on SDPA's fused path (flash / memory-efficient: PyTorch's choice for fp16 / bf16 on CUDA)
+holds no token x token matrix, so both are linear in P (the benchmark fits the quadratic term too: it is nil).
+
+``SAFETY_FRACTION`` of the free memory is given to a call's activations. The rest is for what the measurement
+does not count: the CUDA allocator's rounding and fragmentation, kernel workspaces (cuBLAS, cuDNN), the
+temporaries of ACT's own hooks (a transported copy of a hooked module's output, the recorded statistics), and
+attention run on the math path (no fused kernel for the dtype or mask), which holds the token x token matrix.
+It is a margin, not a measured figure.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+# Image pixels per latent pixel along each side: the unit of the measured figures. Every family's VAE
+# downsamples 8x (FLUX-layout and DiT families then pack or patchify 2x2 latent pixels into one token, which the
+# per-latent-pixel figure already includes).
+LATENT_PIXEL = 8
+# Bytes per element the figures were measured at (bf16); other dtypes scale them.
+MEASURED_ITEMSIZE = 2
+# Share of the free memory one call's activations may take (see the module docstring).
+SAFETY_FRACTION = 0.5
+
+
+@dataclass(frozen=True)
+class ActivationMemory:
+    """Measured activation bytes of one denoiser forward per batch row, at 2 bytes per element:
+    ``peak_per_row + peak_per_latent_pixel * P`` at its peak, ``live_per_row + live_per_latent_pixel * P``
+    alive when a module a preset hooks returns, the largest (P = latent pixels)."""
+
+    peak_per_row: float
+    peak_per_latent_pixel: float
+    live_per_row: float
+    live_per_latent_pixel: float
+
+    def peak_bytes(self, latent_pixels: int, itemsize: int = MEASURED_ITEMSIZE) -> float:
+        """Peak activation bytes of one batch row at this latent size and element size."""
+        return (self.peak_per_row + self.peak_per_latent_pixel * latent_pixels) * itemsize / MEASURED_ITEMSIZE
+
+    def live_bytes(self, latent_pixels: int, itemsize: int = MEASURED_ITEMSIZE) -> float:
+        """Bytes one batch row keeps alive at a hooked module (a paused call's state)."""
+        return (self.live_per_row + self.live_per_latent_pixel * latent_pixels) * itemsize / MEASURED_ITEMSIZE
+
+
+# For a denoiser that was not measured (the structural family's DiTs, a ModelFamily without the field): the
+# largest figures measured on any family (benchmarks/bench_memory.py, 2026-12-03: FLUX.2 [dev]'s, every term).
+UNMEASURED = ActivationMemory(156_000_000, 65_100, 54_800_000, 19_100)
+
+
+class ModelFamily(Protocol):
+    """What this module reads of an ``act_core.families.ModelFamily`` (not imported: the families import this)."""
+
+    activation_memory: ActivationMemory | None
+
+
+def latent_pixels(height: int, width: int) -> int:
+    """Latent pixels of an image of ``height`` x ``width`` image pixels (the unit of the measured figures)."""
+    return (int(height) // LATENT_PIXEL) * (int(width) // LATENT_PIXEL)
+
+
+def activation_memory(family: ModelFamily) -> ActivationMemory:
+    """The family's measured figures (``UNMEASURED``'s envelope where it has none)."""
+    return family.activation_memory or UNMEASURED
+
+
+def activation_bytes(family: ModelFamily, latent_pixels: int, itemsize: int, rows: int) -> float:
+    """Peak activation bytes of one call of ``rows`` batch rows (rows times one row's peak: an upper bound)."""
+    return rows * activation_memory(family).peak_bytes(latent_pixels, itemsize)
+
+
+def pairs_per_call(
+    family: ModelFamily,
+    *,
+    latent_pixels: int,
+    itemsize: int,
+    rows_per_pair: int,
+    free_bytes: float,
+    num_pairs: int,
+) -> int:
+    """How many prompt pairs (``rows_per_pair`` batch rows each) one denoiser call can take: as many as fit in
+    ``SAFETY_FRACTION`` of ``free_bytes``, at least 1 and at most ``num_pairs``."""
+    per_pair = activation_bytes(family, latent_pixels, itemsize, rows_per_pair)
+    fit = int(SAFETY_FRACTION * max(0.0, float(free_bytes)) // max(1.0, per_pair))
+    return max(1, min(int(num_pairs), fit))
