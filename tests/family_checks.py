@@ -90,6 +90,9 @@ class PlainSession:  # records nothing, transports nothing
     def call(self, level, *, source, target):
         yield
 
+    def run_together(self, calls):
+        return [call() for call in calls]
+
 
 def check_rows_follow_the_pipeline(
     monkeypatch: pytest.MonkeyPatch,

@@ -314,7 +314,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     for key, value in ((guidance, args.guidance), ("height", args.height), ("width", args.width)):
         if value is not None:
             generate[key] = value
-    if args.negative_prompt:
+    if args.negative_prompt is not None:  # "" too: QwenImagePipeline guides only with a negative prompt
         generate["negative_prompt"] = args.negative_prompt
     bar = _progress_bar(args, len(prompts) * len(lambdas), "Sweeping")  # every cell of the grid
     try:
@@ -580,8 +580,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-sequence-length",
         type=int,
         default=None,
-        help="the T5 prompt length you sample with, for families with a T5 encoder (FLUX, SD3, Chroma; "
-        "default: the pipeline's own, e.g. FluxPipeline's 512, SD3's 256)",
+        help="the prompt length in tokens you sample with, for families whose pipeline takes one (FLUX.1, "
+        "FLUX.2, SD3, Chroma, Qwen-Image, Z-Image, Lumina 2; default: the pipeline's own, e.g. FluxPipeline's "
+        "512, SD3's 256)",
     )
     fit.add_argument(
         "--statistics-steps",

@@ -29,7 +29,7 @@ class SamplingSettings:
     height: int
     width: int
     negative_prompt: str | None = None
-    max_sequence_length: int | None = None  # T5 length (FLUX, SD3)
+    max_sequence_length: int | None = None  # the prompt length in tokens (T5's, Qwen's...: ModelFamily)
     cfg_batch: bool = True  # False where guidance is embedded (FLUX.1): no uncond rows
     # CFG runs when guidance_scale exceeds this: 1 in the usual convention (uncond + scale (cond - uncond)),
     # 0 where the scale is the excess over the cond prediction (ZImagePipeline: cond + scale (cond - uncond))

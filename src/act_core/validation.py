@@ -229,10 +229,11 @@ def check_seed(value: Any, what: str = "seed") -> int:
 def check_max_sequence_length(
     value: Any, maximum: int = MAX_SEQUENCE_LENGTH, what: str = "max_sequence_length"
 ) -> int:
-    """The T5 prompt length in tokens: an integer from 1 to ``maximum`` (FLUX and SD3 allow 512)."""
+    """The text encoder's prompt length in tokens (T5's, Qwen's, Mistral's, Gemma's: the families with a
+    ``max_sequence_length``): an integer from 1 to ``maximum`` (their pipelines allow 512)."""
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= maximum:
         raise ACTInputError(
-            f"{what} must be an integer from 1 to {maximum} (the T5 prompt length in tokens; the pipeline "
+            f"{what} must be an integer from 1 to {maximum} (the prompt length in tokens; the pipeline "
             f"refuses more than {maximum}), got {value!r}."
         )
     return value
