@@ -324,16 +324,16 @@ def bench_fit(pipe: Any, size: int, steps: int) -> tuple[Any, Any, Any]:
     return maps["unet_norms_first_step"], maps["unet_norms_foldable"], maps["unet_norms"]
 
 
-def bench_fit_against_generation(pipe: Any, size: int, steps: int) -> None:
+def bench_fit_against_generation(pipe: Any, size: int, steps: int, rounds: int = 2) -> None:
     """The default fit against a plain generation of the same source prompts at the same steps, guidance and
     size (latents out: the fit decodes nothing), both in calls of at most 2 pairs, run back to back twice
     (order swapped) and compared by their medians. The row floor is 2x: four rows per pair against two."""
     options = {"num_inference_steps": steps, "guidance_scale": 5.0, "height": size, "width": size}
     fits, generations, estimation = [], [], []
-    for round_ in range(2):
-        order = ("fit", "generate") if round_ == 0 else ("generate", "fit")
+    for round_ in range(rounds):
+        order = ("fit", "generate") if round_ % 2 == 0 else ("generate", "fit")
         for what in order:
-            log(f"{what} (round {round_ + 1}/2) ... ({load()})")
+            log(f"{what} (round {round_ + 1}/{rounds}) ... ({load()})")
             if what == "fit":
                 _, split = timed_fit(
                     pipe, size, num_inference_steps=steps, guidance_scale=5.0, max_pairs_per_call=2
@@ -348,7 +348,7 @@ def bench_fit_against_generation(pipe: Any, size: int, steps: int) -> None:
     fit, generation = statistics.median(fits), statistics.median(generations)
     table(
         f"default fit against a plain generation of the same {len(SOURCE)} prompts ({steps} steps, {size}x{size}; "
-        "medians of 2 rounds)",
+        f"medians of {rounds} rounds)",
         ["fit (s)", "generation (s)", "fit / generation", "estimation (s)", "estimation share of the fit"],
         [
             [
@@ -511,6 +511,13 @@ def main(argv: list[str] | None = None) -> None:
         help="torch intra-op threads (default: torch's). Use 1 when another process keeps a core busy: "
         "OpenMP threads that wait for a busy core make every step slower and noisier",
     )
+    parser.add_argument(
+        "--fit-vs-generation",
+        type=int,
+        default=None,
+        metavar="ROUNDS",
+        help="only the default fit against a plain generation, this many rounds (the issue-19 figures)",
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -530,6 +537,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     pipe = build_pipeline(args.quick, full_text)
     log(f"RSS after building: {rss_gib():.1f} GiB; {load()}")
+    if args.fit_vs_generation:
+        bench_fit_against_generation(pipe, args.size, args.steps, args.fit_vs_generation)
+        return
     paper_map, foldable_map, timed_map = bench_fit(pipe, args.size, args.steps)
     bench_steps(pipe, paper_map, foldable_map, timed_map, args.size, rounds)
     log(f"\nRSS {rss_gib():.1f} GiB; {load()} (other processes share these cores: see load averages)")
