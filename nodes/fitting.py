@@ -291,7 +291,10 @@ class ComfyFitHost:
         settings, base = self.settings, self.model.model
         channels = int(getattr(getattr(base, "latent_format", None), "latent_channels", 4) or 4)
         shape = [channels, settings.height // 8, settings.width // 8]
+        # the model is loaded by the sampler after this plan: what it will take is not free then
         free = mm.get_free_memory(self.model.load_device)
+        if self.model.load_device != torch.device("cpu"):
+            free -= max(0, self.model.model_size() - self.model.loaded_size())
         fits = [k for k in range(1, num_pairs + 1) if base.memory_required([k, *shape]) * 1.5 < free]
         return max(fits, default=1)
 
