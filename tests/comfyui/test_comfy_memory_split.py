@@ -1,0 +1,58 @@
+"""The Fit node when ComfyUI's memory estimate says a step does not fit in one call (issue 19): ComfyUI splits
+the target-side conds as it likes, the fit plans source calls of one pair each, and the map is the one-call
+fit's. Skipped without COMFYUI_PATH."""
+
+from __future__ import annotations
+
+import comfy_family_checks as cfc
+import comfy_support as cs
+import pytest
+import torch
+from comfy_support import comfyui  # noqa: F401  (session fixture)
+
+pytestmark = cs.requires_comfyui
+SOURCE = ["a red circle", "a blue square", "a green triangle"]
+TARGET = ["a red circle, striped", "a blue square, striped", "a green triangle, striped"]
+
+
+def fit(model, clip, **options):
+    nodes = cs.node_callers(cs.load_node_pack())
+    with torch.inference_mode():
+        return cfc.fit_node(nodes, model, clip, SOURCE, TARGET, cfg=4.0, **options)[0]
+
+
+def test_a_low_free_memory_figure_splits_the_step_and_the_map_stays_exact(comfyui, monkeypatch):  # noqa: F811
+    import comfy.model_management as mm
+
+    model, clip = cs.build_tiny_sdxl(seed=0)
+    whole = fit(model, clip)
+    one_row = model.model.memory_required([1, 4, 8, 8]) * 1.5  # calc_cond_batch's margin
+    real = mm.get_free_memory
+
+    def low(
+        dev=None, torch_free_too=False
+    ):  # what calc_cond_batch and the fit plan read; attention keeps its own
+        return real(dev, torch_free_too) if torch_free_too else one_row * 1.2
+
+    monkeypatch.setattr(mm, "get_free_memory", low)
+    calls = []
+    original = model.model.apply_model
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape[0])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(model.model, "apply_model", counted)
+    split = fit(model, clip)
+    assert whole.metadata["pairs_per_call"] == 3 and split.metadata["pairs_per_call"] == 1
+    assert split.metadata["causal_strategy"] == "exact"
+    assert max(calls) <= len(SOURCE)  # ComfyUI ran every cond alone: no call held two conds' rows
+    cfc.check_same_maps(split, whole)
+
+
+def test_max_pairs_per_call_must_be_a_whole_number(comfyui):  # noqa: F811
+    from act_core.errors import ACTInputError
+
+    model, clip = cs.build_tiny_sdxl(seed=0)
+    with pytest.raises(ACTInputError, match="max_pairs_per_call must be a whole number"):
+        fit(model, clip, max_pairs_per_call=-1)
