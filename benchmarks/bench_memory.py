@@ -53,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from tables import table  # noqa: E402
 
 from act_core.families import FAMILIES  # noqa: E402
-from act_core.memory import LATENT_PIXEL, SAFETY_FRACTION, pairs_per_call  # noqa: E402
+from act_core.memory import LATENT_PIXEL, SAFETY_FRACTION, denoiser_width, pairs_per_call  # noqa: E402
 from act_core.recording import hook_module  # noqa: E402
 
 MIB, GIB = 2**20, 2**30
@@ -619,6 +619,7 @@ def run_family_table(denoisers: tuple[Denoiser, ...], sizes: tuple[int, ...], ma
             "live": fit_scaling(pixels, lives, quadratic=False) if any(lives) else (0.0, 0.0, 0.0, 0.0),
             "math": fit_scaling(pixels, maths, quadratic=True) if maths else None,
             "hooked": len(hooked),
+            "width": denoiser_width(model),
             "seconds": time.perf_counter() - start,
         }
         hook_rows.append([spec.name, spec.family, ", ".join(denoiser_presets(spec.family)), str(len(hooked))])
@@ -655,6 +656,7 @@ def run_family_table(denoisers: tuple[Denoiser, ...], sizes: tuple[int, ...], ma
                 f"{la / MIB:.1f}",
                 f"{lb:.0f}",
                 f"{math_fit[2]:.3g}" if math_fit else "-",
+                str(fit["width"]),
                 f"{fit['seconds']:.1f}",
             ]
         )
@@ -671,6 +673,7 @@ def run_family_table(denoisers: tuple[Denoiser, ...], sizes: tuple[int, ...], ma
             "live a MiB",
             "live b B/px",
             "c (math)",
+            "width",
             "s",
         ],
         fit_rows,
@@ -681,17 +684,27 @@ def run_family_table(denoisers: tuple[Denoiser, ...], sizes: tuple[int, ...], ma
         hook_rows,
     )
     family_rows = []
-    for family in dict.fromkeys(spec.family for spec in denoisers):
-        members = [name for name, fit in fits.items() if fit["family"] == family]
-        a = max(fits[name]["upper"][0] for name in members)
-        b = max(fits[name]["upper"][1] for name in members)
-        la = max(fits[name]["live_upper"][0] for name in members)
-        lb = max(fits[name]["live_upper"][1] for name in members)
-        field = ", ".join(f"{ceil3(v):_}" for v in (a, b, la, lb))
-        family_rows.append([family, ", ".join(members), f"ActivationMemory({field})"])
+    for family in [*dict.fromkeys(spec.family for spec in denoisers), "(envelope)"]:
+        members = (
+            [n for n, fit in fits.items() if fit["family"] == family]
+            if family != "(envelope)"
+            else list(fits)
+        )
+        width = max(fits[name]["width"] for name in members)
+        # each term per unit of width, the largest of the members', at the widest member's width
+        terms = [
+            width * max(fits[name][key][index] / fits[name]["width"] for name in members)
+            for key, index in (("upper", 0), ("upper", 1), ("live_upper", 0), ("live_upper", 1))
+        ]
+        field = ", ".join(f"{ceil3(v):_}" for v in terms)
+        names = (
+            ", ".join(members) if family != "(envelope)" else "all of the above (act_core.memory.UNMEASURED)"
+        )
+        family_rows.append([family, names, f"ActivationMemory({field}, {width})"])
     table(
-        "Per family: ActivationMemory(peak_per_row, peak_per_latent_pixel, live_per_row, live_per_latent_pixel), "
-        "bytes at 2 bytes per element; each the largest of its members' lines on or above every measured point",
+        "Per family: ActivationMemory(peak_per_row, peak_per_latent_pixel, live_per_row, live_per_latent_pixel, "
+        "width), bytes at 2 bytes per element: each term the largest per unit of width (act_core.memory."
+        "denoiser_width) of its members' lines on or above every measured point, at the widest member's width",
         ["family", "members", "figures (rounded up to 3 significant digits)"],
         family_rows,
     )
@@ -787,15 +800,16 @@ def parameter_count(build_module: Callable[[], torch.nn.Module]) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def own_line(name: str, sizes: tuple[int, ...] = (768, 1024)) -> tuple[float, float]:
-    """One denoiser's own peak line (``upper_line`` of its batch-1 peaks at ``sizes``), measured here."""
+def own_line(name: str, sizes: tuple[int, ...] = (768, 1024)) -> tuple[float, float, int]:
+    """One denoiser's own peak line (``upper_line`` of its batch-1 peaks at ``sizes``), measured here, and its
+    width."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     spec = next(d for d in DENOISERS if d.name == name)
     fake = FakeTensorMode(allow_non_fake_inputs=True)
     model = build(spec.cls, spec.config, torch.bfloat16, fake)
     peaks = [measure(model, partial(spec.inputs, 1, size, torch.bfloat16), fake).peak for size in sizes]
-    return upper_line([latent_pixels(size) for size in sizes], peaks)
+    return (*upper_line([latent_pixels(size) for size in sizes], peaks), denoiser_width(model))
 
 
 @dataclass(frozen=True)
@@ -881,11 +895,13 @@ def run_projection(
     for setup in setups:
         family = FAMILIES[setup.family]
         figures = activation_memory(family)
-        peak_row, live_row = figures.peak_bytes(pixels, 2), figures.live_bytes(pixels, 2)
-        own_a, own_b = own[setup.denoiser]
+        own_a, own_b, width = own[setup.denoiser]
+        peak_row, live_row = figures.peak_bytes(pixels, 2, width), figures.live_bytes(pixels, 2, width)
         own_family = dataclasses.replace(
             family,
-            activation_memory=dataclasses.replace(figures, peak_per_row=own_a, peak_per_latent_pixel=own_b),
+            activation_memory=dataclasses.replace(
+                figures, peak_per_row=own_a, peak_per_latent_pixel=own_b, width=width
+            ),
         )
         weights = setup.weight_bytes * sum(counts[name] for name in setup.weights)
         for gpu in gpus:
@@ -895,7 +911,11 @@ def run_projection(
                 fit_rows.append(cells + ["does not fit", "-", "-", "-"])
                 continue
             budget = dict(
-                latent_pixels=pixels, itemsize=2, rows_per_pair=setup.rows_per_pair, free_bytes=free
+                latent_pixels=pixels,
+                itemsize=2,
+                rows_per_pair=setup.rows_per_pair,
+                free_bytes=free,
+                width=width,
             )
             k = pairs_per_call(family, **budget, num_pairs=10**6)
             fit_rows.append(

@@ -14,7 +14,7 @@ import torch
 from act_core.errors import ACTError
 from act_core.fitting import fit_with_stats
 from act_core.maps import ACTMap, part_of
-from act_core.memory import SAFETY_FRACTION, activation_bytes, latent_pixels
+from act_core.memory import SAFETY_FRACTION, activation_bytes, denoiser_width, latent_pixels
 from act_core.recording import token_mask_hooks
 from act_core.workflow import FirstStepFit
 
@@ -116,7 +116,10 @@ def lockstep_ok(model: Any, family: Any, num_samples: int, width: int, height: i
         return False, "ComfyUI's async weight offload streams are shared between threads"
     itemsize = torch.empty((), dtype=model.model_dtype()).element_size()
     # the family's measured peak per row for every sample at once: an upper bound of the rendezvous' memory
-    need = activation_bytes(family, latent_pixels(height, width), itemsize, num_samples)
+    denoiser = model.model.diffusion_model
+    need = activation_bytes(
+        family, latent_pixels(height, width), itemsize, num_samples, denoiser_width(denoiser)
+    )
     free = mm.get_free_memory(model.load_device)
     if need > SAFETY_FRACTION * free:
         return (

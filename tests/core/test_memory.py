@@ -32,7 +32,7 @@ def test_latent_pixels_are_8x8_image_pixels():
 
 
 def test_pairs_per_call_budget_arithmetic():
-    family = with_memory(ActivationMemory(0.0, 1000.0, 0.0, 500.0))  # 1000 bytes per latent pixel and row
+    family = with_memory(ActivationMemory(0.0, 1000.0, 0.0, 500.0, 64))  # 1000 bytes per latent pixel and row
     budget = dict(latent_pixels=100, itemsize=2, rows_per_pair=4)  # 400 kB per pair
     assert activation_bytes(family, 100, 2, 4) == 400_000
     # SAFETY_FRACTION (0.5) of 4 MB: 5 pairs
@@ -42,7 +42,11 @@ def test_pairs_per_call_budget_arithmetic():
     assert pairs_per_call(family, **budget, free_bytes=-5, num_pairs=10) == 1
     # fp32 doubles the measured (bf16) bytes; the per-row term counts once per row
     assert pairs_per_call(family, **dict(budget, itemsize=4), free_bytes=4_000_000, num_pairs=10) == 2
-    fixed = with_memory(ActivationMemory(50_000.0, 1000.0, 0.0, 0.0))  # (50 kB + 100 kB) x 4 rows = 600 kB
+    # a denoiser of half the measured width needs half: 10 pairs
+    assert pairs_per_call(family, **budget, free_bytes=4_000_000, num_pairs=20, width=32) == 10
+    fixed = with_memory(
+        ActivationMemory(50_000.0, 1000.0, 0.0, 0.0, 64)
+    )  # (50 kB + 100 kB) x 4 rows = 600 kB
     assert pairs_per_call(fixed, **budget, free_bytes=4_000_000, num_pairs=10) == 3
 
 
@@ -53,27 +57,44 @@ def test_every_family_has_its_measured_memory():
         if family is STRUCTURAL:
             assert figures is UNMEASURED  # any DiT: the envelope of the measured families
             continue
-        assert figures is not UNMEASURED, name  # its own measured figures (FLUX.2 [dev]'s are the envelope)
+        assert figures is not UNMEASURED, name  # its own measured figures
         assert figures.peak_per_latent_pixel > 0 and figures.live_per_latent_pixel > 0, name
         assert figures.peak_per_row > 0 and figures.live_per_row > 0, name
+        assert figures.width > 0, name
         for pixels in (latent_pixels(256, 256), latent_pixels(1024, 1024)):
             assert 0 < figures.live_bytes(pixels) < figures.peak_bytes(pixels), name
-            assert figures.peak_bytes(pixels) <= UNMEASURED.peak_bytes(pixels), name
-            assert figures.live_bytes(pixels) <= UNMEASURED.live_bytes(pixels), name
+            for width in (figures.width, 64):  # per unit of width, the envelope holds every family
+                assert figures.peak_bytes(pixels, 2, width) <= UNMEASURED.peak_bytes(pixels, 2, width), name
+                assert figures.live_bytes(pixels, 2, width) <= UNMEASURED.live_bytes(pixels, 2, width), name
     # a family without the field is budgeted with the envelope
     unmeasured = dataclasses.replace(FAMILIES["flux"], activation_memory=None)
     assert memory.activation_memory(unmeasured) is UNMEASURED
 
 
+def test_denoiser_width_is_the_width_most_linear_layers_read():
+    block = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Linear(32, 8), torch.nn.Linear(8, 8))
+    assert memory.denoiser_width(block) == 8
+    assert (
+        memory.denoiser_width(torch.nn.Sequential(torch.nn.Linear(4, 2), torch.nn.Linear(6, 2))) == 6
+    )  # tie
+    assert memory.denoiser_width(torch.nn.Conv2d(1, 1, 1)) == 0
+
+
 def test_diffusers_pairs_per_call_reads_free_memory(monkeypatch):
-    family = with_memory(ActivationMemory(0.0, 1000.0, 0.0, 500.0))
-    pipe = SimpleNamespace(_execution_device=torch.device("cpu"), unet=SimpleNamespace(dtype=torch.float32))
+    family = with_memory(ActivationMemory(0.0, 1000.0, 0.0, 500.0, 64))
+    unet = torch.nn.Sequential(torch.nn.Linear(64, 16), torch.nn.Linear(64, 16))  # width 64, fp32
     # 80 x 80 px: 100 latent pixels
     settings = SamplingSettings(num_inference_steps=2, guidance_scale=5.0, height=80, width=80)
     pages = {"SC_AVPHYS_PAGES": 1000, "SC_PAGE_SIZE": 4000}  # 4 MB free
     monkeypatch.setattr(adapter.os, "sysconf", pages.__getitem__)
-    # fp32 UNet: 800 kB per pair of 4 rows, 0.5 x 4 MB -> 2
+    pipe = SimpleNamespace(_execution_device=torch.device("cpu"), unet=unet)
+    unet.dtype = torch.float32
+    # fp32 UNet of the measured width: 800 kB per pair of 4 rows, 0.5 x 4 MB -> 2
     assert adapter.pairs_per_call(pipe, family, 10, settings, 4) == 2
+    # a quarter of the width: 200 kB per pair -> 10
+    pipe.unet = torch.nn.Sequential(torch.nn.Linear(16, 4))
+    pipe.unet.dtype = torch.float32
+    assert adapter.pairs_per_call(pipe, family, 20, settings, 4) == 10
 
 
 def test_tracker_fake_equals_real_and_the_allocator():

@@ -122,7 +122,8 @@ def pairs_per_call(
     """How many prompt pairs one denoiser call can take: all of them (exact) when memory allows, by the
     family's measured activation memory against the device's free memory (``act_core.memory``)."""
     device = pipe._execution_device
-    itemsize = torch.empty((), dtype=denoiser_of(pipe, family).dtype).element_size()
+    denoiser = denoiser_of(pipe, family)
+    itemsize = torch.empty((), dtype=denoiser.dtype).element_size()
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
     else:
@@ -137,6 +138,7 @@ def pairs_per_call(
         rows_per_pair=rows,
         free_bytes=free,
         num_pairs=num_pairs,
+        width=memory.denoiser_width(denoiser),
     )
 
 

@@ -165,6 +165,6 @@ CHROMA = ModelFamily(
     comfy_clip_parts=COMFY_CLIP_PARTS,
     comfy_timestep_scale=1.0,  # ComfyUI's flow model_sampling.timestep(sigma) is sigma
     # measured (python benchmarks/bench_memory.py, bf16, 256-1024 px): Chroma1-HD
-    activation_memory=ActivationMemory(59_100_000, 26_800, 24_600_000, 11_400),
+    activation_memory=ActivationMemory(59_100_000, 26_800, 24_600_000, 11_400, 3072),
 )
 FAMILY = CHROMA

@@ -264,6 +264,6 @@ FLUX = ModelFamily(
     comfy_timestep_scale=1.0,  # ComfyUI's flow model_sampling.timestep(sigma) is sigma
     # measured (python benchmarks/bench_memory.py, bf16, 256-1024 px):
     # FLUX.1-dev's (512 T5 tokens; schnell's 256)
-    activation_memory=ActivationMemory(58_300_000, 26_500, 23_700_000, 9_510),
+    activation_memory=ActivationMemory(58_300_000, 26_500, 23_700_000, 9_510, 3072),
 )
 FAMILY = FLUX

@@ -113,6 +113,6 @@ FLUX2 = ModelFamily(
     diffusers_adapter="act_core.diffusers.flux2",
     diffusers_modules=component_modules,
     # measured (python benchmarks/bench_memory.py, bf16, 256-1024 px): FLUX.2 [dev]
-    activation_memory=ActivationMemory(156_000_000, 65_100, 54_800_000, 19_100),
+    activation_memory=ActivationMemory(156_000_000, 65_100, 54_800_000, 19_100, 6144),
 )
 FAMILY = FLUX2

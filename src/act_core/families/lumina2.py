@@ -182,6 +182,6 @@ LUMINA2 = ModelFamily(
     comfy_timestep_scale=1.0,  # ComfyUI's flow model_sampling.timestep(sigma) is sigma
     comfy_batched_prompts=False,  # NextDiT takes each prompt's token count (num_tokens)
     # measured (python benchmarks/bench_memory.py, bf16, 256-1024 px): Lumina-Image-2.0
-    activation_memory=ActivationMemory(33_800_000, 30_400, 10_200_000, 7_330),
+    activation_memory=ActivationMemory(33_800_000, 30_400, 10_200_000, 7_330, 2304),
 )
 FAMILY = LUMINA2

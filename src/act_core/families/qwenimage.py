@@ -146,6 +146,6 @@ QWEN_IMAGE = ModelFamily(
     comfy_denoiser_modules=comfy_transformer_modules,
     comfy_timestep_scale=1.0,  # ComfyUI's Qwen-Image samples flow with multiplier 1: timestep(sigma) = sigma
     # measured (python benchmarks/bench_memory.py, bf16, 256-1024 px): Qwen-Image, 512 caption tokens
-    activation_memory=ActivationMemory(44_200_000, 23_400, 26_900_000, 12_600),
+    activation_memory=ActivationMemory(44_200_000, 23_400, 26_900_000, 12_600, 3072),
 )
 FAMILY = QWEN_IMAGE

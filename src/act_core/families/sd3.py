@@ -143,7 +143,7 @@ SD3 = ModelFamily(
     comfy_clip_parts=COMFY_CLIP_PARTS,
     comfy_timestep_scale=1000.0,  # ComfyUI's SD3 model_sampling.timestep(sigma) is 1000 * sigma
     # measured (python benchmarks/bench_memory.py, bf16, 256-1024 px):
-    # SD3.5 large's; SD3 / 3.5 medium 9.9 / 10.6 kB per latent px
-    activation_memory=ActivationMemory(12_300_000, 15_900, 5_980_000, 2_470),
+    # per unit of width, SD3.5 medium's (10.6 kB per latent px at width 1536) at SD3.5 large's width
+    activation_memory=ActivationMemory(15_200_000, 17_100, 7_580_000, 2_490, 2432),
 )
 FAMILY = SD3

@@ -251,6 +251,6 @@ SDXL = ModelFamily(
     comfy_state_keys=comfy_state_keys,
     # measured (python benchmarks/bench_memory.py, bf16, 256-1024 px):
     # SD 1.5 / 2.1's 16.6 kB per latent px; SDXL's 10.1 kB
-    activation_memory=ActivationMemory(324_000, 16_700, 324_000, 7_050),
+    activation_memory=ActivationMemory(324_000, 16_700, 324_000, 7_050, 1280),
 )
 FAMILY = SDXL

@@ -128,6 +128,6 @@ ZIMAGE = ModelFamily(
     diffusers_modules=component_modules,
     # measured (python benchmarks/bench_memory.py, bf16, 256-1024 px):
     # Z-Image, diffusers' default configuration
-    activation_memory=ActivationMemory(65_200_000, 30_400, 23_300_000, 9_900),
+    activation_memory=ActivationMemory(65_200_000, 30_400, 23_300_000, 9_900, 3840),
 )
 FAMILY = ZIMAGE
