@@ -26,13 +26,16 @@ SUPPORTS = ("range", "unbounded", "q5-95")
 COUNTS = ((96, 96), (48, 96), (1536, 1536))
 # The estimators' docstring: omega relative; beta relative to |beta| + |omega| max|x|; bounds in float32 ulps
 TOLERANCE = {"float64": (1e-6, 1e-6, 1), "float32": (2e-6, 2e-6, 2)}
-DEVICES = [
-    "cpu",
-    pytest.param(
-        "cuda",
-        marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine"),
-    ),
-]
+# CUDA joins every device test where there is one (test_cuda_variants_run_where_there_is_cuda says when not).
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="no CUDA device on this machine: the cuda variants of this file's device tests did not run",
+)
+def test_cuda_variants_run_where_there_is_cuda():
+    assert "cuda" in DEVICES
 
 
 def reference(method, support, source, target, shrinkage=1.0, max_omega=10.0):
