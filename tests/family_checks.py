@@ -47,6 +47,23 @@ def fit_warned(pipe: Any, sampling: dict, **options: Any) -> ACTMap:
         return pipe.fit_act(SOURCE, TARGET, progress=False, **sampling, **options)
 
 
+def check_split_calls_give_the_one_call_map(pipe: Any, act_map: ACTMap, sampling: dict) -> None:
+    """The family's default fit with every step split into calls of one pair (target-side rows first, then
+    the source rows' calls meeting at every module) gives ``act_map``, the fit whose calls hold all pairs."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tests' tokenizers do not know these words
+        split = pipe.fit_act(SOURCE, TARGET, progress=False, max_pairs_per_call=1, **sampling)
+    assert split.metadata["pairs_per_call"] == 1 < act_map.metadata["pairs_per_call"]
+    assert split.metadata["causal_strategy"] == "exact" and split.buckets == act_map.buckets
+    for name, module_map in act_map.modules.items():
+        for field in ("omega", "beta"):
+            torch.testing.assert_close(
+                getattr(split.modules[name], field), getattr(module_map, field), rtol=1e-4, atol=1e-5
+            )
+
+
 def check_pipeline_family(pipe: Any, family: str, pipeline_class: str, hosts: tuple[str, ...]) -> None:
     """``act_pipeline`` gives the pipeline its family's mixin; the family is registered under its name and
     found by the pipeline class's name, and it says in which hosts its maps apply."""

@@ -149,8 +149,20 @@ class CallRows:
         negative: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One conditioning tensor (embeddings, pooled vectors) for this call's rows, in the layout above."""
-        parts = {"uncond": negative, "target": target, "source": source, "plain": source}
-        return torch.cat([parts[kind][rows] for kind in self.held])
+        return torch.cat(self.parts(target, source, rows, negative))
+
+    def parts(self, target: Any, source: Any, rows: list[int], negative: Any = None) -> list:
+        """This call's rows of each kind it holds, in batch order: ``[negative[rows], target[rows], ...]``
+        (tensors), or one entry per row for lists (``entries``)."""
+        sides = {"uncond": negative, "target": target, "source": source, "plain": source}
+        if isinstance(target, list):
+            return [[sides[kind][i] for i in rows] for kind in self.held]
+        return [sides[kind][rows] for kind in self.held]
+
+    def entries(self, target: list, source: list, rows: list[int], negative: list | None = None) -> list:
+        """One list entry per row of the call, in batch order (``stack`` for lists: per-prompt embeddings of
+        unequal lengths)."""
+        return [entry for part in self.parts(target, source, rows, negative) for entry in part]
 
 
 def split_step_calls(

@@ -144,3 +144,7 @@ def test_cli_fits_a_chroma_folder_with_the_chroma_default(tmp_path, capsys):
         cfg_rows="cond",
         sampling={"max_sequence_length": MAX_SEQUENCE_LENGTH},
     )
+
+
+def test_a_fit_split_into_calls_of_one_pair_gives_the_one_call_map(pipe, chroma_map):
+    fc.check_split_calls_give_the_one_call_map(pipe, chroma_map, SAMPLING)

@@ -131,3 +131,7 @@ def test_flux_dev_style_guidance_embedding_fits_and_steers(tmp_path):
         ).images
 
     fc.check_zero_is_exact_one_steers_disable_restores(dev, act_map, image)
+
+
+def test_a_fit_split_into_calls_of_one_pair_gives_the_one_call_map(pipe, block_map):
+    fc.check_split_calls_give_the_one_call_map(pipe, block_map, SAMPLING)

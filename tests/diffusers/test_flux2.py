@@ -171,3 +171,7 @@ def test_cli_fits_a_flux2_folder_then_describes_and_sweeps_the_map(tmp_path, cap
     sweep += ["--prompt", "a red circle", "--lambdas", "0,1", "--output", str(grid)]
     assert main(sweep) == 0, capsys.readouterr().err
     assert grid.exists()
+
+
+def test_a_fit_split_into_calls_of_one_pair_gives_the_one_call_map(pipe, flux2_map):
+    fc.check_split_calls_give_the_one_call_map(pipe, flux2_map, SAMPLING)

@@ -121,3 +121,7 @@ def test_cli_fits_a_lumina2_folder_with_the_lumina2_default(tmp_path, capsys):
         cfg_rows="cond",
         preset="caption_stream",
     )
+
+
+def test_a_fit_split_into_calls_of_one_pair_gives_the_one_call_map(pipe, lumina_map):
+    fc.check_split_calls_give_the_one_call_map(pipe, lumina_map, SAMPLING)

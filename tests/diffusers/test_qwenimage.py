@@ -186,3 +186,7 @@ def test_cli_fits_a_qwenimage_folder_then_describes_and_sweeps_the_map(tmp_path,
     saved = json.loads(Image.open(grid).text["act_sweep"])
     # --guidance reaches the pipeline as its CFG scale, true_cfg_scale
     assert saved["generate"]["true_cfg_scale"] == 4.0 and "guidance_scale" not in saved["generate"]
+
+
+def test_a_fit_split_into_calls_of_one_pair_gives_the_one_call_map(pipe, qwen_map):
+    fc.check_split_calls_give_the_one_call_map(pipe, qwen_map, SAMPLING)

@@ -167,3 +167,7 @@ def test_cli_fits_exports_and_describes_a_sd15_folder(tmp_path, capsys):
     assert all(k.startswith("unet.") and k.endswith((".diff", ".diff_b")) for k in keys)
     assert main(["info", str(lora)]) == 0
     assert "LoRA" in capsys.readouterr().out
+
+
+def test_a_fit_split_into_calls_of_one_pair_gives_the_one_call_map(pipe, default_map):
+    fc.check_split_calls_give_the_one_call_map(pipe, default_map, SAMPLING)

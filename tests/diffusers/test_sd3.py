@@ -81,3 +81,7 @@ def test_cli_fits_an_sd3_folder_with_the_sd3_default(tmp_path, capsys):
     fitted = ACTMap.load(out)
     assert fitted.metadata["family"] == "sd3" and fitted.metadata["preset"] == "pooled_text_and_blocks"
     assert fitted.metadata["sampling"]["max_sequence_length"] == 16 and len(fitted.buckets) == 2
+
+
+def test_a_fit_split_into_calls_of_one_pair_gives_the_one_call_map(pipe, sd3_map):
+    fc.check_split_calls_give_the_one_call_map(pipe, sd3_map, SAMPLING)

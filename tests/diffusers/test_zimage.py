@@ -142,3 +142,7 @@ def test_cli_fits_a_zimage_folder_with_the_zimage_default(tmp_path, capsys):
         sampling={"guidance_scale": 0.0},
         preset="caption_stream",
     )
+
+
+def test_a_fit_split_into_calls_of_one_pair_gives_the_one_call_map(pipe, zimage_map):
+    fc.check_split_calls_give_the_one_call_map(pipe, zimage_map, SAMPLING)

@@ -58,12 +58,6 @@ def _timesteps(pipe: Any, scheduler: Any, steps: int, image_seq_len: int) -> lis
     return list(timesteps)
 
 
-def _rows(layout: CallRows, target: list, source: list, rows: list[int], negative: list) -> list:
-    """One list entry per row of the call, in ``CallRows``' order (``CallRows.stack`` for lists)."""
-    order = ([negative] if layout.guided else []) + [target, source] + ([source] if layout.calibrate else [])
-    return [entries[i] for entries in order for i in rows]
-
-
 @torch.no_grad()  # no autograd graph along the trajectory: memory would grow with every step
 def run_zimage_trajectory(pipe: Any, run: TrajectoryRun, settings: SamplingSettings) -> None:
     """Sample the run's pairs along Z-Image's trajectory (guided when ``guidance_scale > 0``), feeding every
@@ -89,7 +83,7 @@ def run_zimage_trajectory(pipe: Any, run: TrajectoryRun, settings: SamplingSetti
         images = list(latents.to(transformer.dtype).unsqueeze(2).unbind(0))  # (C, 1, H, W) per row
         time = (TIMESTEPS - t.expand(layout.copies * layout.k)) / TIMESTEPS  # Z-Image's 0 is pure noise
         out = transformer(
-            _rows(layout, images, images, rows, images), time, _rows(layout, tgt, src, rows, neg)
+            layout.entries(images, images, rows, images), time, layout.entries(tgt, src, rows, neg)
         )
         return torch.stack([row.float() for row in out[0]]).squeeze(2)
 
