@@ -20,7 +20,7 @@ import argparse
 import json
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -292,6 +292,9 @@ class Protocol:
     fit: dict = field(default_factory=dict)
     enable: dict = field(default_factory=dict)
     families: tuple[str, ...] = ("sdxl",)  # the model families it applies to
+    # After the fit: (pipe, model, task, map) -> the map that is scored (issue 22: a static map that folds)
+    post: Callable | None = None
+    fused: bool = False  # score the map folded into the weights (fuse_act at each lambda), not hooked
 
 
 _NEW = PRESETS["unet_norms"]
@@ -599,8 +602,25 @@ PROTOCOLS = {
             "unet_norms_foldable (first step, one map, all rows)",
             {"preset": "unet_norms_foldable"},
         ),
+        Protocol(
+            "static_fit",
+            "the default, then one static all-rows map fitted to its hooks' guided predictions (fold_to_static)",
+            post=lambda pipe, model, task, act_map: _fold_to_static(pipe, task, act_map),
+        ),
+        Protocol(
+            "static_fit_fused",
+            "static_fit, scored with the map fused into the weights (fuse_act), not hooked",
+            post=lambda pipe, model, task, act_map: _fold_to_static(pipe, task, act_map),
+            fused=True,
+        ),
     )
 }
+
+
+def _fold_to_static(pipe, task: Task, act_map):
+    from act_core.distill import fold_to_static
+
+    return fold_to_static(pipe, act_map, list(task.source), seed=FIT_SEED)
 
 
 def effect(score: float, plain: float, ceiling: float) -> float:
@@ -640,24 +660,38 @@ def fit_map(pipe, model: Model, task: Task, protocol: Protocol):
 
 
 def score_curve(
-    pipe, classifier, model: Model, task: Task, act_map, enable: dict, lambdas: Sequence[float]
+    pipe,
+    classifier,
+    model: Model,
+    task: Task,
+    act_map,
+    enable: dict,
+    lambdas: Sequence[float],
+    fused: bool = False,
 ) -> dict:
     """Scores of the source prompts at every lambda (and of the prompted ceiling); pass/fail at lambda 1.
 
     Generation uses the model's sampler, or the transfer's (``generation_settings``). ``distance`` is each
     lambda's mean absolute pixel change from lambda 0, as a share of lambda 1's: how gradually the image
     changes with lambda (the classifiers are near-binary; 0.25 / 0.5 / 0.75 at those lambdas is linear).
+    ``fused``: each lambda's images come from the map folded into the weights at that lambda (``fuse_act``).
     """
     gen, scheduler = generation_settings(model)
     use_scheduler(pipe, scheduler)
     try:
         ceiling = score_images(classifier, generate(pipe, list(task.target), seed=EVAL_SEED, **gen), task)
         curve, images_at = [], {}
-        pipe.enable_act(act_map, strength=0.0, **enable)
+        if not fused:
+            pipe.enable_act(act_map, strength=0.0, **enable)
         try:
             for lam in lambdas:
-                pipe.set_act_strength(lam)
+                if fused:
+                    pipe.fuse_act(act_map, lam)
+                else:
+                    pipe.set_act_strength(lam)
                 images_at[lam] = generate(pipe, list(task.source), seed=EVAL_SEED, **gen)
+                if fused:
+                    pipe.disable_act()
                 curve.append({"lambda": lam, **score_images(classifier, images_at[lam], task)})
         finally:
             pipe.disable_act()
@@ -709,9 +743,20 @@ def evaluate(
 ) -> dict:
     """Fit (on ``fit_pairs`` of the pairs, default all), then score every lambda and the prompted ceiling on
     all of the task's prompts, for one model x task x protocol."""
-    act_map, seconds = fit_map(pipe, model, fewer_pairs(task, fit_pairs), protocol)
-    curve = score_curve(pipe, classifier, model, task, act_map, protocol.enable, lambdas)
-    return {**curve, "fit_seconds": seconds, "fit_pairs": fit_pairs or len(task.source)}
+    fit_task = fewer_pairs(task, fit_pairs)
+    act_map, seconds = fit_map(pipe, model, fit_task, protocol)
+    post_seconds = None
+    if protocol.post is not None:
+        start = time.perf_counter()
+        act_map = protocol.post(pipe, model, fit_task, act_map)
+        post_seconds = time.perf_counter() - start
+    curve = score_curve(pipe, classifier, model, task, act_map, protocol.enable, lambdas, protocol.fused)
+    return {
+        **curve,
+        "fit_seconds": seconds,
+        "post_seconds": post_seconds,
+        "fit_pairs": fit_pairs or len(task.source),
+    }
 
 
 def markdown(results: dict, models: Sequence[str], task_names: Sequence[str]) -> str:
