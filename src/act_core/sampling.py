@@ -247,12 +247,13 @@ def follow_trajectory(
         level = level_of(t)
         joined: dict[str, list[torch.Tensor]] = {kind: [] for kind in ROW_KINDS}
         for phase in phases:
-            outputs = session.run_together(
-                [
-                    functools.partial(_fitting_call, session, level, call, latents, t, chunk, layout)
-                    for chunk, layout in phase
-                ]
-            )
+            calls = [
+                functools.partial(_fitting_call, session, level, call, latents, t, chunk, layout)
+                for chunk, layout in phase
+            ]
+            # only source calls need to meet at the modules; the target-side ones run one after the other
+            together = any(layout.source is not None for _, layout in phase)
+            outputs = session.run_together(calls) if together else [run() for run in calls]
             for (_, layout), output in zip(phase, outputs, strict=True):
                 for kind in layout.held:
                     joined[kind].append(output[layout.rows(kind)])

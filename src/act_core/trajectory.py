@@ -232,7 +232,9 @@ class TrajectoryFit(ForwardHooks):
 
         def member(slot: int, run: Callable[[], T]) -> None:
             try:
-                with self._cond, torch.set_grad_enabled(grad), torch.inference_mode(inference):
+                # grad mode is per thread: the caller's, never more (torch.inference_mode(False) turns grad ON)
+                mode = torch.inference_mode() if inference else contextlib.nullcontext()
+                with self._cond, torch.set_grad_enabled(grad), mode:
                     if group.error is not None:
                         raise _Aborted
                     self._local.member = ((first, slot), group)

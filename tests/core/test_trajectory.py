@@ -276,3 +276,25 @@ def test_time_aware_maps_do_not_fold():
 
     with pytest.raises(ACTInputError, match="time-aware"):
         fold_act({"n": torch.nn.Linear(2, 2)}, _bucketed(), 1.0)
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "grad"])
+def test_calls_run_together_in_the_callers_grad_mode(mode):
+    """Grad mode is per thread: members run in the caller's (a member with grad on would keep every
+    activation of its forward alive as an autograd graph: memory)."""
+    model = Stack(depth=2)
+    session = TrajectoryFit(
+        select_modules(model, ["*norm*"]), ModuleEstimator("linear", "unbounded", "per_element"), num_pairs=N
+    )
+    context = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode, "grad": torch.enable_grad}[
+        mode
+    ]
+
+    def member():
+        return torch.is_grad_enabled(), torch.is_inference_mode_enabled(), model(torch.randn(2, 16)).grad_fn
+
+    with context():
+        results = session.run_together([member, member])
+    for grad, inference, grad_fn in results:
+        assert grad == (mode == "grad") and inference == (mode == "inference_mode")
+        assert (grad_fn is not None) == (mode == "grad")
