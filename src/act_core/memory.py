@@ -102,6 +102,24 @@ def activation_bytes(
     return rows * activation_memory(family).peak_bytes(latent_pixels, itemsize, width)
 
 
+def pairs_held_together(
+    family: ModelFamily,
+    *,
+    latent_pixels: int,
+    itemsize: int,
+    free_bytes: float,
+    width: int | None = None,
+) -> int:
+    """How many prompt pairs a split step can hold exactly: its source calls run together, one at its peak and
+    the others paused at a module with their live state, so N pairs need ``peak + (N - 1) * live`` of one row
+    each (at one source row per call, the least) within ``SAFETY_FRACTION`` of ``free_bytes``. At least 1."""
+    figures = activation_memory(family)
+    peak = figures.peak_bytes(latent_pixels, itemsize, width)
+    live = figures.live_bytes(latent_pixels, itemsize, width)
+    budget = SAFETY_FRACTION * max(0.0, float(free_bytes)) - peak
+    return max(1, 1 + int(budget // max(1.0, live)))
+
+
 def pairs_per_call(
     family: ModelFamily,
     *,

@@ -97,6 +97,30 @@ def test_diffusers_pairs_per_call_reads_free_memory(monkeypatch):
     assert adapter.pairs_per_call(pipe, family, 20, settings, 4) == 10
 
 
+def test_a_split_step_holds_the_paused_calls_state(monkeypatch):
+    """A split step's source calls run together: one at its peak, the others paused with their live state.
+    pairs_held_together budgets that, and the diffusers host warns when the prompts exceed it."""
+    from act_core.errors import ACTWarning
+
+    family = with_memory(ActivationMemory(0.0, 1000.0, 0.0, 500.0, 64))
+    sizes = dict(latent_pixels=100, itemsize=2)  # peak 100 kB, live 50 kB per row
+    # 0.5 x 4 MB = 2 MB: one row at its peak (100 kB) + 38 paused rows (1.9 MB)
+    assert memory.pairs_held_together(family, **sizes, free_bytes=4_000_000) == 39
+    assert memory.pairs_held_together(family, **sizes, free_bytes=0) == 1
+    unet = torch.nn.Sequential(torch.nn.Linear(64, 16))
+    unet.dtype = torch.float32  # fp32: twice the bytes, so 19 pairs held
+    pipe = SimpleNamespace(_execution_device=torch.device("cpu"), unet=unet)
+    settings = SamplingSettings(num_inference_steps=2, guidance_scale=5.0, height=80, width=80)
+    monkeypatch.setattr(adapter.os, "sysconf", {"SC_AVPHYS_PAGES": 1000, "SC_PAGE_SIZE": 4000}.__getitem__)
+    with pytest.warns(ACTWarning, match="use at most 19 prompt pairs"):
+        assert adapter.pairs_per_call(pipe, family, 30, settings, 4) == 2
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ACTWarning)
+        assert adapter.pairs_per_call(pipe, family, 19, settings, 4) == 2  # split, and held: no warning
+
+
 def test_tracker_fake_equals_real_and_the_allocator():
     """A small FLUX.1-layout transformer at 512 px: the tracker's peak on fake tensors equals its peak on real
     tensors, and the CPU allocator's own peak (torch.profiler) within 2 %."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 
 from .. import memory
-from ..errors import ACTInputError
+from ..errors import ACTInputError, ACTWarning
 from ..families import ModelFamily
 from ..recording import token_mask_hooks
 from ..sampling import SamplingSettings, TrajectoryRun, follow_trajectory, seeded_noise
@@ -131,15 +132,25 @@ def pairs_per_call(
             free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         except (ValueError, OSError, AttributeError):
             return num_pairs
-    return memory.pairs_per_call(
-        family,
-        latent_pixels=memory.latent_pixels(settings.height, settings.width),
-        itemsize=itemsize,
-        rows_per_pair=rows,
-        free_bytes=free,
-        num_pairs=num_pairs,
-        width=memory.denoiser_width(denoiser),
-    )
+    sizes = {
+        "latent_pixels": memory.latent_pixels(settings.height, settings.width),
+        "itemsize": itemsize,
+        "free_bytes": free,
+        "width": memory.denoiser_width(denoiser),
+    }
+    per_call = memory.pairs_per_call(family, rows_per_pair=rows, num_pairs=num_pairs, **sizes)
+    held = memory.pairs_held_together(family, **sizes)
+    if per_call < num_pairs and held < num_pairs:
+        warnings.warn(
+            f"ACT fitting: {num_pairs} prompt pairs do not fit in one {family.denoiser} call here, and a step split "
+            f"over calls holds every pair's state at once (its source calls meet at each hooked module), which the "
+            f"measured activation memory puts at about {held} pairs on this device at {settings.width}x"
+            f"{settings.height}. The fit may run out of memory: use at most {held} prompt pairs (6 steer as well "
+            "as 24 on every model measured), or a smaller size.",
+            ACTWarning,
+            stacklevel=2,
+        )
+    return per_call
 
 
 def encode(pipe: Any, prompts: list[str], negative_prompt: str | None, guided: bool, **options):
