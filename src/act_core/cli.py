@@ -392,8 +392,20 @@ def cmd_export_lora(args: argparse.Namespace) -> int:
 
     output = check_output(args.output, ".safetensors")
     act_map = load_map(args.map)
-    check_foldable(act_map)  # refuse before spending a minute on loading the model
+    folded_output = (
+        check_output(args.save_folded, ".safetensors", "--save-folded") if args.save_folded else None
+    )
+    if args.save_folded and not args.source:
+        raise CLIError("--save-folded needs --source (the prompts the map was fitted on) to fold a map.")
+    fold = args.source is not None and act_map.buckets is not None
+    prompts = read_prompt_file(args.source) if fold else None
+    if not fold:
+        check_foldable(act_map)  # refuse before spending a minute on loading the model
     pipe = load_model(args)
+    if fold:
+        act_map = pipe.fold_act(act_map, prompts, progress=not args.quiet)
+        if folded_output is not None:
+            act_map.save(folded_output)
     path = export_lora(act_map, pipe, output, strength=args.strength, dtype=args.lora_dtype)
     print(
         f"Saved {path}: {len(act_map)} modules ({', '.join(act_map.parts())}), {args.lora_dtype}, strength "
@@ -640,6 +652,19 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("fp32", "fp16"),
         default="fp32",
         help="LoRA dtype (default fp32: exact, norm diffs are small; fp16 is refused where it overflows)",
+    )
+    export.add_argument(
+        "--source",
+        default=None,
+        metavar="PROMPTS.txt",
+        help="for a time-aware map (the default's): the prompts it was fitted on, one per line; a static map "
+        "that steers like its hooks is fitted first (pipe.fold_act) and exported",
+    )
+    export.add_argument(
+        "--save-folded",
+        default=None,
+        metavar="MAP.safetensors",
+        help="with --source: also save the folded (static) map, to apply or fuse later",
     )
     export.set_defaults(handler=cmd_export_lora)
     return parser

@@ -47,12 +47,18 @@ def _modules_of(modules: Mapping[str, nn.Module] | Any, act_map: ACTMap) -> Mapp
     return modules
 
 
+def check_family_folds(act_map: ACTMap) -> None:
+    """Refuse a map of a family whose maps never fold (FLUX, SD3...: no affine norms), saying why."""
+    family = family_of_map(act_map.metadata)
+    if not family.folds:
+        family.lora_key(next(iter(act_map.modules)))  # raises: says why this family's maps do not fold
+
+
 def check_foldable(act_map: ACTMap) -> None:
     """Refuse, naming the fix, a map that cannot become weights whatever the model: a family whose maps never
     fold, a time-aware map, a bounded support. (``as_foldable`` adds the check that needs the modules.)"""
     family = family_of_map(act_map.metadata)
-    if not family.folds:
-        family.lora_key(next(iter(act_map.modules)))  # raises: says why this family's maps do not fold
+    check_family_folds(act_map)
     if act_map.two_sided:
         raise ACTInputError(
             "This map is two-sided (lambda < 0 steers toward its 'less' prompts), and a LoRA holds one side "
@@ -63,10 +69,12 @@ def check_foldable(act_map: ACTMap) -> None:
     timed = [name for name, m in act_map.modules.items() if m.bucketed]
     if timed:
         raise ACTInputError(
-            f"This ACT map cannot be exported as a LoRA: it is time-aware ({len(timed)} of its {len(act_map)} "
-            "modules have one map per noise level), and LoRA weights cannot change between denoising steps. "
-            f"Fit it with preset {preset!r} (CLI: act fit --preset {preset}), or apply this map with hooks "
-            "(enable_act / the Apply ACT node)."
+            f"This ACT map cannot be exported as a LoRA as it is: it is time-aware ({len(timed)} of its "
+            f"{len(act_map)} modules have one map per noise level), and LoRA weights cannot change between "
+            "denoising steps. Fold it first with the prompts it was fitted on: pipe.fold_act(map, source_prompts) "
+            "or pipe.fuse_act(map, source_prompts=...) in diffusers, 'act export-lora --source PROMPTS.txt' on the "
+            f"command line (a static map fitted to steer like its hooks); or fit with preset {preset!r}, or "
+            "apply this map with hooks (enable_act / the Apply ACT node)."
         )
     bounded = [name for name, m in act_map.modules.items() if not m.unbounded]
     if bounded:

@@ -305,3 +305,35 @@ def v_as_eps(pipe, patcher, x, context, sigma: float) -> torch.Tensor:
         v = pipe.unet(scaled, t, encoder_hidden_states=context, return_dict=False)[0]
     denoised = x / (sigma**2 + 1) - v * sigma / (sigma**2 + 1) ** 0.5
     return (x - denoised) / sigma
+
+
+def test_the_default_map_folded_exports_a_lora_the_stock_loraloader_loads_whole(
+    nodes, sd15, clip, diffusers_maps, folders, caplog
+):
+    """Issue 22: the default's time-aware map, folded (``fold_act``: one static map fitted to steer like its
+    hooks) and exported, loads in the stock LoraLoader with no key left unloaded, and samples what Apply ACT
+    gives with the folded map."""
+    import nodes as comfy_nodes
+    from act_core.lora import export_lora
+
+    pipe, model = sd15
+    folded = pipe.fold_act(diffusers_maps["unet_norms"], SOURCE, steps=4, progress=False)
+    assert folded.buckets is None and folded.metadata["cfg_rows"] == "all"
+    _, loras = folders
+    export_lora(folded, pipe, loras / "folded.safetensors", strength=1.0, dtype="fp32")
+    unread, _ = lora_report(model, clip, loras / "folded.safetensors")
+    assert unread == []
+    lam = 0.8
+    with caplog.at_level(logging.WARNING):
+        lora_model, lora_clip = comfy_nodes.LoraLoader().load_lora(
+            model, clip, "folded.safetensors", lam, lam
+        )
+    assert not [r for r in caplog.records if "not loaded" in r.getMessage().lower()]
+    assert len(lora_model.patches) == 2 * len(folded)
+    act_model, act_clip = nodes["ACTApply"].apply(model, clip, folded, lam)
+    via_lora = cs.sample_tiny(lora_model, lora_clip, "a photo of a lamp", seed=4)
+    via_act = cs.sample_tiny(act_model, act_clip, "a photo of a lamp", seed=4)
+    base = cs.sample_tiny(model, clip, "a photo of a lamp", seed=4)
+    scale = float((via_act - base).abs().max())
+    assert scale > 1e-3
+    torch.testing.assert_close(via_lora, via_act, rtol=1e-4, atol=1e-4 * scale)

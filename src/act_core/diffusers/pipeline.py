@@ -433,15 +433,46 @@ class ACTPipelineMixin:
         if gate is not None:
             gate.removable.remove()
 
-    def fuse_act(self, act_map: ACTMap | None = None, strength: Strength | None = None) -> None:
+    def fold_act(
+        self,
+        act_map: ACTMap,
+        source_prompts: Sequence[str],
+        *,
+        progress: bool | Callable = True,
+        **options: Any,
+    ) -> ACTMap:
+        """A static map that folds and steers like ``act_map``'s hooks: one per-channel (omega, beta) per module,
+        on every row at every step, fitted end to end so the guided predictions match those of the time-aware,
+        cond-rows map along its own generations of ``source_prompts`` (the prompts it was fitted on, or like
+        them). ``fuse_act`` and ``act export-lora`` take the result (``act_core.distill.fold_to_static``;
+        ``options``: its steps, learning rate, sampling settings). Families whose maps fold: SDXL / SD 1.x / 2.x.
+        """
+        from ..distill import fold_to_static
+        from ..lora import check_family_folds
+
+        check_family_folds(act_map)
+        bar = _progress_callback(progress, "Folding ACT map") if progress else None
+        report = (lambda step, steps, loss: bar(step, steps, f"loss {loss:.3f}")) if bar else None
+        return fold_to_static(self, act_map, list(source_prompts), progress=report, **options)
+
+    def fuse_act(
+        self,
+        act_map: ACTMap | None = None,
+        strength: Strength | None = None,
+        *,
+        source_prompts: Sequence[str] | None = None,
+    ) -> None:
         """Fold a foldable map into the weights (zero cost per step); ``unfuse_act`` restores them.
 
         Without arguments it fuses the enabled map at its current strengths (its hooks are removed and
-        come back on ``unfuse_act``). Only one-bucket, unbounded, per-element maps fold (preset
-        ``unet_norms_foldable``, or ``text_encoder_norms`` with unbounded support). Weights act on every row
-        of a CFG batch and at every step, so a start/end window cannot be fused, and a map that steers the
-        cond rows only gives a different image fused (a warning says so).
+        come back on ``unfuse_act``). One-bucket, unbounded, per-element maps fold. The default's time-aware
+        map folds through ``fold_act``: pass the prompts it was fitted on as ``source_prompts`` and the static
+        map that steers like its hooks is fitted first and fused. Weights act on every row of a CFG batch and
+        at every step, so a start/end window cannot be fused, and a map that steers the cond rows only gives a
+        different image fused (a warning says so).
         """
+        if source_prompts is not None and act_map is not None and act_map.buckets is not None:
+            act_map = self.fold_act(act_map, source_prompts, progress=False)
         state = self._act_state()
         with state.lock:
             if state.fitting:
