@@ -10,12 +10,14 @@ least-squares fit over all modules jointly, through the frozen denoiser):
    enabled (its cond rows, at ``strength``); every denoiser call (its inputs, its output) is recorded. The
    guided prediction of each call is the teacher's target.
 2. **Reference.** The same calls are run on the plain model, so the loss reads as a share of the teacher's
-   own move: ``sum |student - teacher|^2 / sum |plain - teacher|^2`` over every state (1 = the plain model,
-   0 = the hooks exactly).
-3. **Fit.** From an initial static map (``collapse_map`` of the time-aware one, scaled by the CFG scale:
-   moving both CFG halves by a delta moves the guided output by about the delta, moving the cond half moves
-   it by about guidance x the delta), Adam on omega and beta only (the denoiser's weights frozen), on
-   minibatches of recorded calls and prompts.
+   own move: ``|student - teacher|^2 / |plain - teacher|^2`` (1 = the plain model, 0 = the hooks exactly),
+   per noise level by default (the teacher moves the prediction some 70 times further at the last step than
+   at the first, so a pooled squared error would leave the structure-forming steps unfitted).
+3. **Fit.** From an initial static map (``collapse_map`` of the time-aware one: omega and beta averaged over
+   the noise levels, scaled around the identity by the gain with the lowest loss; moving both CFG halves by
+   a delta moves the guided output by about the delta, moving the cond half by about guidance x the delta),
+   Adam on omega and beta only (the denoiser's weights frozen), on minibatches of recorded calls and
+   prompts. Optionally (``rounds``) the static map's own generations add their states (DAgger).
 
 The result is a one-bucket, unbounded, per-element map with ``cfg_rows="all"``: it folds (``fuse_act``,
 ``act export-lora``) and its hooks give the image its fused weights give. Its metadata (``distilled``)
@@ -31,6 +33,8 @@ no affine weights).
 from __future__ import annotations
 
 import contextlib
+import functools
+import math
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -54,6 +58,7 @@ class DenoiserCall:
     batch: int  # rows of the call (2 x prompts in a CFG batch)
     teacher: torch.Tensor | None = None  # guided prediction with the time-aware map's hooks, (prompts, ...)
     plain: torch.Tensor | None = None  # guided prediction of the plain model
+    norm: float = 1.0  # what the squared error of one row is divided by in the loss
 
 
 # ----------------------------------------------------------------------------------- initial maps
@@ -313,15 +318,85 @@ def _run(denoiser: Any, call: DenoiserCall, rows: torch.Tensor | None) -> torch.
 
 def relative_error(
     denoiser: Any, hooks: _StaticHooks, calls: list[DenoiserCall], layout: str, scale: float
-) -> float:
-    """``sum |student - teacher|^2 / sum |plain - teacher|^2`` over every recorded state (no gradients)."""
-    num = den = 0.0
+) -> dict[str, float]:
+    """How far the static map's guided predictions are from the teacher's, as a share of the teacher's own
+    move from the plain model (no gradients): ``"pooled"``, ``sum |student - teacher|^2 / sum |plain -
+    teacher|^2`` over every state, and ``"per_level"``, that ratio per denoiser call averaged over the calls
+    (every noise level counts the same; the teacher moves the prediction far more at the last steps)."""
+    num = den = per_level = 0.0
     with torch.no_grad(), hooks.active():
         for call in calls:
             student = _guided(_run(denoiser, call, None), layout, scale)
-            num += float((student - call.teacher).pow(2).sum())
-            den += float((call.plain - call.teacher).pow(2).sum())
-    return num / max(den, 1e-30)
+            error = float((student - call.teacher).pow(2).sum())
+            move = float((call.plain - call.teacher).pow(2).sum())
+            num, den = num + error, den + move
+            per_level += error / max(move, 1e-30)
+    return {"pooled": num / max(den, 1e-30), "per_level": per_level / len(calls)}
+
+
+def _set_norms(
+    calls: list[DenoiserCall], weighting: str, reference: list[DenoiserCall] | None = None
+) -> None:
+    """Each call's loss normaliser: the teacher's move per row at the call (``per_level``), or its mean over
+    the ``reference`` calls (default: these)."""
+    moves = [float((c.plain - c.teacher).pow(2).sum()) / c.teacher.shape[0] for c in calls]
+    if weighting == "pooled":
+        ref = reference or calls
+        pooled = sum(float((c.plain - c.teacher).pow(2).sum()) for c in ref) / sum(
+            c.teacher.shape[0] for c in ref
+        )
+        moves = [pooled] * len(calls)
+    for call, move in zip(calls, moves, strict=True):
+        call.norm = max(move, 1e-30)
+
+
+def _plain_outputs(denoiser: Any, calls: list[DenoiserCall], layout: str, scale: float) -> None:
+    with torch.no_grad():
+        for call in calls:
+            call.plain = _guided(_run(denoiser, call, None), layout, scale)
+
+
+def _own_states(
+    pipe: Any,
+    act_map: ACTMap,
+    hooks: _StaticHooks,
+    strength: float,
+    prompts: Sequence[str],
+    generation: dict,
+    layout: str,
+    scale: float,
+    seed: int,
+) -> list[DenoiserCall]:
+    """The denoiser calls of the static map's own generation of ``prompts`` (hooked on every row at
+    ``strength``), with the teacher's (``act_map`` hooked at ``strength``) and the plain guided predictions
+    at them (DAgger: the states the static map will meet)."""
+    denoiser = getattr(pipe, pipe.act_family.denoiser)
+    static = hooks.act_map({"cfg_rows": "all"})
+    try:
+        pipe.enable_act(static, strength, cfg_rows="all")
+        calls = record_calls(pipe, prompts, generation, layout, scale, seed)
+        pipe.enable_act(act_map, strength)
+        with torch.no_grad(), pipe.act_generation(layout != "all"):
+            for call in calls:
+                call.teacher = _guided(_run(denoiser, call, None), layout, scale)
+    finally:
+        pipe.disable_act()
+    _plain_outputs(denoiser, calls, layout, scale)
+    return calls
+
+
+def _lr_factor(steps: int, step: int) -> float:
+    """Adam's step size as a share of ``lr`` at ``step``: a linear warm-up over the first tenth of the steps
+    (Adam's first steps move every omega and beta by about ``lr`` at once), then a cosine to 0."""
+    warmup = max(1, steps // 10)
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+
+WEIGHTINGS = ("per_level", "pooled")
+# The gains ``collapse_map`` is tried at for the starting map (the best by the loss is taken).
+INIT_GAINS = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0)
 
 
 def fold_to_static(
@@ -334,9 +409,11 @@ def fold_to_static(
     init_gain: float | None = None,
     init_max_level: float | None = None,
     steps: int = 200,
-    lr: float = 0.01,
-    calls_per_step: int = 4,
+    lr: float = 0.02,
+    calls_per_step: int = 2,
     prompts_per_call: int = 8,
+    weighting: str = "per_level",
+    rounds: int = 1,
     seed: int = 0,
     num_inference_steps: int | None = None,
     guidance_scale: float | None = None,
@@ -350,9 +427,15 @@ def fold_to_static(
     predictions match those of ``act_map``'s hooks at ``strength`` along their own generations of
     ``source_prompts`` (see the module docstring).
 
-    ``init``: the starting map (one bucket); default ``collapse_map(act_map, init_gain, init_max_level)``
-    with ``init_gain`` the CFG scale. ``steps`` Adam steps of ``calls_per_step`` recorded denoiser calls with
-    ``prompts_per_call`` of their prompts each. Sampling settings default to the ones ``act_map`` was fitted
+    ``init``: the starting map (one bucket); default ``collapse_map(act_map, init_gain, init_max_level)``,
+    without ``init_gain`` at the gain of ``INIT_GAINS`` with the lowest loss. Adam's step size warms up
+    to ``lr`` over the first tenth of the steps, then follows a cosine to 0. ``steps`` Adam steps of ``calls_per_step`` recorded denoiser calls with
+    ``prompts_per_call`` of their prompts each. ``weighting``: the loss of each state as a share of the
+    teacher's move at its noise level (``"per_level"``: early, structure-forming steps count as much as late
+    ones) or the plain squared error of the guided predictions (``"pooled"``: dominated by the last steps,
+    where the teacher moves the prediction most). ``rounds`` > 1: after each round of ``steps``, the static
+    map generates the prompts itself and its states (with the teacher's predictions there) join the fit
+    (DAgger). Sampling settings default to the ones ``act_map`` was fitted
     with (its metadata), then the pipeline's. ``progress(step, steps, loss)`` after every step.
     """
     if pipe.act_map is not None:
@@ -366,6 +449,10 @@ def fold_to_static(
             f"fold_to_static distils the {denoiser_part}'s modules; this map also has {unknown[:3]} (use "
             f"act_map.restrict(parts=['{denoiser_part}']))."
         )
+    if weighting not in WEIGHTINGS:
+        raise ACTInputError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}.")
+    if rounds < 1 or steps < 0:
+        raise ACTInputError(f"rounds must be >= 1 and steps >= 0, got {rounds} and {steps}.")
     if not source_prompts:
         raise ACTInputError("fold_to_static needs source prompts to generate the states it fits on.")
     start = time.perf_counter()
@@ -382,9 +469,7 @@ def fold_to_static(
         },
     )
     layout = _layout(pipe, guided)
-    if init is None:
-        init = collapse_map(act_map, scale if init_gain is None else init_gain, init_max_level)
-    if init.buckets is not None or set(init.modules) != set(act_map.modules):
+    if init is not None and (init.buckets is not None or set(init.modules) != set(act_map.modules)):
         raise ACTInputError("init must be a one-bucket map over the same modules as act_map.")
     denoiser = getattr(pipe, denoiser_part)
     modules = pipe.act_modules([denoiser_part])
@@ -393,36 +478,60 @@ def fold_to_static(
         calls = record_calls(pipe, source_prompts, generation, layout, scale, seed)
     finally:
         pipe.disable_act()
-    with torch.no_grad():
-        for call in calls:
-            call.plain = _guided(_run(denoiser, call, None), layout, scale)
+    _plain_outputs(denoiser, calls, layout, scale)
     recorded = time.perf_counter() - start
     device = calls[0].teacher.device
+    searched = None
+    if init is None and init_gain is None:
+        with _frozen(denoiser):
+            searched = {
+                gain: relative_error(
+                    denoiser,
+                    _StaticHooks(modules, collapse_map(act_map, gain, init_max_level), device),
+                    calls,
+                    layout,
+                    scale,
+                )[weighting]
+                for gain in INIT_GAINS
+            }
+        init_gain = min(searched, key=searched.get)
+    if init is None:
+        init = collapse_map(act_map, init_gain, init_max_level)
     hooks = _StaticHooks(modules, init, device)
-    norm = sum(float((c.plain - c.teacher).pow(2).sum()) for c in calls) / sum(
-        c.teacher.shape[0] for c in calls
-    )
-    prompts = calls[0].teacher.shape[0]
+    _set_norms(calls, weighting)
     rng = random.Random(seed)
-    optimizer = torch.optim.Adam(hooks.tensors(), lr=lr)
+    pool = list(calls)
     with _frozen(denoiser):
         loss_initial = relative_error(denoiser, hooks, calls, layout, scale)
-        losses = []
-        for step in range(steps):
-            optimizer.zero_grad(set_to_none=True)
-            total = 0.0
-            with hooks.active():
-                for call in rng.sample(calls, min(calls_per_step, len(calls))):
-                    picked = torch.tensor(sorted(rng.sample(range(prompts), min(prompts_per_call, prompts))))
-                    student = _guided(_run(denoiser, call, _rows(layout, picked, call.batch)), layout, scale)
-                    target = call.teacher.index_select(0, picked.to(device))
-                    loss = (student - target).pow(2).sum() / (norm * len(picked) * calls_per_step)
-                    loss.backward()
-                    total += float(loss)
-            optimizer.step()
-            losses.append(total)
-            if progress is not None:
-                progress(step + 1, steps, total)
+        for round_index in range(rounds):
+            if round_index:  # the static map's own states, with the teacher's predictions there
+                own = _own_states(
+                    pipe, act_map, hooks, strength, source_prompts, generation, layout, scale, seed
+                )
+                _set_norms(own, weighting, calls)
+                pool += own
+            optimizer = torch.optim.Adam(hooks.tensors(), lr=lr)
+            schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(_lr_factor, steps))
+            for step in range(steps):
+                optimizer.zero_grad(set_to_none=True)
+                total = 0.0
+                with hooks.active():
+                    for call in rng.sample(pool, min(calls_per_step, len(pool))):
+                        prompts = call.teacher.shape[0]
+                        picked = torch.tensor(
+                            sorted(rng.sample(range(prompts), min(prompts_per_call, prompts)))
+                        )
+                        student = _guided(
+                            _run(denoiser, call, _rows(layout, picked, call.batch)), layout, scale
+                        )
+                        target = call.teacher.index_select(0, picked.to(device))
+                        loss = (student - target).pow(2).sum() / (call.norm * len(picked) * calls_per_step)
+                        loss.backward()
+                        total += float(loss.detach())
+                optimizer.step()
+                schedule.step()
+                if progress is not None:
+                    progress(round_index * steps + step + 1, rounds * steps, total)
         loss_final = relative_error(denoiser, hooks, calls, layout, scale)
     seconds = time.perf_counter() - start
     metadata = {
@@ -441,13 +550,18 @@ def fold_to_static(
             "num_prompts": len(source_prompts),
             "seed": seed,
             "init": init.metadata.get("collapsed", "given"),
+            "init_search": searched,
             "steps": steps,
+            "rounds": rounds,
             "lr": lr,
             "calls_per_step": calls_per_step,
             "prompts_per_call": prompts_per_call,
-            # sum |static - hooks|^2 / sum |plain - hooks|^2 of the guided predictions, every state
-            "loss_initial": round(loss_initial, 6),
-            "loss_final": round(loss_final, 6),
+            "weighting": weighting,
+            # |static - hooks|^2 / |plain - hooks|^2 of the guided predictions (relative_error), the weighting's
+            "loss_initial": round(loss_initial[weighting], 6),
+            "loss_final": round(loss_final[weighting], 6),
+            "relative_error_initial": {k: round(v, 6) for k, v in loss_initial.items()},
+            "relative_error_final": {k: round(v, 6) for k, v in loss_final.items()},
             "seconds_recording": round(recorded, 2),
             "seconds": round(seconds, 2),
         },
