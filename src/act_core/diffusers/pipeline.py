@@ -433,6 +433,11 @@ class ACTPipelineMixin:
         if gate is not None:
             gate.removable.remove()
 
+    def act_generation(self, cfg_batch: bool | None = None) -> contextlib.AbstractContextManager:
+        """Denoiser calls made in this block belong to a generation of this pipeline (``active_pipeline``), for
+        code that calls the denoiser itself (``act_core.distill``, benchmarks of one step)."""
+        return active_pipeline(self, cfg_batch)
+
     def fold_act(
         self,
         act_map: ACTMap,
