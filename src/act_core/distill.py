@@ -37,13 +37,14 @@ import functools
 import math
 import random
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from .errors import ACTInputError
+from .errors import ACTInputError, ACTWarning
 from .maps import APPLY_PER_ELEMENT, ACTMap, ModuleMap
 from .recording import channel_axis, hook_module, read_output, write_output
 
@@ -533,6 +534,16 @@ def fold_to_static(
                 if progress is not None:
                     progress(round_index * steps + step + 1, rounds * steps, total)
         loss_final = relative_error(denoiser, hooks, calls, layout, scale)
+    kept_init = not loss_final[weighting] <= loss_initial[weighting]  # NaN included
+    returned = loss_initial if kept_init else loss_final
+    if kept_init:  # the fit diverged (too large an lr for this model): the starting map is the better one
+        hooks = _StaticHooks(modules, init, device)
+        warnings.warn(
+            f"fold_to_static: the fit ended with a higher loss ({loss_final[weighting]:.3g}) than its starting map "
+            f"({loss_initial[weighting]:.3g}); the starting map is returned. Try a smaller lr (now {lr}).",
+            ACTWarning,
+            stacklevel=2,
+        )
     seconds = time.perf_counter() - start
     metadata = {
         key: value
@@ -559,9 +570,11 @@ def fold_to_static(
             "weighting": weighting,
             # |static - hooks|^2 / |plain - hooks|^2 of the guided predictions (relative_error), the weighting's
             "loss_initial": round(loss_initial[weighting], 6),
-            "loss_final": round(loss_final[weighting], 6),
+            "loss_final": round(returned[weighting], 6),  # of the map returned
+            "loss_fitted": round(loss_final[weighting], 6),
+            "kept_initial_map": kept_init,
             "relative_error_initial": {k: round(v, 6) for k, v in loss_initial.items()},
-            "relative_error_final": {k: round(v, 6) for k, v in loss_final.items()},
+            "relative_error_final": {k: round(v, 6) for k, v in returned.items()},
             "seconds_recording": round(recorded, 2),
             "seconds": round(seconds, 2),
         },

@@ -100,3 +100,20 @@ def test_an_enabled_map_is_refused(tiny_pipe, time_aware_map, static_map):
             fold_to_static(tiny_pipe, time_aware_map, SOURCE, steps=1)
     finally:
         tiny_pipe.disable_act()
+
+
+def test_a_diverging_fit_returns_its_starting_map(tiny_pipe, time_aware_map):
+    from act_core.distill import collapse_map
+    from act_core.errors import ACTWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        warnings.simplefilter("always", ACTWarning)
+        with pytest.warns(ACTWarning, match="starting map is returned"):
+            result = fold_to_static(
+                tiny_pipe, time_aware_map, SOURCE[:2], init_gain=1.0, steps=3, lr=1.0, prompts_per_call=2
+            )
+    info = result.metadata["distilled"]
+    assert info["kept_initial_map"] and info["loss_final"] == info["loss_initial"] < info["loss_fitted"]
+    start = collapse_map(time_aware_map, 1.0)
+    assert all(torch.equal(m.omega, start.modules[n].omega) for n, m in result.modules.items())
