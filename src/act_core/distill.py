@@ -482,7 +482,7 @@ def fold_to_static(
     _plain_outputs(denoiser, calls, layout, scale)
     recorded = time.perf_counter() - start
     device = calls[0].teacher.device
-    searched = None
+    searched, search_start = None, time.perf_counter()
     if init is None and init_gain is None:
         with _frozen(denoiser):
             searched = {
@@ -496,6 +496,7 @@ def fold_to_static(
                 for gain in INIT_GAINS
             }
         init_gain = min(searched, key=searched.get)
+    searching = time.perf_counter() - search_start
     if init is None:
         init = collapse_map(act_map, init_gain, init_max_level)
     hooks = _StaticHooks(modules, init, device)
@@ -576,6 +577,7 @@ def fold_to_static(
             "relative_error_initial": {k: round(v, 6) for k, v in loss_initial.items()},
             "relative_error_final": {k: round(v, 6) for k, v in returned.items()},
             "seconds_recording": round(recorded, 2),
+            "seconds_search": round(searching, 2),
             "seconds": round(seconds, 2),
         },
     )
