@@ -395,6 +395,8 @@ def cmd_export_lora(args: argparse.Namespace) -> int:
     folded_output = (
         check_output(args.save_folded, ".safetensors", "--save-folded") if args.save_folded else None
     )
+    if args.fold_steps < 1:
+        raise CLIError(f"--fold-steps must be at least 1; got {args.fold_steps}.")
     if args.save_folded and not args.source:
         raise CLIError("--save-folded needs --source (the prompts the map was fitted on) to fold a map.")
     fold = args.source is not None and act_map.buckets is not None
@@ -403,7 +405,7 @@ def cmd_export_lora(args: argparse.Namespace) -> int:
         check_foldable(act_map)  # refuse before spending a minute on loading the model
     pipe = load_model(args)
     if fold:
-        act_map = pipe.fold_act(act_map, prompts, progress=not args.quiet)
+        act_map = pipe.fold_act(act_map, prompts, progress=not args.quiet, steps=args.fold_steps)
         if folded_output is not None:
             act_map.save(folded_output)
     path = export_lora(act_map, pipe, output, strength=args.strength, dtype=args.lora_dtype)
@@ -665,6 +667,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="MAP.safetensors",
         help="with --source: also save the folded (static) map, to apply or fuse later",
+    )
+    export.add_argument(
+        "--fold-steps",
+        type=int,
+        default=200,
+        help="with --source: optimisation steps of the fold (default 200; fewer are faster and fit less well)",
     )
     export.set_defaults(handler=cmd_export_lora)
     return parser

@@ -49,7 +49,7 @@ def test_fuse_act_with_the_source_prompts_folds_the_default_map(tiny_pipe, timed
     plain = generate(tiny_pipe)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        tiny_pipe.fuse_act(timed_map, 1.0, source_prompts=SOURCE)
+        tiny_pipe.fuse_act(timed_map, 1.0, source_prompts=SOURCE, fold_options=FOLD)
     try:
         assert np.abs(generate(tiny_pipe) - plain).max() > 1e-4
     finally:
@@ -69,7 +69,7 @@ def test_export_lora_folds_a_time_aware_map_given_its_prompts(tiny_sdxl_dir, tim
     assert "--save-folded needs --source" in capsys.readouterr().err
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        assert main([*base, "--source", str(prompts), "--save-folded", str(folded)]) == 0
+        assert main([*base, "--source", str(prompts), "--save-folded", str(folded), "--fold-steps", "3"]) == 0
     keys = load_file(str(lora))
     assert len(keys) == 2 * len(timed_map)  # every norm: a weight and a bias diff
     assert ACTMap.load(folded).buckets is None

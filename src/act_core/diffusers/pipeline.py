@@ -32,7 +32,7 @@ import inspect
 import os
 import threading
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -466,6 +466,7 @@ class ACTPipelineMixin:
         strength: Strength | None = None,
         *,
         source_prompts: Sequence[str] | None = None,
+        fold_options: Mapping[str, Any] | None = None,
     ) -> None:
         """Fold a foldable map into the weights (zero cost per step); ``unfuse_act`` restores them.
 
@@ -474,10 +475,10 @@ class ACTPipelineMixin:
         map folds through ``fold_act``: pass the prompts it was fitted on as ``source_prompts`` and the static
         map that steers like its hooks is fitted first and fused. Weights act on every row of a CFG batch and
         at every step, so a start/end window cannot be fused, and a map that steers the cond rows only gives a
-        different image fused (a warning says so).
+        different image fused (a warning says so). ``fold_options`` go to ``fold_act``.
         """
         if source_prompts is not None and act_map is not None and act_map.buckets is not None:
-            act_map = self.fold_act(act_map, source_prompts, progress=False)
+            act_map = self.fold_act(act_map, source_prompts, progress=False, **dict(fold_options or {}))
         state = self._act_state()
         with state.lock:
             if state.fitting:
