@@ -19,7 +19,7 @@ within a group; with one module per group it is the reference algorithm.
 
 from __future__ import annotations
 
-import contextvars
+import functools
 import queue
 import threading
 import time
@@ -34,6 +34,7 @@ from torch import nn
 
 from ._version import __version__
 from .applying import transport
+from .concurrency import run_in_threads
 from .errors import ACTError, ACTInputError
 from .estimators import DEFAULT_SHRINKAGE, MAX_OMEGA, ModuleEstimator, on_host
 from .maps import APPLY_SPATIAL_MEAN, ACTMap, ModuleMap, model_fingerprint
@@ -289,31 +290,17 @@ def _fit_lockstep(
                 return
             report(*item)
 
-    threads = [
-        threading.Thread(
-            target=contextvars.copy_context().run,  # the workers see the caller's context variables
-            args=(worker, slot, side, index, batch),
-            name=f"act-fit-{slot}",
-            daemon=True,
-        )
-        for slot, (side, index, batch) in enumerate(batches)
-    ]
-    started: list[threading.Thread] = []
     start = time.perf_counter()
     try:
-        for thread in threads:
-            thread.start()
-            started.append(thread)
-        for thread in threads:
-            while thread.is_alive():
-                thread.join(timeout=0.05)
-                drain()
-        drain()
-    except BaseException as error:  # e.g. KeyboardInterrupt in the main thread: stop the workers too
-        lockstep.fail(error)
-        for thread in started:  # a thread that never started cannot be joined
-            thread.join()
-        raise
+        run_in_threads(
+            [
+                functools.partial(worker, slot, side, index, batch)
+                for slot, (side, index, batch) in enumerate(batches)
+            ],
+            name="act-fit",
+            stop=lockstep.fail,  # e.g. KeyboardInterrupt in the main thread: stop the workers too
+            poll=drain,
+        )
     finally:
         session.lockstep = None
         session.stats.forward_seconds = time.perf_counter() - start - session.stats.estimation_seconds

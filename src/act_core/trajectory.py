@@ -38,8 +38,8 @@ plain model's activations, and the latents follow the un-steered source rows.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import dataclasses
+import functools
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -51,6 +51,7 @@ from torch import nn
 
 from ._version import __version__
 from .applying import transport
+from .concurrency import run_in_threads
 from .errors import ACTInputError
 from .maps import ACTMap, ModuleMap, model_fingerprint
 from .recording import (
@@ -249,28 +250,11 @@ class TrajectoryFit(ForwardHooks):
                     group.live -= 1
                     self._check_stall(group)
 
-        threads = [
-            threading.Thread(
-                target=contextvars.copy_context().run,  # the members see the caller's context variables
-                args=(member, slot, run),
-                name=f"act-fit-call-{slot}",
-                daemon=True,
-            )
-            for slot, run in enumerate(calls)
-        ]
-        started: list[threading.Thread] = []
-        try:
-            for thread in threads:
-                thread.start()
-                started.append(thread)
-            for thread in threads:
-                while thread.is_alive():
-                    thread.join(timeout=0.05)
-        except BaseException as error:  # e.g. KeyboardInterrupt here: stop the members too
-            self._fail(group, error)
-            for thread in started:
-                thread.join()
-            raise
+        run_in_threads(
+            [functools.partial(member, slot, run) for slot, run in enumerate(calls)],
+            name="act-fit-call",
+            stop=lambda error: self._fail(group, error),  # e.g. KeyboardInterrupt here: stop the members too
+        )
         if group.error is not None:
             raise group.error
         return results
