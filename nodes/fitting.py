@@ -6,8 +6,9 @@
   latents; ComfyUI batches them as it batches cond and uncond, and ``act_core.trajectory.TrajectoryFit``
   records the hooked modules, fits one map per noise level and transports the source rows before the forward
   goes on. The latents advance with ``act_core.sampling.source_prediction`` of those rows (calibrated once
-  per noise level), guided by ComfyUI's own CFG function. When ComfyUI splits the conds over several calls
-  (memory), the session falls back to "lagged" fitting and says so.
+  per noise level), guided by ComfyUI's own CFG function. The target-side conds go first (ComfyUI batches and
+  splits them as memory allows), then the source conds in calls that meet at every hooked module, so the
+  fit is exact at any memory budget (``_FitGuider``).
 * ``first_step`` (the paper's): the cond branch at the FIRST denoising step, guidance off. For every batch
   ComfyUI's sampler runs up to the denoiser call and a pre-hook captures its exact arguments; ``run_model``
   replays ``diffusion_model(*args, **kwargs)`` (lockstep threads run it concurrently).

@@ -26,10 +26,10 @@ Which latents the rows share is the host's choice (``trajectory`` in the map's m
   at that state; it never learns to undo a difference between two trajectories (that runs away).
 * ``"target"``: the host advances with the target rows (teacher forcing).
 
-When all rows of a step do not fit in one model call, the host splits them over several calls:
-maps are then fitted once a step's calls are all done, and during the step the source rows are
-transported with the previous step's maps (``strategy="lagged"``, bounded memory, close to exact
-when maps change slowly between steps; reported in the map's metadata and warned about).
+When all rows of a step do not fit in one model call, the host runs the target-side rows first and then
+the source rows in calls that ``run_together`` (threads meeting at every hooked module): the same maps.
+Only source rows a host runs in calls one after the other, unplanned, are transported with the previous
+step's maps (``strategy="lagged"``, reported in the map's metadata and warned about).
 
 ``mode="at_once"`` (for comparison) never transports during fitting: every map is fitted on the
 plain model's activations, and the latents follow the un-steered source rows.
