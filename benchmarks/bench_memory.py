@@ -50,6 +50,8 @@ from torch.utils._pytree import tree_flatten
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from bench_flux import FLUX_SCHNELL  # noqa: E402
+from bench_sdxl import SDXL_UNET as _SDXL_UNET  # noqa: E402
 from tables import table  # noqa: E402
 
 from act_core.families import FAMILIES  # noqa: E402
@@ -141,26 +143,8 @@ def allocator_peak(run: Callable[[], Any]) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ models
-# diffusers' UNet of SDXL base 1.0 (its unet/config.json), as benchmarks/bench_sdxl.py builds it.
-SDXL_UNET = dict(
-    act_fn="silu",
-    addition_embed_type="text_time",
-    addition_embed_type_num_heads=64,
-    addition_time_embed_dim=256,
-    attention_head_dim=(5, 10, 20),
-    block_out_channels=(320, 640, 1280),
-    cross_attention_dim=2048,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    in_channels=4,
-    layers_per_block=2,
-    norm_num_groups=32,
-    out_channels=4,
-    projection_class_embeddings_input_dim=2816,
-    sample_size=128,
-    transformer_layers_per_block=(1, 2, 10),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    use_linear_projection=True,
-)
+# diffusers' UNet of SDXL base 1.0 (its unet/config.json): the one benchmarks/bench_sdxl.py builds.
+SDXL_UNET = _SDXL_UNET
 # Stable Diffusion 1.5 (runwayml/stable-diffusion-v1-5 unet/config.json): 8 heads, conv projections.
 SD15_UNET = dict(
     attention_head_dim=8,
@@ -182,18 +166,8 @@ SD21_UNET = dict(
     sample_size=96,
     use_linear_projection=True,
 )
-# FLUX.1 (black-forest-labs/FLUX.1-dev and -schnell transformer/config.json; schnell has no guidance embedder).
-FLUX1 = dict(
-    patch_size=1,
-    in_channels=64,
-    num_layers=19,
-    num_single_layers=38,
-    attention_head_dim=128,
-    num_attention_heads=24,
-    joint_attention_dim=4096,
-    pooled_projection_dim=768,
-    axes_dims_rope=(16, 56, 56),
-)
+# FLUX.1 (its transformer/config.json: benchmarks/bench_flux.py's schnell, no guidance embedder; -dev adds it).
+FLUX1 = FLUX_SCHNELL
 # Stable Diffusion 3 medium, 3.5 medium (MMDiT-X: dual attention in its first 13 blocks, QK RMSNorm) and 3.5
 # large (their transformer/config.json).
 SD3_MEDIUM = dict(
@@ -862,7 +836,7 @@ def run_projection(
     counts = {
         "SDXL UNet": parameter_count(lambda: diffusers.UNet2DConditionModel(**SDXL_UNET)),
         "FLUX.1 transformer": parameter_count(
-            lambda: diffusers.FluxTransformer2DModel(**FLUX1, guidance_embeds=True)
+            lambda: diffusers.FluxTransformer2DModel(**dict(FLUX1, guidance_embeds=True))
         ),
         "CLIP-L": parameter_count(lambda: CLIPTextModel(CLIPTextConfig(**CLIP_L))),
         "OpenCLIP bigG": parameter_count(lambda: CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_G))),
