@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
+from family_checks import check_same_maps  # noqa: F401 - the ComfyUI tests compare maps with it too
 
 SIGMA = 0.55  # between two of a 3-step map's noise levels: both hosts interpolate the same way
 SAME_MODEL_SIGMAS = (1.0, SIGMA)
@@ -168,16 +169,6 @@ def fit_node(nodes: Mapping, model: Any, clip: Any, source: list[str], target: l
         **options,
     }
     return nodes["ACTFitMap"].fit(model, clip, **args)
-
-
-def check_same_maps(fitted: Any, reference: Any, rtol: float = 1e-4, atol: float = 1e-5) -> None:
-    """Every module's omega and beta within float32 rounding of the reference map's (same modules, levels)."""
-    assert sorted(fitted.modules) == sorted(reference.modules) and fitted.buckets == reference.buckets
-    for name, module_map in reference.modules.items():
-        for field in ("omega", "beta"):
-            torch.testing.assert_close(
-                getattr(fitted.modules[name], field), getattr(module_map, field), rtol=rtol, atol=atol
-            )
 
 
 def check_the_map_steers_ksampler(
