@@ -396,6 +396,12 @@ PROTOCOLS = {
         ),
         Protocol("all_rows", "new default, hooks steer both CFG halves", enable={"cfg_rows": "all"}),
         Protocol(
+            "norm_calibration",
+            "new default, each step's gain matching the norm of the target prompt's move (not the least-squares gain)",
+            {"calibration": "norm"},
+            families=ALL,
+        ),
+        Protocol(
             "no_guard",
             "new default with the plain Linear-AcT estimator",
             {"shrinkage": 0.0, "max_omega": 1e4},

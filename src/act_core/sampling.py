@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from .progress import Report
-from .trajectory import TrajectoryFit, calibration_gain
+from .trajectory import TrajectoryFit, calibration_alignment, calibration_gain
 
 
 @dataclass
@@ -204,7 +204,8 @@ def source_prediction(
     the already scaled maps: it is used as it is, and the level is never scaled twice.
     """
     if plain is not None and not session.replayed:
-        gain = calibration_gain(target, transported, plain)
+        gain = calibration_gain(target, transported, plain, session.calibration)
+        session.record_alignment(session.current_level, calibration_alignment(target, transported, plain))
         session.scale_step(session.current_level, gain)
         transported = plain + gain * (transported - plain)
     return transported if trajectory == "steered" else target

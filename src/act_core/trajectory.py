@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -69,6 +70,9 @@ Rows = slice | torch.Tensor
 T = TypeVar("T")
 TRAJECTORIES = ("steered", "target")
 CALIBRATION_RANGE = (0.5, 3.0)
+# How a step's calibration gain is chosen (calibration_gain): the least-squares gain, or the gain that moves the
+# output as far (in norm) as the target prompt moves it.
+CALIBRATIONS = ("projection", "norm")
 TRAJECTORY_MODES = ("causal", "at_once")
 # Noise levels closer than this are one level (float noise of a recomputed timestep is ~1e-7; the closest
 # distinct levels of a 1000-step schedule are 1e-3 apart).
@@ -142,6 +146,7 @@ class TrajectoryFit(ForwardHooks):
         num_pairs: int,
         mode: str = "causal",
         statistic: str = "mean",
+        calibration: str = "projection",
     ):
         if not modules:
             raise ACTInputError(
@@ -153,6 +158,9 @@ class TrajectoryFit(ForwardHooks):
             raise ACTInputError(f"Trajectory fitting needs at least 2 prompt pairs, got {num_pairs}.")
         if statistic not in STATISTICS:
             raise ACTInputError(f"statistic must be one of {STATISTICS}, got {statistic!r}.")
+        if calibration not in CALIBRATIONS:
+            raise ACTInputError(f"calibration must be one of {CALIBRATIONS}, got {calibration!r}.")
+        self.calibration = calibration
         self.summarise = pool if statistic == "mean" else positions
         self.modules = dict(modules)
         self.estimate = estimate
@@ -161,6 +169,8 @@ class TrajectoryFit(ForwardHooks):
         self.stats = TrajectoryStats()
         self.levels: list[float] = []
         self.gains: dict[int, float] = {}
+        # per fitted step: the cosine between the transported and the target rows' moves of the output
+        self.alignments: dict[int, float] = {}
         self.order: list[str] = []
         self.maps: dict[str, list[ModuleMap]] = {}
         # module -> (source, target) samples of the open step, each with its call's key (pair order)
@@ -268,6 +278,10 @@ class TrajectoryFit(ForwardHooks):
     def replayed(self) -> bool:
         """True when the latest call was at an already fitted noise level (steered, not recorded)."""
         return self._replay is not None
+
+    def record_alignment(self, level: float, alignment: float) -> None:
+        """Keep how well the step's transport points where the target prompt moves the output (a cosine)."""
+        self.alignments[self.levels.index(self._known_level(float(level)))] = float(alignment)
 
     def scale_step(self, level: float, gain: float) -> None:
         """Scale the maps of the step at ``level`` by ``gain`` (omega -> 1 + gain (omega - 1), beta -> gain beta).
@@ -489,17 +503,35 @@ class TrajectoryFit(ForwardHooks):
             self.stats.steps += 1
 
 
-def calibration_gain(target: torch.Tensor, transported: torch.Tensor, plain: torch.Tensor) -> float:
-    """The gain g that makes ``plain + g * (transported - plain)`` best match ``target`` (least squares).
+def calibration_alignment(target: torch.Tensor, transported: torch.Tensor, plain: torch.Tensor) -> float:
+    """Cosine between how far the transport moved the output and how far the target prompt moves it."""
+    moved = transported.double() - plain.double()
+    wanted = target.double() - plain.double()
+    norms = float(moved.norm()) * float(wanted.norm())
+    return 0.0 if norms <= 0.0 else float((wanted * moved).sum()) / norms
+
+
+def calibration_gain(
+    target: torch.Tensor, transported: torch.Tensor, plain: torch.Tensor, rule: str = "projection"
+) -> float:
+    """The gain g for ``plain + g * (transported - plain)`` that matches ``target``.
 
     Per-unit transport of each layer's statistics reproduces only part of what the target prompt changes
     in the model's output (a per-channel affine map cannot carry everything a prompt does), and guidance
     multiplies what is missing. Calibrating every step's maps on the model output itself makes lambda = 1
-    mean "the prediction moves as far as the target prompt moves it". Clamped to [0.5, 3].
+    mean "the prediction moves as far as the target prompt moves it": ``"projection"`` the least-squares
+    gain (the move's share along the transport's direction), ``"norm"`` the ratio of the two moves' norms
+    (as far, whatever the direction; the projection divided by their cosine). Clamped to [0.5, 3].
     """
     moved = transported.double() - plain.double()
     wanted = target.double() - plain.double()
     norm = float((moved * moved).sum())
     if norm <= 0.0:
         return 1.0
-    return min(CALIBRATION_RANGE[1], max(CALIBRATION_RANGE[0], float((wanted * moved).sum()) / norm))
+    if rule == "norm":
+        gain = math.sqrt(float((wanted * wanted).sum()) / norm)
+    elif rule == "projection":
+        gain = float((wanted * moved).sum()) / norm
+    else:
+        raise ACTInputError(f"calibration must be one of {CALIBRATIONS}, got {rule!r}.")
+    return min(CALIBRATION_RANGE[1], max(CALIBRATION_RANGE[0], gain))

@@ -55,6 +55,7 @@ class FitOptions:
     trajectory: str = "steered"
     statistic: str | None = None
     calibrate: bool | None = None
+    calibration: str = "projection"  # how a step's gain is chosen (act_core.trajectory.calibration_gain)
     batch_size: int | None = None  # the first-step engine's batches; the trajectory's too, unless:
     max_pairs_per_call: int | None = None  # prompt pairs per denoiser call of a trajectory fit (None: memory)
     seed: int = 0
@@ -303,6 +304,7 @@ def _fit_one_side(
                 trajectory=options.trajectory,
                 statistic=options.statistic or spec.statistic,
                 calibrate=spec.calibrate if options.calibrate is None else bool(options.calibrate),
+                calibration=options.calibration,
                 batch_size=options.batch_size,
                 max_pairs_per_call=options.max_pairs_per_call or options.batch_size,
                 progress=progress,
@@ -344,6 +346,7 @@ def _fit_along_trajectory(
     trajectory: str,
     statistic: str,
     calibrate: bool,
+    calibration: str,
     batch_size: int | None,
     max_pairs_per_call: int | None,
     progress: Report | None,
@@ -381,7 +384,9 @@ def _fit_along_trajectory(
         shrinkage=estimator_options["shrinkage"],
         max_omega=estimator_options["max_omega"],
     )
-    session = TrajectoryFit(denoiser_modules, estimator, num_pairs=pairs, mode=mode, statistic=statistic)
+    session = TrajectoryFit(
+        denoiser_modules, estimator, num_pairs=pairs, mode=mode, statistic=statistic, calibration=calibration
+    )
     steered_text = host.steer_text_encoders(text_map) if text_map else contextlib.nullcontext()
     with steered_text, session:
         host.sample(
@@ -405,6 +410,10 @@ def _fit_along_trajectory(
             "num_pairs": pairs,
             "pairs_per_call": per_call,
             "calibration_gains": [round(session.gains[k], 4) for k in sorted(session.gains)] or None,
+            "calibration": calibration if session.gains else None,
+            # per step: the cosine between the transport's and the target prompt's moves of the output
+            "calibration_alignment": [round(session.alignments[k], 4) for k in sorted(session.alignments)]
+            or None,
         }
     )
     if session.stats.strategy == "lagged":

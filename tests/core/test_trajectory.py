@@ -11,7 +11,7 @@ from act_core.errors import ACTInputError
 from act_core.estimators import ModuleEstimator, robust_linear_act
 from act_core.maps import ACTMap, ModuleMap
 from act_core.recording import select_modules
-from act_core.trajectory import TrajectoryFit
+from act_core.trajectory import TrajectoryFit, calibration_alignment, calibration_gain
 
 N = 12  # prompt pairs
 LEVELS = (0.9, 0.5, 0.1)
@@ -298,3 +298,19 @@ def test_calls_run_together_in_the_callers_grad_mode(mode):
     for grad, inference, grad_fn in results:
         assert grad == (mode == "grad") and inference == (mode == "inference_mode")
         assert (grad_fn is not None) == (mode == "grad")
+
+
+def test_calibration_rules_match_the_target_move_by_projection_or_by_norm():
+    plain = torch.zeros(2, 4)
+    transported = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    # the target moves 2 along the transport's direction and 2 across it: cosine 1/sqrt(2)
+    target = torch.tensor([[2.0, 2.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    assert calibration_gain(target, transported, plain) == pytest.approx(2.0)
+    assert calibration_gain(target, transported, plain, "norm") == pytest.approx(8**0.5)
+    assert calibration_alignment(target, transported, plain) == pytest.approx(2**-0.5)
+    assert calibration_gain(100 * target, transported, plain, "norm") == 3.0  # clamped
+    assert calibration_gain(target, plain, plain, "norm") == 1.0  # no move: no gain
+    with pytest.raises(ACTInputError, match="calibration must be one of"):
+        calibration_gain(target, transported, plain, "cosine")
+    with pytest.raises(ACTInputError, match="calibration must be one of"):
+        TrajectoryFit({"m": torch.nn.Identity()}, None, num_pairs=2, calibration="cosine")
