@@ -1,33 +1,36 @@
-"""A static map that folds, fitted end to end against a time-aware map's hooks (issue 22).
+"""A static map that folds, fitted end to end against a time-aware map's hooks (issue 22): the fold workflow,
+written once for every host (the diffusers pipeline, ComfyUI's Fold node).
 
 The default map is time-aware (one (omega, beta) per noise level) and its hooks steer the cond rows of a CFG
-batch only; weights (``fuse_act``, LoRA files) are static and act on every row. ``fold_to_static`` fits one
-per-channel (omega, beta) per hooked module, applied to **every** row at every step, so that the denoiser's
-*guided* prediction with it matches the guided prediction of the time-aware map's hooks (LinEAS-style: one
-least-squares fit over all modules jointly, through the frozen denoiser):
+batch only; weights (``fuse_act``, LoRA files, ComfyUI weight patches) are static and act on every row.
+``fold_map`` fits one per-channel (omega, beta) per hooked module, applied to **every** row at every step, so
+that the denoiser's *guided* prediction with it matches the guided prediction of the time-aware map's hooks
+(LinEAS-style: one least-squares fit over all modules jointly, through the frozen denoiser):
 
-1. **States.** The source prompts are generated with the pipeline's own sampler with the time-aware map
-   enabled (its cond rows, at ``strength``); every denoiser call (its inputs, its output) is recorded. The
-   guided prediction of each call is the teacher's target.
+1. **States.** The host generates the source prompts with its own sampler and the time-aware map applied
+   as it applies maps (its cond rows, at ``strength``), and records every denoiser call: its inputs, which
+   rows are each prompt's cond and uncond predictions, the guidance scale, and the guided prediction of its
+   output, the teacher's target (``FoldHost.record``).
 2. **Reference.** The same calls are run on the plain model, so the loss reads as a share of the teacher's
    own move: ``|student - teacher|^2 / |plain - teacher|^2`` (1 = the plain model, 0 = the hooks exactly),
    per noise level by default (the teacher moves the prediction some 70 times further at the last step than
    at the first, so a pooled squared error would leave the structure-forming steps unfitted).
 3. **Fit.** From an initial static map (``collapse_map`` of the time-aware one: omega and beta averaged over
-   the noise levels, scaled around the identity by the gain with the lowest loss; moving both CFG halves by
-   a delta moves the guided output by about the delta, moving the cond half by about guidance x the delta),
-   Adam on omega and beta only (the denoiser's weights frozen), on minibatches of recorded calls and
-   prompts. Optionally (``rounds``) the static map's own generations add their states (DAgger).
+   the noise levels, scaled around the identity by the gain of ``INIT_GAINS`` with the lowest loss; moving
+   both CFG halves by a delta moves the guided output by about the delta, moving the cond half by about
+   guidance x the delta), Adam on omega and beta only (the denoiser's weights frozen), on minibatches of
+   recorded calls and prompts. Optionally (``rounds``) the static map's own generations add their states,
+   with the teacher's predictions there (DAgger). A fit that ends worse than its start returns the start.
 
 The result is a one-bucket, unbounded, per-element map with ``cfg_rows="all"``: it folds (``fuse_act``,
-``act export-lora``) and its hooks give the image its fused weights give. Its metadata (``distilled``)
-says how it was made and the loss before and after.
+``act export-lora``, ComfyUI's Export node) and its hooks give the image its fused weights give. Its metadata
+(``distilled``) says how it was made and the loss before and after.
 
-Works for diffusers ACT pipelines whose denoiser call holds the CFG batch (``cfg_calls`` ``"batch"``:
-SDXL / SD 1.x / SD3, ``"batch_cond_first"``: Z-Image) or runs without CFG; pipelines that run the prompt's
-and the negative prompt's calls separately (Chroma, Lumina 2, Qwen-Image) would need the two calls of a step
-paired, and are refused. Whether the result folds is the family's: FLUX / SD3 maps do not (their norms have
-no affine weights).
+A host (``FoldHost``) gives the denoiser and its modules, records its own sampler's calls, and runs a call on
+some of its rows; everything else is decided here. The hosts: ``act_core.diffusers.folding`` (pipelines whose
+denoiser call holds the CFG batch, or runs without CFG; ``fold_to_static`` below is its entry) and the
+ComfyUI node pack's ``nodes/folding.py``. Whether a map folds at all is its family's (``ModelFamily.folds``:
+FLUX / SD3 maps do not, their norms have no affine weights).
 """
 
 from __future__ import annotations
@@ -38,28 +41,100 @@ import math
 import random
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
+from torch import nn
 
+from .applying import apply_act
 from .errors import ACTInputError, ACTWarning
+from .families import ModelFamily
 from .maps import APPLY_PER_ELEMENT, ACTMap, ModuleMap
 from .recording import channel_axis, hook_module, read_output, write_output
 
 
 @dataclass
 class DenoiserCall:
-    """One recorded denoiser call: its inputs, its noise level, and the guided predictions at it."""
+    """One recorded denoiser call: its inputs, its noise level, where each prompt's rows are, and the guided
+    predictions at it.
+
+    The guided prediction of prompt i is ``out[uncond[i]] + scale (out[cond[i]] - out[uncond[i]])`` of the
+    call's raw output ``out`` (``out[cond[i]]`` where the call has no uncond rows).
+    """
 
     args: tuple
     kwargs: dict
     level: float | None
     batch: int  # rows of the call (2 x prompts in a CFG batch)
+    cond: torch.Tensor  # (prompts,) the row of each prompt's cond (or only) prediction
+    uncond: torch.Tensor | None = None  # (prompts,) the row of each prompt's uncond prediction; None: no CFG
+    scale: float = 1.0  # the guidance scale of the combination above
     teacher: torch.Tensor | None = None  # guided prediction with the time-aware map's hooks, (prompts, ...)
     plain: torch.Tensor | None = None  # guided prediction of the plain model
     norm: float = 1.0  # what the squared error of one row is divided by in the loss
+
+    @property
+    def prompts(self) -> int:
+        return int(self.cond.shape[0])
+
+    def rows(self, prompts: torch.Tensor) -> torch.Tensor:
+        """The call's rows of ``prompts`` (both CFG halves), in the call's own order."""
+        picked = [self.cond[prompts]] + ([] if self.uncond is None else [self.uncond[prompts]])
+        return torch.cat(picked).sort().values
+
+    def guided(self, output: torch.Tensor, prompts: torch.Tensor | None = None) -> torch.Tensor:
+        """The guided prediction, one row per prompt, of ``output``: the call's raw output on all its rows, or
+        (``prompts``) on ``rows(prompts)``."""
+        output = output.float()
+        cond, uncond = self.cond, self.uncond
+        if prompts is not None:
+            rows = self.rows(prompts)
+            cond = torch.searchsorted(rows, cond[prompts])
+            uncond = None if uncond is None else torch.searchsorted(rows, uncond[prompts])
+        cond_out = output.index_select(0, cond.to(output.device))
+        if uncond is None:
+            return cond_out
+        uncond_out = output.index_select(0, uncond.to(output.device))
+        return uncond_out + self.scale * (cond_out - uncond_out)
+
+
+def cfg_rows(prompts: int, layout: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(cond rows, uncond rows) of a call on ``prompts`` prompts laid out as ``"all"`` (no CFG batch),
+    ``"uncond_first"`` ([uncond; cond]) or ``"cond_first"`` ([cond; uncond])."""
+    first, second = torch.arange(prompts), torch.arange(prompts, 2 * prompts)
+    if layout == "all":
+        return first, None
+    return (second, first) if layout == "uncond_first" else (first, second)
+
+
+class FoldHost(Protocol):
+    """A host's adapter to the fold workflow."""
+
+    name: str  # "diffusers", "comfyui"
+    family: ModelFamily
+    denoiser: nn.Module  # the module every recorded call runs (frozen while fitting)
+
+    def modules(self) -> Mapping[str, nn.Module]:
+        """The denoiser's modules under their canonical map names (the map picks among them)."""
+
+    def record(
+        self, act_map: ACTMap, strength: float, prompts: Sequence[str], seed: int
+    ) -> list[DenoiserCall]:
+        """Generate ``prompts`` (prompt i with the noise of seed ``seed + i``) with the host's own sampler and
+        ``act_map`` applied at ``strength`` as the host applies maps (its own ``cfg_rows``), recording every
+        denoiser call (``recording``) with its rows, noise level, guidance scale and teacher."""
+
+    def run(self, call: DenoiserCall, rows: torch.Tensor | None) -> Any:
+        """The denoiser's raw output for ``call`` restricted to ``rows`` (None: all of them), with whatever
+        hooks are on its modules (``take_rows``, ``run_call``)."""
+
+    def fitting(self) -> contextlib.AbstractContextManager:
+        """Held for the whole fold (grad mode, the host's own state)."""
+
+    def metadata(self) -> dict:
+        """The host's part of the folded map's ``distilled`` metadata: ``host`` and ``sampling``."""
 
 
 # ----------------------------------------------------------------------------------- initial maps
@@ -95,64 +170,39 @@ def _unbounded(omega: torch.Tensor, beta: torch.Tensor) -> ModuleMap:
     return ModuleMap(omega.detach(), beta.detach(), -inf, inf, APPLY_PER_ELEMENT)
 
 
-# ----------------------------------------------------------------------------------- CFG layout
-def _layout(pipe: Any, guided: bool) -> str:
-    """Where the prompt's rows sit in a denoiser call: "all" (no CFG), "uncond_first" or "cond_first"."""
-    family = pipe.act_family
-    if not guided or not family.cfg_batch:
-        return "all"
-    if family.cfg_calls == "batch":
-        return "uncond_first"
-    if family.cfg_calls == "batch_cond_first":
-        return "cond_first"
-    raise ACTInputError(
-        f"{family.display_name}'s pipeline runs the prompt's and the negative prompt's denoiser calls "
-        "separately; fold_to_static needs both halves of a step in one call (pairing the two calls is not "
-        "implemented)."
-    )
-
-
-def _guided(output: torch.Tensor, layout: str, scale: float) -> torch.Tensor:
-    """The guided prediction ``uncond + scale (cond - uncond)`` of a call's output, one row per prompt."""
-    output = output.float()
-    if layout == "all":
-        return output
-    half = output.shape[0] // 2
-    first, second = output[:half], output[half:]
-    uncond, cond = (first, second) if layout == "uncond_first" else (second, first)
-    return uncond + scale * (cond - uncond)
-
-
-def _rows(layout: str, prompts: torch.Tensor, batch: int) -> torch.Tensor:
-    """The call's rows of the prompts ``prompts`` (both CFG halves)."""
-    if layout == "all":
-        return prompts
-    return torch.cat([prompts, prompts + batch // 2])
-
-
-def _take(value: Any, rows: torch.Tensor, batch: int) -> Any:
+# ----------------------------------------------------------------------------------- calls
+def take_rows(value: Any, rows: torch.Tensor, batch: int) -> Any:
     """``value`` (a call argument) restricted to ``rows``: tensors (and per-row lists) of ``batch`` rows are
-    indexed, everything else (the timestep, sizes, flags) is kept."""
+    indexed, everything else (the timestep, sizes, flags) is kept; containers are copied."""
     if isinstance(value, torch.Tensor):
         return (
             value.index_select(0, rows.to(value.device)) if value.ndim and value.shape[0] == batch else value
         )
     if isinstance(value, dict):
-        return {key: _take(item, rows, batch) for key, item in value.items()}
+        return {key: take_rows(item, rows, batch) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
         if len(value) == batch and all(isinstance(item, torch.Tensor) for item in value):
             return type(value)(value[int(i)] for i in rows)
-        return type(value)(_take(item, rows, batch) for item in value)
+        return type(value)(take_rows(item, rows, batch) for item in value)
     return value
 
 
-def _output(result: Any) -> torch.Tensor:
+def denoiser_output(result: Any) -> torch.Tensor:
     """The prediction tensor of a denoiser's return value (a tuple, a dataclass with ``sample``, a tensor)."""
     if isinstance(result, torch.Tensor):
         return result
     if isinstance(result, (tuple, list)):
         return result[0]
     return result.sample
+
+
+def run_call(denoiser: Any, call: DenoiserCall, rows: torch.Tensor | None) -> torch.Tensor:
+    """``denoiser`` on the call's inputs (restricted to ``rows``): ``FoldHost.run`` where nothing else is
+    needed."""
+    args, kwargs = call.args, call.kwargs
+    if rows is not None:
+        args, kwargs = take_rows(args, rows, call.batch), take_rows(kwargs, rows, call.batch)
+    return denoiser_output(denoiser(*args, **kwargs))
 
 
 def _detached(value: Any) -> Any:
@@ -165,87 +215,33 @@ def _detached(value: Any) -> Any:
     return value
 
 
-# ----------------------------------------------------------------------------------- recording
-def _noise_level(pipe: Any, args: tuple, kwargs: dict) -> float | None:
-    from .diffusers.adapter import load_adapter
-
-    timestep = args[1] if len(args) > 1 else kwargs.get("timestep", kwargs.get("t"))
-    if timestep is None:
-        return None
-    adapter = load_adapter(pipe.act_family)
-    level = float(torch.as_tensor(timestep).flatten()[0]) / adapter.timestep_scale(pipe)
-    return 1.0 - level if adapter.timestep_reversed else level
-
-
-def record_calls(
-    pipe: Any, prompts: Sequence[str], generation: dict, layout: str, scale: float, seed: int
-) -> list[DenoiserCall]:
-    """Generate ``prompts`` (prompt i with seed ``seed + i``) and record every denoiser call: its inputs (the
-    sample cloned, the rest by reference: the pipeline passes the same embeddings at every step) and the
-    guided prediction of its output, with whatever map the pipeline has enabled."""
-    denoiser = getattr(pipe, pipe.act_family.denoiser)
+@contextlib.contextmanager
+def recording(
+    denoiser: nn.Module, describe: Callable[[tuple, dict], DenoiserCall]
+) -> Iterator[list[DenoiserCall]]:
+    """Every call of ``denoiser`` in the block, in order: ``describe(args, kwargs)`` (the inputs detached,
+    containers copied, the sample cloned, tensors otherwise by reference: samplers pass the same embeddings at
+    every step) makes its ``DenoiserCall``, and the guided prediction of its output becomes the teacher."""
     calls: list[DenoiserCall] = []
 
     def before(module: Any, args: tuple, kwargs: dict) -> None:
-        sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states", kwargs.get("x")))
-        batch = len(sample) if isinstance(sample, (list, tuple)) else int(sample.shape[0])
         args = _detached(args)
         if args and isinstance(args[0], torch.Tensor):
             args = (args[0].clone(), *args[1:])
-        calls.append(DenoiserCall(args, _detached(dict(kwargs)), _noise_level(pipe, args, kwargs), batch))
+        calls.append(describe(args, _detached(dict(kwargs))))
 
     def after(module: Any, args: tuple, kwargs: dict, result: Any) -> None:
-        calls[-1].teacher = _guided(_output(result).detach(), layout, scale)
+        calls[-1].teacher = calls[-1].guided(denoiser_output(result).detach())
 
     handles = [
         denoiser.register_forward_pre_hook(before, with_kwargs=True),
         denoiser.register_forward_hook(after, with_kwargs=True),
     ]
     try:
-        generators = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
-        with torch.no_grad():
-            pipe(list(prompts), generator=generators, output_type="latent", **generation)
+        yield calls
     finally:
         for handle in handles:
             handle.remove()
-    return calls
-
-
-def _generation_settings(pipe: Any, act_map: ACTMap, overrides: dict) -> tuple[dict, float, bool]:
-    """(pipeline arguments, CFG scale, guided) of the generation the map was fitted with (its metadata's
-    sampling settings), ``overrides`` winning; the pipeline's defaults fill the rest."""
-    from .diffusers.adapter import load_adapter
-    from .diffusers.host import sampling_settings
-
-    fitted = dict(act_map.metadata.get("sampling") or {})
-    pick = {
-        key: overrides.get(key) if overrides.get(key) is not None else fitted.get(key) for key in overrides
-    }
-    adapter = load_adapter(pipe.act_family)
-    settings = sampling_settings(
-        pipe,
-        pipe.act_family,
-        adapter,
-        pick["num_inference_steps"],
-        pick["guidance_scale"],
-        pick["height"],
-        pick["width"],
-        pick["negative_prompt"],
-        pick["max_sequence_length"],
-    )
-    generation = {
-        "num_inference_steps": settings.num_inference_steps,
-        adapter.guidance_parameter: settings.guidance_scale,
-        "height": settings.height,
-        "width": settings.width,
-    }
-    if settings.negative_prompt is not None:
-        generation["negative_prompt"] = settings.negative_prompt
-    if settings.max_sequence_length is not None:
-        generation["max_sequence_length"] = settings.max_sequence_length
-    # ZImagePipeline guides cond + s (cond - uncond): the usual scale is s + 1
-    scale = settings.guidance_scale + (1.0 - adapter.cfg_threshold)
-    return generation, scale, settings.guided
 
 
 # ----------------------------------------------------------------------------------- the fit
@@ -310,16 +306,7 @@ def _frozen(module: torch.nn.Module) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
-def _run(denoiser: Any, call: DenoiserCall, rows: torch.Tensor | None) -> torch.Tensor:
-    args, kwargs = call.args, call.kwargs
-    if rows is not None:
-        args, kwargs = _take(args, rows, call.batch), _take(kwargs, rows, call.batch)
-    return _output(denoiser(*args, **kwargs))
-
-
-def relative_error(
-    denoiser: Any, hooks: _StaticHooks, calls: list[DenoiserCall], layout: str, scale: float
-) -> dict[str, float]:
+def relative_error(host: FoldHost, hooks: _StaticHooks, calls: list[DenoiserCall]) -> dict[str, float]:
     """How far the static map's guided predictions are from the teacher's, as a share of the teacher's own
     move from the plain model (no gradients): ``"pooled"``, ``sum |student - teacher|^2 / sum |plain -
     teacher|^2`` over every state, and ``"per_level"``, that ratio per denoiser call averaged over the calls
@@ -327,7 +314,7 @@ def relative_error(
     num = den = per_level = 0.0
     with torch.no_grad(), hooks.active():
         for call in calls:
-            student = _guided(_run(denoiser, call, None), layout, scale)
+            student = call.guided(host.run(call, None))
             error = float((student - call.teacher).pow(2).sum())
             move = float((call.plain - call.teacher).pow(2).sum())
             num, den = num + error, den + move
@@ -351,38 +338,36 @@ def _set_norms(
         call.norm = max(move, 1e-30)
 
 
-def _plain_outputs(denoiser: Any, calls: list[DenoiserCall], layout: str, scale: float) -> None:
+def _plain_outputs(host: FoldHost, calls: list[DenoiserCall]) -> None:
     with torch.no_grad():
         for call in calls:
-            call.plain = _guided(_run(denoiser, call, None), layout, scale)
+            call.plain = call.guided(host.run(call, None))
 
 
 def _own_states(
-    pipe: Any,
+    host: FoldHost,
     act_map: ACTMap,
     hooks: _StaticHooks,
     strength: float,
     prompts: Sequence[str],
-    generation: dict,
-    layout: str,
-    scale: float,
     seed: int,
 ) -> list[DenoiserCall]:
     """The denoiser calls of the static map's own generation of ``prompts`` (hooked on every row at
-    ``strength``), with the teacher's (``act_map`` hooked at ``strength``) and the plain guided predictions
-    at them (DAgger: the states the static map will meet)."""
-    denoiser = getattr(pipe, pipe.act_family.denoiser)
-    static = hooks.act_map({"cfg_rows": "all"})
+    ``strength``), with the teacher's (``act_map`` hooked at ``strength`` on its own rows, at each call's
+    noise level) and the plain guided predictions at them (DAgger: the states the static map will meet)."""
+    static = hooks.act_map({**act_map.metadata, "cfg_rows": "all"})
+    calls = host.record(static, strength, prompts, seed)
+    part = host.family.denoiser
+    steers_cond = act_map.metadata.get("cfg_rows", "cond") == "cond"
+    handle = apply_act(host.modules(), act_map, strength)
     try:
-        pipe.enable_act(static, strength, cfg_rows="all")
-        calls = record_calls(pipe, prompts, generation, layout, scale, seed)
-        pipe.enable_act(act_map, strength)
-        with torch.no_grad(), pipe.act_generation(layout != "all"):
+        with torch.no_grad():
             for call in calls:
-                call.teacher = _guided(_run(denoiser, call, None), layout, scale)
+                handle.set_call([part], rows=call.cond if steers_cond else None, noise_level=call.level)
+                call.teacher = call.guided(host.run(call, None))
     finally:
-        pipe.disable_act()
-    _plain_outputs(denoiser, calls, layout, scale)
+        handle.remove()
+    _plain_outputs(host, calls)
     return calls
 
 
@@ -400,8 +385,31 @@ WEIGHTINGS = ("per_level", "pooled")
 INIT_GAINS = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0)
 
 
-def fold_to_static(
-    pipe: Any,
+def check_foldable_teacher(act_map: ACTMap, family: ModelFamily, init: ACTMap | None = None) -> None:
+    """Refuse, naming the fix, a map the fold cannot take: two-sided, with modules outside the denoiser, or
+    already static (without an ``init``)."""
+    if act_map.less is not None:
+        raise ACTInputError(
+            "This map is two-sided (lambda < 0 steers toward its 'less' prompts), and a static map holds one "
+            "side: fold one side (act_map.side('more') or side('less')), or fit a one-sided map (no less prompts)."
+        )
+    part = family.denoiser
+    unknown = [name for name in act_map.modules if not name.startswith(f"{part}.")]
+    if unknown:
+        raise ACTInputError(
+            f"The fold distils the {part}'s modules; this map also has {unknown[:3]} (use "
+            f"act_map.restrict(parts=['{part}']), or fit with the default preset)."
+        )
+    if act_map.buckets is None and init is None:
+        raise ACTInputError(
+            "This ACT map is already static (one map at every noise level): there is nothing to fold. The fold "
+            "takes the time-aware maps of the default preset; a static map exports or fuses as it is when it "
+            f"steers every row and element (preset {family.foldable_preset!r})."
+        )
+
+
+def fold_map(
+    host: FoldHost,
     act_map: ACTMap,
     source_prompts: Sequence[str],
     *,
@@ -416,70 +424,78 @@ def fold_to_static(
     weighting: str = "per_level",
     rounds: int = 1,
     seed: int = 0,
-    num_inference_steps: int | None = None,
-    guidance_scale: float | None = None,
-    height: int | None = None,
-    width: int | None = None,
-    negative_prompt: str | None = None,
-    max_sequence_length: int | None = None,
     progress: Callable[[int, int, float], None] | None = None,
 ) -> ACTMap:
     """One static, foldable map (one bucket, unbounded, per element, ``cfg_rows="all"``) whose guided
-    predictions match those of ``act_map``'s hooks at ``strength`` along their own generations of
+    predictions match those of ``act_map``'s hooks at ``strength`` along the host's own generations of
     ``source_prompts`` (see the module docstring).
 
     ``init``: the starting map (one bucket); default ``collapse_map(act_map, init_gain, init_max_level)``,
-    without ``init_gain`` at the gain of ``INIT_GAINS`` with the lowest loss. Adam's step size warms up
-    to ``lr`` over the first tenth of the steps, then follows a cosine to 0. ``steps`` Adam steps of ``calls_per_step`` recorded denoiser calls with
-    ``prompts_per_call`` of their prompts each. ``weighting``: the loss of each state as a share of the
-    teacher's move at its noise level (``"per_level"``: early, structure-forming steps count as much as late
-    ones) or the plain squared error of the guided predictions (``"pooled"``: dominated by the last steps,
-    where the teacher moves the prediction most). ``rounds`` > 1: after each round of ``steps``, the static
-    map generates the prompts itself and its states (with the teacher's predictions there) join the fit
-    (DAgger). Sampling settings default to the ones ``act_map`` was fitted
-    with (its metadata), then the pipeline's. ``progress(step, steps, loss)`` after every step.
+    without ``init_gain`` at the gain of ``INIT_GAINS`` with the lowest loss. ``steps`` Adam steps of
+    ``calls_per_step`` recorded denoiser calls with ``prompts_per_call`` of their prompts each; Adam's step
+    size warms up to ``lr`` over the first tenth of the steps, then follows a cosine to 0. ``weighting``: the
+    loss of each state as a share of the teacher's move at its noise level (``"per_level"``: early,
+    structure-forming steps count as much as late ones) or the plain squared error of the guided predictions
+    (``"pooled"``: dominated by the last steps, where the teacher moves the prediction most). ``rounds`` > 1:
+    after each round of ``steps``, the static map generates the prompts itself and its states (with the
+    teacher's predictions there) join the fit (DAgger). ``progress(step, steps, loss)`` after every step.
     """
-    if pipe.act_map is not None:
-        raise ACTInputError("An ACT map is enabled or fused on this pipeline; call disable_act() first.")
-    if act_map.less is not None:
-        raise ACTInputError("This map is two-sided; distil one side (act_map.side('more') or side('less')).")
-    denoiser_part = pipe.act_family.denoiser
-    unknown = [name for name in act_map.modules if not name.startswith(f"{denoiser_part}.")]
-    if unknown:
-        raise ACTInputError(
-            f"fold_to_static distils the {denoiser_part}'s modules; this map also has {unknown[:3]} (use "
-            f"act_map.restrict(parts=['{denoiser_part}']))."
-        )
+    check_foldable_teacher(act_map, host.family, init)
     if weighting not in WEIGHTINGS:
         raise ACTInputError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}.")
     if rounds < 1 or steps < 0:
         raise ACTInputError(f"rounds must be >= 1 and steps >= 0, got {rounds} and {steps}.")
     if not source_prompts:
-        raise ACTInputError("fold_to_static needs source prompts to generate the states it fits on.")
-    start = time.perf_counter()
-    generation, scale, guided = _generation_settings(
-        pipe,
-        act_map,
-        {
-            "num_inference_steps": num_inference_steps,
-            "guidance_scale": guidance_scale,
-            "height": height,
-            "width": width,
-            "negative_prompt": negative_prompt,
-            "max_sequence_length": max_sequence_length,
-        },
-    )
-    layout = _layout(pipe, guided)
+        raise ACTInputError(
+            "The fold needs source prompts (the map's own) to generate the states it fits on."
+        )
     if init is not None and (init.buckets is not None or set(init.modules) != set(act_map.modules)):
         raise ACTInputError("init must be a one-bucket map over the same modules as act_map.")
-    denoiser = getattr(pipe, denoiser_part)
-    modules = pipe.act_modules([denoiser_part])
-    try:
-        pipe.enable_act(act_map, strength)  # the teacher: its own cfg_rows (the cond rows)
-        calls = record_calls(pipe, source_prompts, generation, layout, scale, seed)
-    finally:
-        pipe.disable_act()
-    _plain_outputs(denoiser, calls, layout, scale)
+    with host.fitting():
+        return _fold(
+            host,
+            act_map,
+            list(source_prompts),
+            strength=strength,
+            init=init,
+            init_gain=init_gain,
+            init_max_level=init_max_level,
+            steps=steps,
+            lr=lr,
+            calls_per_step=calls_per_step,
+            prompts_per_call=prompts_per_call,
+            weighting=weighting,
+            rounds=rounds,
+            seed=seed,
+            progress=progress,
+        )
+
+
+def _fold(
+    host: FoldHost,
+    act_map: ACTMap,
+    source_prompts: list[str],
+    *,
+    strength: float,
+    init: ACTMap | None,
+    init_gain: float | None,
+    init_max_level: float | None,
+    steps: int,
+    lr: float,
+    calls_per_step: int,
+    prompts_per_call: int,
+    weighting: str,
+    rounds: int,
+    seed: int,
+    progress: Callable[[int, int, float], None] | None,
+) -> ACTMap:
+    start = time.perf_counter()
+    denoiser = host.denoiser
+    modules = host.modules()
+    calls = host.record(act_map, strength, source_prompts, seed)  # the teacher: its own cfg_rows
+    if not calls:
+        raise ACTInputError("The host's generation made no denoiser call to fit on.")
+    _plain_outputs(host, calls)
     recorded = time.perf_counter() - start
     device = calls[0].teacher.device
     searched, search_start = None, time.perf_counter()
@@ -487,11 +503,7 @@ def fold_to_static(
         with _frozen(denoiser):
             searched = {
                 gain: relative_error(
-                    denoiser,
-                    _StaticHooks(modules, collapse_map(act_map, gain, init_max_level), device),
-                    calls,
-                    layout,
-                    scale,
+                    host, _StaticHooks(modules, collapse_map(act_map, gain, init_max_level), device), calls
                 )[weighting]
                 for gain in INIT_GAINS
             }
@@ -504,12 +516,10 @@ def fold_to_static(
     rng = random.Random(seed)
     pool = list(calls)
     with _frozen(denoiser):
-        loss_initial = relative_error(denoiser, hooks, calls, layout, scale)
+        loss_initial = relative_error(host, hooks, calls)
         for round_index in range(rounds):
             if round_index:  # the static map's own states, with the teacher's predictions there
-                own = _own_states(
-                    pipe, act_map, hooks, strength, source_prompts, generation, layout, scale, seed
-                )
+                own = _own_states(host, act_map, hooks, strength, source_prompts, seed)
                 _set_norms(own, weighting, calls)
                 pool += own
             optimizer = torch.optim.Adam(hooks.tensors(), lr=lr)
@@ -523,9 +533,7 @@ def fold_to_static(
                         picked = torch.tensor(
                             sorted(rng.sample(range(prompts), min(prompts_per_call, prompts)))
                         )
-                        student = _guided(
-                            _run(denoiser, call, _rows(layout, picked, call.batch)), layout, scale
-                        )
+                        student = call.guided(host.run(call, call.rows(picked)), picked)
                         target = call.teacher.index_select(0, picked.to(device))
                         loss = (student - target).pow(2).sum() / (call.norm * len(picked) * calls_per_step)
                         loss.backward()
@@ -534,16 +542,16 @@ def fold_to_static(
                 schedule.step()
                 if progress is not None:
                     progress(round_index * steps + step + 1, rounds * steps, total)
-        loss_final = relative_error(denoiser, hooks, calls, layout, scale)
+        loss_final = relative_error(host, hooks, calls)
     kept_init = not loss_final[weighting] <= loss_initial[weighting]  # NaN included
     returned = loss_initial if kept_init else loss_final
     if kept_init:  # the fit diverged (too large an lr for this model): the starting map is the better one
         hooks = _StaticHooks(modules, init, device)
         warnings.warn(
-            f"fold_to_static: the fit ended with a higher loss ({loss_final[weighting]:.3g}) than its starting map "
+            f"The fold ended with a higher loss ({loss_final[weighting]:.3g}) than its starting map "
             f"({loss_initial[weighting]:.3g}); the starting map is returned. Try a smaller lr (now {lr}).",
             ACTWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
     seconds = time.perf_counter() - start
     metadata = {
@@ -555,6 +563,7 @@ def fold_to_static(
         cfg_rows="all",
         protocol="static_fit",
         distilled={
+            **host.metadata(),
             "from_protocol": act_map.metadata.get("protocol"),
             "from_buckets": None if act_map.buckets is None else len(act_map.buckets),
             "strength": strength,
@@ -582,3 +591,12 @@ def fold_to_static(
         },
     )
     return hooks.act_map(metadata)
+
+
+def fold_to_static(pipe: Any, act_map: ACTMap, source_prompts: Sequence[str], **options: Any) -> ACTMap:
+    """``fold_map`` with a diffusers ACT pipeline as the host (``pipe.fold_act``; kept here for its callers):
+    ``act_core.diffusers.folding.fold_to_static`` (its sampling settings default to the ones ``act_map`` was
+    fitted with)."""
+    from .diffusers.folding import fold_to_static as fold_on_pipeline
+
+    return fold_on_pipeline(pipe, act_map, source_prompts, **options)

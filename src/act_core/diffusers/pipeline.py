@@ -451,11 +451,12 @@ class ACTPipelineMixin:
         """A static map that folds and steers like ``act_map``'s hooks: one per-channel (omega, beta) per module,
         on every row at every step, fitted end to end so the guided predictions match those of the time-aware,
         cond-rows map along its own generations of ``source_prompts`` (the prompts it was fitted on, or like
-        them). ``fuse_act`` and ``act export-lora`` take the result (``act_core.distill.fold_to_static``;
-        ``options``: its steps, learning rate, sampling settings). Families whose maps fold: SDXL / SD 1.x / 2.x.
+        them). ``fuse_act`` and ``act export-lora`` take the result (``act_core.distill.fold_map`` with this
+        pipeline as its host, ``act_core.diffusers.folding``; ``options``: its steps, learning rate, sampling
+        settings). Families whose maps fold: SDXL / SD 1.x / 2.x.
         """
-        from ..distill import fold_to_static
         from ..lora import check_family_folds
+        from .folding import fold_to_static
 
         check_family_folds(act_map)
         bar = _progress_callback(progress, "Folding ACT map") if progress else None
