@@ -120,14 +120,22 @@ def open_clip_state(text_encoder: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def unet_state(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A diffusers UNet's weights under their original-layout names (``model.diffusion_model.<LDM path>``)."""
+    state = unet.state_dict()
+    with_attention = {
+        int(k.split(".")[1]) for k in state if k.startswith("up_blocks.") and ".attentions." in k
+    }
+    layers = unet.config.layers_per_block
+    pairs = {UNET + unet_key(k, layers, with_attention): v for k, v in state.items()}
+    assert len(pairs) == len(state), "two UNet weights got the same LDM name"
+    return pairs
+
+
 def write_ldm_checkpoint(pipe: StableDiffusionXLPipeline, path: str | os.PathLike) -> None:
     """Save ``pipe``'s UNet, VAE and both text encoders as one original-layout SDXL safetensors file."""
-    unet_state = pipe.unet.state_dict()
-    with_attention = {
-        int(k.split(".")[1]) for k in unet_state if k.startswith("up_blocks.") and ".attentions." in k
-    }
-    layers, levels = pipe.unet.config.layers_per_block, len(pipe.vae.config.up_block_types)
-    pairs = [(UNET + unet_key(k, layers, with_attention), v) for k, v in unet_state.items()]
+    levels = len(pipe.vae.config.up_block_types)
+    pairs = list(unet_state(pipe.unet).items())
     for key, value in pipe.vae.state_dict().items():
         if ".mid_block.attentions." in key and value.ndim == 2:
             value = value[:, :, None, None]  # the original VAE attention uses 1x1 convolutions

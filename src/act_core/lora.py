@@ -5,6 +5,10 @@ A foldable map (unbounded support, affine on every element) is the same as addin
 Those are full-weight diffs, linear in lambda, which ComfyUI stores as ``<key>.diff`` / ``<key>.diff_b``
 and scales by the LoraLoader strength. So the file needs no custom node and no hooks at inference:
 the loader's strength slider *is* lambda (times the strength the file was exported at).
+
+Key names are the family's (``ModelFamily.lora_key``). Given the modules' names in the original checkpoint
+layout (``state_keys``, or a diffusers pipeline, whose UNet config gives them), UNet keys are kohya's
+``lora_unet_<LDM path>``, which A1111 and Forge read as well as ComfyUI (README, "LoRA export").
 """
 
 from __future__ import annotations
@@ -35,8 +39,8 @@ _PER_TOKEN_TYPES: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.Linear)
 _LOADER_NOTE = (
     "Full-weight diffs of an ACT map (Activation Transport). ComfyUI's stock LoraLoader applies them as "
     "weight += strength * diff, so the loader strength is lambda (0 = model, 1 = full transport) times "
-    "the export strength stored here. Load with strength_model for unet.* keys and strength_clip for "
-    "text_encoders.* keys."
+    "the export strength stored here. Load with strength_model for lora_unet_* (or unet.*) keys and "
+    "strength_clip for text_encoders.* keys."
 )
 
 
@@ -112,20 +116,48 @@ def as_foldable(act_map: ACTMap, modules: Mapping[str, nn.Module]) -> ACTMap:
     return ACTMap(relabelled, act_map.metadata)
 
 
+def lora_keys(
+    act_map: ACTMap, modules: Mapping[str, nn.Module] | Any, state_keys: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """The LoRA-file key stem of each of the map's modules (``.diff`` / ``.diff_b`` follow).
+
+    ``state_keys`` names the modules in the original checkpoint layout (``ModelFamily.comfy_state_keys``:
+    ``diffusion_model.input_blocks.1.0.in_layers.0``); when ``modules`` is a diffusers pipeline they come
+    from its UNet's config. Without either, UNet keys are the canonical names, which A1111 does not read.
+    """
+    family = family_of_map(act_map.metadata)  # the map says which family's keys it needs
+    check_family_folds(act_map)  # families whose maps never fold (FLUX, SD3) refuse here, saying why
+    if state_keys is None:
+        state_keys = _pipeline_state_keys(modules, act_map) or {}
+    return {name: family.lora_key(name, state_keys.get(name)) for name in act_map.modules}
+
+
+def _pipeline_state_keys(pipe: Any, act_map: ACTMap) -> dict[str, str] | None:
+    """The map's modules' original-layout state-dict prefixes, from a diffusers pipeline's own config."""
+    family = family_of_map(act_map.metadata)
+    if (
+        not hasattr(pipe, "act_modules")
+        or family.diffusers_key_table is None
+        or family.comfy_state_keys is None
+    ):
+        return None
+    return family.comfy_state_keys(act_map.modules, lambda: family.diffusers_key_table(pipe))
+
+
 def lora_state_dict(
     act_map: ACTMap,
     modules: Mapping[str, nn.Module] | Any,
     strength: Strength = 1.0,
     dtype: torch.dtype = torch.float32,
+    state_keys: Mapping[str, str] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """``{lora_key(module) + ".diff": dW, lora_key(module) + ".diff_b": db}`` at ``strength``.
+    """``{key + ".diff": dW, key + ".diff_b": db}`` at ``strength``, ``key`` from ``lora_keys``.
 
     ``modules`` is the model's canonical name -> module mapping (``pipe.act_modules()``) or an ACT
     pipeline; the diffs need the current weights, since the weight diff is ``lam * (omega - 1) * W``.
+    ``state_keys``: see ``lora_keys`` (a pipeline gives them itself).
     """
-    family = family_of_map(act_map.metadata)  # the map says which family's keys it needs
-    # Keys first: families whose maps never fold (FLUX, SD3) refuse here, saying why.
-    keys = {name: family.lora_key(name) for name in act_map.modules}
+    keys = lora_keys(act_map, modules, state_keys)  # first: families whose maps never fold refuse here
     modules = _modules_of(modules, act_map)
     foldable = as_foldable(act_map, modules)
     diffs = folded_diffs(modules, foldable, strength)
@@ -149,19 +181,21 @@ def export_lora(
     path: str | os.PathLike,
     strength: float = 1.0,
     dtype: str | torch.dtype = "fp32",
+    state_keys: Mapping[str, str] | None = None,
 ) -> Path:
     """Write the map's folded diffs as a safetensors LoRA file (atomically) and return its path.
 
     ``strength`` is baked into the diffs; ComfyUI's LoraLoader strength multiplies it, so export at 1
     and use the loader's slider as lambda. ``dtype`` is "fp32" (default: exact; norm diffs are small files)
-    or "fp16" (half the size; refused when a diff overflows it).
+    or "fp16" (half the size; refused when a diff overflows it). ``state_keys``: the modules' names in the
+    original checkpoint layout, for key names A1111 reads too (see ``lora_keys``; a pipeline gives them).
     """
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ACTInputError(f"LoRA files are saved as .safetensors; got {path.name!r}.")
     strength = check_strength(strength)
     torch_dtype = _dtype(dtype)
-    state = lora_state_dict(act_map, modules, strength, torch_dtype)
+    state = lora_state_dict(act_map, modules, strength, torch_dtype, state_keys)
     dtype_name = next(name for name, value in DTYPES.items() if value == torch_dtype)
     header = {
         "format": LORA_FORMAT,

@@ -229,7 +229,9 @@ def test_a_foldable_map_exported_as_lora_loads_every_key_in_the_stock_loraloader
     with safe_open(str(loras / name), "pt") as f:
         keys = set(f.keys())
     assert len(keys) == 2 * len(both)  # every norm has a weight and a bias
-    assert "unet.conv_norm_out.diff" in keys
+    # diffusers names UNet modules as the original checkpoint does (kohya's key, which A1111 and Forge read
+    # too); the Export node as long as it gives export_lora no state keys, by their diffusers names
+    assert ("lora_unet_out_0.diff" if source == "diffusers" else "unet.conv_norm_out.diff") in keys
     assert "text_encoders.clip_l.transformer.text_model.final_layer_norm.diff_b" in keys
 
     unread, _ = lora_report(model, clip, loras / name)
@@ -249,6 +251,36 @@ def test_a_foldable_map_exported_as_lora_loads_every_key_in_the_stock_loraloader
         scale = float((via_act - base).abs().max())
         assert scale > 1e-2
         torch.testing.assert_close(via_lora, via_act, rtol=1e-4, atol=1e-4 * scale)
+
+
+def test_lora_unet_names_are_comfyuis_for_real_sdxl_and_sd15_unets(comfyui):  # noqa: F811
+    """The original-layout names LoRA export gives a diffusers UNet's modules (``lora_unet_<LDM path>``) are
+    ComfyUI's for every parameter of the real SDXL and SD 1.5 UNets (meta tensors: nothing allocated), as
+    ComfyUI's model detection and ``unet_to_diffusers`` name them, two layers per level as in those models."""
+    import sys
+    from pathlib import Path
+
+    import comfy.model_detection
+    import comfy.utils
+    from diffusers import UNet2DConditionModel
+
+    from act_core.families.sdxl import ldm_key_table
+
+    benchmarks = str(Path(__file__).resolve().parents[2] / "benchmarks")
+    sys.path.insert(0, benchmarks)
+    try:
+        from bench_sdxl import SDXL_UNET
+    finally:
+        sys.path.remove(benchmarks)
+    sd15 = dict(cross_attention_dim=768)  # diffusers' defaults are SD 1.x's UNet otherwise
+    for config in (SDXL_UNET, sd15):
+        with torch.device("meta"):
+            unet = UNet2DConditionModel(**config)
+        comfy_config = comfy.model_detection.unet_config_from_diffusers_unet(unet.state_dict())
+        comfy_table = comfy.utils.unet_to_diffusers(comfy_config)
+        ours = ldm_key_table(unet)
+        assert set(ours) == {key for key, _ in unet.named_parameters()}
+        assert ours == {key: comfy_table[key] for key in ours}
 
 
 def test_sd2_in_comfyui_steers_the_unet_as_diffusers_and_loads_its_lora(nodes, folders, tmp_path_factory):

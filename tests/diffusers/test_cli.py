@@ -125,7 +125,7 @@ def test_export_lora(model_dir, fitted, tmp_path, capsys):
     assert main([*argv, "--output", str(lora), "--dtype", "fp32"]) == 0
     assert "LoraLoader" in capsys.readouterr().out
     keys = load_file(str(lora))
-    assert keys and all(k.startswith("unet.") and k.endswith((".diff", ".diff_b")) for k in keys)
+    assert keys and all(k.startswith("lora_unet_") and k.endswith((".diff", ".diff_b")) for k in keys)
     assert main(["info", str(lora)]) == 0
     assert "LoRA" in capsys.readouterr().out
 

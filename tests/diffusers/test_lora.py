@@ -11,8 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from act_core.errors import ACTInputError
-from act_core.families.sdxl import lora_key
-from act_core.lora import as_foldable, export_lora, lora_state_dict
+from act_core.lora import as_foldable, export_lora, lora_keys, lora_state_dict
 
 SOURCE = [f"a red circle number {i}" for i in range(6)]
 TARGET = [f"a blue square, striped, number {i}" for i in range(6)]
@@ -50,10 +49,10 @@ def generate(pipe, prompt="a red circle"):
     ).images
 
 
-def apply_lora_file(pipe, path, lam):
+def apply_lora_file(pipe, act_map, path, lam):
     """Add lam * diff to the parameters the keys name, as ComfyUI's LoraLoader does; returns originals."""
     modules = pipe.act_modules()
-    by_key = {lora_key(name): module for name, module in modules.items()}
+    by_key = {key: modules[name] for name, key in lora_keys(act_map, pipe).items()}
     originals = []
     with torch.no_grad():
         for key, diff in load_file(str(path)).items():
@@ -73,15 +72,16 @@ def restore(originals):
 def check_keys_cover_every_module(pipe, act_map, path):
     state = load_file(str(path))
     modules = pipe.act_modules(act_map.parts())
+    keys = lora_keys(act_map, pipe)
     expected = set()
     for name in act_map.modules:
-        expected.add(lora_key(name) + ".diff")
+        expected.add(keys[name] + ".diff")
         if modules[name].bias is not None:
-            expected.add(lora_key(name) + ".diff_b")
+            expected.add(keys[name] + ".diff_b")
     assert set(state) == expected
     for key, value in state.items():
         stem = key.rsplit(".", 1)[0]
-        name = next(n for n in act_map.modules if lora_key(n) == stem)
+        name = next(n for n in act_map.modules if keys[n] == stem)
         param = modules[name].weight if key.endswith(".diff") else modules[name].bias
         assert value.shape == param.shape
 
@@ -92,7 +92,7 @@ def test_exported_diffs_reproduce_hooks(pipe, unet_map, text_map, tmp_path, whic
     path = export_lora(act_map, pipe, tmp_path / "act_lora.safetensors", strength=1.0, dtype="fp32")
     check_keys_cover_every_module(pipe, act_map, path)
     if which == "unet":
-        assert all(key.startswith("unet.") for key in load_file(str(path)))
+        assert all(key.startswith("lora_unet_") for key in load_file(str(path)))
     else:
         prefixes = (
             "text_encoders.clip_l.transformer.text_model.",
@@ -106,7 +106,7 @@ def test_exported_diffs_reproduce_hooks(pipe, unet_map, text_map, tmp_path, whic
     pipe.disable_act()
     assert np.abs(hooked - base).max() > 1e-3  # the map does something at this strength
 
-    originals = apply_lora_file(pipe, path, LAM)
+    originals = apply_lora_file(pipe, act_map, path, LAM)
     try:
         patched = generate(pipe)
     finally:

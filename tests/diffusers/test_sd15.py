@@ -163,8 +163,8 @@ def test_cli_fits_exports_and_describes_a_sd15_folder(tmp_path, capsys):
     assert "LoraLoader" in capsys.readouterr().out
     keys = load_file(str(lora))
     foldable = ACTMap.load(maps["unet_norms_foldable"])
-    assert len(keys) == 2 * len(foldable) and "unet.conv_norm_out.diff" in keys
-    assert all(k.startswith("unet.") and k.endswith((".diff", ".diff_b")) for k in keys)
+    assert len(keys) == 2 * len(foldable) and "lora_unet_out_0.diff" in keys  # conv_norm_out, LDM-named
+    assert all(k.startswith("lora_unet_") and k.endswith((".diff", ".diff_b")) for k in keys)
     assert main(["info", str(lora)]) == 0
     assert "LoRA" in capsys.readouterr().out
 

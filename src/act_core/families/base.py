@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import nn
 
@@ -31,8 +32,8 @@ class ModelFamily:
     ``parts`` are the canonical part names (the first component of every module name in a map);
     ``denoiser`` is the part the sampler calls at every step. ``noise_level`` says how a denoiser call's
     noise level ``u`` in [0, 1] is defined (the key of time-aware maps). ``lora_key`` maps a canonical
-    module name to the key stem ComfyUI's stock LoraLoader reads (or raises, saying why the family's maps
-    do not fold).
+    module name, and its state-dict module prefix where known (``comfy_state_keys``), to the key stem of a
+    LoRA file (or raises, saying why the family's maps do not fold).
     """
 
     name: str
@@ -42,7 +43,7 @@ class ModelFamily:
     presets: Mapping[str, Preset]
     default_preset: str
     noise_level: str
-    lora_key: Callable[[str], str]
+    lora_key: Callable[..., str]
     # The preset whose maps fold into weights (fuse_act, LoRA export), or None where no map folds.
     foldable_preset: str | None = None
     # Whether the family's sampler runs a CFG batch ([uncond; cond] rows); False where guidance is an
@@ -72,6 +73,10 @@ class ModelFamily:
     # text-encoder part -> the encoder's attribute on ComfyUI's ``CLIP.cond_stage_model`` (``clip_l``, ...)
     comfy_clip_parts: Mapping[str, str] = field(default_factory=dict)
     comfy_state_keys: Callable[[Iterable[str], KeyTable], dict[str, str]] | None = None
+    # diffusers pipeline -> the table a KeyTable gives for the same denoiser in ComfyUI, built from the
+    # pipeline's own config, so ``comfy_state_keys`` names a diffusers map's modules as the original checkpoint
+    # (and so LoRA files) do. None where no map folds.
+    diffusers_key_table: Callable[[Any], Mapping[str, str]] | None = None
     # Whether ComfyUI's Fit node may run different prompts in one call, their tokens tiled to a common length
     # as ComfyUI batches cross-attention conds. False where a prompt's token count is part of the model's
     # input (Lumina 2's NextDiT takes ``num_tokens``; ComfyUI 0.3.64's cannot mask a padded batch): each

@@ -40,12 +40,10 @@ TEXT_MODEL_PREFIX = "text_model."
 # ComfyUI's SDXL CLIP: clip_l is diffusers' text_encoder, clip_g is text_encoder_2.
 COMFY_CLIP_PARTS = {TEXT_ENCODER: "clip_l", TEXT_ENCODER_2: "clip_g"}
 COMFY_UNET_PREFIX = "diffusion_model."
-# Key prefixes that ComfyUI's stock LoraLoader maps onto model weights.
-LORA_PREFIXES = {
-    UNET: "diffusion_model.",
-    TEXT_ENCODER: "text_encoders.clip_l.transformer.",
-    TEXT_ENCODER_2: "text_encoders.clip_g.transformer.",
-}
+# LoRA key prefixes: kohya's UNet prefix (followed by the LDM module path, dots as underscores) and the
+# generic text-encoder prefix ComfyUI reads for every CLIP weight (followed by ComfyUI's state-dict path).
+LORA_UNET_PREFIX = "lora_unet_"
+LORA_TEXT_PREFIX = "text_encoders."
 _PARAM_SUFFIXES = (".weight", ".bias")
 
 # ------------------------------------------------------------------------------------------ presets
@@ -131,17 +129,121 @@ def component_modules(part: str, component: nn.Module) -> dict[str, nn.Module]:
     }
 
 
-def lora_key(module_name: str) -> str:
+def lora_key(module_name: str, state_key: str | None = None) -> str:
     """LoRA-file key stem for a canonical module name; the exporter appends ``.diff`` / ``.diff_b``.
 
-    ComfyUI's stock LoraLoader reads UNet keys in diffusers form (``unet.<path>``, i.e. the canonical
-    name) and text encoder norms only as ``text_encoders.clip_l.transformer.<path>`` (clip_g for
-    encoder 2): the diffusers/kohya text encoder names cover attention and MLP linears only.
+    ``state_key`` is the module's prefix in the original (LDM/SGM) checkpoint layout as ComfyUI names it
+    (``comfy_state_keys``: ``diffusion_model.input_blocks.1.0.in_layers.0``). A UNet module then gets kohya's
+    key, ``lora_unet_<LDM path, dots as underscores>``, which ComfyUI, Forge and A1111 all map onto that
+    module; without one, its canonical name (``unet.<diffusers path>``), which ComfyUI and Forge read and
+    A1111 does not. Text-encoder modules get ``text_encoders.clip_l.transformer.<path>`` (clip_g for encoder
+    2), the one form ComfyUI reads for norms: its kohya ``lora_te1_`` / ``lora_te2_`` names cover attention
+    and MLP linears only.
     """
     part, _, path = module_name.partition(".")
     if part not in PARTS or not path:
         raise ACTInputError(f"{module_name!r} is not an SDXL module name (unet.*, text_encoder*.*).")
-    return module_name if part == UNET else LORA_PREFIXES[part] + path
+    if part != UNET:
+        return LORA_TEXT_PREFIX + comfy_clip_key(module_name)
+    if state_key is None:
+        return module_name
+    if not state_key.startswith(COMFY_UNET_PREFIX):
+        raise ACTInputError(f"{state_key!r} is not a UNet state-dict key (diffusion_model.*).")
+    return LORA_UNET_PREFIX + state_key.removeprefix(COMFY_UNET_PREFIX).replace(".", "_")
+
+
+# ------------------------------------------------------------------------------------------ LDM names
+# The diffusers UNet2DConditionModel's modules in the original (LDM/SGM) layout: the modules outside the
+# blocks, and a ResnetBlock2D's (a block's attention keeps its diffusers sub-paths).
+_LDM_TOP = {
+    "conv_in": "input_blocks.0.0",
+    "time_embedding.linear_1": "time_embed.0",
+    "time_embedding.linear_2": "time_embed.2",
+    "add_embedding.linear_1": "label_emb.0.0",
+    "add_embedding.linear_2": "label_emb.0.2",
+    "conv_norm_out": "out.0",
+    "conv_out": "out.2",
+}
+_LDM_RESNET = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "conv_shortcut": "skip_connection",
+}
+
+
+def ldm_unet_path(path: str, layers: tuple[int, ...], up_attention: tuple[bool, ...]) -> str | None:
+    """The LDM module path of a diffusers UNet module path, or None for a module that has none.
+
+    ``layers`` is the resnet count of each down block (``layers_per_block``), ``up_attention`` whether each up
+    block has attentions. LDM numbers its blocks consecutively: ``input_blocks.0`` is ``conv_in``, then each
+    level's resnets (with their attentions) and, but for the last level, its downsampler; each up block has
+    one more resnet than its down block, and its upsampler follows the last one's resnet (and attention).
+    """
+    for old, new in _LDM_TOP.items():
+        if path == old or path.startswith(old + "."):
+            return new + path[len(old) :]
+    parts = path.split(".")
+    if (
+        parts[0] == "mid_block"
+        and len(parts) >= 3
+        and parts[1] in ("resnets", "attentions")
+        and parts[2].isdigit()
+    ):
+        kind, index, rest = parts[1], int(parts[2]), parts[3:]  # resnets.0, attentions.0, resnets.1
+        head = f"middle_block.{2 * index if kind == 'resnets' else 1}"
+    elif (
+        parts[0] in ("down_blocks", "up_blocks")
+        and len(parts) >= 4
+        and parts[1].isdigit()
+        and parts[3].isdigit()
+    ):
+        block, kind, index, rest = int(parts[1]), parts[2], int(parts[3]), parts[4:]
+        down = parts[0] == "down_blocks"
+        sizes = [n + 1 for n in layers] if down else [n + 1 for n in reversed(layers)]
+        first = 1 + sum(sizes[:block]) if down else sum(sizes[:block])
+        name = "input_blocks" if down else "output_blocks"
+        if kind in ("resnets", "attentions"):
+            head = f"{name}.{first + index}.{0 if kind == 'resnets' else 1}"
+        elif kind == "downsamplers" and down and rest[:1] == ["conv"]:
+            head, rest = f"{name}.{first + layers[block]}.0.op", rest[1:]
+        elif kind == "upsamplers" and not down:
+            head = f"{name}.{first + sizes[block] - 1}.{2 if up_attention[block] else 1}"
+        else:
+            return None
+    else:
+        return None
+    if kind == "resnets" and rest:
+        rest = [_LDM_RESNET.get(rest[0], rest[0]), *rest[1:]]
+    return ".".join([head, *rest])
+
+
+def ldm_key_table(unet: nn.Module) -> dict[str, str]:
+    """``{diffusers parameter key: LDM parameter key}`` of a diffusers ``UNet2DConditionModel``: the table
+    ComfyUI's ``unet_to_diffusers`` gives for the same UNet, from its config (``layers_per_block``,
+    ``up_block_types``). Parameters without an LDM name are left out."""
+    config = unet.config
+    per_block = config.layers_per_block
+    layers = (
+        tuple(per_block)
+        if isinstance(per_block, (list, tuple))
+        else (per_block,) * len(config.down_block_types)
+    )
+    up_attention = tuple("CrossAttn" in kind for kind in config.up_block_types)
+    table = {}
+    for key, _ in unet.named_parameters():
+        path, _, param = key.rpartition(".")
+        ldm = ldm_unet_path(path, layers, up_attention)
+        if ldm is not None:
+            table[key] = f"{ldm}.{param}"
+    return table
+
+
+def pipeline_key_table(pipe: object) -> dict[str, str]:
+    """``ldm_key_table`` of a diffusers pipeline's UNet (``ModelFamily.diffusers_key_table``)."""
+    return ldm_key_table(pipe.unet)  # type: ignore[attr-defined]
 
 
 # ------------------------------------------------------------------------------------------ ComfyUI names
@@ -249,6 +351,7 @@ SDXL = ModelFamily(
     comfy_clip_modules=comfy_clip_modules,
     comfy_clip_parts=COMFY_CLIP_PARTS,
     comfy_state_keys=comfy_state_keys,
+    diffusers_key_table=pipeline_key_table,
     # measured (python benchmarks/bench_memory.py, bf16, 256-1024 px):
     # SD 1.5 / 2.1's 16.6 kB per latent px; SDXL's 10.1 kB
     activation_memory=ActivationMemory(324_000, 16_700, 324_000, 7_050, 1280),
