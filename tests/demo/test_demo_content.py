@@ -11,6 +11,7 @@ from demo.protocols import (
     generation_settings,
     keeps_content,
     load_model_pipeline,
+    markdown,
     pixel_distance,
     tasks,
     use_scheduler,
@@ -52,3 +53,16 @@ def test_use_scheduler_swaps_and_restores_the_models_own():
     assert pipe.scheduler.config.num_train_timesteps == own.config.num_train_timesteps
     use_scheduler(pipe, None)
     assert pipe.scheduler is own
+
+
+def test_cells_whose_prompt_does_not_draw_its_target_are_not_counted():
+    def run(effect: float, passes: bool, reaches: bool) -> dict:
+        curve = [
+            {"lambda": 0.0, "effect": 0.0, "shape": 1.0},
+            {"lambda": 1.0, "effect": effect, "shape": 1.0},
+        ]
+        return {"curve": curve, "passes": passes, "prompt_reaches": reaches, "ceiling": 0.01}
+
+    results = {"p": {"m": {"dotted": run(11.1, True, False), "style": run(0.9, True, True)}}}
+    table = markdown(results, ["m"], ["dotted", "style"])
+    assert "n/a (prompt 0.01)" in table and "| 1/1 |" in table
