@@ -12,6 +12,7 @@ from comfy_api.latest import ComfyExtension, io
 from typing_extensions import override
 
 import act_core
+from act_core.distill import FOLD_STEPS
 from act_core.errors import ACTInputError, ACTWarning
 from act_core.maps import ACTMap
 
@@ -418,6 +419,140 @@ class ACTFitMap(io.ComfyNode):
         return io.NodeOutput(act_map, summary, ui={"text": messages})
 
 
+class ACTFoldMap(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ACTFoldMap",
+            display_name=DISPLAY_NAMES["ACTFoldMap"],
+            category=CATEGORY,
+            description=(
+                "Turn a map from 'Fit ACT map' (default preset) into one fixed map that 'Export ACT as LoRA' "
+                "can write as a LoRA. It samples the source prompts with the map applied and learns one "
+                "fixed change per layer that gives the same images. Give it the Fit node's prompts and "
+                "sampler settings. It takes about ten times as long as the fit. Cancel stops it and leaves "
+                "the model as it was."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="The model the map was fitted on."),
+                io.Clip.Input("clip", tooltip="The text encoders that read the prompts."),
+                _map_input(),
+                io.String.Input(
+                    "source_prompts",
+                    multiline=True,
+                    default=DEFAULT_SOURCE_PROMPTS,
+                    tooltip="The Fit node's source prompts (those WITHOUT the effect), one per line.",
+                ),
+                io.Int.Input(
+                    "fold_seed",
+                    default=0,
+                    min=0,
+                    max=MAX_SEED,
+                    tooltip="Noise seed of the fold's samples (prompt i uses seed + i).",
+                ),
+                io.Int.Input(
+                    "width", default=1024, min=64, max=8192, step=8, tooltip="The image width you sample at."
+                ),
+                io.Int.Input(
+                    "height",
+                    default=1024,
+                    min=64,
+                    max=8192,
+                    step=8,
+                    tooltip="The image height you sample at.",
+                ),
+                io.Int.Input(
+                    "steps",
+                    default=20,
+                    min=1,
+                    max=1000,
+                    tooltip="The steps you sample with: the same as your KSampler's.",
+                ),
+                *_sampling_inputs(optional=False),
+                io.String.Input(
+                    "negative_prompt",
+                    multiline=True,
+                    default="",
+                    tooltip="The negative prompt you sample with (not used at cfg 1).",
+                ),
+                io.Int.Input(
+                    "fold_steps",
+                    default=FOLD_STEPS,
+                    min=1,
+                    max=10000,
+                    tooltip="How long the fixed map is trained. More steps follow the map more closely.",
+                ),
+            ],
+            outputs=[
+                ActMap.Output(
+                    "folded_map",
+                    display_name="act_map",
+                    tooltip="The fixed map: connect it to Export ACT as LoRA, Apply ACT or Save ACT map.",
+                ),
+                io.String.Output(
+                    "summary",
+                    display_name="summary",
+                    tooltip="What was folded, how closely it follows the map, and any warnings.",
+                ),
+            ],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(
+        cls,
+        model,
+        clip,
+        act_map,
+        source_prompts,
+        fold_seed,
+        width,
+        height,
+        steps,
+        cfg,
+        sampler_name,
+        scheduler,
+        negative_prompt,
+        fold_steps,
+    ) -> io.NodeOutput:
+        import comfy.utils
+
+        from .folding import fold_node_map, fold_summary
+
+        node_id = cls.hidden.unique_id if cls.hidden else None
+        bar = comfy.utils.ProgressBar(1, node_id=node_id)
+        phases = []
+
+        def report(phase: str, done: int, total: int) -> None:
+            if not phases or phases[-1] != phase:
+                phases.append(phase)
+                show_on_node(node_id, f"{phase} ({len(phases)} of 2)")
+            bar.update_absolute(done, total)
+
+        with collected_warnings() as messages:
+            folded = fold_node_map(
+                model,
+                clip,
+                _checked_map(act_map),
+                source_prompts,
+                seed=fold_seed,
+                width=width,
+                height=height,
+                steps=steps,
+                cfg=cfg,
+                sampler_name=sampler_name,
+                scheduler=scheduler,
+                negative_prompt=negative_prompt,
+                fold_steps=fold_steps,
+                report=report,
+            )
+        summary = with_warnings(fold_summary(folded), messages)
+        if not messages:
+            return io.NodeOutput(folded, summary)
+        show_on_node(node_id, "Warnings:\n" + "\n".join(messages))
+        return io.NodeOutput(folded, summary, ui={"text": messages})
+
+
 class ACTApply(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -582,9 +717,10 @@ class ACTExportLoRA(io.ComfyNode):
             category=CATEGORY,
             description=(
                 "Write an ACT map as a LoRA file in models/loras: the stock 'Load LoRA' node then applies "
-                "it, its strength being the slider, with no ACT node needed (share it like any LoRA). Only "
-                "maps fitted with the unet_norms_foldable preset (or text_encoder_norms with support "
-                "'unbounded') fit into a LoRA."
+                "it, its strength being the slider, with no ACT node needed (share it like any LoRA). A map "
+                "from the default preset changes at every step: pass it through 'Fold ACT map' first. Maps "
+                "of the unet_norms_foldable preset (or text_encoder_norms with support 'unbounded') fit as "
+                "they are."
             ),
             inputs=[
                 io.Model.Input("model", tooltip="The model the map was fitted on."),
@@ -742,7 +878,15 @@ class ACTSweep(io.ComfyNode):
         return io.NodeOutput(latent, labels)
 
 
-NODES: list[type[io.ComfyNode]] = [ACTFitMap, ACTApply, ACTSaveMap, ACTLoadMap, ACTExportLoRA, ACTSweep]
+NODES: list[type[io.ComfyNode]] = [
+    ACTFitMap,
+    ACTApply,
+    ACTSaveMap,
+    ACTLoadMap,
+    ACTExportLoRA,
+    ACTSweep,
+    ACTFoldMap,
+]
 
 
 class ACTExtension(ComfyExtension):

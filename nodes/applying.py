@@ -125,6 +125,12 @@ def cond_rows(cond_or_uncond: Any, batch: int) -> tuple[bool, slice | torch.Tens
     return True, torch.cat([torch.arange(k * size, (k + 1) * size) for k in index])
 
 
+def noise_level(model_sampling: Any, sigma: float, scale: float) -> float:
+    """The noise level u of a model call at ``sigma`` (a time-aware map's key): the model's timestep over
+    ``scale`` (``comfy_models.timestep_scale``)."""
+    return float(model_sampling.timestep(torch.tensor(sigma))) / scale
+
+
 def denoiser_wrapper(
     hooks: _Hooks,
     sigma_start: float | None,
@@ -151,7 +157,7 @@ def denoiser_wrapper(
                 sigma = float(torch.as_tensor(sigmas).max())
                 if sigma_start is not None:
                     enabled = enabled and sigma_end <= sigma <= sigma_start
-                level = float(model_sampling.timestep(torch.tensor(sigma))) / scale
+                level = noise_level(model_sampling, sigma, scale)
             handle.set_call([family.denoiser], rows=rows, noise_level=level, in_window=enabled)
         return executor(*args, **kwargs)
 

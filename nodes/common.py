@@ -22,6 +22,7 @@ DISPLAY_NAMES = {
     "ACTLoadMap": "Load ACT map",
     "ACTExportLoRA": "Export ACT as LoRA",
     "ACTSweep": "ACT lambda sweep (slider preview)",
+    "ACTFoldMap": "Fold ACT map (slider into a LoRA)",
 }
 # The families ComfyUI-ACT steers in ComfyUI (``act_core.families`` data).
 COMFY_FAMILIES = [family for family in FAMILIES.values() if "comfyui" in family.hosts]

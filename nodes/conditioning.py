@@ -1,5 +1,5 @@
-"""ComfyUI conditioning of prompt lists for fitting: encode, stack into one batch, and what the text
-encoders see of a prompt (to compare prompt sets)."""
+"""ComfyUI conditioning of prompt lists for fitting and folding: encode, stack into one batch, each prompt's
+noise, and what the text encoders see of a prompt (to compare prompt sets)."""
 
 from __future__ import annotations
 
@@ -46,6 +46,14 @@ def stack_conds(encoded: Sequence[tuple], length: int | None = None) -> list:
     pooled = [p for _, p in encoded]
     extra = {"pooled_output": torch.cat(pooled) if all(p is not None for p in pooled) else None}
     return [[cond, extra]]
+
+
+def prompt_noise(latent: torch.Tensor, seed: int, count: int) -> torch.Tensor:
+    """KSampler's noise for ``count`` prompts on one latent each, prompt i from seed ``(seed + i) mod 2**64``
+    (the same noise whatever the batching)."""
+    import comfy.sample
+
+    return torch.cat([comfy.sample.prepare_noise(latent[:1], (seed + i) % (2**64)) for i in range(count)])
 
 
 def hf_tokenizer(clip: Any) -> Any:

@@ -18,7 +18,7 @@ from act_core.memory import SAFETY_FRACTION, activation_bytes, denoiser_width, l
 from act_core.recording import token_mask_hooks
 from act_core.workflow import FirstStepFit
 
-from .conditioning import encode_prompts, stack_conds
+from .conditioning import encode_prompts, prompt_noise, stack_conds
 
 log = logging.getLogger("ComfyUI-ACT")
 FIRST_STEP_SCHEDULER = "normal"  # first-step protocol: only sigma_max matters
@@ -99,9 +99,7 @@ def denoiser_batches(
         chunk = encoded[start : start + batch_size]
         latent = torch.zeros((len(chunk), 4, height // 8, width // 8), dtype=torch.float32)
         latent = comfy.sample.fix_empty_latent_channels(model, latent)
-        noise = torch.cat(
-            [comfy.sample.prepare_noise(latent[:1], (seed + start + i) % (2**64)) for i in range(len(chunk))]
-        )
+        noise = prompt_noise(latent, seed + start, len(chunk))
         batches.append(capture_denoiser_inputs(model, stack_conds(chunk), noise, latent, steps, seed + start))
     return batches
 

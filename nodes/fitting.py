@@ -53,7 +53,7 @@ from act_core.workflow import (
 
 from .comfy_models import clip_modules, denoiser_modules, model_family, timestep_scale
 from .common import COMFY_FAMILIES, FAMILY_DEFAULT_PRESET, parse_parts, transformer_options_of
-from .conditioning import common_length, encode_prompts, hf_tokenizer, stack_conds, token_keys
+from .conditioning import common_length, encode_prompts, hf_tokenizer, prompt_noise, stack_conds, token_keys
 from .first_step import fit_first_step
 
 log = logging.getLogger("ComfyUI-ACT")
@@ -283,21 +283,11 @@ class ComfyFitHost:
         return torch.inference_mode(self.inference)
 
     def pairs_per_call(self, num_pairs: int, rows_per_pair: int) -> int:
-        """Source pairs per call: as many as ComfyUI's own estimate (``memory_required``, with the 1.5 margin
-        ``calc_cond_batch`` uses) fits in free memory; the other rows are ComfyUI's to batch."""
+        """Source pairs per call: as many as ComfyUI's own estimate fits (``prompts_per_call``); the other rows
+        are ComfyUI's to batch."""
         if not self.family.comfy_batched_prompts:
             return 1  # each pair on its own conds, in calls of its own (ModelFamily.comfy_batched_prompts)
-        import comfy.model_management as mm
-
-        settings, base = self.settings, self.model.model
-        channels = int(getattr(getattr(base, "latent_format", None), "latent_channels", 4) or 4)
-        shape = [channels, settings.height // 8, settings.width // 8]
-        # the model is loaded by the sampler after this plan: what it will take is not free then
-        free = mm.get_free_memory(self.model.load_device)
-        if self.model.load_device != torch.device("cpu"):
-            free -= max(0, self.model.model_size() - self.model.loaded_size())
-        fits = [k for k in range(1, num_pairs + 1) if base.memory_required([k, *shape]) * 1.5 < free]
-        return max(fits, default=1)
+        return prompts_per_call(self.model, self.settings, num_pairs)
 
     def steer_text_encoders(self, text_map: ACTMap) -> contextlib.AbstractContextManager:
         return text_encoders_steered(clip_modules(self.clip, self.family), text_map)
@@ -337,9 +327,7 @@ class ComfyFitHost:
             positive, negative = conds["source_0"], self.conditioning(settings.negative_prompt or "")
         latent = torch.zeros((pairs, 4, settings.height // 8, settings.width // 8), dtype=torch.float32)
         latent = comfy.sample.fix_empty_latent_channels(model, latent)
-        noise = torch.cat(
-            [comfy.sample.prepare_noise(latent[:1], (run.seed + i) % (2**64)) for i in range(pairs)]
-        )
+        noise = prompt_noise(latent, run.seed, pairs)
         sampler = comfy.samplers.KSampler(
             model,
             steps=settings.num_inference_steps,
@@ -416,6 +404,25 @@ class ComfyFitHost:
         ):  # the diffusion model's class (a structural-fallback map applies to that class only)
             info[COMFY_CLASS_KEY] = type(self.model.model.diffusion_model).__name__
         return info
+
+
+def prompts_per_call(model: Any, settings: SamplingSettings, count: int, rows_per_prompt: int = 1) -> int:
+    """How many of ``count`` prompts, ``rows_per_prompt`` rows each, one model call takes: as many as
+    ComfyUI's own estimate (``memory_required``, with the 1.5 margin ``calc_cond_batch`` uses) fits in free
+    memory, at least one."""
+    import comfy.model_management as mm
+
+    base = model.model
+    channels = int(getattr(getattr(base, "latent_format", None), "latent_channels", 4) or 4)
+    shape = [channels, settings.height // 8, settings.width // 8]
+    # the model is loaded by the sampler after this plan: what it will take is not free then
+    free = mm.get_free_memory(model.load_device)
+    if model.load_device != torch.device("cpu"):
+        free -= max(0, model.model_size() - model.loaded_size())
+    fits = [
+        k for k in range(1, count + 1) if base.memory_required([k * rows_per_prompt, *shape]) * 1.5 < free
+    ]
+    return max(fits, default=1)
 
 
 def check_pairs_per_call(value: Any) -> int | None:

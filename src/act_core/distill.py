@@ -383,6 +383,8 @@ def _lr_factor(steps: int, step: int) -> float:
 WEIGHTINGS = ("per_level", "pooled")
 # The gains ``collapse_map`` is tried at for the starting map (the best by the loss is taken).
 INIT_GAINS = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0)
+# Adam steps of a fold (measured on the shipped models: docs/protocol.md, "A slider that folds").
+FOLD_STEPS = 200
 
 
 def check_foldable_teacher(act_map: ACTMap, family: ModelFamily, init: ACTMap | None = None) -> None:
@@ -417,7 +419,7 @@ def fold_map(
     init: ACTMap | None = None,
     init_gain: float | None = None,
     init_max_level: float | None = None,
-    steps: int = 200,
+    steps: int = FOLD_STEPS,
     lr: float = 0.02,
     calls_per_step: int = 2,
     prompts_per_call: int = 8,

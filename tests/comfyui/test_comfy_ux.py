@@ -186,6 +186,7 @@ ADVANCED = {
     "ACTApply": {"separate_text_encoder_strength", "text_encoder_strength", "start_percent", "end_percent"},
     "ACTSweep": {"denoise", "start_percent", "end_percent"},
     "ACTExportLoRA": {"dtype"},
+    "ACTFoldMap": set(),
 }
 # The widgets in the order saved workflows hold their values (widgets_values is positional: required inputs,
 # then optional ones). Marking inputs advanced or optional must not change it.
@@ -232,6 +233,18 @@ SAVED_WIDGET_ORDER = {
         "end_percent",
     ],
     "ACTExportLoRA": ["filename", "dtype", "overwrite"],
+    "ACTFoldMap": [
+        "source_prompts",
+        "fold_seed",
+        "width",
+        "height",
+        "steps",
+        "cfg",
+        "sampler_name",
+        "scheduler",
+        "negative_prompt",
+        "fold_steps",
+    ],
     "ACTSaveMap": ["filename", "overwrite"],
     "ACTLoadMap": ["act_map_name"],
 }
@@ -286,6 +299,7 @@ SEARCHES = {
     "transport": {"ACTFitMap"},
     "lambda": {"ACTSweep"},
     "lora": {"ACTExportLoRA"},
+    "fold": {"ACTFoldMap"},
 }
 
 

@@ -21,6 +21,7 @@ EXPECTED_NODES = {
     "ACTLoadMap": "Load ACT map",
     "ACTExportLoRA": "Export ACT as LoRA",
     "ACTSweep": "ACT lambda sweep (slider preview)",
+    "ACTFoldMap": "Fold ACT map (slider into a LoRA)",
     "ACTDemoModel": "ACT demo model",
 }
 
