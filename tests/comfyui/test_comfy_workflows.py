@@ -26,7 +26,7 @@ FLUX_STYLE_SLIDER = "ACT style slider, fit and apply (FLUX.1 schnell)"
 LAMBDA_SWEEP = "ACT lambda sweep of a saved map (SDXL)"
 CONCEPT_NEGATION = "ACT concept negation (SDXL)"
 LORA_EXPORT = "ACT slider as a LoRA, fit and export (SDXL)"
-OUR_NODES = {"ACTFitMap", "ACTApply", "ACTSaveMap", "ACTLoadMap", "ACTExportLoRA", "ACTSweep"}
+OUR_NODES = {"ACTFitMap", "ACTApply", "ACTSaveMap", "ACTLoadMap", "ACTExportLoRA", "ACTSweep", "ACTFoldMap"}
 
 
 def _workflow(name):
@@ -67,6 +67,8 @@ def save_latents_and_shrink(api, decoders, size: int, empty_latent: str):
         inputs = node["inputs"]
         if node["class_type"] == "ACTFitMap":
             inputs.update(width=size, height=size, steps=2, batch_size=4)
+        elif node["class_type"] == "ACTFoldMap":
+            inputs.update(width=size, height=size, steps=2, fold_steps=3)
         elif node["class_type"] == empty_latent:
             inputs.update(width=size, height=size)
         elif node["class_type"] in ("KSampler", "ACTSweep"):
@@ -227,13 +229,29 @@ def test_concept_negation_workflow_runs(comfy_server):  # noqa: F811
     assert any(text.startswith("ACT map:") for text in _texts(result).values())
 
 
-def test_foldable_export_workflow_writes_a_lora(comfy_server):  # noqa: F811
+def test_lora_export_workflow_folds_the_default_map_and_writes_a_lora(comfy_server):  # noqa: F811
+    """Fit (default preset: one map per step) -> Fold ACT map (one fixed map) -> Export ACT as LoRA, and Apply
+    ACT samples with the folded map; the Fold node's summary says how closely it follows the fitted map."""
     from safetensors import safe_open
 
     srv = comfy_server
-    result = srv.run(tiny_prompt(srv.ui_to_api(_workflow(LORA_EXPORT))), timeout=600)
+    workflow = _workflow(LORA_EXPORT)
+    fit = next(n for n in workflow["nodes"] if n["type"] == "ACTFitMap")
+    fold = next(n for n in workflow["nodes"] if n["type"] == "ACTFoldMap")
+    assert fit["widgets_values"][2] == "default" and fold["widgets_values"][-1] == 200
+    api = tiny_prompt(srv.ui_to_api(workflow))
+    fold_id = next(nid for nid, node in api.items() if node["class_type"] == "ACTFoldMap")
+    fit_id = next(nid for nid, node in api.items() if node["class_type"] == "ACTFitMap")
+    # one prompt list for both (the source prompts node), and the same sampler settings
+    shared = ("source_prompts", "width", "height", "steps", "cfg", "sampler_name", "scheduler")
+    assert {k: api[fold_id]["inputs"][k] for k in shared} == {k: api[fit_id]["inputs"][k] for k in shared}
+    result = srv.run(api, timeout=600)
     assert result.ok, result.error
-    assert "act_watercolor.safetensors" in _texts(result).values()
+    texts = _texts(result).values()
+    assert "act_watercolor.safetensors" in texts
+    assert any("Folded from a map of 2 noise levels on 16 prompts" in text for text in texts)
+    (latent,) = _latents(srv, result).values()
+    assert latent.shape == (1, 4, 16, 16) and bool(latent.isfinite().all())
     with safe_open(str(srv.models_dir("loras") / "act_watercolor.safetensors"), "pt") as f:
         keys = list(f.keys())
         assert f.metadata()["format"] == "act_lora"
