@@ -315,3 +315,28 @@ def test_a_fold_that_comfyui_splits_into_cond_and_uncond_calls_is_refused(
         nodes["ACTFoldMap"](model, clip, *fold_args(fitted, fold_steps=1))
     monkeypatch.undo()
     assert cs.sample_tiny(model, clip, "a red square", seed=5, **SAMPLE).equal(before)
+
+
+def test_cancelling_a_fold_leaves_the_model_as_it_was(nodes, shipped, fitted, monkeypatch):
+    """Cancel (ComfyUI's interrupt) during the Adam steps: the node raises ComfyUI's interruption, no hook
+    stays on the shared modules and ComfyUI's own weight tensors are back."""
+    import comfy.model_management as mm
+
+    model, clip = shipped
+    before = cs.sample_tiny(model, clip, "a red square", seed=5, **SAMPLE)
+    tensors = dict(model.model.diffusion_model.state_dict(keep_vars=True))
+    checks = []
+
+    def interrupt_later():
+        checks.append(1)
+        if len(checks) == 12:  # the prompts' encoding and the 4 recorded calls come first
+            raise mm.InterruptProcessingException()
+
+    monkeypatch.setattr(mm, "throw_exception_if_processing_interrupted", interrupt_later)
+    with pytest.raises(mm.InterruptProcessingException), torch.inference_mode():
+        nodes["ACTFoldMap"](model, clip, *fold_args(fitted))
+    monkeypatch.undo()
+    assert len(checks) == 12
+    after = model.model.diffusion_model.state_dict(keep_vars=True)
+    assert all(after[name] is tensor for name, tensor in tensors.items())
+    assert cs.sample_tiny(model, clip, "a red square", seed=5, **SAMPLE).equal(before)
