@@ -399,9 +399,10 @@ PROTOCOLS = {
         ),
         Protocol("all_rows", "new default, hooks steer both CFG halves", enable={"cfg_rows": "all"}),
         Protocol(
-            "norm_calibration",
-            "new default, each step's gain matching the norm of the target prompt's move (not the least-squares gain)",
-            {"calibration": "norm"},
+            "projection_calibration",
+            "new default with each step's least-squares gain (the calibration rule before issue 23), not the "
+            "norm of the target prompt's move",
+            {"calibration": "projection"},
             families=ALL,
         ),
         Protocol(

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ._version import __version__
+from .calibration import CALIBRATIONS, DEFAULT_CALIBRATION
 from .errors import ACTError, ACTInputError, ACTWarning
 
 EXIT_USER_ERROR = 2
@@ -276,6 +277,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         mode=args.mode,
         batch_size=args.batch_size,
         max_pairs_per_call=args.max_pairs_per_call,
+        calibration=args.calibration,
         seed=args.seed,
         height=args.height,
         width=args.width,
@@ -578,6 +580,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="at most this many prompt pairs per denoiser call of a trajectory fit (default: as many as fit in "
         "memory); a step split over several calls gives the same map (its calls meet at every module)",
+    )
+    fit.add_argument(
+        "--calibration",
+        choices=CALIBRATIONS,
+        default=DEFAULT_CALIBRATION,
+        help="how each step of a trajectory fit is scaled so that lambda 1 moves the prediction as far as the "
+        "target prompt does: by the norm of that move (default) or by the least-squares gain (the earlier "
+        "default, weaker)",
     )
     fit.add_argument("--seed", type=int, default=0, help="prompt pair i gets the noise of seed + i")
     sampling = fit.add_argument_group("the sampling settings you generate with (the fit follows them)")

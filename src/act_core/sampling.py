@@ -16,8 +16,9 @@ from typing import Any
 
 import torch
 
+from .calibration import calibration_alignment, calibration_gain
 from .progress import Report
-from .trajectory import TrajectoryFit, calibration_alignment, calibration_gain
+from .trajectory import TrajectoryFit
 
 
 @dataclass

@@ -40,7 +40,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import math
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -52,6 +51,7 @@ from torch import nn
 
 from ._version import __version__
 from .applying import transport
+from .calibration import CALIBRATIONS, DEFAULT_CALIBRATION
 from .concurrency import run_in_threads
 from .errors import ACTInputError
 from .maps import ACTMap, ModuleMap, model_fingerprint
@@ -69,10 +69,6 @@ from .recording import (
 Rows = slice | torch.Tensor
 T = TypeVar("T")
 TRAJECTORIES = ("steered", "target")
-CALIBRATION_RANGE = (0.5, 3.0)
-# How a step's calibration gain is chosen (calibration_gain): the least-squares gain, or the gain that moves the
-# output as far (in norm) as the target prompt moves it.
-CALIBRATIONS = ("projection", "norm")
 TRAJECTORY_MODES = ("causal", "at_once")
 # Noise levels closer than this are one level (float noise of a recomputed timestep is ~1e-7; the closest
 # distinct levels of a 1000-step schedule are 1e-3 apart).
@@ -146,7 +142,7 @@ class TrajectoryFit(ForwardHooks):
         num_pairs: int,
         mode: str = "causal",
         statistic: str = "mean",
-        calibration: str = "projection",
+        calibration: str = DEFAULT_CALIBRATION,
     ):
         if not modules:
             raise ACTInputError(
@@ -501,37 +497,3 @@ class TrajectoryFit(ForwardHooks):
                     "every step."
                 )
             self.stats.steps += 1
-
-
-def calibration_alignment(target: torch.Tensor, transported: torch.Tensor, plain: torch.Tensor) -> float:
-    """Cosine between how far the transport moved the output and how far the target prompt moves it."""
-    moved = transported.double() - plain.double()
-    wanted = target.double() - plain.double()
-    norms = float(moved.norm()) * float(wanted.norm())
-    return 0.0 if norms <= 0.0 else float((wanted * moved).sum()) / norms
-
-
-def calibration_gain(
-    target: torch.Tensor, transported: torch.Tensor, plain: torch.Tensor, rule: str = "projection"
-) -> float:
-    """The gain g for ``plain + g * (transported - plain)`` that matches ``target``.
-
-    Per-unit transport of each layer's statistics reproduces only part of what the target prompt changes
-    in the model's output (a per-channel affine map cannot carry everything a prompt does), and guidance
-    multiplies what is missing. Calibrating every step's maps on the model output itself makes lambda = 1
-    mean "the prediction moves as far as the target prompt moves it": ``"projection"`` the least-squares
-    gain (the move's share along the transport's direction), ``"norm"`` the ratio of the two moves' norms
-    (as far, whatever the direction; the projection divided by their cosine). Clamped to [0.5, 3].
-    """
-    moved = transported.double() - plain.double()
-    wanted = target.double() - plain.double()
-    norm = float((moved * moved).sum())
-    if norm <= 0.0:
-        return 1.0
-    if rule == "norm":
-        gain = math.sqrt(float((wanted * wanted).sum()) / norm)
-    elif rule == "projection":
-        gain = float((wanted * moved).sum()) / norm
-    else:
-        raise ACTInputError(f"calibration must be one of {CALIBRATIONS}, got {rule!r}.")
-    return min(CALIBRATION_RANGE[1], max(CALIBRATION_RANGE[0], gain))

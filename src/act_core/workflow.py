@@ -21,6 +21,7 @@ from typing import Any, Protocol
 from torch import nn
 
 from .applying import apply_act
+from .calibration import DEFAULT_CALIBRATION
 from .errors import ACTInputError, ACTWarning
 from .estimators import DEFAULT_SHRINKAGE, MAX_OMEGA, ModuleEstimator
 from .families import FAMILIES, ModelFamily
@@ -55,7 +56,8 @@ class FitOptions:
     trajectory: str = "steered"
     statistic: str | None = None
     calibrate: bool | None = None
-    calibration: str = "projection"  # how a step's gain is chosen (act_core.trajectory.calibration_gain)
+    # how a step's gain is chosen (act_core.trajectory.calibration_gain)
+    calibration: str = DEFAULT_CALIBRATION
     batch_size: int | None = None  # the first-step engine's batches; the trajectory's too, unless:
     max_pairs_per_call: int | None = None  # prompt pairs per denoiser call of a trajectory fit (None: memory)
     seed: int = 0

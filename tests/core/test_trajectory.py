@@ -7,11 +7,12 @@ import torch
 from helpers import Stack
 
 from act_core.applying import apply_act, bucket_position
+from act_core.calibration import calibration_alignment, calibration_gain
 from act_core.errors import ACTInputError
 from act_core.estimators import ModuleEstimator, robust_linear_act
 from act_core.maps import ACTMap, ModuleMap
 from act_core.recording import select_modules
-from act_core.trajectory import TrajectoryFit, calibration_alignment, calibration_gain
+from act_core.trajectory import TrajectoryFit
 
 N = 12  # prompt pairs
 LEVELS = (0.9, 0.5, 0.1)
@@ -305,8 +306,8 @@ def test_calibration_rules_match_the_target_move_by_projection_or_by_norm():
     transported = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
     # the target moves 2 along the transport's direction and 2 across it: cosine 1/sqrt(2)
     target = torch.tensor([[2.0, 2.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
-    assert calibration_gain(target, transported, plain) == pytest.approx(2.0)
-    assert calibration_gain(target, transported, plain, "norm") == pytest.approx(8**0.5)
+    assert calibration_gain(target, transported, plain, "projection") == pytest.approx(2.0)
+    assert calibration_gain(target, transported, plain) == pytest.approx(8**0.5)  # "norm", the default
     assert calibration_alignment(target, transported, plain) == pytest.approx(2**-0.5)
     assert calibration_gain(100 * target, transported, plain, "norm") == 3.0  # clamped
     assert calibration_gain(target, plain, plain, "norm") == 1.0  # no move: no gain

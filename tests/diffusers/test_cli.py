@@ -180,6 +180,23 @@ def test_fit_at_one_pair_per_call_writes_the_one_call_map(model_dir, prompt_file
     assert "--max-pairs-per-call must be at least 1" in err
 
 
+def test_fit_calibration_rule(model_dir, prompt_files, tmp_path, capsys):
+    """``--calibration projection`` fits with the least-squares gains, the default with the norm rule (never
+    smaller: the projection is the norm gain times the moves' cosine); an unknown rule is refused."""
+    source, target = prompt_files
+    base = ["fit", "-q", "--model", str(model_dir), "--source", str(source), "--target", str(target), *FAST]
+    norm, projection = tmp_path / "norm.safetensors", tmp_path / "projection.safetensors"
+    assert main([*base, "--output", str(norm)]) == 0
+    assert main([*base, "--calibration", "projection", "--output", str(projection)]) == 0
+    by_norm, by_projection = ACTMap.load(norm).metadata, ACTMap.load(projection).metadata
+    assert by_norm["calibration"] == "norm" and by_projection["calibration"] == "projection"
+    assert by_norm["calibration_gains"][0] >= by_projection["calibration_gains"][0]  # the same first step
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as refused:  # argparse's choices
+        main([*base, "--calibration", "cosine", "--output", str(norm)])
+    assert refused.value.code == 2 and "invalid choice: 'cosine'" in capsys.readouterr().err
+
+
 def test_missing_and_empty_prompt_files(model_dir, prompt_files, tmp_path, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_text("# only a comment\n\n")

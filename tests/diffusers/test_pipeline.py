@@ -200,7 +200,7 @@ def test_default_fit_follows_the_sampling_settings(pipe, timed_map):
     assert "omega_guard" in meta and meta["omega_guard"]["max_omega"] == 10.0
     assert meta["statistic"].startswith("every position") and len(meta["calibration_gains"]) == 3
     assert all(0.5 <= gain <= 3.0 for gain in meta["calibration_gains"])
-    assert meta["calibration"] == "projection" and len(meta["calibration_alignment"]) == 3
+    assert meta["calibration"] == "norm" and len(meta["calibration_alignment"]) == 3
     assert all(-1.0 <= cosine <= 1.0 for cosine in meta["calibration_alignment"])
     first = next(iter(timed_map.modules))
     assert timed_map.modules[first].omega.shape[0] == 3

@@ -49,6 +49,7 @@ from ..applying import (
     resolve_strengths,
     unfold_act,
 )
+from ..calibration import DEFAULT_CALIBRATION
 from ..errors import ACTError, ACTInputError, ACTWarning
 from ..estimators import DEFAULT_SHRINKAGE, MAX_OMEGA
 from ..families import ModelFamily
@@ -256,7 +257,7 @@ class ACTPipelineMixin:
         trajectory: str = "steered",
         statistic: str | None = None,
         calibrate: bool | None = None,
-        calibration: str = "projection",
+        calibration: str = DEFAULT_CALIBRATION,
         batch_size: int | None = None,
         max_pairs_per_call: int | None = None,
         seed: int = 0,
@@ -281,6 +282,9 @@ class ACTPipelineMixin:
 
         Protocol ``"first_step"`` (preset ``unet_norms_first_step``, the paper's) uses the cond branch of
         the first ``statistics_steps`` steps, guidance off. Text-encoder-only presets run no denoiser.
+        ``calibration``: how each step's maps are scaled so that lambda = 1 moves the prediction as far as the
+        target prompt does (``"norm"``, default) or by the least-squares gain (``"projection"``, the earlier
+        default, which under-reaches by the cosine between the two moves).
         ``max_pairs_per_call``: at most this many prompt pairs per denoiser call (default: as many as fit in
         memory). A step that does not fit in one call runs the target-side rows first, then the source rows
         in calls that meet at every hooked module: the maps equal the one-call fit's, for the same denoiser
