@@ -54,7 +54,12 @@ Report = Callable[[str, int, int], None]  # (phase, done, total)
 
 
 def split_calls_error(kinds: Sequence[int]) -> ACTInputError:
-    have = "only the prompts' rows" if COND in kinds else "only the negative prompt's rows"
+    if set(kinds) == {COND}:
+        have = "only the prompts' rows"
+    elif set(kinds) == {UNCOND}:
+        have = "only the negative prompt's rows"
+    else:
+        have = f"the prompts' and the negative prompt's rows in chunks {kinds}"
     return ACTInputError(
         f"ComfyUI ran a model call with {have}: it split the prompts' and the negative prompt's rows into "
         "separate calls because its memory estimate said they do not fit together. The fold needs both halves "
