@@ -35,7 +35,14 @@ FLUX_SETTINGS = {"num_inference_steps": 3, "height": 32, "width": 32, "progress"
 RTOL, ATOL = 1e-4, 1e-5
 # The first-step engine runs its batches in threads (lockstep): the order in which they reach a module
 # varies from run to run, and with it float32 sums (measured: up to 2e-5 apart on beta between two runs).
-LOOSE = {"sdxl_first_step": (1e-3, 1e-4)}
+LOOSE = {
+    "sdxl_first_step": (1e-3, 1e-4),
+    # The fold's Adam steps are normalised (m / sqrt(v)): a channel whose gradient is float32 noise moves by up to
+    # lr per step either way, so another thread count's reordered sums move it (measured: the pin written with 1
+    # thread, refitted with 2: one beta of 128 in one module 6.4e-5 apart, everything else within 1e-5; with 1
+    # thread, exact). A change of the fold itself moves maps by far more (19 steps: 0.07; lr 0.019: 0.025).
+    "sdxl_folded": (1e-2, 2e-4),
+}
 # A fit forced to calls of one pair is exact (its calls meet at every module): it must give the one-call
 # fit's pinned map (measured: 6e-6 apart on the shipped SDXL model), so it has no file of its own.
 SAME_AS = {
@@ -81,7 +88,7 @@ def sdxl_text_encoders():
 def sdxl_folded():
     """The pinned default map folded into one static map (``fold_act``, issue 22) on the shipped model: its
     own sampling settings (4 steps, guidance 3, 32 px), the 3 source prompts, the gain search and 20 Adam
-    steps (the loss falls from 0.42 to 0.18)."""
+    steps (the loss falls: 0.36 -> 0.20 with the pinned default of today)."""
     from act_core.maps import ACTMap
 
     teacher = ACTMap.load(pinned_path("sdxl_default"))
