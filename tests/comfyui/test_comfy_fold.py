@@ -213,10 +213,10 @@ def test_both_hosts_fold_the_same_map_alike(pack, shipped):
     apart at the first step), and diffusers' SDXL pipeline feeds zeros for an empty negative prompt, which
     ComfyUI encodes as text, so both fold with a negative prompt. With that, what each host records of the
     teacher (its guided prediction along its own generation) agrees within 5 % of the teacher's move at every
-    step (measured: 1.9 % at the first, under 1 % after), and the two folded maps steer alike: on the
+    step (measured: 1.6 % at the first, under 1 % after), and the two folded maps steer alike: on the
     diffusers host's states their guided predictions are apart by under 1 % of what either misses the teacher
-    by (measured: 5.4e-6 of the teacher's squared move, against 0.067 missed by each; their omegas differ by
-    up to 0.03, on channels that move the prediction little). 20 steps at lr 0.01, one call per step: with
+    by (measured: 1.9e-6 of the teacher's squared move, against 0.056 missed by each, with the pinned map of
+    the norm calibration; 5.4e-6 against 0.067 with the earlier one). 20 steps at lr 0.01, one call per step: with
     this negative prompt lr 0.02 overshoots on this model within 20 steps."""
     import pinned_maps
 
