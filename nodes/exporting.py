@@ -34,4 +34,4 @@ def export_map(model: Any, clip: Any, act_map: ACTMap, path: Path, dtype: str) -
     ):
         if names:
             shells.update(checkpoint_shells(owner, names, modules, keys, with_patches=False))
-    return export_lora(act_map, shells, path, strength=1.0, dtype=dtype)
+    return export_lora(act_map, shells, path, strength=1.0, dtype=dtype, state_keys=keys)

@@ -450,7 +450,7 @@ def test_exported_lora_reproduces_apply(nodes, maps, folders, pack, dtype, tol):
     with safe_open(str(loras / "act" / "style.safetensors"), "pt") as f:
         keys = set(f.keys())
         assert f.metadata()["format"] == "act_lora"
-    assert "unet.conv_norm_out.diff" in keys
+    assert "lora_unet_out_0.diff" in keys  # kohya's key of conv_norm_out, which A1111 and Forge read too
     assert "text_encoders.clip_l.transformer.text_model.encoder.layers.0.layer_norm1.diff_b" in keys
     assert len(keys) == 2 * len(both)
 

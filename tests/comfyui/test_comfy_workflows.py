@@ -256,7 +256,7 @@ def test_lora_export_workflow_folds_the_default_map_and_writes_a_lora(comfy_serv
         keys = list(f.keys())
         assert f.metadata()["format"] == "act_lora"
     assert len(keys) == 2 * 51 and all(
-        k.startswith("unet.") and k.endswith((".diff", ".diff_b")) for k in keys
+        k.startswith("lora_unet_") and k.endswith((".diff", ".diff_b")) for k in keys
     )
     assert (
         "act_watercolor.safetensors"
