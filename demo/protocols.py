@@ -406,6 +406,18 @@ PROTOCOLS = {
             families=ALL,
         ),
         Protocol(
+            "skip_early_10",
+            "the default, its hooks off for the first 10 % of denoising (where shapes form)",
+            enable={"start": 0.1},
+            families=ALL,
+        ),
+        Protocol(
+            "skip_early_25",
+            "the default, its hooks off for the first 25 % of denoising",
+            enable={"start": 0.25},
+            families=ALL,
+        ),
+        Protocol(
             "no_guard",
             "new default with the plain Linear-AcT estimator",
             {"shrinkage": 0.0, "max_omega": 1e4},
