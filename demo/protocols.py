@@ -640,7 +640,7 @@ PROTOCOLS = {
 
 
 def _fold_to_static(pipe, task: Task, act_map):
-    from act_core.distill import fold_to_static
+    from act_core.diffusers.folding import fold_to_static
 
     return fold_to_static(pipe, act_map, list(task.source), seed=FIT_SEED)
 

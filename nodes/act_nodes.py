@@ -429,7 +429,8 @@ class ACTFoldMap(io.ComfyNode):
             description=(
                 "Turn a map from 'Fit ACT map' (default preset) into one fixed map that 'Export ACT as LoRA' "
                 "can write as a LoRA. It samples the source prompts with the map applied and learns one "
-                "fixed change per layer that gives the same images. Give it the Fit node's prompts and "
+                "fixed change per layer that gives the same images (along the prompts the map was fitted on, or "
+                "yours). Give it the Fit node's "
                 "sampler settings. It takes about ten times as long as the fit. Cancel stops it and leaves "
                 "the model as it was."
             ),
@@ -440,8 +441,9 @@ class ACTFoldMap(io.ComfyNode):
                 io.String.Input(
                     "source_prompts",
                     multiline=True,
-                    default=DEFAULT_SOURCE_PROMPTS,
-                    tooltip="The Fit node's source prompts (those WITHOUT the effect), one per line.",
+                    default="",
+                    tooltip="Leave empty to use the prompts the map was fitted on (maps record them), or give "
+                    "prompts like them (those WITHOUT the effect), one per line.",
                 ),
                 io.Int.Input(
                     "fold_seed",

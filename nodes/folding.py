@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from act_core.distill import FOLD_STEPS, DenoiserCall, fold_map, recording, take_rows
+from act_core.distill import FOLD_STEPS, DenoiserCall, fold_map, fold_prompts, recording, take_rows
 from act_core.errors import ACTInputError, ACTWarning
 from act_core.families import check_comfy_map
 from act_core.lora import check_family_folds
@@ -298,7 +298,8 @@ def fold_node_map(
 
     if not isinstance(act_map, ACTMap):
         raise ACTInputError("act_map must be an ACT map (from 'Fit ACT map' or 'Load ACT map').")
-    prompts = parse_prompt_lines(source_text, "source")
+    given = parse_prompt_lines(source_text, "source") if str(source_text or "").strip() else None
+    prompts = fold_prompts(act_map, given)  # empty: the prompts the map was fitted on (fits record them)
     height, width = check_size(height, width)
     steps, cfg = check_sampling(steps, cfg)
     check_positive_int(fold_steps, "fold_steps")

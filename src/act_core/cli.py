@@ -399,12 +399,22 @@ def cmd_export_lora(args: argparse.Namespace) -> int:
     )
     if args.fold_steps < 1:
         raise CLIError(f"--fold-steps must be at least 1; got {args.fold_steps}.")
-    if args.save_folded and not args.source:
-        raise CLIError("--save-folded needs --source (the prompts the map was fitted on) to fold a map.")
-    fold = args.source is not None and act_map.buckets is not None
-    prompts = read_prompt_file(args.source) if fold else None
-    if not fold:
-        check_foldable(act_map)  # refuse before spending a minute on loading the model
+    fold = act_map.buckets is not None and act_map.less is None  # the default's time-aware map: fold it first
+    if args.save_folded and not fold:
+        raise CLIError(
+            "--save-folded saves the fold of a time-aware map; this map is static (export it as it is)."
+        )
+    if args.source and not fold:
+        raise CLIError(
+            "--source gives the prompts to fold a time-aware map with; this map is static: drop it."
+        )
+    prompts = read_prompt_file(args.source) if args.source else None
+    if fold:  # refuse before spending a minute on loading the model
+        from .distill import fold_prompts
+
+        prompts = fold_prompts(act_map, prompts)
+    else:
+        check_foldable(act_map)
     pipe = load_model(args)
     if fold:
         act_map = pipe.fold_act(act_map, prompts, progress=not args.quiet, steps=args.fold_steps)
@@ -669,20 +679,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--source",
         default=None,
         metavar="PROMPTS.txt",
-        help="for a time-aware map (the default's): the prompts it was fitted on, one per line; a static map "
-        "that steers like its hooks is fitted first (pipe.fold_act) and exported",
+        help="for a time-aware map (the default's), which is folded first (pipe.fold_act: a static map that "
+        "steers like its hooks, fitted along these prompts' generations) and then exported: the prompts, one per "
+        "line (default: the ones the map was fitted on, which it records)",
     )
     export.add_argument(
         "--save-folded",
         default=None,
         metavar="MAP.safetensors",
-        help="with --source: also save the folded (static) map, to apply or fuse later",
+        help="for a time-aware map: also save the folded (static) map, to apply or fuse later",
     )
     export.add_argument(
         "--fold-steps",
         type=int,
         default=200,
-        help="with --source: optimisation steps of the fold (default 200; fewer are faster and fit less well)",
+        help="for a time-aware map: optimisation steps of the fold (default 200; fewer are faster and fit less "
+        "well)",
     )
     export.set_defaults(handler=cmd_export_lora)
     return parser

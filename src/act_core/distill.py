@@ -28,7 +28,7 @@ The result is a one-bucket, unbounded, per-element map with ``cfg_rows="all"``: 
 
 A host (``FoldHost``) gives the denoiser and its modules, records its own sampler's calls, and runs a call on
 some of its rows; everything else is decided here. The hosts: ``act_core.diffusers.folding`` (pipelines whose
-denoiser call holds the CFG batch, or runs without CFG; ``fold_to_static`` below is its entry) and the
+denoiser call holds the CFG batch, or runs without CFG; its ``fold_to_static`` is the entry) and the
 ComfyUI node pack's ``nodes/folding.py``. Whether a map folds at all is its family's (``ModelFamily.folds``:
 FLUX / SD3 maps do not, their norms have no affine weights).
 """
@@ -410,10 +410,29 @@ def check_foldable_teacher(act_map: ACTMap, family: ModelFamily, init: ACTMap | 
         )
 
 
+def fold_prompts(act_map: ACTMap, source_prompts: Sequence[str] | None = None) -> list[str]:
+    """The prompts a fold generates its states from: the ones given, else the ones the map was fitted on (fits
+    record them in ``source_prompts``); one rule for every host and front end."""
+    if source_prompts is None:
+        source_prompts = act_map.metadata.get("source_prompts")
+        if not source_prompts:
+            raise ACTInputError(
+                "This ACT map does not record the prompts it was fitted on (maps fitted before they were recorded, "
+                "or made another way, keep only a digest): pass them (source_prompts=, --source PROMPTS.txt, the "
+                "Fold node's source prompts)."
+            )
+    prompts = [str(prompt) for prompt in source_prompts]
+    if not prompts or not all(prompt.strip() for prompt in prompts):
+        raise ACTInputError(
+            "The fold needs source prompts (the map's own, none blank) to generate the states it fits on."
+        )
+    return prompts
+
+
 def fold_map(
     host: FoldHost,
     act_map: ACTMap,
-    source_prompts: Sequence[str],
+    source_prompts: Sequence[str] | None = None,
     *,
     strength: float = 1.0,
     init: ACTMap | None = None,
@@ -430,7 +449,8 @@ def fold_map(
 ) -> ACTMap:
     """One static, foldable map (one bucket, unbounded, per element, ``cfg_rows="all"``) whose guided
     predictions match those of ``act_map``'s hooks at ``strength`` along the host's own generations of
-    ``source_prompts`` (see the module docstring).
+    ``source_prompts`` (default: the prompts the map was fitted on, ``fold_prompts``; see the module
+    docstring).
 
     ``init``: the starting map (one bucket); default ``collapse_map(act_map, init_gain, init_max_level)``,
     without ``init_gain`` at the gain of ``INIT_GAINS`` with the lowest loss. ``steps`` Adam steps of
@@ -447,10 +467,7 @@ def fold_map(
         raise ACTInputError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}.")
     if rounds < 1 or steps < 0:
         raise ACTInputError(f"rounds must be >= 1 and steps >= 0, got {rounds} and {steps}.")
-    if not source_prompts:
-        raise ACTInputError(
-            "The fold needs source prompts (the map's own) to generate the states it fits on."
-        )
+    source_prompts = fold_prompts(act_map, source_prompts)
     if init is not None and (init.buckets is not None or set(init.modules) != set(act_map.modules)):
         raise ACTInputError("init must be a one-bucket map over the same modules as act_map.")
     with host.fitting():
@@ -593,12 +610,3 @@ def _fold(
         },
     )
     return hooks.act_map(metadata)
-
-
-def fold_to_static(pipe: Any, act_map: ACTMap, source_prompts: Sequence[str], **options: Any) -> ACTMap:
-    """``fold_map`` with a diffusers ACT pipeline as the host (``pipe.fold_act``; kept here for its callers):
-    ``act_core.diffusers.folding.fold_to_static`` (its sampling settings default to the ones ``act_map`` was
-    fitted with)."""
-    from .diffusers.folding import fold_to_static as fold_on_pipeline
-
-    return fold_on_pipeline(pipe, act_map, source_prompts, **options)

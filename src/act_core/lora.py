@@ -75,11 +75,11 @@ def check_foldable(act_map: ACTMap) -> None:
         raise ACTInputError(
             f"This ACT map cannot be exported as a LoRA as it is: it is time-aware ({len(timed)} of its "
             f"{len(act_map)} modules have one map per noise level), and LoRA weights cannot change between "
-            "denoising steps. Fold it first with the prompts it was fitted on (a static map fitted to steer like "
-            "its hooks): in ComfyUI the 'Fold ACT map' node between Fit and Export; pipe.fold_act(map, "
-            "source_prompts) or pipe.fuse_act(map, source_prompts=...) in diffusers; 'act export-lora --source "
-            f"PROMPTS.txt' on the command line. Or fit with preset {preset!r}, or apply this map with hooks "
-            "(enable_act / the Apply ACT node)."
+            "denoising steps. Fold it first (a static map fitted to steer like its hooks, along the prompts it "
+            "was fitted on, which fits record): in ComfyUI the 'Fold ACT map' node between Fit and Export; "
+            "pipe.fold_act(map) in diffusers (pipe.fuse_act(map) folds by itself); 'act export-lora' folds by "
+            f"itself. Or fit with preset {preset!r}, or apply this map with hooks (enable_act / the Apply ACT "
+            "node)."
         )
     bounded = [name for name, m in act_map.modules.items() if not m.unbounded]
     if bounded:

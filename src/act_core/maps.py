@@ -298,6 +298,11 @@ class ACTMap:
         ):
             if key in self.metadata:
                 lines.append(f"  {key}: {self.metadata[key]}")
+        recorded = self.metadata.get("source_prompts")
+        if (
+            recorded
+        ):  # fits record them so that the map folds later without them (act_core.distill.fold_prompts)
+            lines.append(f"  source prompts: {len(recorded)} recorded (a fold uses them)")
         lines.append(f"  noise-level buckets: {describe_buckets(self.buckets)}")
         if self.less is not None:
             lines.append(

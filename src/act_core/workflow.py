@@ -148,6 +148,9 @@ def fit_metadata(
         "num_source_prompts": len(source),
         "num_target_prompts": len(target),
         "source_digest": prompt_digest(list(source)),
+        # the prompts themselves, so that the map folds into weights later without asking for them again
+        # (act_core.distill.fold_prompts: fuse_act, act export-lora, the Fold node)
+        "source_prompts": list(source),
         "target_digest": prompt_digest(list(target)),
         "seed": seed,
         "sampling": sampling,

@@ -273,6 +273,18 @@ def test_both_hosts_fold_the_same_map_alike(pack, shipped):
     assert apart / move_total < 0.01 * min(misses.values())
 
 
+def test_an_empty_prompt_box_folds_along_the_prompts_the_map_was_fitted_on(nodes, shipped, fitted, folded):
+    """The Fit node's map records its source prompts, so the Fold node needs none: its fold with the box empty
+    is the fold with the Fit node's prompts typed in (same states, same seed, same map)."""
+    model, clip = shipped
+    assert fitted.metadata["source_prompts"] == list(SOURCE)
+    with torch.inference_mode():
+        by_default, _ = nodes["ACTFoldMap"](model, clip, *fold_args(fitted, source=""))
+    for name, module_map in folded[0].modules.items():
+        torch.testing.assert_close(by_default.modules[name].omega, module_map.omega)
+        torch.testing.assert_close(by_default.modules[name].beta, module_map.beta)
+
+
 def test_bad_inputs_are_refused_naming_the_fix(nodes, shipped, fitted, folded):
     from act_core.errors import ACTInputError, ACTModelMismatchError
     from act_core.maps import ACTMap
@@ -289,9 +301,13 @@ def test_bad_inputs_are_refused_naming_the_fix(nodes, shipped, fitted, folded):
         node(model, clip, *fold_args(flux))
     with pytest.raises(ACTInputError, match="already static.*nothing to fold"):
         node(model, clip, *fold_args(folded[0]))
+    # empty prompts: the ones the map was fitted on, which it records; a map that does not is refused
+    anonymous = ACTMap(
+        fitted.modules, {k: v for k, v in fitted.metadata.items() if k != "source_prompts"}, fitted.buckets
+    )
     for blank in ("", "\n \n"):
-        with pytest.raises(ACTInputError, match="Add more lines to 'source_prompts'"):
-            node(model, clip, *fold_args(fitted, source=blank))
+        with pytest.raises(ACTInputError, match="does not record the prompts it was fitted on.*pass them"):
+            node(model, clip, *fold_args(anonymous, source=blank))
     with pytest.raises(ACTInputError, match="must be an ACT map"):
         node(model, clip, *fold_args("not a map"))
 

@@ -99,7 +99,10 @@ def test_sweep_writes_a_grid_of_the_expected_size(model_dir, fitted, tmp_path, c
 def test_info_text_and_json(fitted, capsys):
     act_map = ACTMap.load(fitted["unet_norms_first_step"])
     assert main(["info", str(fitted["unet_norms_first_step"])]) == 0
-    assert f"{len(act_map)} modules" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"{len(act_map)} modules" in out
+    recorded = act_map.metadata["source_prompts"]  # fits record them, so the map folds later without them
+    assert f"source prompts: {len(recorded)} recorded (a fold uses them)" in out
     assert main(["info", "--json", str(fitted["unet_norms_first_step"])]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["modules"] == len(act_map) and report["metadata"]["preset"] == "unet_norms_first_step"

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from act_core.distill import collapse_map, fold_to_static
+from act_core.diffusers.folding import fold_to_static
+from act_core.distill import collapse_map
 from act_core.errors import ACTInputError
 
 SOURCE = ["a red circle", "a blue square", "a green triangle", "a red square"]

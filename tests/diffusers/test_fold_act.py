@@ -57,19 +57,58 @@ def test_fuse_act_with_the_source_prompts_folds_the_default_map(tiny_pipe, timed
     assert np.array_equal(generate(tiny_pipe), plain)
 
 
-def test_export_lora_folds_a_time_aware_map_given_its_prompts(tiny_sdxl_dir, timed_map, tmp_path, capsys):
+def test_fuse_act_folds_along_the_prompts_the_map_records(tiny_pipe, timed_map):
+    """A fit records its source prompts, so fuse_act folds the default's map without being given them: the
+    same weights as with the prompts passed; a map that does not record them is refused, naming the fix."""
+    assert timed_map.metadata["source_prompts"] == SOURCE
+    weights = {}
+    for name, prompts in (("recorded", None), ("given", SOURCE)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tiny_pipe.fuse_act(
+                timed_map, 1.0, source_prompts=prompts, fold_options={**FOLD, "progress": False}
+            )
+        try:
+            weights[name] = {k: v.clone() for k, v in tiny_pipe.unet.state_dict().items() if "norm" in k}
+        finally:
+            tiny_pipe.unfuse_act()
+    for key, value in weights["given"].items():
+        assert torch.equal(weights["recorded"][key], value), key
+    anonymous = ACTMap(
+        timed_map.modules,
+        {k: v for k, v in timed_map.metadata.items() if k != "source_prompts"},
+        timed_map.buckets,
+    )
+    with pytest.raises(ACTInputError, match="does not record the prompts it was fitted on.*source_prompts="):
+        tiny_pipe.fuse_act(anonymous, 1.0)
+    assert tiny_pipe.act_map is None
+
+
+def test_export_lora_folds_a_time_aware_map_along_its_own_prompts(tiny_sdxl_dir, timed_map, tmp_path, capsys):
     timed = timed_map.save(tmp_path / "timed.safetensors")
+    anonymous = ACTMap(
+        timed_map.modules,
+        {k: v for k, v in timed_map.metadata.items() if k != "source_prompts"},
+        timed_map.buckets,
+    ).save(tmp_path / "anonymous.safetensors")
     prompts = tmp_path / "source.txt"
     prompts.write_text("\n".join(SOURCE) + "\n")
     lora, folded = tmp_path / "lora.safetensors", tmp_path / "folded.safetensors"
-    base = ["export-lora", "-q", "--model", str(tiny_sdxl_dir), "--map", str(timed), "--output", str(lora)]
-    assert main(base) != 0  # without the prompts: refused, naming --source
-    assert "--source" in capsys.readouterr().err
-    assert main([*base, "--save-folded", str(folded)]) != 0
-    assert "--save-folded needs --source" in capsys.readouterr().err
+    base = ["export-lora", "-q", "--model", str(tiny_sdxl_dir), "--output", str(lora), "--fold-steps", "3"]
+    assert (
+        main([*base, "--map", str(anonymous)]) == 2
+    )  # records no prompts: refused before loading, naming --source
+    assert "--source PROMPTS.txt" in capsys.readouterr().err
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        assert main([*base, "--source", str(prompts), "--save-folded", str(folded), "--fold-steps", "3"]) == 0
+        assert main([*base, "--map", str(timed), "--save-folded", str(folded)]) == 0  # the map's own prompts
+        by_record = ACTMap.load(folded)
+        assert main([*base, "--map", str(timed), "--source", str(prompts), "--save-folded", str(folded)]) == 0
     keys = load_file(str(lora))
     assert len(keys) == 2 * len(timed_map)  # every norm: a weight and a bias diff
-    assert ACTMap.load(folded).buckets is None
+    given = ACTMap.load(folded)
+    assert given.buckets is None and by_record.buckets is None
+    for name, module_map in given.modules.items():
+        assert torch.equal(by_record.modules[name].omega, module_map.omega)
+    assert main([*base, "--map", str(folded), "--source", str(prompts)]) == 2  # a static map: nothing to fold
+    assert "this map is static" in capsys.readouterr().err

@@ -142,7 +142,7 @@ class DiffusersFoldHost:
 def fold_to_static(
     pipe: Any,
     act_map: ACTMap,
-    source_prompts: Sequence[str],
+    source_prompts: Sequence[str] | None = None,
     *,
     num_inference_steps: int | None = None,
     guidance_scale: float | None = None,

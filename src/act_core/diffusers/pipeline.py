@@ -447,15 +447,15 @@ class ACTPipelineMixin:
     def fold_act(
         self,
         act_map: ACTMap,
-        source_prompts: Sequence[str],
+        source_prompts: Sequence[str] | None = None,
         *,
         progress: bool | Callable = True,
         **options: Any,
     ) -> ACTMap:
         """A static map that folds and steers like ``act_map``'s hooks: one per-channel (omega, beta) per module,
         on every row at every step, fitted end to end so the guided predictions match those of the time-aware,
-        cond-rows map along its own generations of ``source_prompts`` (the prompts it was fitted on, or like
-        them). ``fuse_act`` and ``act export-lora`` take the result (``act_core.distill.fold_map`` with this
+        cond-rows map along its own generations of ``source_prompts`` (default: the prompts it was fitted on,
+        which fits record in the map). ``fuse_act`` and ``act export-lora`` take the result (``act_core.distill.fold_map`` with this
         pipeline as its host, ``act_core.diffusers.folding``; ``options``: its steps, learning rate, sampling
         settings). Families whose maps fold: SDXL / SD 1.x / 2.x.
         """
@@ -465,7 +465,7 @@ class ACTPipelineMixin:
         check_family_folds(act_map)
         bar = _progress_callback(progress, "Folding ACT map") if progress else None
         report = (lambda step, steps, loss: bar(step, steps, f"loss {loss:.3f}")) if bar else None
-        return fold_to_static(self, act_map, list(source_prompts), progress=report, **options)
+        return fold_to_static(self, act_map, source_prompts, progress=report, **options)
 
     def fuse_act(
         self,
@@ -479,13 +479,14 @@ class ACTPipelineMixin:
 
         Without arguments it fuses the enabled map at its current strengths (its hooks are removed and
         come back on ``unfuse_act``). One-bucket, unbounded, per-element maps fold. The default's time-aware
-        map folds through ``fold_act``: pass the prompts it was fitted on as ``source_prompts`` and the static
-        map that steers like its hooks is fitted first and fused. Weights act on every row of a CFG batch and
+        map folds through ``fold_act`` first (the static map that steers like its hooks, fitted along the
+        generations of the prompts the map was fitted on, which it records, or of ``source_prompts``; tens of
+        seconds on small models, a progress bar shows it), then fuses. Weights act on every row of a CFG batch and
         at every step, so a start/end window cannot be fused, and a map that steers the cond rows only gives a
         different image fused (a warning says so). ``fold_options`` go to ``fold_act``.
         """
-        if source_prompts is not None and act_map is not None and act_map.buckets is not None:
-            act_map = self.fold_act(act_map, source_prompts, progress=False, **dict(fold_options or {}))
+        if act_map is not None and act_map.buckets is not None and act_map.less is None:
+            act_map = self.fold_act(act_map, source_prompts, **dict(fold_options or {}))
         state = self._act_state()
         with state.lock:
             if state.fitting:
