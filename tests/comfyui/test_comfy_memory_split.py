@@ -47,7 +47,11 @@ def test_a_low_free_memory_figure_splits_the_step_and_the_map_stays_exact(comfyu
     assert whole.metadata["pairs_per_call"] == 3 and split.metadata["pairs_per_call"] == 1
     assert split.metadata["causal_strategy"] == "exact"
     assert max(calls) <= len(SOURCE)  # ComfyUI ran every cond alone: no call held two conds' rows
-    cfc.check_same_maps(split, whole)
+    # The same computation up to float32 rounding of the batch composition (ComfyUI runs the target conds in calls
+    # of their own here), which the calibration gain of each step carries into the next: measured 2.6e-4 on beta
+    # (3e-4 relative) with the norm calibration, whose gains here are 1.2-1.5 (2.6e-5 with the least-squares
+    # gains of 0.9-1.07). A wrong plan or a lagged fallback shows in the metadata asserted above.
+    cfc.check_same_maps(split, whole, rtol=1e-3, atol=1e-3)
 
 
 def test_max_pairs_per_call_must_be_a_whole_number(comfyui):  # noqa: F811

@@ -485,7 +485,12 @@ class ACTPipelineMixin:
         at every step, so a start/end window cannot be fused, and a map that steers the cond rows only gives a
         different image fused (a warning says so). ``fold_options`` go to ``fold_act``.
         """
-        if act_map is not None and act_map.buckets is not None and act_map.less is None:
+        if (
+            act_map is not None
+            and act_map.buckets is not None
+            and act_map.less is None
+            and self.act_family.folds
+        ):
             act_map = self.fold_act(act_map, source_prompts, **dict(fold_options or {}))
         state = self._act_state()
         with state.lock:
