@@ -8,6 +8,7 @@ import pytest
 
 from demo.protocols import (
     MODELS,
+    alignment_markdown,
     generation_settings,
     keeps_content,
     load_model_pipeline,
@@ -66,3 +67,9 @@ def test_cells_whose_prompt_does_not_draw_its_target_are_not_counted():
     results = {"p": {"m": {"dotted": run(11.1, True, False), "style": run(0.9, True, True)}}}
     table = markdown(results, ["m"], ["dotted", "style"])
     assert "n/a (prompt 0.01)" in table and "| 1/1 |" in table
+
+
+def test_the_alignment_table_shows_each_cells_mean_cosine():
+    results = {"p": {"m": {"outline": {"alignment": 0.4412}, "style": {"alignment": None}}}}
+    table = alignment_markdown(results, ["m"], ["outline", "style", "dotted"])
+    assert table.splitlines()[-1] == "| p | 0.44 | - | - |"
