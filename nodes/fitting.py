@@ -461,6 +461,19 @@ def comfy_preset_modules(
 
 
 # ------------------------------------------------------------------------------------------ fit
+
+
+def checked_sampling(
+    width: int, height: int, steps: int, cfg: float, negative_prompt: str, cfg_batch: bool
+) -> SamplingSettings:
+    """The sampler inputs the Fit and Fold nodes share (as KSampler takes them), checked in one place."""
+    height, width = check_size(height, width)
+    steps, cfg = check_sampling(steps, cfg)
+    if not isinstance(negative_prompt, str):
+        raise ACTInputError("negative_prompt must be text.")
+    return SamplingSettings(steps, cfg, height, width, negative_prompt, cfg_batch=cfg_batch)
+
+
 def fit_map(
     model: Any,
     clip: Any,
@@ -494,13 +507,9 @@ def fit_map(
     source = parse_prompt_lines(source_text, "source")
     target = parse_prompt_lines(target_text, "target")
     less = parse_prompt_lines(less_text, "less") if isinstance(less_text, str) and less_text.strip() else None
-    height, width = check_size(height, width)
-    steps, cfg = check_sampling(steps, cfg)
-    if not isinstance(negative_prompt, str):
-        raise ACTInputError("negative_prompt must be text.")
     family = model_family(model)
     spec = family_preset(family, preset)
-    settings = SamplingSettings(steps, cfg, height, width, negative_prompt, cfg_batch=family.cfg_batch)
+    settings = checked_sampling(width, height, steps, cfg, negative_prompt, family.cfg_batch)
     host = ComfyFitHost(
         model,
         clip,

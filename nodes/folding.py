@@ -40,13 +40,13 @@ from act_core.families import check_comfy_map
 from act_core.lora import check_family_folds
 from act_core.maps import ACTMap
 from act_core.sampling import SamplingSettings, call_chunks
-from act_core.validation import check_positive_int, check_sampling, check_size, parse_prompt_lines
+from act_core.validation import check_positive_int, parse_prompt_lines
 
 from .applying import apply_map, map_family, noise_level
 from .comfy_models import check_fits, denoiser_modules, timestep_scale
 from .common import transformer_options_of
 from .conditioning import encode_prompts, prompt_noise, stack_conds
-from .fitting import prompts_per_call
+from .fitting import checked_sampling, prompts_per_call
 
 log = logging.getLogger("ComfyUI-ACT")
 COND, UNCOND = 0, 1  # ComfyUI's cond_or_uncond values
@@ -300,14 +300,8 @@ def fold_node_map(
         raise ACTInputError("act_map must be an ACT map (from 'Fit ACT map' or 'Load ACT map').")
     given = parse_prompt_lines(source_text, "source") if str(source_text or "").strip() else None
     prompts = fold_prompts(act_map, given)  # empty: the prompts the map was fitted on (fits record them)
-    height, width = check_size(height, width)
-    steps, cfg = check_sampling(steps, cfg)
+    settings = checked_sampling(width, height, steps, cfg, negative_prompt, map_family(act_map).cfg_batch)
     check_positive_int(fold_steps, "fold_steps")
-    if not isinstance(negative_prompt, str):
-        raise ACTInputError("negative_prompt must be text.")
-    settings = SamplingSettings(
-        steps, cfg, height, width, negative_prompt, cfg_batch=map_family(act_map).cfg_batch
-    )
     report = report or (lambda phase, done, total: None)
     host = ComfyFoldHost(
         model,
