@@ -150,6 +150,25 @@ def _window_inputs() -> list[io.Input]:
     ]
 
 
+def _size_and_steps_inputs() -> list[io.Input]:
+    """Image size and steps as you sample them (the Fit and Fold nodes follow your KSampler)."""
+    return [
+        io.Int.Input(
+            "width", default=1024, min=64, max=8192, step=8, tooltip="The image width you sample at."
+        ),
+        io.Int.Input(
+            "height", default=1024, min=64, max=8192, step=8, tooltip="The image height you sample at."
+        ),
+        io.Int.Input(
+            "steps",
+            default=20,
+            min=1,
+            max=1000,
+            tooltip="The steps you sample with: the same as your KSampler's.",
+        ),
+    ]
+
+
 def _sampling_inputs(optional: bool) -> list[io.Input]:
     samplers, schedulers = _sampler_choices()
     return [
@@ -267,24 +286,7 @@ class ACTFitMap(io.ComfyNode):
                     max=MAX_SEED,
                     tooltip="Noise seed of the fit (prompt pair i uses seed + i).",
                 ),
-                io.Int.Input(
-                    "width", default=1024, min=64, max=8192, step=8, tooltip="The image width you sample at."
-                ),
-                io.Int.Input(
-                    "height",
-                    default=1024,
-                    min=64,
-                    max=8192,
-                    step=8,
-                    tooltip="The image height you sample at.",
-                ),
-                io.Int.Input(
-                    "steps",
-                    default=20,
-                    min=1,
-                    max=1000,
-                    tooltip="The steps you sample with: the same as your KSampler's.",
-                ),
+                *_size_and_steps_inputs(),
                 advanced(
                     io.Int.Input(
                         "batch_size",
@@ -452,24 +454,7 @@ class ACTFoldMap(io.ComfyNode):
                     max=MAX_SEED,
                     tooltip="Noise seed of the fold's samples (prompt i uses seed + i).",
                 ),
-                io.Int.Input(
-                    "width", default=1024, min=64, max=8192, step=8, tooltip="The image width you sample at."
-                ),
-                io.Int.Input(
-                    "height",
-                    default=1024,
-                    min=64,
-                    max=8192,
-                    step=8,
-                    tooltip="The image height you sample at.",
-                ),
-                io.Int.Input(
-                    "steps",
-                    default=20,
-                    min=1,
-                    max=1000,
-                    tooltip="The steps you sample with: the same as your KSampler's.",
-                ),
+                *_size_and_steps_inputs(),
                 *_sampling_inputs(optional=False),
                 io.String.Input(
                     "negative_prompt",
